@@ -1,0 +1,387 @@
+"""Federated averaging: local programs, client runners, aggregation and sampling.
+
+A client's local work is a `LocalProgram` (init/step/finish over a state pytree), run for
+`epochs` passes of mini-batches over the client's valid examples. A runner executes it for
+the sampled clients:
+
+  vmap   the sampled clients in one vmapped step call per mini-batch, chunked over clients
+         to bound memory;
+  loop   one client at a time, each step one jitted call, stopping at the client's own
+         number of non-empty batches;
+  shard  like vmap, with the client axis split over a device mesh (jax.sharding);
+  auto   picks per backend and model (see `choose_runner`).
+
+Every runner drives the steps from the host: on XLA:CPU a conv train step inside
+`lax.scan` or `fori_loop` runs 5-30x slower than the same step called from Python
+(DESIGN.md §7), while host dispatch costs microseconds on every backend.
+
+Padding never changes a result: each epoch orders the valid examples first, in an order
+drawn per example from `fold_in(key, example_position)` (so it does not depend on how far
+a client is padded); a batch with no valid example leaves the state bit-identical.
+
+FedAvg (McMahan et al. 2017): the server averages client deltas weighted by example count
+times an aggregation weight (0 for a forgotten client: a weight change, not a new shape,
+so nothing recompiles) and applies them through a server optax optimizer (sgd(1) = plain
+FedAvg).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fu_jax import losses
+from fu_jax import tree as tu
+
+RUNNERS = ("auto", "vmap", "loop", "shard")
+
+# Streams keep independent randomness apart: key(seed) -> fold_in(stream) -> fold_in(...).
+STREAM_INIT, STREAM_SAMPLE, STREAM_CLIENT, STREAM_UNLEARN, STREAM_EVAL = range(5)
+
+
+def stream_key(seed: int, stream: int, *ids: int):
+  """PRNG key for (seed, stream, *ids), derived only by fold_in (nothing to checkpoint)."""
+  key = jax.random.fold_in(jax.random.key(seed), stream)
+  for i in ids:
+    key = jax.random.fold_in(key, i)
+  return key
+
+
+class Batch(NamedTuple):
+  """One mini-batch of a client: x and y are pytrees with a leading batch axis."""
+  x: Any
+  y: Any
+  mask: Any  # bool [B]
+
+
+class LocalProgram(NamedTuple):
+  """A client's local computation.
+
+  init(server_params, extra, key) -> state      extra: per-client pytree (masks, anchors...)
+  step(state, batch, key) -> (state, metrics)   metrics: dict of scalars (batch means)
+  finish(state) -> params                       what the client sends back
+  """
+  init: Callable
+  step: Callable
+  finish: Callable
+
+
+class TrainState(NamedTuple):
+  params: Any
+  opt_state: Any
+
+
+def sgd_program(apply_fn, optimizer: optax.GradientTransformation, *, loss_fn=None,
+                opt_init=None) -> LocalProgram:
+  """Mini-batch training of `loss_fn(params, batch) -> scalar` (default masked CE).
+
+  opt_init(params, extra) -> opt_state lets per-client transform state (channel masks,
+  EWC anchors and Fisher values) come from the client's `extra`.
+  """
+  if loss_fn is None:
+    def loss_fn(params, batch):
+      return losses.masked_ce(apply_fn({"params": params}, batch.x), batch.y, batch.mask)
+  if opt_init is None:
+    opt_init = lambda params, extra: optimizer.init(params)
+
+  def init(server_params, extra, key):
+    del key
+    return TrainState(server_params, opt_init(server_params, extra))
+
+  def step(state, batch, key):
+    del key
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return TrainState(optax.apply_updates(state.params, updates), opt_state), {"loss": loss}
+
+  return LocalProgram(init, step, lambda state: state.params)
+
+
+# ---------------------------------------------------------------------------------------
+# Ordering and batching (pure, per client).
+
+
+def epoch_order(key, valid):
+  """Permutation of positions with valid examples first, in a random order.
+
+  Each position's sort key comes from fold_in(key, position), so the order of the valid
+  examples is the same however far the client is padded.
+  """
+  n = valid.shape[0]
+  u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(jnp.arange(n))
+  return jnp.argsort(jnp.where(valid, u, 2.0 + jnp.arange(n) / n))
+
+
+def take_batch(data, valid, order, step, batch_size):
+  """Batch `step` of an epoch ordered by `order`; rows past the end are masked out."""
+  n = valid.shape[0]
+  pos = step * batch_size + jnp.arange(batch_size)
+  idx = order[jnp.minimum(pos, n - 1)]
+  in_range = pos < n
+  x, y = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), (data[0], data[1]))
+  return Batch(x, y, jnp.take(valid, idx) & in_range)
+
+
+def _guarded_step(program, batch_size, state, data, valid, order, step, key):
+  batch = take_batch(data, valid, order, step, batch_size)
+  new_state, metrics = program.step(state, batch, jax.random.fold_in(key, step))
+  nonempty = jnp.any(batch.mask)
+  state = jax.tree.map(lambda n, o: jnp.where(nonempty, n, o), new_state, state)
+  n = jnp.sum(batch.mask).astype(jnp.float32)
+  return state, jax.tree.map(lambda m: m * n, metrics), n
+
+
+def steps_per_epoch(max_n: int, batch_size: int) -> int:
+  return max(1, math.ceil(max_n / batch_size))
+
+
+# ---------------------------------------------------------------------------------------
+# Runners.
+
+
+class ClientResult(NamedTuple):
+  params: Any        # stacked [clients, ...]
+  state: Any         # stacked final local states (methods read e.g. synthetic sets here)
+  metrics: dict      # per-client means over all their examples and epochs, [clients]
+
+
+def _mean_metrics(sums, counts):
+  return jax.tree.map(lambda s: s / np.maximum(counts, 1.0), sums)
+
+
+class ClientRunner:
+  """Runs a LocalProgram for a block of clients; jitted functions are built once.
+
+  run(server_params, data, valid, extra, keys) with leading client axes on data (x, y),
+  valid, extra and keys returns a ClientResult. All runners agree to float tolerance.
+  """
+
+  def __init__(self, program: LocalProgram, *, kind: str, epochs: int, batch_size: int,
+               chunk_size: int = 0, mesh=None):
+    if kind not in RUNNERS[1:]:
+      raise ValueError(f"runner {kind!r} is not one of {RUNNERS}")
+    if epochs < 1 or batch_size < 1:
+      raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    self.program, self.kind, self.epochs, self.batch_size = program, kind, epochs, batch_size
+    self.chunk_size = chunk_size
+    step = functools.partial(_guarded_step, program, batch_size)
+    finish = program.finish
+    if kind == "loop":
+      self._init = jax.jit(program.init)
+      self._order = jax.jit(epoch_order)
+      self._step = jax.jit(step, donate_argnums=(0,))
+      self._finish = jax.jit(finish)
+    else:
+      self._init = jax.jit(jax.vmap(program.init, in_axes=(None, 0, 0)))
+      self._order = jax.jit(jax.vmap(epoch_order))
+      self._step = jax.jit(jax.vmap(step, in_axes=(0, 0, 0, 0, None, 0)), donate_argnums=(0,))
+      self._finish = jax.jit(jax.vmap(finish))
+    self.mesh = mesh
+    if kind == "shard":
+      if mesh is None:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("clients",))
+      self.mesh = mesh
+      self._client_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
+
+  def _metric_zeros(self, server_params, data, valid, extra, keys):
+    """Zero metric sums shaped like one step's metrics (for clients with no batch).
+
+    Shapes come from the jitted step itself, whose trace is cached for the real calls.
+    """
+    if self.kind != "loop":
+      state = jax.eval_shape(self._init, server_params, extra, keys)
+      order = jax.ShapeDtypeStruct(valid.shape, jnp.int32)
+      _, m, _ = jax.eval_shape(self._step, state, data, valid, order, 0, keys)
+      return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), m)
+    one = jax.tree.map(lambda a: a[0], (data, valid, extra, keys))
+    state = jax.eval_shape(self._init, server_params, one[2], one[3])
+    order = jax.ShapeDtypeStruct(valid.shape[1:], jnp.int32)
+    _, m, _ = jax.eval_shape(self._step, state, one[0], one[1], order, 0, one[3])
+    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), m)
+
+  # -- loop: one client at a time, only its non-empty batches.
+  def _run_loop(self, server_params, data, valid, extra, keys):
+    counts = np.asarray(jnp.sum(valid, axis=1))
+    max_n = valid.shape[1]
+    zeros = self._metric_zeros(server_params, data, valid, extra, keys)
+    params_out, states_out, sums_out = [], [], []
+    for c in range(valid.shape[0]):
+      d_c, v_c, e_c, k_c = jax.tree.map(lambda a: a[c], (data, valid, extra, keys))
+      state = self._init(server_params, e_c, k_c)
+      sums = zeros
+      n_steps = min(steps_per_epoch(max_n, self.batch_size),
+                    math.ceil(int(counts[c]) / self.batch_size))
+      for epoch in range(self.epochs):
+        ek = jax.random.fold_in(k_c, epoch)
+        order = self._order(ek, v_c)
+        for s in range(n_steps):
+          state, m, _ = self._step(state, d_c, v_c, order, s, ek)
+          sums = jax.tree.map(jnp.add, sums, m)
+      params_out.append(self._finish(state))
+      states_out.append(state)
+      sums_out.append(jax.tree.map(np.asarray, sums))
+    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
+    metrics = _mean_metrics(jax.tree.map(lambda *a: np.stack(a), *sums_out),
+                            counts * self.epochs)
+    return ClientResult(stack(params_out), stack(states_out), metrics)
+
+  # -- vmap / shard: a block of clients per call.
+  def _run_block(self, server_params, data, valid, extra, keys):
+    if self.kind == "shard":
+      put = lambda a: jax.device_put(a, self._client_sharding)
+      data, valid, extra, keys = jax.tree.map(put, (data, valid, extra, keys))
+    state = self._init(server_params, extra, keys)
+    counts = np.asarray(jnp.sum(valid, axis=1))
+    n_steps = min(steps_per_epoch(valid.shape[1], self.batch_size),
+                  math.ceil(int(counts.max(initial=0)) / self.batch_size))
+    sums = self._metric_zeros(server_params, data, valid, extra, keys)
+    for epoch in range(self.epochs):
+      eks = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
+      order = self._order(eks, valid)
+      for s in range(n_steps):
+        state, m, _ = self._step(state, data, valid, order, s, eks)
+        sums = jax.tree.map(jnp.add, sums, m)
+    metrics = _mean_metrics(jax.tree.map(np.asarray, sums), counts * self.epochs)
+    return ClientResult(self._finish(state), state, metrics)
+
+  def run(self, server_params, data, valid, extra, keys) -> ClientResult:
+    if self.kind == "loop":
+      return self._run_loop(server_params, data, valid, extra, keys)
+    num = valid.shape[0]
+    chunk = self.chunk_size or num
+    if self.kind == "shard":
+      ndev = self.mesh.devices.size
+      chunk = math.ceil(chunk / ndev) * ndev
+    results = []
+    for start in range(0, num, chunk):
+      sl = lambda a: a[start:start + chunk]
+      block, block_keys = jax.tree.map(sl, (data, valid, extra)), keys[start:start + chunk]
+      pad = chunk - block[1].shape[0]
+      if pad:  # a short last block is padded with empty clients so shapes never change
+        block = jax.tree.map(
+            lambda a: jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]), block)
+        block_keys = jnp.concatenate([block_keys, keys[jnp.zeros(pad, jnp.int32)]])
+      res = self._run_block(server_params, *block, block_keys)
+      if pad:
+        res = jax.tree.map(lambda a: a[:chunk - pad], res)
+      results.append(res)
+    if len(results) == 1:
+      return results[0]
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *results)
+
+
+def choose_runner(model_name: str, backend: str | None = None) -> str:
+  """`auto`: the runner benchmarks/fl_round.py measured fastest for this backend and model.
+
+  On accelerators vmap batches all clients into one kernel launch. On XLA:CPU a vmapped
+  conv step becomes a grouped convolution that runs slower than per-client steps, while
+  dense-only models gain from vmap (DESIGN.md §7, confirmed in BUILD.md).
+  """
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return "vmap"
+  return "vmap" if model_name == "mlp" else "loop"
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling, aggregation, server update.
+
+
+def sample_clients(seed: int, round_idx: int, weights, num_sampled: int):
+  """Clients for a round, deterministic in (seed, round).
+
+  Gumbel top-k over clients with weight > 0 (sampling without replacement); the result has
+  a fixed length `num_sampled` so removing a client never changes a shape. Returns
+  (indices [num_sampled] sorted, active [num_sampled] bool): when fewer clients have
+  weight > 0 than are asked for, the extra slots are inactive.
+  """
+  weights = jnp.asarray(weights, jnp.float32)
+  key = stream_key(seed, STREAM_SAMPLE, round_idx)
+  g = jax.random.gumbel(key, weights.shape)
+  score = jnp.where(weights > 0, g, -jnp.inf)
+  _, idx = jax.lax.top_k(score, num_sampled)
+  active = jnp.take(weights, idx) > 0
+  order = jnp.argsort(idx)
+  return idx[order], active[order]
+
+
+def num_sampled_clients(clients_per_round, num_clients: int) -> int:
+  """A count (int >= 1) or a fraction in (0, 1] of num_clients."""
+  if isinstance(clients_per_round, float) and 0 < clients_per_round <= 1:
+    return max(1, round(clients_per_round * num_clients))
+  if isinstance(clients_per_round, int) and 1 <= clients_per_round <= num_clients:
+    return clients_per_round
+  raise ValueError(f"clients_per_round={clients_per_round!r}: allowed an int in "
+                   f"[1, {num_clients}] or a float fraction in (0, 1]")
+
+
+def aggregate(server_params, client_params, weights):
+  """Weighted mean delta: sum_k w_k (theta_k - theta) / sum_k w_k (zero if all w_k = 0)."""
+  deltas = jax.tree.map(lambda c, s: c - s[None], client_params, server_params)
+  return tu.tree_weighted_mean(deltas, weights)
+
+
+class ServerState(NamedTuple):
+  params: Any
+  opt_state: Any
+
+
+def server_init(params, server_opt: optax.GradientTransformation) -> ServerState:
+  return ServerState(params, server_opt.init(params))
+
+
+def server_apply(state: ServerState, mean_delta, server_opt) -> ServerState:
+  """Applies -mean_delta as a gradient: optax.sgd(1.0) gives theta + mean_delta."""
+  grads = jax.tree.map(jnp.negative, mean_delta)
+  updates, opt_state = server_opt.update(grads, state.opt_state, state.params)
+  return ServerState(optax.apply_updates(state.params, updates), opt_state)
+
+
+class DivergenceError(FloatingPointError):
+  """Raised when a loss or parameter becomes NaN/inf: nothing is written as a result."""
+
+
+def check_finite(params, what: str):
+  if not bool(tu.tree_all_finite(params)):
+    raise DivergenceError(f"{what}: parameters became NaN or inf (diverged); lower the "
+                          "learning rate. No results were written.")
+
+
+class RoundResult(NamedTuple):
+  server: ServerState
+  sampled: np.ndarray
+  metrics: dict      # weighted means over participating clients
+  client: ClientResult
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _aggregate_apply(server, client_params, weights, server_opt):
+  return server_apply(server, aggregate(server.params, client_params, weights), server_opt)
+
+
+def fedavg_round(server: ServerState, runner: ClientRunner, data, valid, extra, *,
+                 seed: int, round_idx: int, client_weights, num_sampled: int,
+                 server_opt: optax.GradientTransformation, stream: int = STREAM_CLIENT
+                 ) -> RoundResult:
+  """One FedAvg round: sample, run local programs, aggregate weighted by examples.
+
+  data (x, y), valid, extra carry a leading axis over ALL clients; client_weights [N]
+  scales each client's example count in the average (0 removes a client).
+  """
+  idx, active = sample_clients(seed, round_idx, client_weights, num_sampled)
+  take = lambda a: jnp.take(a, idx, axis=0)
+  d, v, e = jax.tree.map(take, (data, valid, extra))
+  keys = jax.vmap(lambda c: stream_key(seed, stream, round_idx, c))(idx)
+  res = runner.run(server.params, d, v, e, keys)
+  counts = jnp.sum(v, axis=1).astype(jnp.float32)
+  w = counts * jnp.take(jnp.asarray(client_weights, jnp.float32), idx) * active
+  server = _aggregate_apply(server, res.params, w, server_opt)
+  wn = np.asarray(w)
+  metrics = {k: float(np.sum(np.asarray(m) * wn) / max(wn.sum(), 1e-12))
+             for k, m in res.metrics.items()}
+  return RoundResult(server, np.asarray(idx), metrics, res)

@@ -1,0 +1,43 @@
+"""Shared containers passed between data, fl, methods and metrics.
+
+All are NamedTuples so they are pytrees: they pass through jit/vmap unchanged.
+"""
+from typing import Any, NamedTuple
+
+import numpy as np
+
+Params = Any  # a Flax parameter pytree: {'params': ...} is never used, only the inner dict
+
+
+class Dataset(NamedTuple):
+  """A loaded data set, already normalised.
+
+  x_*: float32 [n, H, W, C] (NHWC, per-channel standardised with train statistics).
+  y_*: int32 [n], values in [0, num_classes).
+  """
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+  name: str
+
+
+class ClientData(NamedTuple):
+  """Clients stacked into padded blocks with a leading client axis.
+
+  x:     float32 [clients, max_n, H, W, C]
+  y:     int32   [clients, max_n]
+  valid: bool    [clients, max_n]  True where a real example sits
+  count: int32   [clients]         number of valid examples (= valid.sum(1))
+  index: int32   [clients, max_n]  position in Dataset.x_train, -1 on padding
+
+  Padding rows are zeros with valid=False; every consumer masks by `valid`, so
+  padding never changes a result. Forgetting samples is `valid & ~forget`, never a
+  new shape.
+  """
+  x: Any
+  y: Any
+  valid: Any
+  count: Any
+  index: Any

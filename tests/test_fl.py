@@ -1,0 +1,145 @@
+"""FedAvg, runners and sampling against independent computations."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fu_jax import fl, losses
+
+
+class TinyMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(3)(x)
+
+
+def _setup(num_clients=4, max_n=23, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(num_clients, max_n, 4, 4, 1)).astype(np.float32)
+  y = rng.integers(0, 3, size=(num_clients, max_n)).astype(np.int32)
+  counts = rng.integers(5, max_n + 1, size=num_clients)
+  valid = np.arange(max_n)[None] < counts[:, None]
+  x[~valid] = 0
+  model = TinyMLP()
+  params = model.init(jax.random.key(1), x[0, :1])["params"]
+  return model, params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid)
+
+
+def _runner(model, kind, batch_size=5, epochs=2, lr=0.1, **kw):
+  program = fl.sgd_program(model.apply, optax.sgd(lr))
+  return fl.ClientRunner(program, kind=kind, epochs=epochs, batch_size=batch_size, **kw)
+
+
+def _keys(n):
+  return jax.vmap(lambda c: fl.stream_key(0, fl.STREAM_CLIENT, 0, c))(jnp.arange(n))
+
+
+@pytest.mark.parametrize("kind", ["vmap", "shard"])
+def test_runners_agree_with_loop(kind):
+  model, params, x, y, valid = _setup()
+  ref = _runner(model, "loop").run(params, (x, y), valid, None, _keys(4))
+  out = _runner(model, kind, chunk_size=3).run(params, (x, y), valid, None, _keys(4))
+  chex.assert_trees_all_close(out.params, ref.params, atol=1e-5)
+  np.testing.assert_allclose(out.metrics["loss"], ref.metrics["loss"], rtol=1e-5)
+
+
+def test_padding_never_changes_a_result():
+  model, params, x, y, valid = _setup()
+  pad = lambda a: jnp.concatenate([a, jnp.zeros((a.shape[0], 9) + a.shape[2:], a.dtype)], 1)
+  for kind in ["loop", "vmap"]:
+    a = _runner(model, kind).run(params, (x, y), valid, None, _keys(4))
+    b = _runner(model, kind).run(params, (pad(x), pad(y)), pad(valid), None, _keys(4))
+    chex.assert_trees_all_equal(a.params, b.params)
+
+
+def test_one_client_fedavg_equals_centralized_sgd():
+  """One client, full participation, server sgd(1): the round equals plain SGD."""
+  model, params, x, y, valid = _setup(num_clients=1)
+  runner = _runner(model, "loop", batch_size=4, epochs=1)
+  server = fl.server_init(params, optax.sgd(1.0))
+  res = fl.fedavg_round(server, runner, (x, y), valid, None, seed=0, round_idx=0,
+                        client_weights=np.ones(1), num_sampled=1, server_opt=optax.sgd(1.0))
+  # Independent reference: the same batches in a Python loop with optax.sgd.
+  key = fl.stream_key(0, fl.STREAM_CLIENT, 0, 0)
+  order = np.asarray(fl.epoch_order(jax.random.fold_in(key, 0), valid[0]))
+  n = int(valid[0].sum())
+  p, opt = params, optax.sgd(0.1)
+  st = opt.init(p)
+  for s in range(0, n, 4):
+    idx = order[s:min(s + 4, n)]
+    loss = lambda q: losses.cross_entropy(model.apply({"params": q}, x[0, idx]), y[0, idx]).mean()
+    g = jax.grad(loss)(p)
+    u, st = opt.update(g, st)
+    p = optax.apply_updates(p, u)
+  chex.assert_trees_all_close(res.server.params, p, atol=1e-6)
+
+
+def test_weighted_aggregation_matches_numpy():
+  rng = np.random.default_rng(0)
+  server = {"w": rng.normal(size=(3, 2)).astype(np.float32)}
+  clients = {"w": rng.normal(size=(4, 3, 2)).astype(np.float32)}
+  w = np.array([3.0, 0.0, 1.0, 6.0], np.float32)
+  got = fl.aggregate(server, clients, w)
+  ref = sum(w[k] * (clients["w"][k] - server["w"]) for k in range(4)) / w.sum()
+  np.testing.assert_allclose(got["w"], ref, rtol=1e-6, atol=1e-6)
+  zero = fl.aggregate(server, clients, np.zeros(4, np.float32))
+  np.testing.assert_array_equal(zero["w"], 0.0)
+
+
+def test_sampling_is_deterministic_and_respects_weights():
+  w = np.ones(10)
+  a, _ = fl.sample_clients(3, 7, w, 4)
+  b, _ = fl.sample_clients(3, 7, w, 4)
+  c, _ = fl.sample_clients(4, 7, w, 4)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c) or not np.array_equal(a, fl.sample_clients(3, 8, w, 4)[0])
+  assert len(set(np.asarray(a).tolist())) == 4
+  w[[1, 2, 3]] = 0
+  for r in range(20):
+    idx, active = fl.sample_clients(0, r, w, 7)
+    assert set(np.asarray(idx).tolist()).isdisjoint({1, 2, 3})
+    assert bool(active.all())
+  idx, active = fl.sample_clients(0, 0, w, 9)
+  assert int(active.sum()) == 7
+  assert fl.num_sampled_clients(0.25, 10) == 2
+  with pytest.raises(ValueError, match="clients_per_round"):
+    fl.num_sampled_clients(11, 10)
+
+
+def test_removing_a_client_does_not_retrace():
+  model, params, x, y, valid = _setup()
+  program = fl.sgd_program(model.apply, optax.sgd(0.1))
+  program = program._replace(step=chex.assert_max_traces(program.step, n=1))
+  runner = fl.ClientRunner(program, kind="vmap", epochs=1, batch_size=5)
+  server = fl.server_init(params, optax.sgd(1.0))
+  weights = np.ones(4)
+  for r in range(3):
+    if r == 2:
+      weights[1] = 0.0  # forget client 1: a weight change
+    res = fl.fedavg_round(server, runner, (x, y), valid, None, seed=0, round_idx=r,
+                          client_weights=weights, num_sampled=3, server_opt=optax.sgd(1.0))
+    server = res.server
+  assert 1 not in np.asarray(res.sampled)
+
+
+def test_same_seed_identical_different_seed_different():
+  model, params, x, y, valid = _setup()
+  def run(seed):
+    server = fl.server_init(params, optax.sgd(1.0))
+    for r in range(2):
+      server = fl.fedavg_round(server, _runner(model, "vmap"), (x, y), valid, None, seed=seed,
+                               round_idx=r, client_weights=np.ones(4), num_sampled=2,
+                               server_opt=optax.sgd(1.0)).server
+    return server.params
+  chex.assert_trees_all_equal(run(0), run(0))
+  assert not np.allclose(jax.tree.leaves(run(0))[0], jax.tree.leaves(run(1))[0])
+
+
+def test_divergence_is_detected():
+  with pytest.raises(fl.DivergenceError, match="NaN"):
+    fl.check_finite({"w": jnp.array([1.0, jnp.nan])}, "round 3")
