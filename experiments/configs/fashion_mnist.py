@@ -1,0 +1,39 @@
+"""Full Fashion-MNIST (60k/10k, 28x28) from Debian's dataset-fashion-mnist, CNN, 10 clients.
+
+  apt-get install dataset-fashion-mnist
+  python -m experiments.main --method=retrain --config=experiments/configs/fashion_mnist.py \
+      --workdir=/tmp/fu_fmnist
+
+Variants: `:dirichlet` (alpha 0.1), `:shards` (one class per client), `:fedaf` (the FedAF
+setting: 4 clients, unlearn class 0 of client 0 with a backdoor).
+Measured figures: BUILD.md.
+"""
+from experiments.configs import default
+
+
+def get_config(variant: str = "iid"):
+  c = default.get_config()
+  c.data.source = "idx:/usr/share/datasets/fashion-mnist"
+  c.data.num_clients = 10
+  c.fl.rounds = 20
+  c.fl.local_epochs = 1
+  c.fl.batch_size = 64
+  c.fl.client_lr = 0.05
+  c.fl.client_momentum = 0.9
+  c.model.name = "cnn"
+  c.eval_every = 2
+  c.checkpoint_every = 2
+  if variant == "dirichlet":
+    c.data.partition = "dirichlet"
+    c.data.alpha = 0.1
+  elif variant == "shards":
+    c.data.partition = "shards"
+    c.data.classes_per_client = 1
+  elif variant == "fedaf":
+    c.data.num_clients = 4
+    c.fl.rounds = 5
+    c.unlearn.kind = "client_class"
+    c.backdoor.enabled = True
+  elif variant != "iid":
+    raise ValueError(f"variant {variant!r}: allowed iid, dirichlet, shards, fedaf")
+  return c

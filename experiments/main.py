@@ -1,0 +1,44 @@
+r"""Runs one federated-unlearning experiment.
+
+  python -m experiments.main --method=<name> --config=experiments/configs/<name>.py[:variant] \
+      --workdir=<dir> [--config.<key>=<value> ...]
+
+Only parses flags and calls experiments.run.run(config, workdir).
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from fu_jax import methods
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("method", "fedavg", f"Unlearning method: one of {sorted(methods.REGISTRY)}.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.",
+                    required=True)
+config_flags.DEFINE_config_file("config", None, "Config file (a get_config() module).",
+                                lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  from experiments import run  # heavy imports after flag parsing: --help stays fast
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=experiments/configs/digits.py")
+  try:
+    methods.get(FLAGS.method)
+    with config.unlocked():
+      config.method = FLAGS.method
+    run.run(config, FLAGS.workdir)
+  except (ValueError, OSError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

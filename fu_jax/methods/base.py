@@ -1,0 +1,148 @@
+"""What every unlearning method sees, and the FedAvg phase helper they share.
+
+A method is a `Method(name, kinds, pretrain, unlearn)`:
+  kinds     request kinds it serves (class | client_class | client); others are refused;
+  pretrain  name of the trainer (in methods.TRAINERS) whose model it starts from: 'fedavg',
+            or one of its own such as QuickDrop's distilling FedAvg;
+  unlearn(task, env, trained: Trained) -> Outcome.
+A trainer is trainer(task, env) -> Trained, run once per workdir and training config.
+
+`Task` is the data of one experiment (immutable). `Env` is supplied by the experiment loop:
+it runs checkpointed, logged, timed rounds (`env.rounds`), builds client runners with the
+configured runner kind, and evaluates a model. Methods therefore stay free of orbax,
+TensorBoard and flags.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fu_jax import fl
+from fu_jax import tree as tu
+from fu_jax.types import ClientData, Dataset
+
+REQUEST_KINDS = ("class", "client_class", "client")
+
+
+class Request(NamedTuple):
+  """What to forget: every sample of `classes` (kind 'class'), those held by `client`
+  (kind 'client_class'), or all of `client`'s data (kind 'client'; classes empty)."""
+  kind: str
+  classes: tuple
+  client: int
+
+
+class Task(NamedTuple):
+  """One experiment's data, fixed before any method runs.
+
+  clients.y holds the training labels as trained on (backdoor flips included); y_true the
+  original labels. forget [N, max_n] marks the samples to forget; retain_valid = valid &
+  ~forget; client_weights [N] is 0 for a forgotten client, 1 otherwise.
+  """
+  config: Any
+  dataset: Dataset
+  clients: ClientData
+  y_true: Any
+  forget: Any
+  retain_valid: Any
+  client_weights: np.ndarray
+  request: Request
+  model: Any            # flax module
+  input_shape: tuple
+  num_classes: int
+
+  @property
+  def apply_fn(self):
+    return self.model.apply
+
+
+class Trained(NamedTuple):
+  """The model before unlearning: parameters plus what its trainer kept (e.g. QuickDrop's
+  synthetic sets; None for plain FedAvg)."""
+  params: Any
+  extra: Any = None
+
+
+class Outcome(NamedTuple):
+  """A method's result: the unlearned parameters and extra results.json fields."""
+  params: Any
+  results: dict
+
+
+class Env(NamedTuple):
+  """Services of the experiment loop.
+
+  rounds(phase, init_state, num_rounds, round_fn, params_fn) -> state
+      runs round_fn(state, r) -> (state, metrics) for r in [0, num_rounds), resuming from
+      the phase's latest checkpoint; metrics may carry 'bytes_up', 'bytes_down' and
+      'examples', which are summed into the run's cost. Logs, evaluates, checks for NaN.
+  runner(program, epochs, batch_size) -> fl.ClientRunner with the configured kind.
+  evaluate(params) -> dict of test metrics.
+  add_cost(**amounts) adds cost outside rounds (e.g. a one-shot unlearning step).
+  """
+  rounds: Callable
+  runner: Callable
+  evaluate: Callable
+  add_cost: Callable
+
+
+class Method(NamedTuple):
+  name: str
+  kinds: tuple
+  pretrain: str
+  unlearn: Callable
+
+
+def client_optimizer(config, lr=None) -> optax.GradientTransformation:
+  lr = config.fl.client_lr if lr is None else lr
+  return optax.sgd(lr, momentum=config.fl.client_momentum or None)
+
+
+def num_sampled(config) -> int:
+  return fl.num_sampled_clients(config.fl.clients_per_round, config.data.num_clients)
+
+
+def fedavg_phase(task: Task, env: Env, phase: str, params, num_rounds: int, *,
+                 valid=None, y=None, client_weights=None, program=None, extra=None,
+                 epochs=None, stream: int = fl.STREAM_CLIENT, round_offset: int = 0):
+  """`num_rounds` FedAvg rounds from `params` over the clients' `valid` examples.
+
+  Defaults: all valid examples, the training labels, every client, plain SGD. Rounds are
+  numbered round_offset + r for sampling and keys, so phases never reuse randomness.
+  Communication: each active sampled client downloads and uploads the full model.
+  """
+  cfg = task.config
+  c = task.clients
+  valid = c.valid if valid is None else valid
+  y = c.y if y is None else y
+  weights = np.ones(c.count.shape[0]) if client_weights is None else client_weights
+  if program is None:
+    program = fl.sgd_program(task.apply_fn, client_optimizer(cfg))
+  runner = env.runner(program, epochs or cfg.fl.local_epochs, cfg.fl.batch_size)
+  server_opt = optax.sgd(cfg.fl.server_lr)
+  model_bytes = tu.tree_num_bytes(params)
+  k = num_sampled(cfg)
+
+  def round_fn(server, r):
+    res = fl.fedavg_round(server, runner, (c.x, y), valid, extra, seed=cfg.seed,
+                          round_idx=round_offset + r, client_weights=weights, num_sampled=k,
+                          server_opt=server_opt, stream=stream)
+    active = int(np.sum(np.asarray(jnp.take(jnp.asarray(weights), res.sampled)) > 0))
+    examples = int(np.sum(np.asarray(jnp.take(jnp.sum(valid, 1), res.sampled))))
+    m = dict(res.metrics, bytes_up=active * model_bytes, bytes_down=active * model_bytes,
+             examples=examples * (epochs or cfg.fl.local_epochs))
+    return res.server, m
+
+  server = fl.server_init(params, server_opt)
+  server = env.rounds(phase, server, num_rounds, round_fn, lambda s: s.params)
+  return server.params
+
+
+def init_params(task: Task, key=None):
+  from fu_jax import models  # local import: models pulls in all architectures
+  key = fl.stream_key(task.config.seed, fl.STREAM_INIT) if key is None else key
+  return models.init_params(task.model, key, task.input_shape)
