@@ -5,6 +5,7 @@ r"""Runs one federated-unlearning experiment.
 
 Only parses flags and calls experiments.run.run(config, workdir).
 """
+import os
 import sys
 
 from absl import app
@@ -15,7 +16,10 @@ from ml_collections import config_flags
 from fu_jax import methods
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("method", "fedavg", f"Unlearning method: one of {sorted(methods.REGISTRY)}.")
+flags.DEFINE_string("method", "fedavg", f"Unlearning method: one of {sorted(methods.REGISTRY)}, "
+                    "or 'all' (every method that serves the request, then a comparison).")
+flags.DEFINE_list("seeds", [], "Run each of these seeds into <workdir>/seed_<s>/ (overrides "
+                  "config.seed), then compare mean and spread.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.",
                     required=True)
 config_flags.DEFINE_config_file("config", None, "Config file (a get_config() module).",
@@ -31,10 +35,20 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=experiments/configs/digits.py")
   try:
-    methods.get(FLAGS.method)
-    with config.unlocked():
-      config.method = FLAGS.method
-    run.run(config, FLAGS.workdir)
+    names = run.methods_for(FLAGS.method, config.unlearn.kind)
+    seeds = [int(s) for s in FLAGS.seeds] or [None]
+    for seed in seeds:
+      workdir = FLAGS.workdir if seed is None else os.path.join(FLAGS.workdir, f"seed_{seed}")
+      for name in names:
+        with config.unlocked():
+          config.method = name
+          if seed is not None:
+            config.seed = seed
+        run.run(config, workdir)
+    if len(names) > 1 or len(seeds) > 1:
+      from experiments import compare
+      compare.compare(FLAGS.workdir)
+      print(open(os.path.join(FLAGS.workdir, "comparison.md")).read())
   except (ValueError, OSError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -20,13 +20,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 
 from fu_jax import checkpoint
 from fu_jax import data as data_lib
 from fu_jax import fl
 from fu_jax import logging as log_lib
+from fu_jax import losses as losses_lib
 from fu_jax import methods as methods_lib
 from fu_jax import models
 from fu_jax.methods import base
@@ -88,6 +89,19 @@ def validate(config, method_name: str, num_classes: int | None = None):
 def request_classes(config) -> tuple:
   extra = tuple(int(c) for c in config.unlearn.get("also_classes", ()) or ())
   return (int(config.unlearn.forget_class),) + extra
+
+
+def methods_for(name: str, kind: str) -> list[str]:
+  """[name], or for 'all' every registered method serving `kind`, retrain first."""
+  if name != "all":
+    methods_lib.get(name)
+    return [name]
+  names = ["retrain"] + sorted(n for n, m in methods_lib.REGISTRY.items()
+                               if n != "retrain" and kind in m.kinds)
+  skipped = sorted(n for n, m in methods_lib.REGISTRY.items() if kind not in m.kinds)
+  if skipped:
+    print(f"--method=all: {skipped} cannot serve unlearn.kind={kind!r}; skipped", flush=True)
+  return names
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,6 +258,12 @@ class RunEnv:
   def evaluate(self, params):
     return self._eval_fn(params)
 
+  def artifact_dir(self, name: str) -> str:
+    """<this directory>/<name>, created: where a trainer or method writes its files."""
+    path = os.path.join(self.dir, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
   def add_cost(self, **amounts):
     for k, v in amounts.items():
       self.cost[k] = self.cost.get(k, 0) + v
@@ -317,15 +337,62 @@ def evaluate(task: base.Task, params) -> dict:
 
 
 def membership_scores(task: base.Task, params) -> dict:
-  """MIA on the forgotten training samples vs test samples of the same classes."""
-  ds = task.dataset
+  """MIA on the forgotten training samples (members) vs held-out samples of the same classes.
+
+  The test set is split in two by position: odd rows of the forgotten samples' classes are
+  the non-members; even rows form the shadow models' pool, so no attacker trains on the
+  non-members it is scored against.
+  """
+  ds, cfg = task.dataset, task.config
   forget = np.asarray(task.forget)
   x_m = np.asarray(task.clients.x)[forget]
   y_m = np.asarray(task.y_true)[forget]
-  classes = np.unique(y_m)
-  held = np.isin(ds.y_test, classes)
-  return mia_lib.membership_inference(task.apply_fn, params, x_m, y_m, ds.x_test[held],
-                                      ds.y_test[held], seed=task.config.seed)
+  odd = np.arange(len(ds.y_test)) % 2 == 1
+  held = odd & np.isin(ds.y_test, np.unique(y_m))
+  out = mia_lib.membership_inference(task.apply_fn, params, x_m, y_m, ds.x_test[held],
+                                     ds.y_test[held], seed=cfg.seed)
+  if cfg.mia.shadows > 0:
+    out.update(mia_lib.shadow_attack(
+        _shadow_train_fn(task), task.apply_fn, params, ds.x_test[~odd], ds.y_test[~odd],
+        x_m, y_m, ds.x_test[held], ds.y_test[held], num_shadows=cfg.mia.shadows,
+        key=fl.stream_key(cfg.seed, fl.STREAM_EVAL), vectorize=_vectorize_shadows(cfg)))
+  return out
+
+
+def _vectorize_shadows(cfg) -> bool:
+  # Same trade-off as the client runners: vmapped conv training is slow on XLA:CPU.
+  return fl.choose_runner(cfg.model.name) == "vmap"
+
+
+def _shadow_train_fn(task: base.Task):
+  """The target's recipe, centralised: mia.shadow_epochs epochs of the client optimiser
+  over the rows where mask is True (a pure function, vmappable over shadows)."""
+  cfg = task.config
+  opt = base.client_optimizer(cfg)
+  bs = cfg.fl.batch_size
+
+  def loss_fn(p, batch):
+    return losses_lib.masked_ce(task.apply_fn({"params": p}, batch.x), batch.y, batch.mask)
+
+  def train_fn(key, x, y, mask):
+    params = models.init_params(task.model, key, task.input_shape)
+    n_steps = fl.steps_per_epoch(x.shape[0] // 2, bs)  # shadows train on half the pool
+
+    def epoch(state, e):
+      order = fl.epoch_order(jax.random.fold_in(key, e), mask)
+
+      def step(state, s):
+        p, o = state
+        g = jax.grad(loss_fn)(p, fl.take_batch((x, y), mask, order, s, bs))
+        u, o = opt.update(g, o, p)
+        return (optax.apply_updates(p, u), o), None
+
+      return jax.lax.scan(step, state, jnp.arange(n_steps))[0], None
+
+    state = (params, opt.init(params))
+    return jax.lax.scan(epoch, state, jnp.arange(cfg.mia.shadow_epochs))[0][0]
+
+  return train_fn if _vectorize_shadows(cfg) else jax.jit(train_fn)
 
 
 # ---------------------------------------------------------------------------------------

@@ -311,13 +311,15 @@ def sample_clients(seed: int, round_idx: int, weights, num_sampled: int):
 
 
 def num_sampled_clients(clients_per_round, num_clients: int) -> int:
-  """A count (int >= 1) or a fraction in (0, 1] of num_clients."""
-  if isinstance(clients_per_round, float) and 0 < clients_per_round <= 1:
-    return max(1, round(clients_per_round * num_clients))
-  if isinstance(clients_per_round, int) and 1 <= clients_per_round <= num_clients:
-    return clients_per_round
-  raise ValueError(f"clients_per_round={clients_per_round!r}: allowed an int in "
-                   f"[1, {num_clients}] or a float fraction in (0, 1]")
+  """A fraction in (0, 1] of num_clients, or a whole count in [1, num_clients]."""
+  v = clients_per_round
+  if isinstance(v, (int, float)) and not isinstance(v, bool):
+    if 0 < v <= 1 and isinstance(v, float):
+      return max(1, round(v * num_clients))
+    if float(v).is_integer() and 1 <= v <= num_clients:
+      return int(v)
+  raise ValueError(f"clients_per_round={v!r}: allowed a fraction in (0, 1] or a whole "
+                   f"count in [1, {num_clients}]")
 
 
 def aggregate(server_params, client_params, weights):

@@ -41,6 +41,8 @@ def _keys(n):
 
 @pytest.mark.parametrize("kind", ["vmap", "shard"])
 def test_runners_agree_with_loop(kind):
+  if kind == "shard":
+    assert jax.device_count() == 2  # conftest simulates two CPU devices
   model, params, x, y, valid = _setup()
   ref = _runner(model, "loop").run(params, (x, y), valid, None, _keys(4))
   out = _runner(model, kind, chunk_size=3).run(params, (x, y), valid, None, _keys(4))

@@ -52,4 +52,6 @@ def get_config():
 
   c.mia = ml_collections.ConfigDict()
   c.mia.enabled = True         # membership inference on the forgotten samples
+  c.mia.shadows = 4            # shadow models for the shadow attacker (0 = skip it)
+  c.mia.shadow_epochs = 20     # epochs each shadow model trains on its half of the pool
   return c

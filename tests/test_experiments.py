@@ -1,0 +1,119 @@
+"""The experiment runner end to end on digits: outputs, caching, resume, bad input."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import run as run_lib
+from experiments.configs import digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small but real digits run: 4 rounds of FedAvg over 5 clients.
+SMALL = ["--config.fl.rounds=4", "--config.data.num_clients=5", "--config.checkpoint_every=1",
+         "--config.eval_every=2", "--config.finetune.rounds=2", "--config.model.name=mlp"]
+
+
+def small_config(**overrides):
+  c = digits.get_config()
+  c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 1, 2
+  c.finetune.rounds = 2
+  c.model.name = "mlp"
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def _main(workdir, method, *extra, check=True):
+  cmd = [sys.executable, "-m", "experiments.main", f"--method={method}",
+         "--config=experiments/configs/digits.py", f"--workdir={workdir}", *SMALL, *extra]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check)
+
+
+def _strip_timing(results):
+  return {k: v for k, v in results.items() if k not in run_lib.TIMING_FIELDS}
+
+
+def test_retrain_and_finetune_share_the_trained_model(tmp_path):
+  wd = str(tmp_path)
+  cfg = small_config(method="retrain")
+  res = run_lib.run(cfg, wd)
+  for key in ("method", "seed", "test_acc", "retain_acc", "forget_acc", "per_class_acc",
+              "train_seconds", "unlearn_seconds", "compile_seconds", "rounds", "bytes_up",
+              "bytes_down", "mia_auc", "mia_attack_acc"):
+    assert key in res, key
+  assert res["forget_acc"] < 0.05  # class 0 never seen by the retrained model
+  assert res["original"]["forget_acc"] > 0.8
+  assert res["rounds"] == 4
+  # Each of the 5 clients downloads and uploads the whole model every round.
+  assert res["bytes_up"] == res["bytes_down"] > 0
+  assert os.path.exists(os.path.join(wd, "retrain", "results.json"))
+  assert glob.glob(os.path.join(wd, "retrain", "events.out.tfevents.*"))
+  cfg = small_config(method="finetune")
+  res_ft = run_lib.run(cfg, wd)
+  assert len(glob.glob(os.path.join(wd, "pretrain", "*"))) == 1  # trained once, reused
+  assert res_ft["rounds"] == 2
+  assert res_ft["original"] == res["original"]
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+  ref_dir, kill_dir = str(tmp_path / "ref"), str(tmp_path / "kill")
+  _main(ref_dir, "retrain")
+  ref = json.load(open(os.path.join(ref_dir, "retrain", "results.json")))
+  cmd = [sys.executable, "-m", "experiments.main", "--method=retrain",
+         "--config=experiments/configs/digits.py", f"--workdir={kill_dir}", *SMALL]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  # Kill with SIGKILL once the retrain phase has written its second checkpoint.
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if glob.glob(os.path.join(kill_dir, "retrain", "ckpt", "retrain", "steps", "2")):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(kill_dir, "retrain", "results.json"))
+  out = _main(kill_dir, "retrain")
+  assert "resumed after round" in out.stdout
+  got = json.load(open(os.path.join(kill_dir, "retrain", "results.json")))
+  assert _strip_timing(got) == _strip_timing(ref)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+  _main(str(tmp_path), "fedavg")
+  out = _main(str(tmp_path), "fedavg", "--config.fl.client_lr=0.2", check=False)
+  assert out.returncode != 0
+  assert "fl.client_lr" in out.stderr
+
+
+@pytest.mark.parametrize("flag, expect", [
+    ("--config.data.num_clients=0", "data.num_clients"),
+    ("--config.data.alpha=-1.0", "data.alpha"),
+    ("--config.unlearn.forget_class=10", "unlearn.forget_class=10"),
+    ("--config.fl.rounds=0", "fl.rounds"),
+    ("--config.fl.runner=gpu", "fl.runner='gpu'"),
+    ("--config.model.name=alexnet", "model.name='alexnet'"),
+    ("--config.data.source=idx:/nonexistent", "/nonexistent"),
+    ("--config.fl.client_lr=1e6", "NaN"),
+])
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, flag, expect):
+  out = _main(str(tmp_path), "retrain", flag, check=False)
+  assert out.returncode != 0
+  assert expect in out.stderr, out.stderr[-2000:]
+  assert not glob.glob(os.path.join(str(tmp_path), "*", "results.json"))
+
+
+def test_unknown_method_lists_allowed(tmp_path):
+  out = _main(str(tmp_path), "nosuch", check=False)
+  assert out.returncode != 0
+  assert "retrain" in out.stderr and "nosuch" in out.stderr
