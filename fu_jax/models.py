@@ -43,8 +43,11 @@ Convolution implementations (`conv_impl` field of every model, see `conv2d`):
   'im2col'     patches from shifted strided slices, then one matmul [.., kh*kw*in] @ [kh*kw*in,
                out]. No convolution op at all, so vmap over clients with separate weights
                becomes a batched matmul instead of XLA:CPU's slow grouped convolution.
-All three give the same outputs and gradients (to float32 rounding) and the same params.
-benchmarks/conv_impl.py measures them.
+All three give the same outputs and gradients (to float32 rounding) and the same params, so
+a model can be re-created with another impl and keep its params. Which is fastest depends on the
+program shape (benchmarks/conv_impl.py; cnn 28x28, XLA:CPU, images/s of an SGD step): plain jit
+-> xla or canonical; step inside scan / lax.map -> canonical (xla is ~20-30x slower there);
+vmap over clients or examples with separate weights -> im2col (xla/canonical ~6-10x slower).
 """
 import dataclasses
 import functools
@@ -416,6 +419,8 @@ def create(name: str, num_classes: int, **overrides) -> nn.Module:
     raise ValueError(f"norm {overrides['norm']!r} is not one of {NORMS}")
   if int(num_classes) < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  # Config files give lists; module fields must be hashable.
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
   return maker(num_classes=int(num_classes), **overrides)
 
 
