@@ -232,7 +232,10 @@ def training_config(config, trainer: str) -> dict:
   if d["backdoor"]["enabled"]:  # the trigger sits in the data to be forgotten
     key["unlearn"] = d["unlearn"]
   if trainer in d:
-    key[trainer] = d[trainer]
+    # Only the section's training keys when the trainer declares them: unlearning-only keys
+    # (e.g. quickdrop.unlearn_lr) must not invalidate the cached model.
+    keep = getattr(methods_lib, "TRAIN_KEYS", {}).get(trainer)
+    key[trainer] = {k: v for k, v in d[trainer].items() if keep is None or k in keep}
   return key
 
 
@@ -352,8 +355,9 @@ def membership_scores(task: base.Task, params) -> dict:
   out = mia_lib.membership_inference(task.apply_fn, params, x_m, y_m, ds.x_test[held],
                                      ds.y_test[held], seed=cfg.seed)
   if cfg.mia.shadows > 0:
+    pool = np.flatnonzero(~odd)[:cfg.mia.shadow_pool]
     out.update(mia_lib.shadow_attack(
-        _shadow_train_fn(task), task.apply_fn, params, ds.x_test[~odd], ds.y_test[~odd],
+        _shadow_train_fn(task), task.apply_fn, params, ds.x_test[pool], ds.y_test[pool],
         x_m, y_m, ds.x_test[held], ds.y_test[held], num_shadows=cfg.mia.shadows,
         key=fl.stream_key(cfg.seed, fl.STREAM_EVAL), vectorize=_vectorize_shadows(cfg)))
   return out
@@ -461,6 +465,7 @@ def run(config, workdir: str) -> dict:
       "request": {"kind": task.request.kind, "classes": list(task.request.classes),
                   "client": task.request.client},
       **final,
+      **({"bd_acc_before": original["bd_acc"]} if "bd_acc" in original else {}),
       "original": original,
       "train_seconds": train_env.seconds["wall"] - train_env.seconds["compile"],
       "unlearn_seconds": unlearn_seconds,

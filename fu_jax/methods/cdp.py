@@ -1,0 +1,125 @@
+"""CDP: federated unlearning via class-discriminative pruning (Wang et al., WWW 2022), the
+pruning baseline of Xu et al. (papers/channel-explanation-xu.txt, Sec. 6.1.3, ref. [26]).
+
+  1. Each client runs the trained model on (up to cdp.stat_samples of) its local data and
+     uploads per-class sums of its channel activations (ReLU of each conv layer's output,
+     averaged over space; masking.class_activation_sums): K x C floats per conv layer plus K
+     counts, never data or gradients.
+  2. The server sums them, takes per-class means and scores every channel's
+     class-discrimination by TF-IDF (masking.tfidf_scores).
+  3. For each forgotten class it prunes (zeroes kernel slice and bias of) the
+     ceil(cdp.sparsity * C) channels with the highest TF-IDF in every conv layer (the
+     classifier is never pruned; masking.cdp_prune_mask).
+  4. FedAvg fine-tuning of the pruned model on the retained data for cdp.finetune_rounds
+     rounds; pruned channels stay exactly zero (masked optimizer), as a pruned network has
+     no such channels to train.
+
+Cost: the statistics upload (counted exactly) plus full-model rounds (fedavg_phase). The
+clients already hold the trained model, so step 1 downloads nothing.
+Requests: class-wide only (the method scores classes; client_class / client requests have
+no class-discriminative channels to prune without hurting the class elsewhere).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fu_jax import fl
+from fu_jax import masking
+from fu_jax import tree as tu
+from fu_jax.methods import base
+from fu_jax.methods import channel
+
+
+def settings(config) -> dict:
+  c = config.cdp
+  s = dict(sparsity=float(c.sparsity), finetune_rounds=int(c.finetune_rounds),
+           stat_samples=int(c.stat_samples), coe=float(c.coe))
+  if not 0.0 < s["sparsity"] < 1.0:
+    raise ValueError(f"cdp.sparsity={c.sparsity!r}: must be in (0, 1)")
+  if s["finetune_rounds"] < 0:
+    raise ValueError(f"cdp.finetune_rounds={c.finetune_rounds!r}: must be >= 0")
+  if s["stat_samples"] < 0:
+    raise ValueError(f"cdp.stat_samples={c.stat_samples!r}: must be >= 0 (0 = all)")
+  if s["coe"] < 0:
+    raise ValueError(f"cdp.coe={c.coe!r}: must be >= 0 (0 = no width balance)")
+  return s
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _client_sums(module, params, x, y, mask, num_classes, layers):
+  return masking.class_activation_sums(module, params, x, y, mask, num_classes, layers=layers)
+
+
+@jax.jit
+def _prune(channel_masks, params):
+  """(params with the channels zeroed, parameter mask of everything else)."""
+  pmask = masking.channel_mask_to_param_mask(channel_masks, params)
+  return masking.zero_masked(params, pmask), jax.tree.map(jnp.logical_not, pmask)
+
+
+def class_statistics(task: base.Task, params, layers, stat_samples: int):
+  """Step 1-2: per-client activation sums over up to stat_samples valid examples each,
+  summed over clients. Returns (ClassActivations, bytes uploaded, examples used)."""
+  c = task.clients
+  n, max_n = c.valid.shape
+  m = max_n if stat_samples <= 0 else min(stat_samples, max_n)
+  total, up, used = None, 0, 0
+  for k in range(n):
+    if float(task.client_weights[k]) <= 0:
+      continue
+    key = fl.stream_key(task.config.seed, fl.STREAM_UNLEARN, channel.stream_tag("cdp/stats"),
+                        k)
+    order = fl.epoch_order(key, c.valid[k])[:m]
+    mask = jnp.take(c.valid[k], order)
+    if not bool(jnp.any(mask)):
+      continue
+    sums = _client_sums(task.model, params, jnp.take(c.x[k], order, axis=0),
+                        jnp.take(task.y_true[k], order), mask, task.num_classes, layers)
+    up += tu.tree_num_bytes(sums)
+    used += int(jnp.sum(mask))
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  return total, up, used
+
+
+def _cdp(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
+  if task.request.kind != "class":
+    raise ValueError(f"cdp serves class requests only, got {task.request.kind!r}")
+  s = settings(task.config)
+  cfg = task.config
+  params = trained.params
+  layers = tuple(masking.cdp_layers(task.model, params, task.clients.x[0, :1]))
+  stats, up, used = class_statistics(task, params, layers, s["stat_samples"])
+  env.add_cost(bytes_up=up, examples=used)
+  scores = masking.tfidf_scores(masking.class_means(stats), coe=s["coe"])
+  prune = None
+  for cls in task.request.classes:
+    pm = masking.cdp_prune_channels(scores, cls, s["sparsity"])
+    prune = pm if prune is None else {p: prune[p] | pm[p] for p in pm}
+  prune = {p: np.asarray(v) for p, v in prune.items()}
+  pruned, keep = _prune(prune, params)
+  program = channel.masked_program(task, cfg.fl.client_lr, cfg.fl.client_momentum)
+  out = base.fedavg_phase(task, env, "cdp_finetune", pruned, s["finetune_rounds"],
+                          valid=task.retain_valid, client_weights=task.client_weights,
+                          program=program, extra=channel.per_client(keep,
+                                                                    task.clients.count.shape[0]),
+                          round_offset=cfg.fl.rounds) if s["finetune_rounds"] else pruned
+  n_pruned = sum(int(v.sum()) for v in prune.values())
+  n_conv = sum(int(v.size) for v in prune.values())
+  results = {
+      "sparsity": s["sparsity"],
+      "finetune_rounds": s["finetune_rounds"],
+      "stat_examples": used,
+      "stat_bytes_up": up,
+      "pruned_channels": n_pruned,
+      "pruned_channel_fraction_of_conv": n_pruned / max(n_conv, 1),
+      "pruned": {"/".join(map(str, p)): np.flatnonzero(v).tolist() for p, v in prune.items()},
+      "model_bytes": tu.tree_num_bytes(params),
+  }
+  return base.Outcome(out, results)
+
+
+METHODS = {"cdp": base.Method("cdp", ("class",), "fedavg", _cdp)}

@@ -1,0 +1,320 @@
+"""FedAF: federated unlearning by active forgetting (papers/fedaf.txt; DESIGN.md §5).
+
+Methods `fedaf` and `fedaf_c` (the paper's ablation without EWC). For each target client
+(the client of a client / client_class request; every client holding the class of a class
+request -- the paper only runs one class of one client):
+
+  1. Memory generator (§4.2, fu_jax.labels): Q untrained Xavier teachers of the same
+     architecture label the client's target samples (uniform | random | teacher | debias).
+  2. Knowledge preserver (§4.3, fu_jax.ewc): the curvature H of the client's loss at the
+     trained global model theta*, as the diagonal empirical Fisher or a CountSketch S J
+     (t rows, penalty ||S J (theta - theta*)||^2 / n).
+  3. Unlearning loop (Eq. 13): `fedaf.epochs` local epochs over the target samples of
+         CE(f(x), y_new) - CE(f(x), y_old) + (lambda/2) (theta - theta*)^T H (theta - theta*)
+     by the client optimiser (SGD, fl.client_momentum; lr fedaf.lr), the penalty's gradient
+     added by `ewc.add_ewc_gradient`, whose anchor and curvature sit in the optax state
+     (built per client from the runner's `extra`).
+  4. The server takes the target-count-weighted mean of the target clients' unlearned models
+     (for one target client: its model) and broadcasts it; `fedaf.recovery_rounds` ordinary
+     FedAvg rounds follow (§4.1: "broadcasts the unlearned update through the federated
+     training loop").
+
+What the paper fixes, and what we chose where it does not (details in the final report):
+  * Fisher data: ALL of the client's local data D_k, target included. Eq. 13 comes from
+    L_{D_k \\ D_u} = L_{D_k} - L_{D_u}, with L_{D_k} replaced by its quadratic expansion at
+    theta* (its gradient vanishes there because theta* was trained on D_k, Eq. 5/7) and
+    L_{D_u} kept exactly -- the "- CE(f(x), y_old)" term. A Fisher of the retained data
+    alone would subtract L_{D_u} twice. `fisher_data='retain'` is offered as an ablation.
+  * Fisher sample: the empirical Fisher is a mean over examples; `fisher_samples` (default
+    1024) estimates it from that many local examples drawn uniformly without replacement
+    (0 = all, the paper's literal reading). Per-example gradients are the dominant cost of
+    the method on CPU (see BUILD.md / benchmarks/fedaf_table.py).
+  * Old labels: the labels the client trained on (`old_labels='trained'`, backdoor flips
+    included -- they are the data it holds, and the Taylor argument needs the labels theta*
+    was trained on); debias uses the same label as the target class.
+  * lr 0 = fl.client_lr: the paper uses one learning rate for learning and unlearning.
+  * Several target clients (class-wide request): each runs the loop on its own target
+    samples in one runner call (vmapped or looped, as configured); their models are
+    averaged weighted by target-sample counts.
+  * Recovery rounds use every remaining client's retained data (`task.retain_valid`: a
+    client keeps training on its other classes, never on the forgotten samples); the
+    forgotten client of a client request is weighted 0.
+  * Per-example gradients (Fisher) and the teachers' forward passes use the same model with
+    `conv_impl='im2col'` (identical parameters and outputs): vmapped per-example conv
+    gradients run ~15x faster as batched matmuls than as XLA:CPU grouped convolutions.
+
+Communication: the unlearning round uploads one model per target client (teachers, Fisher
+and labels never leave the client); recovery rounds are ordinary FedAvg rounds.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fu_jax import ewc
+from fu_jax import fl
+from fu_jax import labels
+from fu_jax import tree as tu
+from fu_jax.methods import base
+from fu_jax.methods import sga as sga_lib
+
+FISHER_DATA = ("local", "retain")
+FEDAF_ID = 11  # fold_in id under fl.STREAM_UNLEARN
+_PART_TEACHERS, _PART_FISHER_SAMPLE, _PART_FISHER, _PART_UNLEARN = range(4)
+LABEL_CHUNK = 128  # target samples per teacher-labelling call (memory: Q x chunk activations)
+
+
+def settings(config) -> dict:
+  """The fedaf section with 0-means-default values resolved; raises on bad values."""
+  s = config.fedaf
+  out = {"teachers": int(s.teachers), "label": str(s.label),
+         "debias_scope": str(s.debias_scope), "lam": float(s.lam), "epochs": int(s.epochs),
+         "fisher": str(s.fisher), "sketch_width": int(s.sketch_width),
+         "fisher_samples": int(s.fisher_samples), "fisher_data": str(s.fisher_data),
+         "fisher_chunk": int(s.fisher_chunk),
+         "lr": float(s.lr) or float(config.fl.client_lr),
+         "batch_size": int(s.batch_size) or int(config.fl.batch_size),
+         "true_weight": float(s.true_weight), "old_labels": str(s.old_labels),
+         "recovery_rounds": int(s.recovery_rounds)}
+  checks = [
+      (out["label"] in labels.VARIANTS, f"fedaf.label={s.label!r}: allowed {labels.VARIANTS}"),
+      (out["debias_scope"] in labels.DEBIAS_SCOPES,
+       f"fedaf.debias_scope={s.debias_scope!r}: allowed {labels.DEBIAS_SCOPES}"),
+      (out["fisher"] in ewc.KINDS, f"fedaf.fisher={s.fisher!r}: allowed {ewc.KINDS}"),
+      (out["fisher_data"] in FISHER_DATA,
+       f"fedaf.fisher_data={s.fisher_data!r}: allowed {FISHER_DATA}"),
+      (out["old_labels"] in sga_lib.OLD_LABELS,
+       f"fedaf.old_labels={s.old_labels!r}: allowed {sga_lib.OLD_LABELS}"),
+      (out["teachers"] >= 1, f"fedaf.teachers={s.teachers!r}: must be >= 1"),
+      (out["lam"] >= 0, f"fedaf.lam={s.lam!r}: must be >= 0"),
+      (out["epochs"] >= 1, f"fedaf.epochs={s.epochs!r}: must be >= 1"),
+      (out["sketch_width"] >= 1, f"fedaf.sketch_width={s.sketch_width!r}: must be >= 1"),
+      (out["fisher_samples"] >= 0, f"fedaf.fisher_samples={s.fisher_samples!r}: must be >= 0"),
+      (out["fisher_chunk"] >= 1, f"fedaf.fisher_chunk={s.fisher_chunk!r}: must be >= 1"),
+      (out["lr"] > 0, f"fedaf.lr={s.lr!r}: must be > 0 (0 = fl.client_lr)"),
+      (out["recovery_rounds"] >= 0,
+       f"fedaf.recovery_rounds={s.recovery_rounds!r}: must be >= 0"),
+  ]
+  for ok, msg in checks:
+    if not ok:
+      raise ValueError(msg)
+  return out
+
+
+def per_example_model(model):
+  """The same architecture with conv_impl='im2col' (same params and outputs), whose vmapped
+  per-example gradients are batched matmuls instead of grouped convolutions."""
+  if getattr(model, "conv_impl", None) == "xla":
+    return model.clone(conv_impl="im2col")
+  return model
+
+
+# ---------------------------------------------------------------------------------------
+# Memory generator.
+
+
+def new_labels(task: base.Task, s: dict, clients, y_old, model=None) -> jax.Array:
+  """float32 [N, max_n, K]: the new label of every target sample of `clients` (zeros
+  elsewhere). Teachers of client c use stream key (seed, UNLEARN, FEDAF_ID, 0, c)."""
+  model = per_example_model(task.model) if model is None else model
+  k = task.num_classes
+  forget = np.asarray(task.forget)
+  y_old = np.asarray(y_old)
+  out = np.zeros(forget.shape + (k,), np.float32)
+  variant = s["label"]
+  base_variant = "teacher" if variant == "debias" else variant
+  keys = sga_lib.client_keys(task.config.seed, FEDAF_ID, _PART_TEACHERS, clients)
+  for c, key in zip(clients, keys):
+    rows = np.flatnonzero(forget[c])
+    if rows.size == 0:
+      continue
+    teachers = None
+    if variant in ("teacher", "debias"):
+      teachers = labels.init_teachers(model, jax.random.fold_in(key, 0), task.input_shape,
+                                      s["teachers"], glorot=True)
+    x_c = task.clients.x[int(c)]
+    probs = []
+    for start in range(0, rows.size, LABEL_CHUNK):
+      r = rows[start:start + LABEL_CHUNK]
+      pad = np.concatenate([r, np.full(LABEL_CHUNK - r.size, r[0])])  # one compiled shape
+      yb = labels.teacher_labels(model.apply, teachers, jnp.take(x_c, jnp.asarray(pad), 0),
+                                 variant=base_variant, num_classes=k,
+                                 key=jax.random.fold_in(key, 1 + start))
+      probs.append(np.asarray(yb)[:r.size])
+    probs = np.concatenate(probs)
+    if variant == "debias":  # over the whole target set at once: scope='batch' sees all
+      probs = np.asarray(labels.debias(jnp.asarray(probs), jnp.asarray(y_old[c, rows]),
+                                       scope=s["debias_scope"]))
+    out[c, rows] = probs
+  return jnp.asarray(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Knowledge preserver: the Fisher as a local program over the client's data.
+
+
+class FisherState(NamedTuple):
+  anchor: Any   # theta*
+  acc: Any      # sum_i g_i^2 (diag) or S J (sketch, leaves (t,) + shape)
+  n: Any        # valid examples summarised
+
+
+def fisher_program(loss_fn: Callable, kind: str, width: int) -> fl.LocalProgram:
+  """Accumulates the empirical Fisher of a client's batches at theta* (= server params).
+
+  finish -> (acc, n): diag F = acc / n; sketch state (S J = acc, n). Each batch's sketch
+  uses the step's own key, so buckets and signs are independent across batches and the sum
+  is a CountSketch of all the client's examples (ewc.count_sketch per batch).
+  """
+  if kind not in ewc.KINDS:
+    raise ValueError(f"Fisher kind {kind!r}: allowed {ewc.KINDS}")
+
+  def init(server_params, extra, key):
+    del extra, key
+    if kind == "diag":
+      acc = tu.tree_zeros_like(server_params)
+    else:
+      acc = jax.tree.map(lambda p: jnp.zeros((width,) + p.shape, p.dtype), server_params)
+    return FisherState(server_params, acc, jnp.zeros((), jnp.float32))
+
+  def step(state, batch, key):
+    nb = jnp.sum(batch.mask).astype(jnp.float32)
+    if kind == "diag":
+      f = ewc.fisher_diagonal(loss_fn, state.anchor, batch.x, batch.y, batch.mask)
+      acc = jax.tree.map(lambda a, b: a + b * nb, state.acc, f)
+    else:
+      acc = tu.tree_add(state.acc, ewc.count_sketch(loss_fn, state.anchor, batch.x, batch.y,
+                                                    batch.mask, key, width=width))
+    return FisherState(state.anchor, acc, state.n + nb), {}
+
+  return fl.LocalProgram(init, step, lambda s: (s.acc, s.n))
+
+
+def fisher_mask(task: base.Task, s: dict, clients) -> jax.Array:
+  """bool [T, max_n]: the examples each target client's Fisher is estimated from: its
+  local data (or retained data), at most fisher_samples of them, uniformly at random."""
+  src = task.clients.valid if s["fisher_data"] == "local" else task.retain_valid
+  v = np.array(np.asarray(src)[np.asarray(clients)])
+  m = s["fisher_samples"]
+  if m > 0:
+    keys = sga_lib.client_keys(task.config.seed, FEDAF_ID, _PART_FISHER_SAMPLE, clients)
+    for i, key in enumerate(keys):
+      rows = np.flatnonzero(v[i])
+      if rows.size > m:
+        u = np.asarray(jax.random.uniform(key, (v.shape[1],)))
+        keep = rows[np.argsort(u[rows], kind="stable")[:m]]
+        v[i] = False
+        v[i, keep] = True
+  return jnp.asarray(v)
+
+
+def client_fisher(task: base.Task, env: base.Env, s: dict, params, clients, y_old):
+  """Per-target-client EWC curvature at theta* = params, stacked on a leading [T] axis:
+  the diagonal Fisher (pytree like params) or (S J, n). Returns (curvature, examples)."""
+  model = per_example_model(task.model)
+  loss_fn = ewc.example_ce_loss(model.apply)
+  program = fisher_program(loss_fn, s["fisher"], s["sketch_width"])
+  valid = fisher_mask(task, s, clients)
+  idx = jnp.asarray(clients)
+  data = (jnp.take(task.clients.x, idx, 0), jnp.take(y_old, idx, 0))
+  keys = sga_lib.client_keys(task.config.seed, FEDAF_ID, _PART_FISHER, clients)
+  runner = env.runner(program, 1, s["fisher_chunk"])
+  acc, n = runner.run(params, data, valid, None, keys).params
+  if s["fisher"] == "diag":
+    scale = 1.0 / jnp.maximum(n, 1.0)
+    curv = jax.tree.map(lambda a: a * scale.reshape((-1,) + (1,) * (a.ndim - 1)), acc)
+  else:
+    curv = (acc, n)
+  return curv, int(np.asarray(n).sum())
+
+
+# ---------------------------------------------------------------------------------------
+# The unlearning loop (Eq. 13).
+
+
+def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
+                    ewc_kind: str | None, lam: float, width: int,
+                    true_weight: float = 1.0) -> fl.LocalProgram:
+  """Local SGD on CE(f(x), y_new) - true_weight CE(f(x), y_old) (+ the EWC penalty's
+  gradient when ewc_kind is 'diag' or 'sketch'). batch.y = (y_new [B, K], y_old [B]);
+  the client's `extra` is its curvature: the diagonal Fisher, or (S J, n)."""
+  def loss_fn(params, batch):
+    y_new, y_old = batch.y
+    return labels.forgetting_loss(apply_fn({"params": params}, batch.x), y_new, y_old,
+                                  batch.mask, true_weight=true_weight)
+
+  if ewc_kind is None:
+    return fl.sgd_program(apply_fn, optimizer, loss_fn=loss_fn)
+  chained = optax.chain(ewc.add_ewc_gradient(lam, kind=ewc_kind, width=width), optimizer)
+
+  def opt_init(params, extra):
+    if ewc_kind == "diag":
+      state = ewc.ewc_state_diag(params, extra)
+    else:
+      state = ewc.ewc_state_sketch(params, extra[0], extra[1])
+    return (state, optimizer.init(params))
+
+  return fl.sgd_program(apply_fn, chained, loss_fn=loss_fn, opt_init=opt_init)
+
+
+def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
+             use_ewc: bool) -> base.Outcome:
+  cfg = task.config
+  s = settings(cfg)
+  name = "fedaf" if use_ewc else "fedaf_c"
+  if use_ewc and s["fisher_data"] == "retain" and task.request.kind == "client":
+    raise ValueError("fedaf.fisher_data='retain' needs retained local data; a client "
+                     "request leaves the target client none (use 'local')")
+  targets = sga_lib.target_clients(task)
+  y_old = sga_lib.old_labels(task, s["old_labels"])
+  ewc_kind = s["fisher"] if use_ewc else None
+  program = unlearn_program(task.apply_fn, base.client_optimizer(cfg, s["lr"]),
+                            ewc_kind=ewc_kind, lam=s["lam"], width=s["sketch_width"],
+                            true_weight=s["true_weight"])
+  keys = sga_lib.client_keys(cfg.seed, FEDAF_ID, _PART_UNLEARN, targets)
+  info = {}
+
+  def round_fn(params, r):
+    del r
+    y_new = new_labels(task, s, targets, y_old)
+    extra, fisher_examples = None, 0
+    if use_ewc:
+      extra, fisher_examples = client_fisher(task, env, s, params, targets, y_old)
+    out = sga_lib.run_on_targets(task, env, program, params, y=(y_new, y_old),
+                                 epochs=s["epochs"], batch_size=s["batch_size"], keys=keys,
+                                 extra=extra, clients=targets)
+    target_examples = int(out.counts.sum())
+    info.update(loss=out.metrics["loss"], fisher_examples=fisher_examples,
+                target_examples=target_examples)
+    m = sga_lib.round_cost(task, params, len(targets),
+                           s["epochs"] * target_examples + fisher_examples,
+                           s["recovery_rounds"])
+    return out.params, dict(m, loss=out.metrics["loss"])
+
+  params = env.rounds(name, trained.params, 1, round_fn, lambda p: p)
+  params = sga_lib.recover(task, env, name + "_recovery", params, s["recovery_rounds"])
+  d = tu.tree_num_bytes(trained.params)
+  results = {f"{name}_target_clients": [int(c) for c in targets],
+             f"{name}_target_examples": int(np.asarray(jnp.sum(task.forget))),
+             f"{name}_label": s["label"]}
+  if use_ewc:
+    results[f"{name}_fisher"] = s["fisher"]
+    # Curvature held by each target client: d floats (diag) or t * d (sketch).
+    results[f"{name}_curvature_bytes"] = d * (1 if s["fisher"] == "diag" else s["sketch_width"])
+  if "loss" in info:  # absent when the round was restored from a checkpoint
+    results[f"{name}_unlearn_loss"] = info["loss"]
+    if use_ewc:
+      results[f"{name}_fisher_examples"] = info["fisher_examples"]
+  return base.Outcome(params, results)
+
+
+METHODS = {
+    "fedaf": base.Method("fedaf", base.REQUEST_KINDS, "fedavg",
+                         lambda t, e, tr: _unlearn(t, e, tr, use_ewc=True)),
+    "fedaf_c": base.Method("fedaf_c", base.REQUEST_KINDS, "fedavg",
+                           lambda t, e, tr: _unlearn(t, e, tr, use_ewc=False)),
+}

@@ -1,0 +1,236 @@
+"""FedAF (fu_jax/methods/fedaf.py): its local programs against independent computations, and
+end-to-end runs on digits (client_class with a backdoor, class-wide with the sketch)."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from experiments import run as run_lib
+from experiments.configs import digits
+from fu_jax import ewc
+from fu_jax import fl
+from fu_jax import labels
+from fu_jax.methods import base
+from fu_jax.methods import fedaf
+
+K = 3
+
+
+class TinyMLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Dense(3)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(K)(x)
+
+
+MODULE = TinyMLP()
+LOSS = ewc.example_ce_loss(MODULE.apply)
+
+
+@functools.lru_cache(maxsize=None)
+def _clients():
+  """Two clients padded to 9 rows (7 and 5 valid), garbage in the padding."""
+  rng = np.random.RandomState(0)
+  x = rng.randn(2, 9, 2).astype(np.float32)
+  y = rng.randint(0, K, (2, 9)).astype(np.int32)
+  valid = np.array([[True] * 7 + [False] * 2, [True] * 5 + [False] * 4])
+  x[~valid] = 40.0
+  params = jax.jit(MODULE.init)(jax.random.PRNGKey(1), jnp.zeros((1, 2)))["params"]
+  keys = jnp.stack([jax.random.key(10), jax.random.key(11)])
+  return params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid), keys
+
+
+def _flat(tree):
+  return np.asarray(ravel_pytree(tree)[0], np.float64)
+
+
+def test_fisher_program_diag_equals_fisher_diagonal():
+  params, x, y, valid, keys = _clients()
+  runner = fl.ClientRunner(fedaf.fisher_program(LOSS, "diag", 4), kind="vmap", epochs=1,
+                           batch_size=3)
+  acc, n = runner.run(params, (x, y), valid, None, keys).params
+  np.testing.assert_array_equal(np.asarray(n), [7, 5])
+  for c in range(2):
+    want = ewc.fisher_diagonal(LOSS, params, x[c], y[c], valid[c])
+    got = jax.tree.map(lambda a: a[c] / n[c], acc)
+    np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5, atol=1e-8)
+
+
+def test_fisher_program_sketch_is_a_count_sketch_of_all_examples():
+  # S J with S a t x n matrix having exactly one +-1 per valid example's column: recover S
+  # from the rows of S J and the per-example gradients J (full row rank: n=7 < d=21).
+  params, x, y, valid, keys = _clients()
+  t = 4
+  runner = fl.ClientRunner(fedaf.fisher_program(LOSS, "sketch", t), kind="vmap", epochs=1,
+                           batch_size=3)
+  acc, n = runner.run(params, (x, y), valid, None, keys).params
+  grad_one = jax.grad(LOSS)
+  jac = np.stack([_flat(grad_one(params, x[0, i], y[0, i])) for i in range(7)])  # [n, d]
+  sj = np.stack([_flat(jax.tree.map(lambda a: a[0, r], acc)) for r in range(t)])  # [t, d]
+  s = sj @ np.linalg.pinv(jac)
+  np.testing.assert_allclose(s, np.round(s), atol=1e-4)
+  s = np.round(s)
+  assert set(np.unique(s)) <= {-1.0, 0.0, 1.0}
+  np.testing.assert_array_equal(np.abs(s).sum(0), np.ones(7))  # one bucket per example
+  np.testing.assert_allclose(s @ jac, sj, rtol=1e-4, atol=1e-6)
+  assert float(n[0]) == 7.0
+
+
+def test_unlearn_program_equals_hand_written_ewc_sgd():
+  # Full-batch epochs, plain SGD: theta_{k+1} = theta_k - lr (grad L(theta_k) + lam F Delta_k)
+  # with L = CE(y_new) - CE(y_old) (Eq. 13).
+  params, x, y, valid, keys = _clients()
+  lr, lam = 0.3, 5.0
+  y_new = jax.nn.softmax(jnp.asarray(np.random.RandomState(2).randn(2, 9, K), jnp.float32))
+  fisher = jax.tree.map(lambda p: jnp.abs(jax.random.normal(jax.random.key(3), (2,) + p.shape)),
+                        params)
+  prog = fedaf.unlearn_program(MODULE.apply, optax.sgd(lr), ewc_kind="diag", lam=lam, width=1)
+  runner = fl.ClientRunner(prog, kind="loop", epochs=3, batch_size=9)
+  got = runner.run(params, (x, (y_new, y)), valid, fisher, keys).params
+
+  @jax.jit
+  def reference(xc, yc, ync, mc, fc):
+    def loss(p):
+      logp = jax.nn.log_softmax(MODULE.apply({"params": p}, xc))
+      ce = lambda lab: jnp.sum(-jnp.sum(lab * logp, -1) * mc) / jnp.sum(mc)
+      return ce(ync) - ce(jax.nn.one_hot(yc, K))
+
+    p = params
+    for _ in range(3):
+      g = jax.grad(loss)(p)
+      p = jax.tree.map(lambda pi, gi, fi, p0: pi - lr * (gi + lam * fi * (pi - p0)), p, g, fc,
+                       params)
+    return p
+
+  for c in range(2):
+    want = reference(x[c], y[c], y_new[c], valid[c].astype(jnp.float32),
+                     jax.tree.map(lambda a: a[c], fisher))
+    np.testing.assert_allclose(_flat(jax.tree.map(lambda a: a[c], got)), _flat(want),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _tiny_task(forget, valid, x, y):
+  cfg = ml_collections.ConfigDict({"seed": 0})
+  clients = base.ClientData(x, y, valid, jnp.sum(valid, 1), jnp.zeros(valid.shape, jnp.int32))
+  return base.Task(config=cfg, dataset=None, clients=clients, y_true=y,
+                   forget=jnp.asarray(forget), retain_valid=valid & ~jnp.asarray(forget),
+                   client_weights=np.ones(2, np.float32),
+                   request=base.Request("class", (0,), -1), model=MODULE, input_shape=(2,),
+                   num_classes=K)
+
+
+def test_fisher_mask_subsamples_local_or_retained_rows():
+  _, x, y, valid, _ = _clients()
+  forget = np.zeros((2, 9), bool)
+  forget[0, :3] = True
+  task = _tiny_task(forget, valid, x, y)
+  s = {"fisher_data": "local", "fisher_samples": 4}
+  m = np.asarray(fedaf.fisher_mask(task, s, np.array([0, 1])))
+  np.testing.assert_array_equal(m.sum(1), [4, 4])
+  assert not (m & ~np.asarray(valid)).any()
+  m_all = np.asarray(fedaf.fisher_mask(task, dict(s, fisher_samples=0), np.array([0, 1])))
+  np.testing.assert_array_equal(m_all, np.asarray(valid))
+  m_ret = np.asarray(fedaf.fisher_mask(task, {"fisher_data": "retain", "fisher_samples": 0},
+                                       np.array([0])))
+  np.testing.assert_array_equal(m_ret[0], np.asarray(valid)[0] & ~forget[0])
+
+
+@pytest.mark.parametrize("variant", ["debias", "uniform", "random"])
+def test_new_labels_only_on_target_rows(variant):
+  _, x, y, valid, _ = _clients()
+  forget = np.zeros((2, 9), bool)
+  forget[1, [0, 2, 3]] = True
+  task = _tiny_task(forget, valid, x, y)
+  s = {"label": variant, "teachers": 4, "debias_scope": "sample"}
+  got = np.asarray(fedaf.new_labels(task, s, np.array([1]), y))
+  assert got.shape == (2, 9, K)
+  np.testing.assert_array_equal(got[~forget], 0.0)
+  np.testing.assert_allclose(got[forget].sum(-1), 1.0, rtol=1e-6)
+  if variant == "debias":  # the same teachers applied directly to the three rows
+    key = jax.random.fold_in(fl.stream_key(0, fl.STREAM_UNLEARN, fedaf.FEDAF_ID, 0, 1), 0)
+    teachers = labels.init_teachers(MODULE, key, (2,), 4)
+    rows = np.flatnonzero(forget[1])
+    want = labels.teacher_labels(MODULE.apply, teachers, x[1, rows], variant="debias",
+                                 target_class=y[1, rows])
+    np.testing.assert_allclose(got[1, rows], np.asarray(want), rtol=1e-5, atol=1e-7)
+  if variant == "uniform":
+    np.testing.assert_allclose(got[forget], 1.0 / K)
+
+
+def test_bad_settings_name_the_key():
+  c = digits.get_config()
+  c.fedaf.fisher = "full"
+  with pytest.raises(ValueError, match="fedaf.fisher='full'"):
+    fedaf.settings(c)
+  c = digits.get_config()
+  c.fedaf.label = "teachers"
+  with pytest.raises(ValueError, match="fedaf.label"):
+    fedaf.settings(c)
+
+
+# ---------------------------------------------------------------------------------------
+# End to end on digits.
+
+
+def small_config(method, **overrides):
+  """4 FedAvg rounds of the MLP over 5 clients; no membership inference (not tested here)."""
+  c = digits.get_config()
+  c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 100, 100
+  c.model.name = "mlp"
+  c.mia.enabled = False
+  c.method = method
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def backdoor_runs(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("fedaf_bd"))
+  kw = {"unlearn.kind": "client_class", "unlearn.forget_client": 0, "backdoor.enabled": True}
+  return {m: run_lib.run(small_config(m, **kw), wd) for m in ("fedaf", "fedaf_c")}
+
+
+def test_fedaf_removes_the_backdoor_of_one_class_of_one_client(backdoor_runs):
+  res = backdoor_runs["fedaf"]
+  # The backdoor was learned (trigger -> flipped label on class 0 test images) ...
+  assert res["bd_acc_before"] == res["original"]["bd_acc"] >= 0.8
+  # ... and is gone after unlearning, while the model stays as accurate as before.
+  assert res["bd_acc"] <= 0.05
+  assert abs(res["test_acc"] - res["original"]["test_acc"]) <= 0.03
+  # Client 0's triggered samples are classified by their true labels again.
+  assert res["forget_train_acc"] >= 0.8 > res["original"]["forget_train_acc"]
+  cfg = small_config("fedaf")
+  assert res["rounds"] == 1 + cfg.fedaf.recovery_rounds
+  assert res["fedaf_target_clients"] == [0]
+  assert res["fedaf_fisher"] == "diag" and res["fedaf_fisher_examples"] > 0
+  assert res["bytes_up"] > 0 and res["bytes_down"] >= 0
+
+
+def test_fedaf_c_runs_from_the_same_model(backdoor_runs):
+  res = backdoor_runs["fedaf_c"]
+  assert res["original"] == backdoor_runs["fedaf"]["original"]
+  assert res["bd_acc"] <= 0.1 < res["bd_acc_before"]
+  assert "fedaf_c_fisher" not in res
+
+
+def test_fedaf_class_wide_with_sketch(tmp_path):
+  # Every client holds class 0: all five run the unlearning loop; their models are averaged.
+  res = run_lib.run(small_config("fedaf", **{"unlearn.kind": "class",
+                                             "fedaf.fisher": "sketch"}), str(tmp_path))
+  assert res["fedaf_target_clients"] == [0, 1, 2, 3, 4]
+  assert res["original"]["forget_acc"] >= 0.8
+  assert res["forget_acc"] <= 0.1
+  assert res["retain_acc"] >= res["original"]["retain_acc"] - 0.05
+  assert res["fedaf_curvature_bytes"] > 0

@@ -1,0 +1,213 @@
+"""QuickDrop: the distilling local program, its pieces, and the method end to end on digits."""
+import glob
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import run as run_lib
+from fu_jax import distill
+from fu_jax import fl
+from fu_jax import losses
+from fu_jax import models
+from fu_jax.methods import quickdrop as qd
+from tests.test_experiments import small_config
+
+K = 4
+
+
+def _tiny():
+  model = models.create("mlp", K, hidden=(8,))
+  params = models.init_params(model, jax.random.key(0), (3, 3, 1))
+  return model, params
+
+
+def _batch(n=6, classes=(0, 1, 2)):
+  x = jax.random.normal(jax.random.key(1), (n, 3, 3, 1))
+  y = jnp.asarray([classes[i % len(classes)] for i in range(n)], jnp.int32)
+  return fl.Batch(x, y, jnp.ones(n, bool))
+
+
+def _syn(m=2):
+  x = jax.random.normal(jax.random.key(2), (K, m, 3, 3, 1))
+  y = jnp.repeat(jnp.arange(K, dtype=jnp.int32)[:, None], m, 1)
+  return distill.SyntheticSet(x, y, jnp.ones((K, m), bool))
+
+
+def _program(**kw):
+  model, params = _tiny()
+  opt = optax.sgd(0.1)
+  img = distill.default_image_optimizer()
+  prog = qd.distill_program(model, K, opt, img, **kw)
+  syn = _syn()
+  state = prog.init(params, (syn, img.init(syn.x)), jax.random.key(3))
+  return model, params, prog, state
+
+
+def test_real_mode_takes_the_plain_fedavg_step_and_moves_only_batch_classes():
+  model, params, prog, state = _program(model_update="real")
+  batch = _batch()
+  new, metrics = jax.jit(prog.step)(state, batch, jax.random.key(4))
+  # Independent computation: one SGD step on the masked-mean CE of the batch.
+  loss, g = jax.value_and_grad(
+      lambda p: losses.masked_ce(model.apply({"params": p}, batch.x), batch.y, batch.mask))(params)
+  want = jax.tree.map(lambda p, gg: p - 0.1 * gg, params, g)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
+  moved = np.abs(np.asarray(new.syn.x - state.syn.x)).reshape(K, -1).max(1)
+  assert (moved[:3] > 0).all() and moved[3] == 0.0  # class 3 is not in the batch
+  assert float(metrics["match_loss"]) > 0
+  assert int(new.step) == 1
+
+
+def test_distill_every_skips_image_steps_but_not_model_steps():
+  _, _, prog, state = _program(distill_every=2)
+  step = jax.jit(prog.step)
+  s1, m1 = step(state, _batch(), jax.random.key(0))
+  s2, m2 = step(s1, _batch(), jax.random.key(1))
+  assert not np.array_equal(s1.syn.x, state.syn.x)
+  np.testing.assert_array_equal(s2.syn.x, s1.syn.x)  # step 1: no image step
+  assert float(m2["match_loss"]) == 0.0 < float(m1["match_loss"])
+  assert not np.array_equal(jax.tree.leaves(s2.params)[0], jax.tree.leaves(s1.params)[0])
+
+
+def test_synthetic_mode_steps_on_the_synthetic_set():
+  model, params, prog, state = _program(model_update="synthetic")
+  new, _ = jax.jit(prog.step)(state, _batch(), jax.random.key(0))
+  sx, sy, sv = distill.flatten(new.syn)  # the set after this step's image update
+  g = jax.grad(lambda p: losses.masked_ce(model.apply({"params": p}, sx), sy, sv))(params)
+  want = jax.tree.map(lambda p, gg: p - 0.1 * gg, params, g)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_synthetic_masks_select_classes_and_client():
+  n, m = 3, 2
+  valid = np.ones((n, K, m), bool)
+  valid[1, 2, 1] = False
+  syn = distill.SyntheticSet(jnp.zeros((n, K, m, 3, 3, 1)), jnp.zeros((n, K, m), jnp.int32),
+                             jnp.asarray(valid))
+  got = np.asarray(qd.synthetic_masks(syn, (2, 3)))
+  want = np.zeros_like(valid)
+  for i in range(n):
+    for c in (2, 3):
+      want[i, c] = valid[i, c]
+  np.testing.assert_array_equal(got, want)
+  got = np.asarray(qd.synthetic_masks(syn, (2,), client=1))
+  want = np.zeros_like(valid)
+  want[1, 2] = valid[1, 2]
+  np.testing.assert_array_equal(got, want)
+
+
+def test_sga_program_ascends_and_respects_max_loss():
+  model, params = _tiny()
+  batch = _batch()
+  opt = optax.chain(qd.ascent.gradient_ascent(), optax.sgd(0.5))
+  loss_of = lambda p: float(losses.masked_ce(model.apply({"params": p}, batch.x), batch.y,
+                                             batch.mask))
+  prog = qd.sga_program(model.apply, opt)
+  state = prog.init(params, None, None)
+  new, m = prog.step(state, batch, None)
+  assert loss_of(new.params) > loss_of(params) == pytest.approx(float(m["loss"]), rel=1e-5)
+  capped = qd.sga_program(model.apply, opt, max_loss=0.5 * loss_of(params))
+  new, _ = capped.step(capped.init(params, None, None), batch, None)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("model_update", "both", "quickdrop.model_update"),
+    ("scale", 0.0, "quickdrop.scale"),
+    ("metric", "l1", "quickdrop.metric"),
+    ("unlearn_epochs", 0, "quickdrop.unlearn_epochs"),
+    ("recovery_rounds", -1, "quickdrop.recovery_rounds"),
+    ("sequence", (1, 1), "quickdrop.sequence"),
+])
+def test_settings_reject_bad_values(key, value, expect):
+  c = small_config()
+  c.quickdrop[key] = value
+  with pytest.raises(ValueError, match=expect):
+    qd.settings(c)
+
+
+def _digits(**overrides):
+  # Smaller than test_experiments' small config: a 32-unit MLP keeps compilation short.
+  base = {"method": "quickdrop", "mia.enabled": False, "model.hidden": (32,),
+          "fl.rounds": 4, "checkpoint_every": 2, "eval_every": 4}
+  base.update(overrides)
+  c = small_config()
+  c.model.hidden = (32,)
+  for k, v in base.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
+  wd = str(tmp_path)
+  cfg = _digits()
+  res = run_lib.run(cfg, wd)
+  orig = res["original"]
+  assert orig["forget_acc"] > 0.8
+  assert res["forget_acc"] < 0.2 < orig["forget_acc"] - 0.6
+  assert res["retain_acc"] > orig["retain_acc"] - 0.1
+  # One SGA round and recovery_rounds rounds, all on synthetic data.
+  assert res["rounds"] == 1 + cfg.quickdrop.recovery_rounds
+  assert res["bytes_up"] > 0 and 0 < res["examples"] < 1347
+  # 5 IID clients with ~27 images per class and scale 0.01: one image per class each.
+  assert res["synthetic_images"] == 5 * 10 and res["forget_synthetic_images"] == 5
+  assert res["retain_synthetic_images"] == 45
+
+  # Artifacts: one npz and one png per client, holding the sets the trainer returned.
+  (pre,) = glob.glob(os.path.join(wd, "pretrain", "quickdrop-*"))
+  npz = sorted(glob.glob(os.path.join(pre, "synthetic", "client_*.npz")))
+  png = sorted(glob.glob(os.path.join(pre, "synthetic", "client_*.png")))
+  assert len(npz) == len(png) == 5
+  task = run_lib.build_task(cfg)
+  trained, _ = run_lib.pretrained(task, wd, "quickdrop")  # restored from the checkpoint
+  for k, path in enumerate(npz):
+    with np.load(os.path.join(pre, "synthetic", f"client_{k}.npz")) as f:
+      np.testing.assert_array_equal(f["x"], np.asarray(trained.extra.x[k]))
+      np.testing.assert_array_equal(f["sizes"], np.ones(10))
+  # The sets were trained: no longer the real images they started from.
+  init = qd.init_sets(task, qd.settings(cfg))
+  assert not np.allclose(np.asarray(init.x), np.asarray(trained.extra.x))
+  np.testing.assert_array_equal(np.asarray(init.valid), np.asarray(trained.extra.valid))
+
+  # Parallel request (classes 0 and 1 at once) reuses the cached model: unlearning keys
+  # are not part of the training key.
+  shutil.rmtree(os.path.join(wd, "quickdrop"))
+  res2 = run_lib.run(_digits(**{"unlearn.also_classes": (1,)}), wd)
+  assert len(glob.glob(os.path.join(wd, "pretrain", "*"))) == 1
+  assert res2["original"]["forget_acc"] > 0.8
+  assert res2["forget_acc"] < 0.2 and res2["retain_acc"] > orig["retain_acc"] - 0.15
+  assert res2["forget_synthetic_images"] == 10 and res2["request"]["classes"] == [0, 1]
+
+  # Sequential requests: class 0, then class 1; the curve has a start point plus 2 steps.
+  shutil.rmtree(os.path.join(wd, "quickdrop"))
+  res3 = run_lib.run(_digits(**{"quickdrop.sequence": (0, 1),
+                                "quickdrop.recovery_rounds": 2}), wd)
+  seq = res3["sequence"]
+  assert [s["forgotten"] for s in seq] == [[], [0], [0, 1]]
+  assert seq[0]["forget_acc"] is None and seq[0]["retain_acc"] > 0.8
+  assert seq[2]["forget_acc"] < 0.2 and seq[2]["retain_acc"] > 0.6
+  assert res3["rounds"] == 2 * (1 + 2)
+
+
+def test_quickdrop_synthetic_model_update_runs(tmp_path):
+  cfg = _digits(**{"quickdrop.model_update": "synthetic", "fl.rounds": 2,
+                   "fl.client_lr": 0.01, "fl.client_momentum": 0.0,
+                   "quickdrop.artifacts": False, "quickdrop.recovery_rounds": 1})
+  res = run_lib.run(cfg, str(tmp_path))
+  assert res["model_update"] == "synthetic"
+  assert math.isfinite(res["test_acc"]) and res["rounds"] == 2
+  assert not glob.glob(os.path.join(str(tmp_path), "pretrain", "*", "synthetic"))
