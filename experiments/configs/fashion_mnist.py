@@ -6,7 +6,8 @@
 
 Variants: `:dirichlet` (alpha 0.1), `:shards` (one class per client), `:fedaf` (the FedAF
 setting: 4 clients, unlearn class 0 of client 0 with a backdoor).
-Measured figures: BUILD.md.
+Measured (seed 0, iid): FedAvg test accuracy 76.0 / 84.9 / 86.7 / 87.3 / 87.6% after rounds
+1-5 (about 4.5 min a round on 2 cores under heavy load); rounds 6-20 not yet measured.
 """
 from experiments.configs import default
 
