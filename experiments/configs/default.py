@@ -91,9 +91,9 @@ def get_config():
   c.quickdrop.artifacts = True       # write pretrain/<dir>/synthetic/client_<k>.{npz,png}
   # Unlearning keys.
   c.quickdrop.unlearn_epochs = 1     # SGA epochs on the distilled forget data
-  c.quickdrop.unlearn_lr = 0.01      # SGA step size
+  c.quickdrop.unlearn_lr = 1.0       # SGA step size (with unlearn_normalize: L2 step length)
   c.quickdrop.unlearn_batch_size = 0  # SGA batch size (0 = fl.batch_size)
-  c.quickdrop.unlearn_max_loss = 0.0  # a client stops ascending above this batch loss (0 = off)
+  c.quickdrop.unlearn_normalize = True  # ascend along g/||g||: unlearn_lr = step length
   c.quickdrop.recovery_rounds = 5    # FedAvg rounds on the distilled retained data
   c.quickdrop.recovery_epochs = 0    # local epochs per recovery round (0 = fl.local_epochs)
   c.quickdrop.recovery_lr = 0.0      # recovery lr (0 = fl.client_lr); momentum fl.client_momentum
@@ -113,17 +113,19 @@ def get_config():
   c.fedaf.fisher_data = "local"  # Fisher over all local data (paper, Eq. 7-13) | retain (ablation)
   c.fedaf.fisher_samples = 1024  # local examples the Fisher is estimated from (0 = all)
   c.fedaf.fisher_chunk = 64      # examples per per-example-gradient call (memory chunk * d)
-  c.fedaf.lr = 0.0               # unlearning SGD lr (0 = fl.client_lr), momentum fl.client_momentum
+  c.fedaf.lr = 0.002             # unlearning SGD lr (0 = fl.client_lr); paper: MNIST 0.001
+  c.fedaf.momentum = 0.0         # unlearning SGD momentum (paper: plain SGD)
   c.fedaf.batch_size = 0         # unlearning batch size (0 = fl.batch_size)
   c.fedaf.true_weight = 1.0      # weight of the -CE(f(x), y_old) term (paper 1)
+  c.fedaf.max_old_loss = -1.0    # stop a client once batch CE(y_old) > it (0 = log K; < 0 never)
   c.fedaf.old_labels = "trained"  # y_old: trained (as held, backdoor flips incl.) | original
-  c.fedaf.recovery_rounds = 1    # FedAvg rounds on retained data after the unlearned update
+  c.fedaf.recovery_rounds = 0    # FedAvg rounds on retained data after the unlearned update
 
   # SGA baseline (Wu et al. 2022): bounded gradient ascent on the real forget data, then
   # recovery FedAvg rounds. fu_jax/methods/sga.py.
   c.sga = ml_collections.ConfigDict()
-  c.sga.lr = 0.01                # ascent step size
-  c.sga.epochs = 1               # ascent epochs over each target client's forget data
+  c.sga.lr = 0.1                 # ascent step size
+  c.sga.epochs = 5               # ascent epochs (max_loss usually ends the ascent earlier)
   c.sga.batch_size = 0           # ascent batch size (0 = fl.batch_size)
   c.sga.radius_frac = 0.33       # L2 ball around theta*: frac * ||theta_random - theta*|| (0 = none)
   c.sga.max_loss = 0.0           # stop once a batch CE exceeds it (0 = log K; < 0 = never)

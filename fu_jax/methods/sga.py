@@ -60,7 +60,7 @@ SGA_ID = 21
 
 def target_clients(task: base.Task) -> np.ndarray:
   """Sorted indices of the clients holding at least one sample to forget."""
-  return np.flatnonzero(np.asarray(jnp.any(task.forget, axis=1)))
+  return np.flatnonzero(np.asarray(task.forget).any(axis=1))
 
 
 def old_labels(task: base.Task, source: str):
@@ -83,25 +83,28 @@ class TargetResult(NamedTuple):
   metrics: dict        # example-weighted means of the programs' metrics
 
 
+@jax.jit
+def _apply_mean_delta(params, client_params, weights):
+  return tu.tree_add(params, fl.aggregate(params, client_params, weights))
+
+
 def run_on_targets(task: base.Task, env: base.Env, program: fl.LocalProgram, params, *,
                    y, epochs: int, batch_size: int, keys, extra=None,
                    clients=None) -> TargetResult:
   """Runs `program` on each target client's forget samples, from `params`; returns
   params + sum_k n_k (theta_k - params) / sum_k n_k over the targets (n_k = forget count).
 
-  y: labels pytree with leading [N, max_n] (or already [T, max_n] when `clients` rows were
-  taken, see below); extra: per-target pytree with a leading [T] axis; keys: [T] keys.
+  y: labels pytree with leading [N, max_n] axes (all clients); extra: per-target pytree with
+  a leading [T] axis (T = len(clients)); keys: [T] keys; clients: default target_clients.
   """
   idx = target_clients(task) if clients is None else np.asarray(clients)
-  take = lambda a: jnp.take(a, jnp.asarray(idx), axis=0)
+  take = lambda a: np.asarray(a)[idx]  # host gathers: no per-shape XLA compile
   valid = take(task.forget)
-  x = take(task.clients.x)
-  y_t = jax.tree.map(take, y)
   runner = env.runner(program, epochs, batch_size)
-  res = runner.run(params, (x, y_t), valid, extra, keys)
-  counts = np.asarray(jnp.sum(valid, axis=1)).astype(np.float64)
-  new = tu.tree_add(params, fl.aggregate(params, res.params, counts))
-  w = counts / max(counts.sum(), 1.0)
+  res = runner.run(params, (take(task.clients.x), jax.tree.map(take, y)), valid, extra, keys)
+  counts = valid.sum(1).astype(np.float32)
+  new = _apply_mean_delta(params, res.params, counts)
+  w = counts / max(float(counts.sum()), 1.0)
   metrics = {k: float(np.sum(np.asarray(m) * w)) for k, m in res.metrics.items()}
   return TargetResult(new, idx, counts.astype(np.int64), metrics)
 
