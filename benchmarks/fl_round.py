@@ -1,18 +1,29 @@
 """Local-training throughput of one FedAvg round, per client runner, next to PyTorch.
 
-  python benchmarks/fl_round.py [--clients 10] [--per_client 640] [--rounds 3]
+  python benchmarks/fl_round.py [--clients 10] [--per_client 640] [--reps 3] [--budget 5]
 
 The CNN (2 conv 5x5 + dense) on 28x28x1 inputs (Fashion-MNIST when Debian's package is
 installed, otherwise seeded noise of the same shape), 10 clients, batch 64, 1 local epoch,
-SGD with momentum. Prints images/s of local training for each runner (and conv
-implementation), a PyTorch CPU loop training the same architecture on the same data (the
-optional `bench` extra: pip install torch==2.13.0), ratios to PyTorch, and the share of this
-machine's matmul GFLOP/s (measured in the same run) each reaches. All in one process, side by
-side, because these machines are shared and noisy.
+SGD with momentum. Prints images/s of local training for each runner and conv
+implementation, a plain jitted step (no runner), and a PyTorch CPU loop training the same
+architecture on the same data (the optional `bench` extra: pip install torch==2.13.0), as
+ratios to PyTorch, and the share of this machine's matmul GFLOP/s (measured in the same run)
+each reaches. Measurements are repeated `--reps` times, interleaved across rows so every row
+sees the same machine load, and the median is printed.
+
+XLA reads its flags once per process, so the table is measured twice: in this process with
+XLA's own defaults, and in a child process with fu_jax's default flags (fu_jax/xla_flags.py,
+what experiments.main uses); both columns come from the same invocation.
 """
 import argparse
+import json
 import os
+import statistics
+import subprocess
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
@@ -24,6 +35,7 @@ import optax  # noqa: E402
 from fu_jax import data as data_lib  # noqa: E402
 from fu_jax import fl  # noqa: E402
 from fu_jax import models  # noqa: E402
+from fu_jax import xla_flags  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -69,7 +81,13 @@ def step_flops_per_image(model, params, batch_size):
   return float(cost["flops"]) / batch_size
 
 
-def bench_runner(kind, impl, clients, rounds, batch_size):
+def runner_timer(kind, impl, clients, batch_size, budget_s):
+  """A callable timing one round of `kind`/`impl` local training -> (images, seconds).
+
+  A round on fewer examples per client runs the same compiled step (only the valid mask
+  and so the step count change), so slow runner/conv combinations are timed on a prefix of
+  each client's data sized to take about `budget_s` seconds, not on all of it.
+  """
   model = models.create("cnn", 10, conv_impl=impl)
   params = models.init_params(model, jax.random.key(0), (28, 28, 1))
   program = fl.sgd_program(model.apply, optax.sgd(0.05, momentum=0.9))
@@ -77,17 +95,71 @@ def bench_runner(kind, impl, clients, rounds, batch_size):
   x, y, valid = (jnp.asarray(clients.x), jnp.asarray(clients.y), jnp.asarray(clients.valid))
   n = valid.shape[0]
   keys = jax.vmap(lambda c: fl.stream_key(0, fl.STREAM_CLIENT, 0, c))(jnp.arange(n))
-  jax.block_until_ready(runner.run(params, (x, y), valid, None, keys).params)  # compile
-  t = time.perf_counter()
-  for _ in range(rounds):
-    out = runner.run(params, (x, y), valid, None, keys)
-  jax.block_until_ready(out.params)
-  return rounds * int(clients.count.sum()) / (time.perf_counter() - t)
+  pos = jnp.arange(valid.shape[1])[None, :]
+
+  def timed(steps):
+    v = valid & (pos < steps * batch_size)
+    t = time.perf_counter()
+    jax.block_until_ready(runner.run(params, (x, y), v, None, keys).params)
+    return int(v.sum()), time.perf_counter() - t
+
+  timed(1)  # compile
+  _, secs = timed(2)
+  full_steps = -(-int(clients.count.max()) // batch_size)
+  steps = max(2, min(full_steps, int(2 * budget_s / max(secs, 1e-9))))
+  return lambda: timed(steps), steps
 
 
-def bench_torch(clients, rounds, batch_size):
+def plain_step_timer(clients, batch_size):
+  """jit(step) on one client's batches from the host: the step alone, no runner."""
+  model = models.create("cnn", 10)
+  params = models.init_params(model, jax.random.key(0), (28, 28, 1))
+  opt = optax.sgd(0.05, momentum=0.9)
+
+  @jax.jit
+  def step(p, o, x, y):
+    loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": q}, x), y).mean()
+    u, o = opt.update(jax.grad(loss)(p), o, p)
+    return optax.apply_updates(p, u), o
+
+  count = int(clients.count[0])
+  xs = [jnp.asarray(clients.x[0, s:s + batch_size])
+        for s in range(0, count - batch_size + 1, batch_size)]
+  ys = [jnp.asarray(clients.y[0, s:s + batch_size])
+        for s in range(0, count - batch_size + 1, batch_size)]
+  jax.block_until_ready(step(params, opt.init(params), xs[0], ys[0]))
+
+  def timed():
+    p, o = params, opt.init(params)
+    t = time.perf_counter()
+    for xb, yb in zip(xs, ys):
+      p, o = step(p, o, xb, yb)
+    jax.block_until_ready(p)
+    return len(xs) * batch_size, time.perf_counter() - t
+
+  return timed, len(xs)
+
+
+def jax_rows(clients, batch_size, budget_s, reps):
+  """[(name, median images/s, steps timed per client)] for every runner x conv impl."""
+  timers = [("jit step, no runner",) + plain_step_timer(clients, batch_size)]
+  for kind in ("loop", "vmap", "shard"):
+    for impl in ("xla", "canonical", "im2col"):
+      timers.append((f"{kind} / {impl}",) + runner_timer(kind, impl, clients, batch_size,
+                                                           budget_s))
+  rates = {name: [] for name, _, _ in timers}
+  for _ in range(reps):  # interleaved: each row sees the same load
+    for name, timed, _ in timers:
+      images, secs = timed()
+      rates[name].append(images / secs)
+  return [(name, statistics.median(rates[name]), steps) for name, _, steps in timers]
+
+
+def torch_timer(clients, batch_size):
+  """A PyTorch CPU loop: each client copies the global model and runs one local epoch."""
   try:
-    import torch
+    import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None
   torch.set_num_threads(os.cpu_count() or 2)
@@ -118,46 +190,72 @@ def bench_torch(clients, rounds, batch_size):
         opt.step()
 
   one_round()  # warm-up
-  t = time.perf_counter()
-  for _ in range(rounds):
+  images = int(clients.count.sum())
+
+  def timed():
+    t = time.perf_counter()
     one_round()
-  return rounds * int(clients.count.sum()) / (time.perf_counter() - t)
+    return images, time.perf_counter() - t
+
+  return timed
 
 
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--clients", type=int, default=10)
   p.add_argument("--per_client", type=int, default=640)
-  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median)")
   p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--budget", type=float, default=5.0,
+                 help="seconds per timed round at most (slow runners see a data prefix)")
+  p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   clients, src = load(args.clients, args.per_client)
+  if args.child:  # fu_jax's flags are in XLA_FLAGS: print this process's rows only
+    print(json.dumps(jax_rows(clients, args.batch_size, args.budget, args.reps)))
+    return
+  child_env = dict(os.environ)
+  xla_flags.use_defaults(child_env)
+  child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child",
+                            *sys.argv[1:]], env=child_env, stdout=subprocess.PIPE, text=True)
+  child.wait()  # first, alone: the two processes must not share the cores
+  fu_rows = json.loads(child.stdout.read().strip().splitlines()[-1])
   print(f"data: {src}, {args.clients} clients x {args.per_client} images, batch "
         f"{args.batch_size}; jax {jax.__version__} on {jax.default_backend()} "
-        f"({jax.device_count()} devices), {os.cpu_count()} cores")
+        f"({jax.device_count()} devices), {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}")
   gflops = matmul_gflops()
   model = models.create("cnn", 10)
   params = models.init_params(model, jax.random.key(0), (28, 28, 1))
   flops = step_flops_per_image(model, params, args.batch_size)
   print(f"matmul: {gflops:.1f} GFLOP/s; train step: {flops / 1e6:.1f} MFLOP per image (XLA)")
-  torch_ips = bench_torch(clients, args.rounds, args.batch_size)
-  rows = [("pytorch loop", torch_ips)]
-  for kind in ("loop", "vmap", "shard"):
-    for impl in ("xla", "canonical", "im2col"):
-      rows.append((f"{kind} / {impl}", bench_runner(kind, impl, clients, args.rounds,
-                                                     args.batch_size)))
-  auto = fl.choose_runner("cnn")
-  auto_impl = models.create("cnn", 10).conv_impl
-  rows.append((f"auto (= {auto} / {auto_impl})", dict(rows)[f"{auto} / {auto_impl}"]))
-  print(f"{'runner / conv':28s} {'images/s':>10s} {'vs torch':>9s} {'GFLOP/s':>8s} "
-        f"{'of matmul':>9s}")
-  for name, ips in rows:
+  torch_timed = torch_timer(clients, args.batch_size)
+  torch_ips = None
+  if torch_timed is not None:
+    torch_ips = statistics.median(i / s for i, s in (torch_timed() for _ in range(args.reps)))
+  xla_rows = jax_rows(clients, args.batch_size, args.budget, args.reps)
+  full_steps = -(-args.per_client // args.batch_size)
+
+  def cols(ips):
     if ips is None:
-      print(f"{name:28s} {'(torch not installed)':>10s}")
-      continue
-    ratio = f"{ips / torch_ips:.2f}x" if torch_ips else "-"
+      return f"{'-':>9s} {'-':>7s} {'-':>6s}"
     g = ips * flops / 1e9
-    print(f"{name:28s} {ips:10.0f} {ratio:>9s} {g:8.1f} {g / gflops:9.0%}")
+    ratio = f"{ips / torch_ips:.2f}x" if torch_ips else "-"
+    return f"{ips:9.0f} {ratio:>7s} {g / gflops:6.0%}"
+
+  print(f"{'':26s} {'XLA default flags':^24s}   {'fu_jax flags':^24s}")
+  print(f"{'runner / conv':26s} {'img/s':>9s} {'/torch':>7s} {'matmul':>6s}   "
+        f"{'img/s':>9s} {'/torch':>7s} {'matmul':>6s}  steps/client")
+  print(f"{'pytorch loop':26s} {cols(torch_ips)}   {'':24s}  {full_steps}/{full_steps}")
+  for (name, ips, steps), (_, fu_ips, fu_steps) in zip(xla_rows, fu_rows):
+    print(f"{name:26s} {cols(ips)}   {cols(fu_ips)}  {fu_steps}/{full_steps}")
+  auto = f"{fl.choose_runner('cnn')} / {models.create('cnn', 10).conv_impl}"
+  runners = [r for r in fu_rows if "/" in r[0]]
+  best = max(runners, key=lambda r: r[1])
+  auto_ips = dict((r[0], r[1]) for r in runners)[auto]
+  print(f"auto = {auto}; best fixed (fu_jax flags) = {best[0]}; auto / best = "
+        f"{auto_ips / best[1]:.2f}" + (f"; auto / torch = {auto_ips / torch_ips:.2f}"
+                                       if torch_ips else ""))
 
 
 if __name__ == "__main__":

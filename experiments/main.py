@@ -13,7 +13,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from fu_jax import methods
+from fu_jax import xla_flags
+
+xla_flags.use_defaults()  # before any JAX computation: XLA reads its flags once
+
+from fu_jax import methods  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("method", "fedavg", f"Unlearning method: one of {sorted(methods.REGISTRY)}, "
