@@ -28,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fu_jax import losses, models
+from fu_jax import xla_flags
+
+xla_flags.use_defaults()  # before any JAX computation
 
 MODES = ('jit', 'vmap', 'scan', 'scan_u2', 'scan_full', 'vmap_scan', 'map_scan')
 

@@ -30,6 +30,9 @@ from sklearn.datasets import load_digits
 
 from fu_jax import distill
 from fu_jax import losses
+from fu_jax import xla_flags
+
+xla_flags.use_defaults()  # before any JAX computation
 
 
 class SmallCNN(nn.Module):

@@ -42,6 +42,10 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fu_jax import xla_flags  # pylint: disable=wrong-import-position
+
+xla_flags.use_defaults()  # before any JAX computation
+
 from experiments import run as run_lib  # pylint: disable=wrong-import-position
 from experiments.configs import digits as digits_cfg  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist as fmnist_cfg  # pylint: disable=wrong-import-position

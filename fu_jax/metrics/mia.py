@@ -12,8 +12,10 @@ Three attackers, weakest to strongest:
                            of a shadow pool; a classifier on their sorted output vectors
                            (Shokri et al. 2017; Salem et al. 2019 "ML-Leaks") is applied to the
                            target model.
-The first two balance members and non-members by deterministic subsampling of the larger
-side, so chance is 0.5; the shadow attack reports its two rates separately.
+The trained attacker balances members and non-members by deterministic subsampling of the
+larger side, so its chance accuracy is 0.5; the AUC needs no balancing (it does not depend on
+the two sides' proportions, and subsampling would only add variance); the shadow attack
+reports its two rates separately.
 """
 from typing import Callable
 
@@ -51,8 +53,8 @@ def balance(a, b, *, seed: int):
   return take(a), take(b)
 
 
-def loss_threshold_auc(member_losses, nonmember_losses, *, seed: int = 0) -> float:
-  """ROC AUC of -loss as a membership score, sides balanced by subsampling.
+def loss_threshold_auc(member_losses, nonmember_losses) -> float:
+  """ROC AUC of -loss as a membership score, over all members and non-members.
 
   AUC = P(loss_member < loss_nonmember) + 0.5 P(equal) over random pairs. 1 = every member
   has a lower loss than every non-member; 0.5 = indistinguishable. nan if any loss is not
@@ -63,7 +65,6 @@ def loss_threshold_auc(member_losses, nonmember_losses, *, seed: int = 0) -> flo
   if not (np.all(np.isfinite(m)) and np.all(np.isfinite(o))):
     return float("nan")
   from sklearn import metrics
-  m, o = balance(m, o, seed=seed)
   labels = np.concatenate([np.ones_like(m), np.zeros_like(o)])
   return float(metrics.roc_auc_score(labels, -np.concatenate([m, o])))
 
@@ -107,7 +108,7 @@ def membership_inference(apply_fn: Callable, params, member_x, member_y, nonmemb
   lo = per_example_loss(apply_fn, params, nonmember_x, nonmember_y,
                                 batch_size=batch_size)
   return {
-      "mia_auc": loss_threshold_auc(lm, lo, seed=seed),
+      "mia_auc": loss_threshold_auc(lm, lo),
       "mia_attack_acc": trained_attack_accuracy(lm, lo, seed=seed, folds=folds),
   }
 
