@@ -363,6 +363,20 @@ def membership_scores(task: base.Task, params) -> dict:
   return out
 
 
+def original_membership_scores(task: base.Task, params, pretrain_dir: str) -> dict:
+  """membership_scores of the trained model, cached next to it: every method run on the
+  same request scores the same model against the same samples (shadow models included)."""
+  d = _to_dict(task.config)
+  key = {"seed": d["seed"], "unlearn": d["unlearn"], "mia": d["mia"]}
+  path = os.path.join(pretrain_dir, f"mia-{_hash(key)}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  scores = membership_scores(task, params)
+  checkpoint.write_json_atomic(path, _nan_to_none(scores))
+  return scores
+
+
 def _vectorize_shadows(cfg) -> bool:
   # Same trade-off as the client runners: vmapped conv training is slow on XLA:CPU.
   return fl.choose_runner(cfg.model.name) == "vmap"
@@ -458,7 +472,7 @@ def run(config, workdir: str) -> dict:
   final = evaluate(task, outcome.params)
   if config.mia.enabled:
     final.update(membership_scores(task, outcome.params))
-    original.update({k: v for k, v in membership_scores(task, trained.params).items()})
+    original.update(original_membership_scores(task, trained.params, train_env.dir))
   results = {
       "method": method.name,
       "seed": config.seed,

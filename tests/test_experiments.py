@@ -63,6 +63,8 @@ def test_retrain_and_finetune_share_the_trained_model(tmp_path):
   assert len(glob.glob(os.path.join(wd, "pretrain", "*"))) == 1  # trained once, reused
   assert res_ft["rounds"] == 2
   assert res_ft["original"] == res["original"]
+  # The trained model's membership scores were computed once and cached beside it.
+  assert len(glob.glob(os.path.join(wd, "pretrain", "*", "mia-*.json"))) == 1
 
 
 def test_killed_run_resumes_bit_identical(tmp_path):
