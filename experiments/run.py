@@ -388,9 +388,14 @@ def _shadow_train_fn(task: base.Task):
   cfg = task.config
   opt = base.client_optimizer(cfg)
   bs = cfg.fl.batch_size
+  model = task.model
+  if getattr(model, "conv_impl", None) == "xla":
+    # The same function and parameters; XLA's own conv backward inside lax.scan is ~20x
+    # slower on XLA:CPU (fu_jax/models.py), which made the shadow fits dominate a run.
+    model = model.clone(conv_impl="canonical")
 
   def loss_fn(p, batch):
-    return losses_lib.masked_ce(task.apply_fn({"params": p}, batch.x), batch.y, batch.mask)
+    return losses_lib.masked_ce(model.apply({"params": p}, batch.x), batch.y, batch.mask)
 
   def train_fn(key, x, y, mask):
     params = models.init_params(task.model, key, task.input_shape)
