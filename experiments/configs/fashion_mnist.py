@@ -6,8 +6,9 @@
 
 Variants: `:dirichlet` (alpha 0.1), `:shards` (one class per client), `:fedaf` (the FedAF
 setting: 4 clients, unlearn class 0 of client 0 with a backdoor).
-Measured (seed 0, iid): FedAvg test accuracy 76.0 / 84.9 / 86.7 / 87.3 / 87.6% after rounds
-1-5 (about 4.5 min a round on 2 cores under heavy load); rounds 6-20 not yet measured.
+Measured (seed 0, iid, 2 CPU cores): FedAvg test accuracy 89.9% after 20 rounds (~65 s a
+round); retrain after forgetting class 0: retain 91.6%, forget 0.0%, 844 s; its MIA AUC
+0.508. BUILD.md has every method on it.
 """
 from experiments.configs import default
 
