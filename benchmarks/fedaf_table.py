@@ -89,12 +89,7 @@ def make_config(dataset: str, seed: int, variant: str):
   c.unlearn.forget_class, c.unlearn.forget_client = 0, 0
   method, overrides = VARIANTS[variant]
   c.method = method
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -388,11 +388,9 @@ def _shadow_train_fn(task: base.Task):
   cfg = task.config
   opt = base.client_optimizer(cfg)
   bs = cfg.fl.batch_size
-  model = task.model
-  if getattr(model, "conv_impl", None) == "xla":
-    # The same function and parameters; XLA's own conv backward inside lax.scan is ~20x
-    # slower on XLA:CPU (fu_jax/models.py), which made the shadow fits dominate a run.
-    model = model.clone(conv_impl="canonical")
+  # XLA's own conv backward inside lax.scan is ~20x slower on XLA:CPU (fu_jax/models.py),
+  # which made the shadow fits dominate a run.
+  model = models.with_conv_impl(task.model, "canonical")
 
   def loss_fn(p, batch):
     return losses_lib.masked_ce(model.apply({"params": p}, batch.x), batch.y, batch.mask)

@@ -424,6 +424,15 @@ def create(name: str, num_classes: int, **overrides) -> nn.Module:
   return maker(num_classes=int(num_classes), **overrides)
 
 
+def with_conv_impl(module: nn.Module, impl: str) -> nn.Module:
+  """The same model (same parameters, same outputs) computing its convolutions with `impl`,
+  if it uses XLA's own ('xla'); a model that already chose an implementation, or has no
+  convolutions, is returned as is. See CONV_IMPLS for which program shape wants which."""
+  if getattr(module, "conv_impl", None) == "xla":
+    return module.clone(conv_impl=impl)
+  return module
+
+
 def init_params(module: nn.Module, key, input_shape: tuple[int, int, int]):
   """Parameters of `module` for inputs of shape `input_shape` = (H, W, C).
 

@@ -28,12 +28,7 @@ def small_config(method, **overrides):
   c.model.name = "cnn"
   c.model.features = (16, 32)  # half the default widths: same layers, faster
   c.mia.enabled = False
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -24,12 +24,7 @@ def small_config(**overrides):
   c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 1, 2
   c.finetune.rounds = 2
   c.model.name = "mlp"
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -18,6 +18,7 @@ from fu_jax import fl
 from fu_jax import labels
 from fu_jax.methods import base
 from fu_jax.methods import fedaf
+from tests.test_sga import small_config  # digits' fedaf.lr 0.02: ~2 unlearning steps per client
 
 K = 3
 
@@ -177,25 +178,6 @@ def test_bad_settings_name_the_key():
 
 # ---------------------------------------------------------------------------------------
 # End to end on digits.
-
-
-def small_config(method, **overrides):
-  """4 FedAvg rounds of the MLP over 5 clients; no membership inference (not tested here).
-  A client holds ~27 samples of a class: 2 unlearning steps, hence lr 0.02 (default 0.002
-  is tuned for Fashion-MNIST's ~1500 target samples, 24 steps)."""
-  c = digits.get_config()
-  c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 100, 100
-  c.model.name = "mlp"
-  c.mia.enabled = False
-  c.fedaf.lr = 0.02
-  c.method = method
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
 
 
 @pytest.fixture(scope="module")

@@ -163,13 +163,7 @@ def _digits(**overrides):
           "quickdrop.recovery_rounds": 3}
   base.update(overrides)
   c = small_config()
-  c.model.hidden = (32,)
-  for k, v in base.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  c.update_from_flattened_dict(base)
   return c
 
 

@@ -105,12 +105,7 @@ def small_config(method, **overrides):
   c.model.name = "mlp"
   c.mia.enabled = False
   c.method = method
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 

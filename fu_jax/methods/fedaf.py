@@ -64,6 +64,7 @@ from fu_jax import ewc
 from fu_jax import fl
 from fu_jax import labels
 from fu_jax import losses
+from fu_jax import models
 from fu_jax import tree as tu
 from fu_jax.methods import base
 from fu_jax.methods import sga as sga_lib
@@ -116,9 +117,7 @@ def settings(config) -> dict:
 def per_example_model(model):
   """The same architecture with conv_impl='im2col' (same params and outputs), whose vmapped
   per-example gradients are batched matmuls instead of grouped convolutions."""
-  if getattr(model, "conv_impl", None) == "xla":
-    return model.clone(conv_impl="im2col")
-  return model
+  return models.with_conv_impl(model, "im2col")
 
 
 # ---------------------------------------------------------------------------------------
