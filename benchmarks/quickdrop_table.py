@@ -1,7 +1,7 @@
 """QuickDrop against Retrain: distillation overhead, unlearning quality and speed, sequences.
 
     PYTHONPATH=. python benchmarks/quickdrop_table.py [--datasets=digits,fmnist_iid,fmnist_dir]
-        [--workdir=/tmp/quickdrop_table] [--fmnist_rounds=20] [--fmnist_distill_every=1]
+        [--workdir=/tmp/quickdrop_table] [--fmnist_rounds=20] [--fmnist_distill_every=0]
         [--overhead_rounds=3] [--no_sequence] [--forget_class=0]
 
 1. Overhead: per training round, QuickDrop's distilling FedAvg round vs a plain FedAvg round
@@ -220,11 +220,11 @@ def main():
   p.add_argument("--workdir", default="/tmp/quickdrop_table")
   p.add_argument("--forget_class", type=int, default=0)
   p.add_argument("--fmnist_rounds", type=int, default=20)
-  p.add_argument("--fmnist_distill_every", type=int, default=1)
-  p.add_argument("--digits_distill_every", type=int, default=1)
+  p.add_argument("--fmnist_distill_every", type=int, default=0)
+  p.add_argument("--digits_distill_every", type=int, default=0)
   p.add_argument("--overhead_rounds", type=int, default=3)
-  p.add_argument("--digits_overhead_every", default="1,9",
-                 help="distill_every values timed on digits (9 = once per local epoch)")
+  p.add_argument("--digits_overhead_every", default="0,1",
+                 help="distill_every values timed on digits (0 = once per round, 1 = every step)")
   p.add_argument("--overhead_clients", type=int, default=2)
   p.add_argument("--no_overhead", action="store_true")
   p.add_argument("--no_sequence", action="store_true")

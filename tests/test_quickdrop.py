@@ -92,6 +92,23 @@ def test_distill_every_skips_image_steps_but_not_model_steps():
   assert not np.array_equal(jax.tree.leaves(s2.params)[0], jax.tree.leaves(s1.params)[0])
 
 
+def test_distill_every_zero_distills_on_the_first_step_only():
+  _, _, prog, state = _program(distill_every=0)
+  step = jax.jit(prog.step)
+  states, matches = [state], []
+  for i in range(3):
+    s, m = step(states[-1], _batch(), jax.random.key(i))
+    states.append(s)
+    matches.append(float(m["match_loss"]))
+  assert not np.array_equal(states[1].syn.x, states[0].syn.x)
+  np.testing.assert_array_equal(states[3].syn.x, states[1].syn.x)
+  assert matches[0] > 0 and matches[1:] == [0.0, 0.0]
+  # A new round re-initialises the local state (step 0): the first step distills again.
+  fresh = prog.init(states[3].params, (states[3].syn, states[3].syn_opt), jax.random.key(9))
+  again, m = step(fresh, _batch(), jax.random.key(5))
+  assert float(m["match_loss"]) > 0 and not np.array_equal(again.syn.x, fresh.syn.x)
+
+
 def test_synthetic_mode_steps_on_the_synthetic_set():
   model, params, prog, state = _program(model_update="synthetic")
   new, _ = jax.jit(prog.step)(state, _batch(), jax.random.key(0))
@@ -148,6 +165,7 @@ def loss_of_jax(model, batch):
     ("unlearn_epochs", 0, "quickdrop.unlearn_epochs"),
     ("recovery_rounds", -1, "quickdrop.recovery_rounds"),
     ("sequence", (1, 1), "quickdrop.sequence"),
+    ("distill_every", -1, "quickdrop.distill_every"),
 ])
 def test_settings_reject_bad_values(key, value, expect):
   c = small_config()

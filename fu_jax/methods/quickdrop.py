@@ -34,9 +34,14 @@ Choices the paper / official code leave open, and ours:
   for the target; we reuse the per-class gradients of the FL mini-batch itself (the
   paper's point: no extra real-data gradient). Classes absent from a batch are frozen.
 - Step granularity: the official code takes one image step per local epoch; we take one on
-  local steps 0, k, 2k, ... (k = distill_every, default 1 = every mini-batch). k trades
-  distillation for training time: on XLA:CPU one image step (second-order, K classes x m
-  images) costs 3-9 plain steps (benchmarks/quickdrop_table.py).
+  local steps 0, k, 2k, ... (k = distill_every; 1 = every mini-batch, the paper's "each
+  local step"), or with distill_every = 0 (the default) on each client's first local step
+  of a round only (= once per local epoch at local_epochs 1, the official schedule). k
+  trades distillation for training time: on XLA:CPU one image step (per-class real
+  gradients, then a second-order step over K classes x m images) costs ~9 plain steps on
+  Fashion-MNIST's CNN (per-class gradients 2.8, image step 6.3), so every-step distillation
+  cannot stay near the plain round's cost; once a round it adds ~1/steps-per-round of
+  that (benchmarks/quickdrop_table.py).
 - 'synthetic' mode: one model step on the masked-mean CE of the client's whole (updated)
   synthetic set per local step (the official code runs local_epoch epochs of batch 256 on
   it, i.e. the whole set per step when it is small). It needs a small lr and no momentum
@@ -137,8 +142,9 @@ def settings(config) -> dict:
   if s["unlearn_lr"] <= 0 or s["recovery_lr"] <= 0:
     raise ValueError(f"quickdrop.unlearn_lr={q.unlearn_lr!r} / recovery_lr="
                      f"{q.recovery_lr!r}: must be > 0 (recovery_lr 0 = fl.client_lr)")
-  if s["distill_every"] < 1:
-    raise ValueError(f"quickdrop.distill_every={q.distill_every!r}: must be >= 1")
+  if s["distill_every"] < 0:
+    raise ValueError(f"quickdrop.distill_every={q.distill_every!r}: must be >= 0 "
+                     "(0 = once per round, at the first local step)")
   if s["clip_norm"] < 0:
     raise ValueError(f"quickdrop.clip_norm={q.clip_norm!r}: must be >= 0 (0 = off)")
   for k in ("recovery_rounds", "finetune_rounds"):
@@ -181,12 +187,12 @@ def image_optimizer(s: dict) -> optax.GradientTransformation:
 
 def distill_program(model, num_classes: int, optimizer: optax.GradientTransformation,
                     image_opt: optax.GradientTransformation, *, model_update: str = "real",
-                    metric: str = "ours", grads: str = "per_example", distill_every: int = 1,
+                    metric: str = "ours", grads: str = "per_example", distill_every: int = 0,
                     image_range=None) -> fl.LocalProgram:
   """QuickDrop's local program: a model step per batch, with a synthetic-image step on it.
 
   extra (per client) = (SyntheticSet, image optimizer state). On a distilling mini-batch B
-  (local steps 0, k, 2k, ... of the round, k = distill_every):
+  (local steps 0, k, 2k, ... of the round, k = distill_every; k = 0: step 0 only):
     g_c   = per-class mean CE gradients of B at theta (computed once, distill.per_class_grads);
     S     <- image step on sum_{c in B} D(g_c, grad CE(S_c; theta))   (theta fixed),
              then clipped to image_range = (lo, hi) when given;
@@ -200,8 +206,8 @@ def distill_program(model, num_classes: int, optimizer: optax.GradientTransforma
   """
   if model_update not in MODEL_UPDATES:
     raise ValueError(f"model_update={model_update!r}: allowed {MODEL_UPDATES}")
-  if int(distill_every) < 1:
-    raise ValueError(f"distill_every={distill_every!r}: must be >= 1")
+  if int(distill_every) < 0:
+    raise ValueError(f"distill_every={distill_every!r}: must be >= 0 (0 = first step only)")
   fn = _distill_apply(model)
 
   def ce(p, x, y, mask):
@@ -248,8 +254,8 @@ def distill_program(model, num_classes: int, optimizer: optax.GradientTransforma
     if distill_every == 1:
       loss, g, syn, syn_opt, match = distilling(state, batch)
     else:
-      loss, g, syn, syn_opt, match = jax.lax.cond(state.step % distill_every == 0, distilling,
-                                            plain, state, batch)
+      due = (state.step == 0) if distill_every == 0 else (state.step % distill_every == 0)
+      loss, g, syn, syn_opt, match = jax.lax.cond(due, distilling, plain, state, batch)
     updates, opt_state = optimizer.update(g, state.opt_state, p)
     new = DistillState(optax.apply_updates(p, updates), opt_state, syn, syn_opt,
                        state.step + 1)
