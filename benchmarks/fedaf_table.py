@@ -17,8 +17,11 @@ Membership inference is off (not part of Table 2).
 Variants: retrain; fedaf (diagonal Fisher, debias labels); fedaf_sketch (CountSketch t=50);
 fedaf_r1 (fedaf + 1 recovery FedAvg round); fedaf_c (no EWC); sga (bounded ascent + 1
 recovery round); fedaf_uniform / fedaf_random / fedaf_teacher (label ablation; fedaf is the
-debias row). Every variant starts from the same trained model (one pretraining per dataset
-and seed, shared through a symlink). Finished runs are reused when rerun.
+debias row); fedaf_lr001 (the paper's MNIST lr 0.001); fedaf_lam300 / fedaf_lam1e3 /
+fedaf_lam1e4 (EWC strength 30x / 100x / 1000x the paper's, to see what the penalty can
+preserve; a variant that diverges is reported as such). Every variant
+starts from the same trained model (one pretraining per dataset and seed, shared through a
+symlink). Finished runs are reused when rerun.
 
 Printed per dataset: for each variant, mean +- std over seeds of test accuracy, backdoor
 accuracy after unlearning (bd_acc_before is the trained model's), unlearning seconds
@@ -66,6 +69,10 @@ VARIANTS = {
     "fedaf_uniform": ("fedaf", {"fedaf.label": "uniform"}),
     "fedaf_random": ("fedaf", {"fedaf.label": "random"}),
     "fedaf_teacher": ("fedaf", {"fedaf.label": "teacher"}),
+    "fedaf_lr001": ("fedaf", {"fedaf.lr": 0.001}),
+    "fedaf_lam1e3": ("fedaf", {"fedaf.lam": 1e3}),
+    "fedaf_lam1e4": ("fedaf", {"fedaf.lam": 1e4}),
+    "fedaf_lam300": ("fedaf", {"fedaf.lam": 300.0}),
 }
 # Config sections that only matter to the method that owns them (a finished retrain run
 # stays valid when, e.g., a FedAF default changes).
@@ -125,7 +132,11 @@ def run_variant(root: str, dataset: str, seed: int, variant: str) -> dict:
   if os.path.exists(out):
     shutil.rmtree(out)  # an unfinished or outdated run of this benchmark's own workdir
   t0 = time.perf_counter()
-  res = run_lib.run(cfg, wd)
+  try:
+    res = run_lib.run(cfg, wd)
+  except fl.DivergenceError as e:  # a diverged variant is a finding, reported as a row
+    print(f"  {dataset} seed {seed} {variant}: {e}", flush=True)
+    return {"diverged": str(e), "seed": seed}
   print(f"  {dataset} seed {seed} {variant}: {time.perf_counter() - t0:.0f} s wall",
         flush=True)
   return res
@@ -157,6 +168,11 @@ def table(dataset: str, runs: dict) -> str:
            f"{'variant':<15}{'test acc %':>14}{'gap to R':>10}{'bd after %':>13}"
            f"{'(R)':>8}{'unlearn s':>13}{'(R)':>10}{'speed-up':>11}{'rounds':>8}"]
   for name, rs in runs.items():
+    bad = [r for r in rs if "diverged" in r]
+    if bad:
+      lines.append(f"{name:<15}diverged (seeds {[r['seed'] for r in bad]}): "
+                   f"{bad[0]['diverged'].split(';')[0]}")
+      continue
     test = [r["test_acc"] for r in rs]
     gap = [t - rt for t, rt in zip(test, r_test)]
     sec = [r["unlearn_seconds"] for r in rs]

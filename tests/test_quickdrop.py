@@ -65,7 +65,7 @@ def _program(**kw):
 
 
 def test_real_mode_takes_the_plain_fedavg_step_and_moves_only_batch_classes():
-  model, params, prog, state = _program(model_update="real")
+  model, params, prog, state = _program(model_update="real", distill_every=1)
   batch = _batch()
   new, metrics = jax.jit(prog.step)(state, batch, jax.random.key(4))
   # Independent computation: one SGD step on the masked-mean CE of the batch.
@@ -78,35 +78,62 @@ def test_real_mode_takes_the_plain_fedavg_step_and_moves_only_batch_classes():
   moved = np.abs(np.asarray(new.syn.x - state.syn.x)).reshape(K, -1).max(1)
   assert (moved[:3] > 0).all() and moved[3] == 0.0  # class 3 is not in the batch
   assert float(metrics["match_loss"]) > 0
-  assert int(new.step) == 1
+
+
+def _local_steps(prog, state, n):
+  """n local steps as a runner takes them (fl.step_at picks the scheduled step)."""
+  states, matches = [state], []
+  for i in range(n):
+    s, m = jax.jit(fl.step_at(prog, i))(states[-1], _batch(), jax.random.key(i))
+    states.append(s)
+    matches.append(float(m["match_loss"]))
+  return states, matches
 
 
 def test_distill_every_skips_image_steps_but_not_model_steps():
   _, _, prog, state = _program(distill_every=2)
-  step = jax.jit(prog.step)
-  s1, m1 = step(state, _batch(), jax.random.key(0))
-  s2, m2 = step(s1, _batch(), jax.random.key(1))
-  assert not np.array_equal(s1.syn.x, state.syn.x)
+  (s0, s1, s2, s3), matches = _local_steps(prog, state, 3)
+  assert not np.array_equal(s1.syn.x, s0.syn.x)
   np.testing.assert_array_equal(s2.syn.x, s1.syn.x)  # step 1: no image step
-  assert float(m2["match_loss"]) == 0.0 < float(m1["match_loss"])
+  assert not np.array_equal(s3.syn.x, s2.syn.x)  # step 2 distills again
+  assert matches[1] == 0.0 < min(matches[0], matches[2])
   assert not np.array_equal(jax.tree.leaves(s2.params)[0], jax.tree.leaves(s1.params)[0])
 
 
 def test_distill_every_zero_distills_on_the_first_step_only():
   _, _, prog, state = _program(distill_every=0)
-  step = jax.jit(prog.step)
-  states, matches = [state], []
-  for i in range(3):
-    s, m = step(states[-1], _batch(), jax.random.key(i))
-    states.append(s)
-    matches.append(float(m["match_loss"]))
+  states, matches = _local_steps(prog, state, 3)
   assert not np.array_equal(states[1].syn.x, states[0].syn.x)
   np.testing.assert_array_equal(states[3].syn.x, states[1].syn.x)
   assert matches[0] > 0 and matches[1:] == [0.0, 0.0]
-  # A new round re-initialises the local state (step 0): the first step distills again.
-  fresh = prog.init(states[3].params, (states[3].syn, states[3].syn_opt), jax.random.key(9))
-  again, m = step(fresh, _batch(), jax.random.key(5))
-  assert float(m["match_loss"]) > 0 and not np.array_equal(again.syn.x, fresh.syn.x)
+
+
+@pytest.mark.parametrize("kind", ["loop", "vmap"])
+def test_runner_takes_the_scheduled_distilling_step_on_each_client_s_first_step(kind):
+  # Through the runner: 2 clients x 3 batches, one local epoch; distill_every=0 moves the
+  # images once per client (as stepping by hand does), and the model as plain FedAvg does.
+  model, params, prog, _ = _program(distill_every=0)
+  img = distill.default_image_optimizer()
+  n, per = 2, 12
+  x = jax.random.normal(jax.random.key(7), (n, per, 3, 3, 1))
+  y = jnp.tile(jnp.arange(per, dtype=jnp.int32) % 3, (n, 1))
+  valid = jnp.ones((n, per), bool)
+  syn = jax.tree.map(lambda a: jnp.stack([a] * n), _syn())
+  extra = (syn, jax.vmap(img.init)(syn.x))
+  keys = jax.random.split(jax.random.key(8), n)
+  res = fl.ClientRunner(prog, kind=kind, epochs=1, batch_size=4).run(params, (x, y), valid,
+                                                                      extra, keys)
+  plain = fl.ClientRunner(fl.sgd_program(model.apply, optax.sgd(0.1)), kind="loop", epochs=1,
+                          batch_size=4)
+  want = plain.run(params, (x, y), valid, None, keys)
+  for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(want.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for c in range(n):
+    order = fl.epoch_order(jax.random.fold_in(keys[c], 0), valid[c])
+    first = fl.take_batch((x[c], y[c]), valid[c], order, 0, 4)
+    by_hand, _ = prog.scheduled_step(prog.init(params, jax.tree.map(lambda a: a[c], extra), None),
+                                     first, None)
+    np.testing.assert_allclose(res.state.syn.x[c], by_hand.syn.x, rtol=1e-5, atol=1e-6)
 
 
 def test_synthetic_mode_steps_on_the_synthetic_set():
