@@ -68,10 +68,10 @@ class LocalProgram(NamedTuple):
 
   Optionally a second step taken on a static schedule (both or neither given): on local
   step i (= epoch * steps_per_epoch + s, a Python int) the runners call `scheduled_step`
-  where schedule(i) is True. Its state and metrics must have the same structure as `step`'s. The choice is
-  made on the host, not by lax.cond: XLA:CPU runs a conv network's gradient ~19x slower
-  inside a conditional branch (measured, CNN batch 64), so a costly occasional step (e.g.
-  QuickDrop's distillation) would make every step slow.
+  where schedule(i) is True; its state and metrics have the same structure as `step`'s.
+  The choice is made on the host, not by lax.cond: XLA:CPU runs a conv network's gradient
+  ~19x slower inside a conditional branch (measured, CNN batch 64), so a costly occasional
+  step (e.g. QuickDrop's distillation) under lax.cond would make every step slow.
   """
   init: Callable
   step: Callable

@@ -40,8 +40,8 @@ Choices the paper / official code leave open, and ours:
   trades distillation for training time: on XLA:CPU one image step (per-class real
   gradients, then a second-order step over K classes x m images) costs ~9 plain steps on
   Fashion-MNIST's CNN (per-class gradients 2.8, image step 6.3), so every-step distillation
-  cannot stay near the plain round's cost; once a round it adds ~1/steps-per-round of
-  that (benchmarks/quickdrop_table.py).
+  cannot stay near the plain round's cost (4.2x a FedAvg round on digits); once a round it
+  adds ~9/steps-per-round: 1.11x on Fashion-MNIST (94 steps; benchmarks/quickdrop_table.py).
 - 'synthetic' mode: one model step on the masked-mean CE of the client's whole (updated)
   synthetic set per local step (the official code runs local_epoch epochs of batch 256 on
   it, i.e. the whole set per step when it is small). It needs a small lr and no momentum
