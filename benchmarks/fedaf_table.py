@@ -19,9 +19,9 @@ fedaf_r1 (fedaf + 1 recovery FedAvg round); fedaf_c (no EWC); sga (bounded ascen
 recovery round); fedaf_uniform / fedaf_random / fedaf_teacher (label ablation; fedaf is the
 debias row); fedaf_lr001 (the paper's MNIST lr 0.001); fedaf_lam300 / fedaf_lam1e3 /
 fedaf_lam1e4 (EWC strength 30x / 100x / 1000x the paper's, to see what the penalty can
-preserve; a variant that diverges is reported as such). Every variant
-starts from the same trained model (one pretraining per dataset and seed, shared through a
-symlink). Finished runs are reused when rerun.
+preserve; a variant that diverges is reported as such). Every variant starts from the
+same trained model (one pretraining per dataset and seed, shared through a symlink).
+Finished runs are reused when rerun.
 
 Printed per dataset: for each variant, mean +- std over seeds of test accuracy, backdoor
 accuracy after unlearning (bd_acc_before is the trained model's), unlearning seconds
@@ -70,9 +70,9 @@ VARIANTS = {
     "fedaf_random": ("fedaf", {"fedaf.label": "random"}),
     "fedaf_teacher": ("fedaf", {"fedaf.label": "teacher"}),
     "fedaf_lr001": ("fedaf", {"fedaf.lr": 0.001}),
+    "fedaf_lam300": ("fedaf", {"fedaf.lam": 300.0}),
     "fedaf_lam1e3": ("fedaf", {"fedaf.lam": 1e3}),
     "fedaf_lam1e4": ("fedaf", {"fedaf.lam": 1e4}),
-    "fedaf_lam300": ("fedaf", {"fedaf.lam": 300.0}),
 }
 # Config sections that only matter to the method that owns them (a finished retrain run
 # stays valid when, e.g., a FedAF default changes).

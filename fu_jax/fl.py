@@ -186,6 +186,9 @@ class ClientRunner:
       raise ValueError(f"runner {kind!r} is not one of {RUNNERS}")
     if epochs < 1 or batch_size < 1:
       raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    if (program.scheduled_step is None) != (program.schedule is None):
+      raise ValueError("LocalProgram.scheduled_step and .schedule go together: got only "
+                       f"{'schedule' if program.scheduled_step is None else 'scheduled_step'}")
     self.program, self.kind, self.epochs, self.batch_size = program, kind, epochs, batch_size
     self.chunk_size = chunk_size
     def compile_step(step_fn):

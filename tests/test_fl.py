@@ -145,3 +145,11 @@ def test_same_seed_identical_different_seed_different():
 def test_divergence_is_detected():
   with pytest.raises(fl.DivergenceError, match="NaN"):
     fl.check_finite({"w": jnp.array([1.0, jnp.nan])}, "round 3")
+
+
+def test_runner_rejects_a_scheduled_step_without_its_schedule():
+  prog = fl.sgd_program(lambda v, x: x, optax.sgd(0.1))
+  with pytest.raises(ValueError, match="got only scheduled_step"):
+    fl.ClientRunner(prog._replace(scheduled_step=prog.step), kind="loop", epochs=1, batch_size=2)
+  with pytest.raises(ValueError, match="got only schedule"):
+    fl.ClientRunner(prog._replace(schedule=lambda i: True), kind="loop", epochs=1, batch_size=2)

@@ -114,12 +114,6 @@ def settings(config) -> dict:
   return out
 
 
-def per_example_model(model):
-  """The same architecture with conv_impl='im2col' (same params and outputs), whose vmapped
-  per-example gradients are batched matmuls instead of grouped convolutions."""
-  return models.with_conv_impl(model, "im2col")
-
-
 # ---------------------------------------------------------------------------------------
 # Memory generator.
 
@@ -235,7 +229,8 @@ def _uniform(key, n):
 def client_fisher(task: base.Task, env: base.Env, s: dict, params, clients, y_old):
   """Per-target-client EWC curvature at theta* = params, stacked on a leading [T] axis:
   the diagonal Fisher (pytree like params) or (S J, n). Returns (curvature, examples)."""
-  model = per_example_model(task.model)
+  # im2col: vmapped per-example conv gradients become batched matmuls, not grouped convs.
+  model = models.with_conv_impl(task.model, "im2col")
   loss_fn = ewc.example_ce_loss(model.apply)
   program = fisher_program(loss_fn, s["fisher"], s["sketch_width"])
   valid = fisher_mask(task, s, clients)
