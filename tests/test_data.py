@@ -369,8 +369,8 @@ def test_idx_missing_directory(tmp_path):
     data.load_dataset(f'idx:{missing}')
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason='dataset-fashion-mnist not installed')
 def test_idx_real_fashion_mnist():
+  # Debian's dataset-fashion-mnist, installed by the README's test command (.ci/run).
   ds = data.load_dataset(f'idx:{FASHION_DIR}')
   assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_test.shape == (10000, 28, 28, 1)
   assert ds.num_classes == 10
