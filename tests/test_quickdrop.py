@@ -3,6 +3,7 @@ import glob
 import math
 import os
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +180,39 @@ def test_normalized_sga_moves_by_exactly_lr_and_ascends():
     g = jax.grad(loss_of_jax(model, batch))(params)
     gnorm = np.sqrt(sum(float(np.sum(x ** 2)) for x in jax.tree.leaves(g)))
     assert step == pytest.approx(lr if normalize else lr * gnorm, rel=1e-4)
+
+
+def test_synthetic_phases_clamp_the_batch_without_changing_the_step():
+  """A phase over tiny synthetic sets runs with the batch clamped to the largest client's
+  count (multiple of 8); each client still takes one step over all its images, so the
+  clients' models equal those of the configured batch."""
+  model, params = _tiny()
+  cfg = small_config()
+  cfg.fl.batch_size = 64
+  task = types.SimpleNamespace(apply_fn=model.apply, config=cfg)
+  env = types.SimpleNamespace(runner=lambda p, e, b: fl.ClientRunner(
+      p, kind="loop", epochs=e, batch_size=b))
+  phases = qd._SynPhases(task, env, qd.settings(cfg))  # pylint: disable=protected-access
+  assert phases.runner(True, 6).batch_size == 8
+  assert phases.runner(False, 13).batch_size == 16
+  assert phases.runner(False, 100).batch_size == 64
+  assert phases.runner(True, 5) is phases.runner(True, 8)  # built once per batch size
+  n, m = 3, 24  # 3 clients, 24 slots each, 5-7 valid images scattered among them
+  x = jax.random.normal(jax.random.key(5), (n, m, 3, 3, 1))
+  y = jax.random.randint(jax.random.key(6), (n, m), 0, K)
+  valid = np.zeros((n, m), bool)
+  for c, rows in enumerate(([0, 5, 9, 17, 23], [1, 2, 3, 12, 13, 20], [4, 6, 8, 10, 14, 16, 22])):
+    valid[c, rows] = True
+  keys = jax.random.split(jax.random.key(7), n)
+  for sga in (True, False):
+    full = env.runner(phases._programs[sga][0], 1, 64)  # pylint: disable=protected-access
+    want = full.run(params, (x, y), jnp.asarray(valid), None, keys).params
+    got = phases.runner(sga, 7).run(params, (x, y), jnp.asarray(valid), None, keys).params
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(got), jax.tree.leaves(params)))
+    assert moved > 1e-4  # the clients did step
 
 
 def loss_of_jax(model, batch):
