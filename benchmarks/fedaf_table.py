@@ -19,7 +19,10 @@ fedaf_r1 (fedaf + 1 recovery FedAvg round); fedaf_c (no EWC); sga (bounded ascen
 recovery round); fedaf_uniform / fedaf_random / fedaf_teacher (label ablation; fedaf is the
 debias row); fedaf_lr001 (the paper's MNIST lr 0.001); fedaf_lam300 / fedaf_lam1e3 /
 fedaf_lam1e4 (EWC strength 30x / 100x / 1000x the paper's, to see what the penalty can
-preserve; a variant that diverges is reported as such). Every variant starts from the
+preserve; a variant that diverges is reported as such); fedaf_stop / fedaf_stop5 /
+fedaf_stop8 (fedaf.max_old_loss = log K / 5 / 8 nats: a client stops once a batch's loss on
+the labels to forget exceeds it, bounding the unbounded -CE(y_old) term as SGA's bound
+does); fedaf_tw05 (that term at half weight). Every variant starts from the
 same trained model (one pretraining per dataset and seed, shared through a symlink).
 Finished runs are reused when rerun.
 
@@ -73,6 +76,10 @@ VARIANTS = {
     "fedaf_lam300": ("fedaf", {"fedaf.lam": 300.0}),
     "fedaf_lam1e3": ("fedaf", {"fedaf.lam": 1e3}),
     "fedaf_lam1e4": ("fedaf", {"fedaf.lam": 1e4}),
+    "fedaf_stop": ("fedaf", {"fedaf.max_old_loss": 0.0}),
+    "fedaf_stop5": ("fedaf", {"fedaf.max_old_loss": 5.0}),
+    "fedaf_stop8": ("fedaf", {"fedaf.max_old_loss": 8.0}),
+    "fedaf_tw05": ("fedaf", {"fedaf.true_weight": 0.5}),
 }
 # Config sections that only matter to the method that owns them (a finished retrain run
 # stays valid when, e.g., a FedAF default changes).
