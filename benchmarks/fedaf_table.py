@@ -22,7 +22,8 @@ fedaf_lam1e4 (EWC strength 30x / 100x / 1000x the paper's, to see what the penal
 preserve; a variant that diverges is reported as such); fedaf_stop / fedaf_stop5 /
 fedaf_stop8 (fedaf.max_old_loss = log K / 5 / 8 nats: a client stops once a batch's loss on
 the labels to forget exceeds it, bounding the unbounded -CE(y_old) term as SGA's bound
-does); fedaf_tw05 (that term at half weight). Every variant starts from the
+does); fedaf_tw05 (that term at half weight); fedaf_lam300_stop8 / fedaf_lam1e3_stop8
+(both: a stronger penalty with the bound). Every variant starts from the
 same trained model (one pretraining per dataset and seed, shared through a symlink).
 Finished runs are reused when rerun.
 
@@ -80,6 +81,8 @@ VARIANTS = {
     "fedaf_stop5": ("fedaf", {"fedaf.max_old_loss": 5.0}),
     "fedaf_stop8": ("fedaf", {"fedaf.max_old_loss": 8.0}),
     "fedaf_tw05": ("fedaf", {"fedaf.true_weight": 0.5}),
+    "fedaf_lam300_stop8": ("fedaf", {"fedaf.lam": 300.0, "fedaf.max_old_loss": 8.0}),
+    "fedaf_lam1e3_stop8": ("fedaf", {"fedaf.lam": 1e3, "fedaf.max_old_loss": 8.0}),
 }
 # Config sections that only matter to the method that owns them (a finished retrain run
 # stays valid when, e.g., a FedAF default changes).
