@@ -10,18 +10,21 @@ QuickDrop (Dhasade et al. 2023, arXiv:2311.15603) runs this inside federated tra
 client reuses the per-class gradients of its real batch (which the FL step needs anyway) as
 the matching target, and takes one step on its synthetic images per local step.
 
-Layout of a client's synthetic set (`SyntheticSet`): per class, padded to a static capacity m,
+Layout of a client's synthetic set (`SyntheticSet`): C chunks of b slots, each chunk holding
+images of one class (a class with more than b images spans several chunks):
 
-    x     float32 [K, m, H, W, C]   x[c, j] is the j-th synthetic image of class c
-    y     int32   [K, m]            y[c, j] = c (also on padding)
-    valid bool    [K, m]            j < size_c; padding slots are zeros and never change
+    x     float32 [C, b, H, W, Ch]   x[j, s] is slot s of chunk j
+    y     int32   [C, b]             the chunk's class on every slot (0 in an empty chunk)
+    valid bool    [C, b]             a real image; padding slots are zeros and never change
 
-With the class axis first, the per-class step maps over axis 0 (vmap, or an unrolled loop
-where that is faster), the data of one class (QuickDrop's unlearning of class c) is
-`syn.x[c]`, and a set of clients is the same pytree with one more leading axis. `flatten`
-gives the [K*m, ...] view for training a model on the synthetic set. m must be the same for
-all clients that are stacked (vmap needs static shapes): compute it host-side with
-`synthetic_capacity`.
+A set of clients is the same pytree with one more leading axis; C and b are static and shared
+by the clients that are stacked (vmap needs static shapes): compute them host-side with
+`synthetic_layout`. Chunks instead of one row per class because class sizes are skewed: on
+Dirichlet(0.1) Fashion-MNIST one client holds 60 synthetic images of a class and 1 of
+others, and a [K, max size] array would make every image step work on 600 slots for ~70
+images. Chunk size b = max size (one chunk per present class) is the plain per-class layout.
+`flatten` gives the [C*b, ...] view for training a model on the synthetic set;
+`class_masks` selects the images of given classes.
 
 A QuickDrop client step ("reuse" mode), all at the same params theta:
 
@@ -53,10 +56,10 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, x [B, ...]) -> logit
 
 
 class SyntheticSet(NamedTuple):
-  """One client's synthetic images, per class, padded to a static capacity m (see module doc)."""
-  x: Any      # float32 [K, m, H, W, C]
-  y: Any      # int32   [K, m]
-  valid: Any  # bool    [K, m]
+  """One client's synthetic images in C one-class chunks of b slots (see module doc)."""
+  x: Any      # float32 [C, b, H, W, Ch]
+  y: Any      # int32   [C, b]
+  valid: Any  # bool    [C, b]
 
 
 # --------------------------------------------------------------------------- matching distance
@@ -250,75 +253,131 @@ def synthetic_sizes(counts_per_class, scale: float = 0.01,
   return sizes.astype(np.int32)
 
 
-def synthetic_capacity(counts_per_class, scale: float = 0.01,
-                       images_per_class: Optional[int] = None) -> int:
-  """Static slot count m = max synthetic size over all classes (and clients), at least 1."""
-  sizes = synthetic_sizes(counts_per_class, scale, images_per_class)
-  return max(1, int(sizes.max(initial=0)))
+# A chunk costs like this many extra images in the image step (its VJP and second-order pass
+# have a fixed per-op cost): 3.4 measured for Fashion-MNIST's CNN on CPU (chunks of 7-60
+# images). Only steers the automatic chunk size.
+CHUNK_OVERHEAD_IMAGES = 4
+
+
+def chunks_needed(sizes, chunk_size: int) -> np.ndarray:
+  """int [...]: sum_c ceil(size_c / b) over the last axis: chunks a client's set occupies."""
+  sizes = np.asarray(sizes, np.int64)
+  return (-(-sizes // int(chunk_size))).sum(axis=-1)
+
+
+def synthetic_layout(sizes, chunk_size: Optional[int] = None) -> tuple[int, int]:
+  """Host-side static layout (chunk size b, number of chunks C) for sizes [..., K].
+
+  C = the largest number of chunks any client needs, so the sets of all clients stack.
+  chunk_size None picks b in 1..max size minimising the image-step work summed over clients,
+  each cut to the chunks it uses, sum_k chunks_k(b) * (b + CHUNK_OVERHEAD_IMAGES): large
+  chunks waste slots on small classes, small ones pay the per-chunk cost on large classes.
+  On balanced sizes that is b = max size, one chunk per class. Both are at least 1 (an empty
+  set still has one all-padding chunk).
+  """
+  sizes = np.asarray(sizes, np.int64)
+  largest = max(1, int(sizes.max(initial=0)))
+  if chunk_size is None:
+    cost = lambda b: int(chunks_needed(sizes, b).sum()) * (b + CHUNK_OVERHEAD_IMAGES)
+    chunk_size = min(range(1, largest + 1), key=lambda b: (cost(b), -b))
+  if int(chunk_size) != chunk_size or chunk_size < 1:
+    raise ValueError(f'chunk_size={chunk_size!r}; allowed: an integer >= 1 or None (automatic)')
+  chunk_size = int(chunk_size)
+  return chunk_size, max(1, int(chunks_needed(sizes, chunk_size).max(initial=0)))
 
 
 def init_synthetic(x, y, valid, num_classes: int, *, key, scale: float = 0.01,
-                   images_per_class: Optional[int] = None, capacity: Optional[int] = None,
-                   sizes=None) -> SyntheticSet:
+                   images_per_class: Optional[int] = None, chunk_size: Optional[int] = None,
+                   num_chunks: Optional[int] = None, sizes=None) -> SyntheticSet:
   """One client's synthetic set, initialised from distinct random real images of each class.
 
-  Sizes per class come from `synthetic_sizes` (computed host-side from the data), unless
-  `sizes` is given. To build the sets of several clients under `vmap`/`jit`, compute sizes
-  [clients, K] and capacity host-side and pass them in: then the function is pure jnp.
+  Class c gets ceil(size_c / b) consecutive chunks (classes in increasing order, absent
+  classes none), filled with distinct random real images of class c; the chunks after the
+  last used one are padding. Sizes per class come from `synthetic_sizes` (computed
+  host-side from the data), unless `sizes` is given. To build the sets of several clients
+  under `vmap`/`jit`, compute sizes [clients, K] and `synthetic_layout(sizes)` host-side and
+  pass sizes, chunk_size and num_chunks in: then the function is pure jnp.
 
   Args:
-    x: [n, H, W, C] real images (padded rows allowed). y: int [n]. valid: bool [n].
+    x: [n, H, W, Ch] real images (padded rows allowed). y: int [n]. valid: bool [n].
     num_classes: K.
     key: PRNG key.
     scale, images_per_class: see `synthetic_sizes` (ignored when `sizes` is given).
-    capacity: static slot count m; default max(sizes) (needs concrete data). Must be >= the
-      largest size.
+    chunk_size: static b; default `synthetic_layout`'s choice (needs concrete sizes).
+    num_chunks: static C, at least sum_c ceil(size_c / b); default exactly that (needs
+      concrete sizes).
     sizes: optional int [K] synthetic sizes (may be traced); each must be <= n_c.
 
   Returns:
-    SyntheticSet with x [K, m, H, W, C] (zeros on padding), y [K, m] = c, valid [K, m].
+    SyntheticSet with x [C, b, H, W, Ch] (zeros on padding), y [C, b], valid [C, b].
   """
   if sizes is None:
     y_np, valid_np = np.asarray(y), np.asarray(valid, bool)
     counts = np.bincount(y_np[valid_np], minlength=num_classes)[:num_classes]
     sizes = synthetic_sizes(counts, scale, images_per_class)
-  if capacity is None:
-    capacity = max(1, int(np.max(np.asarray(sizes), initial=0)))
-  if int(capacity) < 1:
-    raise ValueError(f'capacity={capacity}; allowed: an integer >= 1')
-  return _sample_per_class(jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid, bool),
-                           jnp.asarray(sizes, jnp.int32), key, num_classes=int(num_classes),
-                           capacity=int(capacity))
+  try:
+    concrete = np.asarray(sizes)
+  except jax.errors.TracerArrayConversionError:
+    concrete = None  # under jit/vmap: the caller computed the layout host-side
+  if concrete is None and (chunk_size is None or num_chunks is None):
+    raise ValueError('init_synthetic with traced sizes (under jit/vmap) needs chunk_size and '
+                     'num_chunks: compute them host-side with synthetic_layout')
+  if concrete is not None:
+    chunk_size, needed = synthetic_layout(concrete, chunk_size)
+    if num_chunks is None:
+      num_chunks = needed
+    elif needed > num_chunks:
+      raise ValueError(f'num_chunks={num_chunks} < {needed}, the chunks of {chunk_size} images '
+                       f'these sizes need ({concrete.tolist()})')
+  if int(chunk_size) < 1 or int(num_chunks) < 1:
+    raise ValueError(f'chunk_size={chunk_size}, num_chunks={num_chunks}; allowed: integers >= 1')
+  return _sample_chunks(jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid, bool),
+                        jnp.asarray(sizes, jnp.int32), key, num_classes=int(num_classes),
+                        chunk_size=int(chunk_size), num_chunks=int(num_chunks))
 
 
-@functools.partial(jax.jit, static_argnames=('num_classes', 'capacity'))
-def _sample_per_class(x, y, valid, sizes, key, *, num_classes, capacity):
+@functools.partial(jax.jit, static_argnames=('num_classes', 'chunk_size', 'num_chunks'))
+def _sample_chunks(x, y, valid, sizes, key, *, num_classes, chunk_size, num_chunks):
   n = x.shape[0]
-  take = min(capacity, n)
+  take = min(chunk_size * num_chunks, n)  # no class can have more images than that
 
-  def one_class(c, u):
+  def picks(c, u):
     # Random priorities, -1 outside the class: the top `take` are distinct in-class examples
     # in random order (the first size_c of them are real because size_c <= n_c).
-    score = jnp.where(valid & (y == c), u, -1.0)
-    _, idx = jax.lax.top_k(score, take)
-    slot_ok = jnp.arange(capacity) < sizes[c]
-    idx = jnp.pad(idx, (0, capacity - take))
-    imgs = jnp.where(slot_ok.reshape((-1,) + (1,) * (x.ndim - 1)), x[idx], 0.0)
-    return imgs.astype(jnp.float32), slot_ok
+    return jax.lax.top_k(jnp.where(valid & (y == c), u, -1.0), take)[1]
 
-  classes = jnp.arange(num_classes)
-  xs, ok = jax.vmap(one_class)(classes, jax.random.uniform(key, (num_classes, n)))
-  ys = jnp.broadcast_to(classes[:, None], (num_classes, capacity)).astype(jnp.int32)
-  return SyntheticSet(x=xs, y=ys, valid=ok)
+  pick = jax.vmap(picks)(jnp.arange(num_classes), jax.random.uniform(key, (num_classes, n)))
+  per_class = (sizes + chunk_size - 1) // chunk_size        # chunks of each class
+  end = jnp.cumsum(per_class)
+  j = jnp.arange(num_chunks)
+  used = j < end[-1]
+  cls = jnp.where(used, jnp.minimum(jnp.searchsorted(end, j, side='right'), num_classes - 1), 0)
+  slot = (j - (end - per_class)[cls])[:, None] * chunk_size + jnp.arange(chunk_size)  # [C, b]
+  ok = used[:, None] & (slot < sizes[cls][:, None])
+  idx = pick[cls[:, None], jnp.minimum(slot, take - 1)]
+  imgs = jnp.where(ok.reshape(ok.shape + (1,) * (x.ndim - 1)), x[idx], 0.0)
+  ys = jnp.broadcast_to(cls[:, None], ok.shape).astype(jnp.int32)
+  return SyntheticSet(x=imgs.astype(jnp.float32), y=ys, valid=ok)
 
 
 def flatten(syn: SyntheticSet):
-  """(x [K*m, ...], y [K*m], valid [K*m]) for training a model on the synthetic set."""
-  k, m = syn.y.shape[-2:]
+  """(x [C*b, ...], y [C*b], valid [C*b]) for training a model on the synthetic set."""
+  c, b = syn.y.shape[-2:]
   lead = syn.y.shape[:-2]
-  return (syn.x.reshape(lead + (k * m,) + syn.x.shape[len(lead) + 2:]),
-          syn.y.reshape(lead + (k * m,)),
-          syn.valid.reshape(lead + (k * m,)))
+  return (syn.x.reshape(lead + (c * b,) + syn.x.shape[len(lead) + 2:]),
+          syn.y.reshape(lead + (c * b,)),
+          syn.valid.reshape(lead + (c * b,)))
+
+
+def class_masks(syn: SyntheticSet, classes):
+  """bool like syn.valid: the synthetic images of `classes`."""
+  return syn.valid & jnp.isin(syn.y, jnp.asarray(classes, jnp.int32))
+
+
+def images_by_class(syn: SyntheticSet, num_classes: int) -> list:
+  """Host-side [(x [n_c, H, W, Ch]) for c in range(K)]: each class's images, for inspection."""
+  x, y, valid = (np.asarray(a) for a in syn)
+  return [x[valid & (y == c)] for c in range(num_classes)]
 
 
 # --------------------------------------------------------------------------- synthetic update
@@ -329,29 +388,45 @@ def default_image_optimizer(learning_rate: float = 0.1, momentum: float = 0.5):
   return optax.sgd(learning_rate, momentum=momentum)
 
 
-def class_match_losses(apply_fn: ApplyFn, params, syn_x, syn_valid, g_real_per_class, *,
-                       metric: str = 'ours', vectorize: str = 'auto'):
-  """float32 [K]: match_loss(g_real_c, grad_theta masked-mean CE(syn images of c)), per class.
+def chunk_grads(apply_fn: ApplyFn, params, syn_x, syn_y, syn_valid, *, vectorize: str = 'auto'):
+  """Pytree like params with a leading axis C: grad_theta of the summed CE of each chunk's
+  valid images, sum_{s valid} CE(f(x[j, s]; theta), y[j, s]). Differentiable in syn_x.
 
-  Differentiable in syn_x (second order: the gradient of a gradient).
-
-  vectorize: 'vmap' over classes; 'unroll' (a Python loop over the K classes inside the trace:
-    K times the graph and ~2-3x the compile time, but for a small CNN on CPU ~7x faster per
-    step than vmap); 'auto': unroll for models with conv kernels on CPU, else vmap.
+  vectorize: 'vmap' over chunks; 'unroll' (a Python loop over the C chunks inside the trace:
+    C times the graph and ~2-3x the compile time, but for a small CNN on CPU ~7x faster per
+    step than vmap, whose weight gradients become grouped convolutions); 'auto': unroll for
+    models with conv kernels on CPU, else vmap.
   """
   vectorize = _resolve_vectorize(vectorize, params)
-  num_classes = syn_x.shape[0]
 
-  def one_class(xc, vc, c, g_real_c):
-    labels = jnp.full((xc.shape[0],), c, jnp.int32)
-    g_syn_c = jax.grad(lambda p: losses.masked_ce(apply_fn(p, xc), labels, vc))(params)
-    return match_loss(g_real_c, g_syn_c, metric=metric)
+  def one_chunk(xj, yj, vj):
+    summed = lambda p: jnp.sum(jnp.where(vj, losses.cross_entropy(apply_fn(p, xj), yj), 0.0))
+    return jax.grad(summed)(params)
 
   if vectorize == 'vmap':
-    return jax.vmap(one_class)(syn_x, syn_valid, jnp.arange(num_classes), g_real_per_class)
-  return jnp.stack([
-      one_class(syn_x[c], syn_valid[c], c, jax.tree.map(lambda g, c=c: g[c], g_real_per_class))
-      for c in range(num_classes)])
+    return jax.vmap(one_chunk)(syn_x, syn_y, syn_valid)
+  grads = [one_chunk(syn_x[j], syn_y[j], syn_valid[j]) for j in range(syn_x.shape[0])]
+  return jax.tree.map(lambda *a: jnp.stack(a), *grads)
+
+
+def class_match_losses(apply_fn: ApplyFn, params, syn: SyntheticSet, g_real_per_class, *,
+                       metric: str = 'ours', vectorize: str = 'auto'):
+  """float32 [K]: match_loss(g_real_c, g_syn_c) per class, K = g_real_per_class's leading axis.
+
+    g_syn_c = grad_theta (1 / n_c) sum_{i in S, y_i = c} CE(f(s_i; theta), c)
+            = sum_{chunks j of class c} G_j / n_c,    G_j = `chunk_grads` (a summed CE),
+
+  i.e. the masked-mean CE gradient of class c's synthetic images; 0 for a class without
+  images. Differentiable in syn.x (second order: the gradient of a gradient). vectorize:
+  how the chunks are batched, see `chunk_grads`.
+  """
+  num_classes = jax.tree.leaves(g_real_per_class)[0].shape[0]
+  g_chunks = chunk_grads(apply_fn, params, syn.x, syn.y, syn.valid, vectorize=vectorize)
+  counts = jnp.sum(syn.valid, axis=1).astype(jnp.float32)                       # [C]
+  member = jax.nn.one_hot(syn.y[:, 0], num_classes, dtype=jnp.float32) * (counts > 0)[:, None]
+  weights = member / jnp.maximum(member.T @ counts, 1.0)                        # [C, K]
+  g_syn = jax.tree.map(lambda g: jnp.tensordot(weights.T, g, axes=1), g_chunks)
+  return jax.vmap(functools.partial(match_loss, metric=metric))(g_real_per_class, g_syn)
 
 
 def nonzero_classes(per_class):
@@ -373,7 +448,7 @@ def synthetic_update(apply_fn: ApplyFn, params, syn: SyntheticSet, g_real_per_cl
     L(S) = sum_{c active} D(g_real_c, grad_theta CE(S_c; theta)),   S <- optimizer step on dL/dS
 
   with `params` fixed. A class is active iff it has real examples in the batch and at least one
-  synthetic image. Inactive classes are frozen: their images do not change and the rows of
+  synthetic image. Inactive classes are frozen: their images do not change and the chunks of
   any optimizer-state leaf shaped like syn.x (e.g. momentum) keep their old values, so a class
   missing from this batch is not moved by stale momentum either.
 
@@ -388,7 +463,7 @@ def synthetic_update(apply_fn: ApplyFn, params, syn: SyntheticSet, g_real_per_cl
     metric: see `match_loss`.
     real_counts: int [K] real examples per class behind g_real_per_class; default: a class
       counts as present iff its real gradient is nonzero (`nonzero_classes`).
-    vectorize: how the classes are batched, see `class_match_losses`.
+    vectorize: how the chunks are batched, see `chunk_grads`.
 
   Returns:
     (new syn, new opt_state, loss): loss = sum over active classes of the match loss, before
@@ -398,21 +473,23 @@ def synthetic_update(apply_fn: ApplyFn, params, syn: SyntheticSet, g_real_per_cl
     raise ValueError(f'metric={metric!r}; allowed: {METRICS}')
   if optimizer is None:
     optimizer = default_image_optimizer()
-  num_classes = syn.x.shape[0]
+  num_classes = jax.tree.leaves(g_real_per_class)[0].shape[0]
   if real_counts is None:
     has_real = nonzero_classes(g_real_per_class)
   else:
     has_real = jnp.asarray(real_counts) > 0
-  active = has_real & jnp.any(syn.valid, axis=1)
+  has_images = jnp.zeros(num_classes, bool).at[syn.y[:, 0]].max(jnp.any(syn.valid, axis=1))
+  active = has_real & has_images
 
   def total_loss(sx):
-    per_class = class_match_losses(apply_fn, params, sx, syn.valid, g_real_per_class,
+    per_class = class_match_losses(apply_fn, params, syn._replace(x=sx), g_real_per_class,
                                    metric=metric, vectorize=vectorize)
     return jnp.sum(jnp.where(active, per_class, 0.0))
 
   loss, gx = jax.value_and_grad(total_loss)(syn.x)
   updates, new_state = optimizer.update(gx, opt_state, syn.x)
-  row = active.reshape((num_classes,) + (1,) * (syn.x.ndim - 1))
+  chunk_active = active[syn.y[:, 0]] & jnp.any(syn.valid, axis=1)
+  row = chunk_active.reshape((-1,) + (1,) * (syn.x.ndim - 1))
   # Padding slots get zero gradient (masked mean), but freeze them explicitly so no optimizer
   # (weight decay, adam eps) can move them away from zero.
   keep = row & syn.valid.reshape(syn.valid.shape + (1,) * (syn.x.ndim - 2))

@@ -206,8 +206,6 @@ def test_synthetic_sizes():
                                 [0, 1, 5, 5, 5, 5, 5])
   per_client = np.array([[3, 0, 250], [1000, 7, 0]])
   assert distill.synthetic_sizes(per_client, 0.01).shape == (2, 3)
-  assert distill.synthetic_capacity(per_client, 0.01) == 10
-  assert distill.synthetic_capacity(np.zeros(3, int), 0.01) == 1
   with pytest.raises(ValueError, match='scale'):
     distill.synthetic_sizes(counts, 0.0)
   with pytest.raises(ValueError, match='images_per_class'):
@@ -227,36 +225,84 @@ def _client(n_per_class=(7, 0, 3), pad=2, shape=(4, 4, 1)):
 def test_init_synthetic_layout_and_sources():
   x, y, valid = _client()
   syn = distill.init_synthetic(x, y, valid, 3, scale=0.5, key=jax.random.PRNGKey(0))
-  # sizes ceil(7*.5)=4, 0, ceil(3*.5)=2 -> capacity 4
-  assert syn.x.shape == (3, 4, 4, 4, 1)
-  np.testing.assert_array_equal(syn.valid, [[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]])
-  np.testing.assert_array_equal(syn.y, np.repeat(np.arange(3)[:, None], 4, 1))
-  src = np.asarray(syn.x[..., 0, 0, 0]).astype(int) - 1  # source row per slot, -1 on padding
-  for c in range(3):
-    rows = src[c][np.asarray(syn.valid[c])]
-    assert len(set(rows.tolist())) == len(rows)  # distinct
-    assert all(valid[r] and y[r] == c for r in rows)
-  assert np.all(np.asarray(syn.x)[~np.asarray(syn.valid)] == 0)
+  # sizes ceil(7*.5)=4, 0, ceil(3*.5)=2 -> one chunk of 4 per present class
+  assert syn.x.shape == (2, 4, 4, 4, 1)
+  np.testing.assert_array_equal(syn.valid, [[1, 1, 1, 1], [1, 1, 0, 0]])
+  np.testing.assert_array_equal(syn.y, [[0] * 4, [2] * 4])
+  _assert_distinct_sources(syn, x, y, valid, [4, 0, 2])
   fx, fy, fv = distill.flatten(syn)
-  assert fx.shape == (12, 4, 4, 1) and fy.shape == (12,) and fv.shape == (12,)
+  assert fx.shape == (8, 4, 4, 1) and fy.shape == (8,) and fv.shape == (8,)
   np.testing.assert_array_equal(fy[fv], [0, 0, 0, 0, 2, 2])
+
+
+def _assert_distinct_sources(syn, x, y, valid, sizes):
+  """Every valid slot holds a distinct real image of its chunk's class; padding is zero."""
+  src = np.asarray(syn.x[..., 0, 0, 0]).astype(int) - 1  # source row per slot, -1 on padding
+  sv, sy = np.asarray(syn.valid), np.asarray(syn.y)
+  for c, size in enumerate(sizes):
+    rows = src[sv & (sy == c)]
+    assert len(rows) == size and len(set(rows.tolist())) == size
+    assert all(valid[r] and y[r] == c for r in rows)
+  assert np.all(np.asarray(syn.x)[~sv] == 0)
+
+
+def test_init_synthetic_splits_large_classes_into_chunks():
+  x, y, valid = _client((9, 0, 3, 1))
+  syn = distill.init_synthetic(x, y, valid, 4, images_per_class=9, chunk_size=4, num_chunks=6,
+                               key=jax.random.PRNGKey(3))
+  # class 0: 9 images -> chunks of 4, 4, 1; class 2: 3; class 3: 1; one padding chunk
+  np.testing.assert_array_equal(np.asarray(syn.valid).sum(1), [4, 4, 1, 3, 1, 0])
+  np.testing.assert_array_equal(np.asarray(syn.y)[:, 0], [0, 0, 0, 2, 3, 0])
+  assert (np.asarray(syn.y) == np.asarray(syn.y)[:, :1]).all()
+  _assert_distinct_sources(syn, x, y, valid, [9, 0, 3, 1])
+  np.testing.assert_array_equal(distill.class_masks(syn, (2, 3)),
+                                np.asarray(syn.valid) & np.isin(np.asarray(syn.y), (2, 3)))
+  by_class = distill.images_by_class(syn, 4)
+  assert [len(a) for a in by_class] == [9, 0, 3, 1]
+  with pytest.raises(ValueError, match='num_chunks=4 < 5'):
+    distill.init_synthetic(x, y, valid, 4, images_per_class=9, chunk_size=4, num_chunks=4,
+                           key=jax.random.PRNGKey(3))
+
+
+def test_synthetic_layout_picks_the_cheapest_chunk_size():
+  balanced = np.full((3, 10), 6)
+  assert distill.synthetic_layout(balanced) == (6, 10)  # one chunk per class
+  skewed = np.array([[60, 1, 1, 3, 0, 0, 25, 0, 0, 0], [5, 5, 5, 5, 5, 5, 5, 5, 5, 5]])
+
+  def cost(b):
+    return distill.chunks_needed(skewed, b).sum() * (b + distill.CHUNK_OVERHEAD_IMAGES)
+
+  b, c = distill.synthetic_layout(skewed)
+  assert c == distill.chunks_needed(skewed, b).max()
+  assert cost(b) == min(cost(k) for k in range(1, 61))
+  assert cost(b) < cost(60) / 2  # far less padded work than one chunk of 60 per class
+  assert distill.synthetic_layout(skewed, chunk_size=20) == (20, 10)
+  assert distill.synthetic_layout(np.zeros((2, 3), int)) == (1, 1)
+  with pytest.raises(ValueError, match='chunk_size'):
+    distill.synthetic_layout(skewed, chunk_size=0)
 
 
 def test_init_synthetic_images_per_class_and_vmap_over_clients():
   clients = [_client((7, 0, 3)), _client((1, 5, 4))]
   counts = np.stack([np.bincount(y[v], minlength=3) for _, y, v in clients])
   sizes = distill.synthetic_sizes(counts, images_per_class=3)
-  cap = distill.synthetic_capacity(counts, images_per_class=3)
   np.testing.assert_array_equal(sizes, [[3, 0, 3], [1, 3, 3]])
+  b, c = distill.synthetic_layout(sizes, chunk_size=3)
+  assert (b, c) == (3, 3)
   xs, ys, vs = (np.stack(a) for a in zip(*clients))
   keys = jax.random.split(jax.random.PRNGKey(1), 2)
   init = jax.jit(jax.vmap(lambda x, y, v, s, k: distill.init_synthetic(
-      x, y, v, 3, sizes=s, capacity=cap, key=k)))
+      x, y, v, 3, sizes=s, chunk_size=b, num_chunks=c, key=k)))
   syn = init(xs, ys, vs, jnp.asarray(sizes), keys)
   assert syn.x.shape == (2, 3, 3, 4, 4, 1)
-  np.testing.assert_array_equal(syn.valid.sum(-1), sizes)
-  one = distill.init_synthetic(*clients[1], 3, images_per_class=3, key=keys[1])
+  for k in range(2):
+    one = jax.tree.map(lambda a, k=k: a[k], syn)
+    _assert_distinct_sources(one, *clients[k], sizes[k])
+  one = distill.init_synthetic(*clients[1], 3, images_per_class=3, chunk_size=3, key=keys[1])
   np.testing.assert_array_equal(one.x, syn.x[1])
+  with pytest.raises(ValueError, match='synthetic_layout'):
+    jax.vmap(lambda x, y, v, s, k: distill.init_synthetic(x, y, v, 3, sizes=s, key=k))(
+        xs, ys, vs, jnp.asarray(sizes), keys)
 
 
 # ------------------------------------------------------------------------- synthetic update
@@ -287,8 +333,8 @@ def test_class_match_losses_vmap_equals_unroll_and_loop(update):
 
   @jax.jit
   def everything(sx):
-    by = [distill.class_match_losses(apply_fn, params, sx, syn.valid, g_real, vectorize=v)
-          for v in ('vmap', 'unroll')]
+    by = [distill.class_match_losses(apply_fn, params, syn._replace(x=sx), g_real,
+                                     vectorize=v) for v in ('vmap', 'unroll')]
     g_syn = [jax.grad(lambda p, c=c: losses.masked_ce(apply_fn(p, sx[c]), syn.y[c],
                                                       syn.valid[c]))(params) for c in range(3)]
     return by, g_syn
@@ -302,7 +348,7 @@ def test_class_match_losses_vmap_equals_unroll_and_loop(update):
   _, _, loss = step(syn, g_real, opt.init(syn.x), counts)
   np.testing.assert_allclose(loss, by_vmap[0] + by_vmap[1], rtol=1e-5)
   with pytest.raises(ValueError, match='unroll'):
-    distill.class_match_losses(apply_fn, params, syn.x, syn.valid, g_real, vectorize='pmap')
+    distill.class_match_losses(apply_fn, params, syn, g_real, vectorize='pmap')
 
 
 def test_synthetic_update_lowers_match_loss_and_masks_classes(update):
@@ -319,6 +365,40 @@ def test_synthetic_update_lowers_match_loss_and_masks_classes(update):
   np.testing.assert_array_equal(s.x[2], syn.x[2])
   np.testing.assert_array_equal(s.x[1, 1], syn.x[1, 1])
   assert float(jnp.abs(s.x[0] - syn.x[0]).max()) > 0
+
+
+def _one_image_chunks(syn):
+  """The same images re-laid as chunks of one slot each (valid ones in class order), plus
+  one all-padding chunk; and the index of each original valid slot in it."""
+  xs, ys, idx = [], [], {}
+  for c in range(syn.y.shape[0]):
+    for j in range(syn.y.shape[1]):
+      if syn.valid[c, j]:
+        idx[(c, j)] = len(xs)
+        xs.append(syn.x[c, j])
+        ys.append(c)
+  xs.append(jnp.zeros_like(syn.x[0, 0]))
+  ys.append(0)
+  valid = jnp.arange(len(xs)) < len(xs) - 1
+  return distill.SyntheticSet(jnp.stack(xs)[:, None], jnp.asarray(ys)[:, None],
+                              valid[:, None]), idx
+
+
+def test_chunked_layout_matches_one_chunk_per_class(update):
+  # Class 0 and 2 span two chunks each: the per-class synthetic gradient, the match losses
+  # and the image step must be those of the one-chunk-per-class layout.
+  apply_fn, params, g_real, counts, syn, opt, step = update
+  chunked, idx = _one_image_chunks(syn)
+  for v in ('vmap', 'unroll'):
+    np.testing.assert_allclose(
+        distill.class_match_losses(apply_fn, params, chunked, g_real, vectorize=v),
+        distill.class_match_losses(apply_fn, params, syn, g_real, vectorize=v), rtol=1e-5)
+  s_ref, st_ref, loss_ref = step(syn, g_real, opt.init(syn.x), counts)
+  s_new, st_new, loss_new = step(chunked, g_real, opt.init(chunked.x), counts)
+  np.testing.assert_allclose(loss_new, loss_ref, rtol=1e-5)
+  for (c, j), i in idx.items():
+    np.testing.assert_allclose(s_new.x[i, 0], s_ref.x[c, j], rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(s_new.x[-1], chunked.x[-1])  # the padding chunk
 
 
 def test_nonzero_classes(update):

@@ -137,6 +137,46 @@ def test_runner_takes_the_scheduled_distilling_step_on_each_client_s_first_step(
     np.testing.assert_allclose(res.state.syn.x[c], by_hand.syn.x, rtol=1e-5, atol=1e-6)
 
 
+def test_used_chunks_runner_equals_the_uncut_run():
+  # 3 clients whose sets use 1, 3 and all 6 of C = 6 one-image chunks (bucket width 2): the
+  # grouped, cut run must give the uncut run's models, sets, momenta and metrics.
+  model, params, prog, _ = _program(distill_every=0)
+  img = distill.default_image_optimizer()
+  n, per, c = 3, 12, 6
+  x = jax.random.normal(jax.random.key(7), (n, per, 3, 3, 1))
+  y = jnp.tile(jnp.arange(per, dtype=jnp.int32) % K, (n, 1))
+  valid = jnp.ones((n, per), bool)
+  used = np.array([1, 3, 6])
+  sx = jax.random.normal(jax.random.key(9), (n, c, 1, 3, 3, 1))
+  cls = jnp.tile(jnp.arange(c, dtype=jnp.int32) % K, (n, 1))[..., None]
+  ok = jnp.asarray(np.arange(c)[None, :, None] < used[:, None, None])
+  syn = distill.SyntheticSet(jnp.where(ok[..., None, None, None], sx, 0.0),
+                             jnp.where(ok, cls, 0), ok)  # empty chunks: class 0, as init_synthetic
+  extra = (syn, jax.vmap(img.init)(syn.x))
+  keys = jax.random.split(jax.random.key(8), n)
+  inner = fl.ClientRunner(prog, kind="loop", epochs=1, batch_size=4)
+  seen = []
+
+  class Spy:  # records the set shapes the inner runner is given
+    epochs = 1
+
+    def run(self, server_params, data, valid, extra, keys):
+      seen.append(extra[0].x.shape[:2])
+      return inner.run(server_params, data, valid, extra, keys)
+
+  cut = qd.UsedChunksRunner(Spy(), c)
+  np.testing.assert_array_equal(qd.chunks_in_use(syn), used)
+  np.testing.assert_array_equal(cut.widths(syn), [2, 4, 6])
+  want = inner.run(params, (x, y), valid, extra, keys)
+  got = cut.run(params, (x, y), valid, extra, keys)
+  assert sorted(seen) == [(1, 2), (1, 4), (1, 6)]
+  assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  moved = np.abs(np.asarray(got.state.syn.x - syn.x)).reshape(n, c, -1).max(-1) > 0
+  assert moved[2].any() and not moved[0, 1:].any() and not moved[1, 3:].any()
+
+
 def test_synthetic_mode_steps_on_the_synthetic_set():
   model, params, prog, state = _program(model_update="synthetic")
   new, _ = jax.jit(prog.step)(state, _batch(), jax.random.key(0))
@@ -148,20 +188,19 @@ def test_synthetic_mode_steps_on_the_synthetic_set():
 
 
 def test_synthetic_masks_select_classes_and_client():
+  # 3 clients x 4 chunks of 2; chunk classes differ per client, class 2 spans two chunks.
   n, m = 3, 2
-  valid = np.ones((n, K, m), bool)
-  valid[1, 2, 1] = False
-  syn = distill.SyntheticSet(jnp.zeros((n, K, m, 3, 3, 1)), jnp.zeros((n, K, m), jnp.int32),
+  cls = np.array([[0, 2, 2, 3], [1, 2, 3, 3], [2, 2, 0, 1]])
+  y = np.repeat(cls[..., None], m, -1)
+  valid = np.ones((n, 4, m), bool)
+  valid[1, 1, 1] = False
+  syn = distill.SyntheticSet(jnp.zeros((n, 4, m, 3, 3, 1)), jnp.asarray(y, jnp.int32),
                              jnp.asarray(valid))
   got = np.asarray(qd.synthetic_masks(syn, (2, 3)))
-  want = np.zeros_like(valid)
-  for i in range(n):
-    for c in (2, 3):
-      want[i, c] = valid[i, c]
-  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got, valid & np.isin(y, (2, 3)))
   got = np.asarray(qd.synthetic_masks(syn, (2,), client=1))
   want = np.zeros_like(valid)
-  want[1, 2] = valid[1, 2]
+  want[1] = valid[1] & (y[1] == 2)
   np.testing.assert_array_equal(got, want)
 
 
@@ -270,7 +309,9 @@ def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
   trained, _ = run_lib.pretrained(task, wd, "quickdrop")  # restored from the checkpoint
   for k, path in enumerate(npz):
     with np.load(os.path.join(pre, "synthetic", f"client_{k}.npz")) as f:
-      np.testing.assert_array_equal(f["x"], np.asarray(trained.extra.x[k]))
+      one = jax.tree.map(lambda a, k=k: np.asarray(a[k]), trained.extra)
+      np.testing.assert_array_equal(f["x"], one.x[one.valid])  # chunks are in class order
+      np.testing.assert_array_equal(f["y"], one.y[one.valid])
       np.testing.assert_array_equal(f["sizes"], np.ones(10))
   # The sets were trained: no longer the real images they started from.
   init = qd.init_sets(task, qd.settings(cfg))

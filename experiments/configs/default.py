@@ -88,6 +88,8 @@ def get_config():
   c.quickdrop.grads = "per_example"  # per-class gradient algorithm: per_example | vmap | unroll
   c.quickdrop.distill_every = 0      # image step on local steps 0, k, 2k, ... (1 = every step;
   #                                    0 = once per round, at the first step: official schedule)
+  c.quickdrop.chunk_size = 0         # images per chunk of the stored sets (0 = automatic,
+  #                                    distill.synthetic_layout; a layout, not a hyperparameter)
   c.quickdrop.clip_images = False    # keep synthetic pixels within the real data's [min, max]
   c.quickdrop.artifacts = True       # write pretrain/<dir>/synthetic/client_<k>.{npz,png}
   # Unlearning keys.

@@ -33,6 +33,12 @@ Choices the paper / official code leave open, and ours:
 - Matching target: the official code draws a separate real batch per class (batch_real 256)
   for the target; we reuse the per-class gradients of the FL mini-batch itself (the
   paper's point: no extra real-data gradient). Classes absent from a batch are frozen.
+- Layout: the sets are stored in one-class chunks (distill.SyntheticSet; chunk size from
+  distill.synthetic_layout), not one row per class padded to the largest class: on
+  Dirichlet(0.1) Fashion-MNIST the largest class set is 60 images and most are 1, so the
+  per-class rows made every image step work on 600 slots for 14-169 images. The loop runner
+  also cuts each client's set to the chunks it uses (UsedChunksRunner), so a small client
+  does not pay for the largest client's chunks.
 - Step granularity: the official code takes one image step per local epoch; we take one on
   local steps 0, k, 2k, ... (k = distill_every; 1 = every mini-batch, the paper's "each
   local step"), or with distill_every = 0 (the default) on each client's first local step
@@ -97,7 +103,8 @@ MODEL_UPDATES = ("real", "synthetic")
 GRAD_METHODS = ("per_example", "vmap", "unroll")
 # Keys of config.quickdrop that determine the trained model (the rest is unlearning only).
 TRAIN_KEYS = ("scale", "images_per_class", "image_lr", "image_momentum", "metric",
-              "model_update", "grads", "distill_every", "clip_images", "artifacts")
+              "model_update", "grads", "distill_every", "chunk_size", "clip_images",
+              "artifacts")
 SYNTH_INIT_ID = 1  # fl.stream_key(seed, STREAM_INIT, SYNTH_INIT_ID, client): the sets' init
 
 
@@ -112,7 +119,7 @@ def settings(config) -> dict:
            image_lr=float(q.image_lr), image_momentum=float(q.image_momentum),
            metric=str(q.metric), model_update=str(q.model_update), grads=str(q.grads),
            artifacts=bool(q.artifacts), clip_images=bool(q.clip_images),
-           distill_every=int(q.distill_every),
+           distill_every=int(q.distill_every), chunk_size=int(q.chunk_size),
            unlearn_epochs=int(q.unlearn_epochs), unlearn_lr=float(q.unlearn_lr),
            unlearn_batch_size=int(q.unlearn_batch_size) or int(f.batch_size),
            recovery_rounds=int(q.recovery_rounds),
@@ -145,6 +152,8 @@ def settings(config) -> dict:
   if s["distill_every"] < 0:
     raise ValueError(f"quickdrop.distill_every={q.distill_every!r}: must be >= 0 "
                      "(0 = once per round, at the first local step)")
+  if s["chunk_size"] < 0:
+    raise ValueError(f"quickdrop.chunk_size={q.chunk_size!r}: must be >= 0 (0 = automatic)")
   if s["clip_norm"] < 0:
     raise ValueError(f"quickdrop.clip_norm={q.clip_norm!r}: must be >= 0 (0 = off)")
   for k in ("recovery_rounds", "finetune_rounds"):
@@ -277,11 +286,10 @@ def class_counts_per_client(task: base.Task) -> np.ndarray:
 
 
 def init_sets(task: base.Task, s: dict) -> distill.SyntheticSet:
-  """Every client's synthetic set [N, K, m, ...], initialised from its own real images."""
+  """Every client's synthetic set [N, C, b, ...], initialised from its own real images."""
   counts = class_counts_per_client(task)
-  ipc = s["images_per_class"] or None
-  sizes = distill.synthetic_sizes(counts, s["scale"], ipc)
-  capacity = distill.synthetic_capacity(counts, s["scale"], ipc)
+  sizes = distill.synthetic_sizes(counts, s["scale"], s["images_per_class"] or None)
+  chunk_size, num_chunks = distill.synthetic_layout(sizes, s["chunk_size"] or None)
   n = counts.shape[0]
   keys = jax.vmap(lambda k: fl.stream_key(task.config.seed, fl.STREAM_INIT, SYNTH_INIT_ID, k))(
       jnp.arange(n))
@@ -290,10 +298,76 @@ def init_sets(task: base.Task, s: dict) -> distill.SyntheticSet:
   @jax.jit
   def build(x, y, valid, keys, sizes):
     one = lambda x, y, v, k, sz: distill.init_synthetic(
-        x, y, v, task.num_classes, key=k, capacity=capacity, sizes=sz)
+        x, y, v, task.num_classes, key=k, chunk_size=chunk_size, num_chunks=num_chunks,
+        sizes=sz)
     return jax.vmap(one)(x, y, valid, keys, sizes)
 
   return build(c.x, c.y, c.valid, keys, jnp.asarray(sizes))
+
+
+def chunks_in_use(syn: distill.SyntheticSet) -> np.ndarray:
+  """int [N]: 1 + the index of each client's last chunk holding an image (at least 1)."""
+  used = np.asarray(jnp.any(syn.valid, axis=-1))  # [N, C]
+  return np.maximum(np.where(used.any(1), used.shape[1] - np.argmax(used[:, ::-1], 1), 1), 1)
+
+
+class UsedChunksRunner:
+  """A loop ClientRunner that cuts each client's synthetic set to the chunks it uses.
+
+  The stacked sets share C chunks, the most any client needs; on Dirichlet(0.1) Fashion-MNIST
+  a client with 14 images would otherwise run the image step over the 169-image client's
+  chunks. Clients run in groups whose sets are cut to the same width, the chunks in use
+  rounded up to a multiple of ceil(C / 4) (at most 4 compiled shapes), and their final
+  states are padded back to C. The cut-off chunks hold no images and are never changed by
+  the step (`distill.synthetic_update`), so the result equals the uncut run up to float
+  rounding. Only for the loop runner: a vmap block must share one shape anyway.
+  """
+
+  def __init__(self, runner: fl.ClientRunner, num_chunks: int):
+    self.runner, self.num_chunks = runner, int(num_chunks)
+    self.epochs = runner.epochs
+    self.step = -(-self.num_chunks // 4)
+
+  def widths(self, syn: distill.SyntheticSet) -> np.ndarray:
+    need = chunks_in_use(syn)
+    return np.minimum(-(-need // self.step) * self.step, self.num_chunks)
+
+  def run(self, server_params, data, valid, extra, keys) -> fl.ClientResult:
+    syn = extra[0]
+    num_chunks, b = syn.valid.shape[1:]
+    widths = self.widths(syn)
+    parts, order = [], []
+    for w in np.unique(widths):
+      idx = np.flatnonzero(widths == w)
+      take = lambda a, idx=idx: jnp.take(a, jnp.asarray(idx), axis=0)
+      res = self.runner.run(server_params, jax.tree.map(take, data), take(valid),
+                            _resize_chunks(jax.tree.map(take, extra), num_chunks, w, b),
+                            take(keys))
+      st = res.state
+      parts.append(res._replace(state=st._replace(
+          syn=_resize_chunks(st.syn, w, num_chunks, b),
+          syn_opt=_resize_chunks(st.syn_opt, w, num_chunks, b))))
+      order.append(idx)
+    if len(parts) == 1:
+      return parts[0]
+    back = np.argsort(np.concatenate(order))
+    merge = lambda *a: jnp.take(jnp.concatenate(a), jnp.asarray(back), axis=0)
+    return fl.ClientResult(jax.tree.map(merge, *[p.params for p in parts]),
+                           jax.tree.map(merge, *[p.state for p in parts]),
+                           jax.tree.map(lambda *a: np.concatenate(a)[back],
+                                        *[p.metrics for p in parts]))
+
+
+def _resize_chunks(tree, old: int, new: int, b: int):
+  """Cuts or zero-pads the chunk axis (axis 1) of every leaf shaped [n, old, b, ...] (sets
+  and their image-optimizer state) to `new` chunks; other leaves are left alone."""
+  def resize(a):
+    if a.ndim < 3 or a.shape[1:3] != (old, b) or old == new:
+      return a
+    if new < old:
+      return a[:, :new]
+    return jnp.pad(a, [(0, 0), (0, new - old)] + [(0, 0)] * (a.ndim - 2))
+  return jax.tree.map(resize, tree)
 
 
 @jax.jit
@@ -317,7 +391,10 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
                             image_opt, model_update=s["model_update"], metric=s["metric"],
                             grads=s["grads"], distill_every=s["distill_every"],
                             image_range=pixel_range(task) if s["clip_images"] else None)
+  syn = init_sets(task, s)
   runner = env.runner(program, cfg.fl.local_epochs, cfg.fl.batch_size)
+  if getattr(runner, "kind", None) == "loop":
+    runner = UsedChunksRunner(runner, syn.valid.shape[1])
   server_opt = optax.sgd(cfg.fl.server_lr)
   weights = np.ones(c.count.shape[0], np.float32)
   k = base.num_sampled(cfg)
@@ -338,7 +415,6 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
              examples=int(counts[res.sampled][active].sum()) * cfg.fl.local_epochs)
     return TrainState(res.server, syn, syn_opt), m
 
-  syn = init_sets(task, s)
   init = TrainState(fl.server_init(params, server_opt), syn, jax.vmap(image_opt.init)(syn.x))
   return init, round_fn
 
@@ -357,7 +433,7 @@ def train_quickdrop(task: base.Task, env: base.Env) -> base.Trained:
   if s["artifacts"]:
     directory = _artifact_dir(env, "synthetic")
     if directory is not None:
-      write_synthetic(directory, state.syn)
+      write_synthetic(directory, state.syn, task.num_classes)
   return base.Trained(state.server.params, extra=state.syn)
 
 
@@ -371,27 +447,30 @@ def _artifact_dir(env, name: str):
   return fn(name) if fn is not None else None
 
 
-def _mosaic(x, valid):
-  """[K, m, H, W, C] images -> one [K*(H+1)-1, m*(W+1)-1, C] grid in [0, 1]; rows = classes.
+def _mosaic(images: list):
+  """[x_c [n_c, H, W, Ch] per class] -> one [K*(H+1)-1, m*(W+1)-1, Ch] grid in [0, 1]; rows =
+  classes, m = max n_c.
 
   Each image is min-max scaled on its own (the sets live in standardised units); empty
   slots are mid grey.
   """
-  k, m, h, w, ch = x.shape
+  h, w, ch = images[0].shape[1:]  # an empty class is [0, H, W, Ch]
+  k, m = len(images), max(1, max(len(x) for x in images))
   out = np.full((k * (h + 1) - 1, m * (w + 1) - 1, ch), 1.0, np.float32)
-  for i in range(k):
+  for i, xs in enumerate(images):
     for j in range(m):
       tile = np.full((h, w, ch), 0.5, np.float32)
-      if valid[i, j]:
-        img = x[i, j]
+      if j < len(xs):
+        img = xs[j]
         lo, hi = float(img.min()), float(img.max())
         tile = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
       out[i * (h + 1):i * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = tile
   return out
 
 
-def write_synthetic(directory: str, syn: distill.SyntheticSet):
-  """client_<k>.npz (x [K, m, H, W, C], y, valid, sizes [K]) and client_<k>.png per client.
+def write_synthetic(directory: str, syn: distill.SyntheticSet, num_classes: int):
+  """client_<k>.npz (x [n, H, W, Ch] and y [n]: the client's n synthetic images, in class
+  order; sizes [K]) and client_<k>.png (a row of images per class) per client.
 
   Files are written through a temporary name and renamed, and skipped when present (the
   pretraining directory is keyed by the training config, so they cannot be stale).
@@ -399,26 +478,27 @@ def write_synthetic(directory: str, syn: distill.SyntheticSet):
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   os.makedirs(directory, exist_ok=True)
-  x, y, valid = (np.asarray(a) for a in syn)
-  for k in range(x.shape[0]):
+  for k in range(syn.valid.shape[0]):
+    images = distill.images_by_class(jax.tree.map(lambda a, k=k: a[k], syn), num_classes)
     npz = os.path.join(directory, f"client_{k}.npz")
     png = os.path.join(directory, f"client_{k}.png")
     if not os.path.exists(npz):
       tmp = npz + ".tmp.npz"
-      np.savez_compressed(tmp, x=x[k], y=y[k], valid=valid[k], sizes=valid[k].sum(1))
+      np.savez_compressed(tmp, x=np.concatenate(images),
+                          y=np.repeat(np.arange(num_classes), [len(x) for x in images]),
+                          sizes=np.array([len(x) for x in images]))
       os.replace(tmp, npz)
     if not os.path.exists(png):
-      grid = _mosaic(x[k], valid[k])
-      num_classes, m = valid[k].shape
-      h = x.shape[3]  # x is [N, K, m, H, W, C]
+      grid = _mosaic(images)
+      m = max(1, max(len(x) for x in images))
+      h = syn.x.shape[3]  # x is [N, C, b, H, W, Ch]
       fig = Figure(figsize=(1.5 + 0.4 * m, 0.8 + 0.4 * num_classes), dpi=100)
       FigureCanvasAgg(fig)
       ax = fig.add_subplot(1, 1, 1)
       ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray",
                 interpolation="nearest", vmin=0.0, vmax=1.0)
       ax.set_yticks([i * (h + 1) + h / 2 for i in range(num_classes)])
-      ax.set_yticklabels([f"{i} ({int(valid[k][i].sum())})" for i in range(num_classes)],
-                         fontsize=6)
+      ax.set_yticklabels([f"{i} ({len(x)})" for i, x in enumerate(images)], fontsize=6)
       ax.set_xticks([])
       ax.set_title(f"client {k}: synthetic images per class", fontsize=8)
       tmp = png + ".tmp.png"
@@ -431,12 +511,11 @@ def write_synthetic(directory: str, syn: distill.SyntheticSet):
 
 
 def synthetic_masks(syn: distill.SyntheticSet, classes, client: int = -1):
-  """bool [N, K, m]: the synthetic images of `classes` (on `client` only if >= 0)."""
-  n, k, _ = syn.valid.shape
-  sel = jnp.isin(jnp.arange(k), jnp.asarray(classes, jnp.int32))[None, :, None]
+  """bool [N, C, b]: the synthetic images of `classes` (on `client` only if >= 0)."""
+  sel = distill.class_masks(syn, classes)
   if client >= 0:
-    sel = sel & (jnp.arange(n) == client)[:, None, None]
-  return syn.valid & sel
+    sel = sel & (jnp.arange(sel.shape[0]) == client)[:, None, None]
+  return sel
 
 
 def _flat_data(syn: distill.SyntheticSet, mask):
