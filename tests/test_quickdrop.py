@@ -158,13 +158,11 @@ def test_used_chunks_runner_equals_the_uncut_run():
   seen = []
 
   class Spy:  # records the set shapes the inner runner is given
-    epochs = 1
-
     def run(self, server_params, data, valid, extra, keys):
       seen.append(extra[0].x.shape[:2])
       return inner.run(server_params, data, valid, extra, keys)
 
-  cut = qd.UsedChunksRunner(Spy(), c)
+  cut = qd.UsedChunksRunner(Spy())
   np.testing.assert_array_equal(qd.chunks_in_use(syn), used)
   np.testing.assert_array_equal(cut.widths(syn), [2, 4, 6])
   want = inner.run(params, (x, y), valid, extra, keys)

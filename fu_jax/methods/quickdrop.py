@@ -308,7 +308,7 @@ def init_sets(task: base.Task, s: dict) -> distill.SyntheticSet:
 def chunks_in_use(syn: distill.SyntheticSet) -> np.ndarray:
   """int [N]: 1 + the index of each client's last chunk holding an image (at least 1)."""
   used = np.asarray(jnp.any(syn.valid, axis=-1))  # [N, C]
-  return np.maximum(np.where(used.any(1), used.shape[1] - np.argmax(used[:, ::-1], 1), 1), 1)
+  return np.where(used.any(1), used.shape[1] - np.argmax(used[:, ::-1], 1), 1)
 
 
 class UsedChunksRunner:
@@ -323,14 +323,13 @@ class UsedChunksRunner:
   rounding. Only for the loop runner: a vmap block must share one shape anyway.
   """
 
-  def __init__(self, runner: fl.ClientRunner, num_chunks: int):
-    self.runner, self.num_chunks = runner, int(num_chunks)
-    self.epochs = runner.epochs
-    self.step = -(-self.num_chunks // 4)
+  def __init__(self, runner: fl.ClientRunner):
+    self.runner = runner
 
   def widths(self, syn: distill.SyntheticSet) -> np.ndarray:
-    need = chunks_in_use(syn)
-    return np.minimum(-(-need // self.step) * self.step, self.num_chunks)
+    num_chunks = syn.valid.shape[1]
+    step = -(-num_chunks // 4)
+    return np.minimum(-(-chunks_in_use(syn) // step) * step, num_chunks)
 
   def run(self, server_params, data, valid, extra, keys) -> fl.ClientResult:
     syn = extra[0]
@@ -391,10 +390,9 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
                             image_opt, model_update=s["model_update"], metric=s["metric"],
                             grads=s["grads"], distill_every=s["distill_every"],
                             image_range=pixel_range(task) if s["clip_images"] else None)
-  syn = init_sets(task, s)
   runner = env.runner(program, cfg.fl.local_epochs, cfg.fl.batch_size)
   if getattr(runner, "kind", None) == "loop":
-    runner = UsedChunksRunner(runner, syn.valid.shape[1])
+    runner = UsedChunksRunner(runner)
   server_opt = optax.sgd(cfg.fl.server_lr)
   weights = np.ones(c.count.shape[0], np.float32)
   k = base.num_sampled(cfg)
@@ -415,6 +413,7 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
              examples=int(counts[res.sampled][active].sum()) * cfg.fl.local_epochs)
     return TrainState(res.server, syn, syn_opt), m
 
+  syn = init_sets(task, s)
   init = TrainState(fl.server_init(params, server_opt), syn, jax.vmap(image_opt.init)(syn.x))
   return init, round_fn
 
@@ -478,27 +477,30 @@ def write_synthetic(directory: str, syn: distill.SyntheticSet, num_classes: int)
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   os.makedirs(directory, exist_ok=True)
-  for k in range(syn.valid.shape[0]):
-    images = distill.images_by_class(jax.tree.map(lambda a, k=k: a[k], syn), num_classes)
+  host = jax.tree.map(np.asarray, syn)  # one device-to-host copy for all clients
+  for k in range(host.valid.shape[0]):
     npz = os.path.join(directory, f"client_{k}.npz")
     png = os.path.join(directory, f"client_{k}.png")
+    if os.path.exists(npz) and os.path.exists(png):
+      continue
+    images = distill.images_by_class(jax.tree.map(lambda a, k=k: a[k], host), num_classes)
+    sizes = np.array([len(x) for x in images])
     if not os.path.exists(npz):
       tmp = npz + ".tmp.npz"
       np.savez_compressed(tmp, x=np.concatenate(images),
-                          y=np.repeat(np.arange(num_classes), [len(x) for x in images]),
-                          sizes=np.array([len(x) for x in images]))
+                          y=np.repeat(np.arange(num_classes), sizes), sizes=sizes)
       os.replace(tmp, npz)
     if not os.path.exists(png):
       grid = _mosaic(images)
-      m = max(1, max(len(x) for x in images))
-      h = syn.x.shape[3]  # x is [N, C, b, H, W, Ch]
+      m = max(1, int(sizes.max()))
+      h = host.x.shape[3]  # x is [N, C, b, H, W, Ch]
       fig = Figure(figsize=(1.5 + 0.4 * m, 0.8 + 0.4 * num_classes), dpi=100)
       FigureCanvasAgg(fig)
       ax = fig.add_subplot(1, 1, 1)
       ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray",
                 interpolation="nearest", vmin=0.0, vmax=1.0)
       ax.set_yticks([i * (h + 1) + h / 2 for i in range(num_classes)])
-      ax.set_yticklabels([f"{i} ({len(x)})" for i, x in enumerate(images)], fontsize=6)
+      ax.set_yticklabels([f"{i} ({n})" for i, n in enumerate(sizes)], fontsize=6)
       ax.set_xticks([])
       ax.set_title(f"client {k}: synthetic images per class", fontsize=8)
       tmp = png + ".tmp.png"
