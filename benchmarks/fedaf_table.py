@@ -231,7 +231,7 @@ def penalty_cost(dataset: str, width: int = 50, batch: int = 64) -> str:
   for name, state in states.items():
     grad_fn = jax.jit(lambda p, s: ewc.ewc_gradient(p, s, 10.0))
     kind = "diag" if name == "diag" else "sketch"
-    prog = fedaf.unlearn_program(model.apply, optax.sgd(0.002), ewc_kind=kind, lam=10.0,
+    prog = fedaf.unlearn_program(models.logits_fn(model), optax.sgd(0.002), ewc_kind=kind, lam=10.0,
                                  width=width)
     extra = state.fisher if kind == "diag" else (state.sketch, state.n)
     st = prog.init(params, extra, None)
@@ -241,7 +241,7 @@ def penalty_cost(dataset: str, width: int = 50, batch: int = 64) -> str:
     mem = tu.tree_num_bytes(state.fisher if kind == "diag" else state.sketch)
     rows.append((name, t_pen, t_step, mem))
   if True:  # the unlearning step without any penalty (fedaf_c), for reference
-    prog = fedaf.unlearn_program(model.apply, optax.sgd(0.002), ewc_kind=None, lam=0.0,
+    prog = fedaf.unlearn_program(models.logits_fn(model), optax.sgd(0.002), ewc_kind=None, lam=0.0,
                                  width=1)
     step = jax.jit(lambda s, b: prog.step(s, b, None)[0])
     base_step = _time(step, prog.init(params, None, None), batch_)

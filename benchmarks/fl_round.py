@@ -90,7 +90,7 @@ def runner_timer(kind, impl, clients, batch_size, budget_s):
   """
   model = models.create("cnn", 10, conv_impl=impl)
   params = models.init_params(model, jax.random.key(0), (28, 28, 1))
-  program = fl.sgd_program(model.apply, optax.sgd(0.05, momentum=0.9))
+  program = fl.sgd_program(models.logits_fn(model), optax.sgd(0.05, momentum=0.9))
   runner = fl.ClientRunner(program, kind=kind, epochs=1, batch_size=batch_size)
   x, y, valid = (jnp.asarray(clients.x), jnp.asarray(clients.y), jnp.asarray(clients.valid))
   n = valid.shape[0]

@@ -393,7 +393,7 @@ def _shadow_train_fn(task: base.Task):
   model = models.with_conv_impl(task.model, "canonical")
 
   def loss_fn(p, batch):
-    return losses_lib.masked_ce(model.apply({"params": p}, batch.x), batch.y, batch.mask)
+    return losses_lib.masked_ce(models.logits_fn(model)(p, batch.x), batch.y, batch.mask)
 
   def train_fn(key, x, y, mask):
     params = models.init_params(task.model, key, task.input_shape)

@@ -87,13 +87,13 @@ def sga_epoch(apply_fn: Callable[..., Any], params, x, y, mask, *, lr, batch_siz
   """One epoch of bounded stochastic gradient ascent on masked cross-entropy.
 
   For each mini-batch b (see `epoch_batches`):
-    L_b = masked mean CE(apply_fn({'params': theta}, x_b), y_b)
+    L_b = masked mean CE(apply_fn(theta, x_b), y_b)
     stop if max_loss is given and L_b > max_loss (this and every later batch are skipped)
     theta <- theta + lr * grad L_b
     theta <- project_l2_ball(theta, ref_params, radius)   if ref_params/radius are given
 
   Args:
-    apply_fn: `module.apply`.
+    apply_fn: (params, x) -> logits [B, K].
     params: model parameters to unlearn from.
     x, y, mask: [n, ...], int [n] (or soft [n, K]) labels, bool [n] valid rows.
     lr: ascent step size; batch_size: static int.
@@ -110,7 +110,7 @@ def sga_epoch(apply_fn: Callable[..., Any], params, x, y, mask, *, lr, batch_siz
   idx, valid = epoch_batches(key, mask, batch_size)
 
   def loss_fn(p, xb, yb, mb):
-    return losses.masked_ce(apply_fn({'params': p}, xb), yb, mb)
+    return losses.masked_ce(apply_fn(p, xb), yb, mb)
 
   def body(carry, inp):
     p, stopped = carry

@@ -27,7 +27,7 @@ Neither form materialises J: examples are processed in chunks of `chunk_size` wi
 O(t * d) (sketch) for the accumulator.
 
 `loss_fn(params, x, y) -> scalar` is the loss of ONE example (x without the batch axis);
-`example_ce_loss(module.apply)` builds the usual cross-entropy one.
+`example_ce_loss(apply_fn)` builds the usual cross-entropy one.
 
 `add_ewc_gradient(lam)` is an optax GradientTransformation that adds the penalty's gradient;
 the anchor and curvature live in its STATE (`EwcDiagState` / `EwcSketchState`), so they can
@@ -46,10 +46,10 @@ KINDS = ('diag', 'sketch')
 
 
 def example_ce_loss(apply_fn: Callable[..., Any]):
-  """Per-example cross-entropy loss_fn(params, x, y) for `module.apply` (x has no batch axis;
-  y an int label or a [K] soft label)."""
+  """Per-example cross-entropy loss_fn(params, x, y) for apply_fn(params, x) -> logits (x has
+  no batch axis; y an int label or a [K] soft label)."""
   def loss_fn(params, x, y):
-    logits = apply_fn({'params': params}, x[None])
+    logits = apply_fn(params, x[None])
     return losses.cross_entropy(logits, jnp.asarray(y)[None])[0]
 
   return loss_fn

@@ -104,7 +104,7 @@ def sgd_program(apply_fn, optimizer: optax.GradientTransformation, *, loss_fn=No
   """
   if loss_fn is None:
     def loss_fn(params, batch):
-      return losses.masked_ce(apply_fn({"params": params}, batch.x), batch.y, batch.mask)
+      return losses.masked_ce(apply_fn(params, batch.x), batch.y, batch.mask)
   if opt_init is None:
     opt_init = lambda params, extra: optimizer.init(params)
 

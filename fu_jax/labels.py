@@ -102,11 +102,11 @@ def _init_stacked(module, key, input_shape, num_teachers, glorot):
 def teacher_probs(apply_fn: Callable[..., Any], teacher_params_stacked, x):
   """Eq. (3): mean over the Q teachers of softmax(f(x; theta_q)); vmapped over teachers.
 
-  apply_fn is `module.apply`, called as `apply_fn({'params': p}, x)` -> logits [B, K].
+  apply_fn(params, x) -> logits [B, K].
   Returns float32 [B, K].
   """
   def probs(p):
-    return jax.nn.softmax(apply_fn({'params': p}, x).astype(jnp.float32), axis=-1)
+    return jax.nn.softmax(apply_fn(p, x).astype(jnp.float32), axis=-1)
 
   return jnp.mean(jax.vmap(probs)(teacher_params_stacked), axis=0)
 
@@ -161,7 +161,8 @@ def teacher_labels(apply_fn: Optional[Callable[..., Any]], teacher_params_stacke
   """New (knowledge-free) labels for the target data x: float32 [B, K], rows sum to 1.
 
   Args:
-    apply_fn: `module.apply` (called as apply_fn({'params': p}, x)); unused by
+    apply_fn: (params, x) -> logits, hashable (a jit static argument: pass the same
+      function, e.g. fu_jax.models.logits_fn(module), to avoid recompiling); unused by
       'uniform' / 'random' (may be None there).
     teacher_params_stacked: output of `init_teachers` (leading teacher axis); unused by
       'uniform' / 'random'.
@@ -197,7 +198,7 @@ def teacher_labels(apply_fn: Optional[Callable[..., Any]], teacher_params_stacke
                          int(num_classes), key, mask, debias_scope)
 
 
-# Static: apply_fn (module.apply is hashable), variant, num_classes, debias_scope.
+# Static: apply_fn (hashable), variant, num_classes, debias_scope.
 @functools.partial(jax.jit, static_argnums=(0, 3, 5, 8))
 def _teacher_labels(apply_fn, teacher_params_stacked, x, variant, target_class, num_classes,
                     key, mask, debias_scope):

@@ -447,3 +447,22 @@ def init_params(module: nn.Module, key, input_shape: tuple[int, int, int]):
     raise ValueError(f'model has non-param collections {sorted(extra)}; fu_jax models must be '
                      f'pure params (no BatchNorm)')
   return variables['params']
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitsFn:
+  """`apply_fn(params, x) -> logits` of a Flax module: fu_jax's model convention.
+
+  Equal modules give equal (and equally hashing) LogitsFn objects, so a jit cache keyed on
+  apply_fn (a static argument, or jax.jit(apply_fn)) hits across calls, where a fresh
+  `lambda p, x: module.apply({'params': p}, x)` per call would recompile.
+  """
+  module: nn.Module
+
+  def __call__(self, params, x):
+    return self.module.apply({'params': params}, x)
+
+
+def logits_fn(module: nn.Module) -> LogitsFn:
+  """The (params, x) -> logits function every fu_jax transform, runner and metric takes."""
+  return LogitsFn(module)

@@ -11,6 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 from fu_jax import ascent
 from fu_jax import losses
+from fu_jax import models
 
 K = 3
 N_VALID, N_PAD, BS = 10, 14, 4
@@ -25,6 +26,7 @@ class TinyMLP(nn.Module):
 
 
 MODULE = TinyMLP()
+APPLY = models.logits_fn(MODULE)  # (params, x) -> logits
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,12 +112,12 @@ def _manual(params, x, y, key, lr, ref=None, radius=None, max_loss=None):
 def test_sga_epoch_matches_manual_loop_and_increases_loss():
   params, x, y, mask = _setup()
   key = jax.random.PRNGKey(1)
-  got = _epoch(MODULE.apply, params, x, y, mask, lr=0.5, batch_size=BS, key=key)
+  got = _epoch(APPLY, params, x, y, mask, lr=0.5, batch_size=BS, key=key)
   want = _manual(params, x, y, key, 0.5)
   np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5, atol=1e-6)
   assert float(_loss(got, x, y, mask)) > float(_loss(params, x, y, mask)) + 0.05
   # Padding never changes the result.
-  unpadded = _epoch(MODULE.apply, params, x[:N_VALID], y[:N_VALID], jnp.ones(N_VALID, bool),
+  unpadded = _epoch(APPLY, params, x[:N_VALID], y[:N_VALID], jnp.ones(N_VALID, bool),
                     lr=0.5, batch_size=BS, key=key)
   np.testing.assert_allclose(_flat(unpadded), _flat(got), rtol=1e-6, atol=1e-7)
 
@@ -125,7 +127,7 @@ def test_sga_epoch_projection_stays_in_ball():
   key = jax.random.PRNGKey(2)
   ref = jax.tree.map(lambda p: p + 0.01, params)
   radius = 0.2
-  got = _epoch(MODULE.apply, params, x, y, mask, lr=1.0, batch_size=BS, key=key,
+  got = _epoch(APPLY, params, x, y, mask, lr=1.0, batch_size=BS, key=key,
                ref_params=ref, radius=radius)
   dist = np.linalg.norm(_flat(got) - _flat(ref))
   assert dist <= radius * (1 + 1e-5)
@@ -139,11 +141,11 @@ def test_sga_epoch_max_loss_stops_the_ascent():
   key = jax.random.PRNGKey(1)
   # Below the initial loss: nothing moves.
   start = float(_loss(params, x, y, mask))
-  got = _epoch(MODULE.apply, params, x, y, mask, lr=0.5, batch_size=BS, key=key,
+  got = _epoch(APPLY, params, x, y, mask, lr=0.5, batch_size=BS, key=key,
                max_loss=0.1 * start)
   np.testing.assert_array_equal(_flat(got), _flat(params))
   # A threshold reached mid-epoch: the first step(s) are taken, then the rest skipped.
-  full = _epoch(MODULE.apply, params, x, y, mask, lr=0.5, batch_size=BS, key=key,
+  full = _epoch(APPLY, params, x, y, mask, lr=0.5, batch_size=BS, key=key,
                 max_loss=None)
   idx, valid = _plan(key, mask, BS)
   b0 = float(_loss(params, x[idx[0]], y[idx[0]], valid[0]))
@@ -151,7 +153,7 @@ def test_sga_epoch_max_loss_stops_the_ascent():
   b1 = float(_loss(p1, x[idx[1]], y[idx[1]], valid[1]))
   assert b1 > b0  # so a threshold in between stops after exactly one step
   mid = 0.5 * (b0 + b1)
-  got = _epoch(MODULE.apply, params, x, y, mask, lr=0.5, batch_size=BS, key=key, max_loss=mid)
+  got = _epoch(APPLY, params, x, y, mask, lr=0.5, batch_size=BS, key=key, max_loss=mid)
   np.testing.assert_allclose(_flat(got), _flat(p1), rtol=1e-6)
   np.testing.assert_allclose(_flat(got), _flat(_manual(params, x, y, key, 0.5, max_loss=mid)),
                              rtol=1e-6)
@@ -161,5 +163,5 @@ def test_sga_epoch_max_loss_stops_the_ascent():
 def test_bad_inputs():
   params, x, y, mask = _setup()
   with pytest.raises(ValueError, match='ref_params and radius'):
-    ascent.sga_epoch(MODULE.apply, params, x, y, mask, lr=0.1, batch_size=BS,
+    ascent.sga_epoch(APPLY, params, x, y, mask, lr=0.1, batch_size=BS,
                      key=jax.random.PRNGKey(0), ref_params=params)

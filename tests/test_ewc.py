@@ -11,6 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from fu_jax import ewc
+from fu_jax import models
 
 K = 3
 N_VALID, N_PAD = 10, 13
@@ -26,7 +27,8 @@ class TinyMLP(nn.Module):
 
 
 MODULE = TinyMLP()
-LOSS = ewc.example_ce_loss(MODULE.apply)
+APPLY = models.logits_fn(MODULE)  # (params, x) -> logits
+LOSS = ewc.example_ce_loss(APPLY)
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,7 +156,7 @@ def _max_intermediate_size(jaxpr):
 @pytest.mark.parametrize('fn', ['fisher', 'sketch'])
 def test_never_materialises_per_example_jacobian(fn):
   wide = TinyMLP(hidden=64)
-  loss = ewc.example_ce_loss(wide.apply)
+  loss = ewc.example_ce_loss(models.logits_fn(wide))
   params = jax.eval_shape(wide.init, jax.random.PRNGKey(0), jnp.zeros((1, 2)))['params']
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
   n = 256

@@ -16,6 +16,7 @@ from experiments.configs import digits
 from fu_jax import ewc
 from fu_jax import fl
 from fu_jax import labels
+from fu_jax import models
 from fu_jax.methods import base
 from fu_jax.methods import fedaf
 from tests.test_sga import small_config  # digits' fedaf.lr 0.02: ~2 unlearning steps per client
@@ -32,7 +33,8 @@ class TinyMLP(nn.Module):
 
 
 MODULE = TinyMLP()
-LOSS = ewc.example_ce_loss(MODULE.apply)
+APPLY = models.logits_fn(MODULE)  # (params, x) -> logits
+LOSS = ewc.example_ce_loss(APPLY)
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,7 +94,7 @@ def test_unlearn_program_equals_hand_written_ewc_sgd():
   y_new = jax.nn.softmax(jnp.asarray(np.random.RandomState(2).randn(2, 9, K), jnp.float32))
   fisher = jax.tree.map(lambda p: jnp.abs(jax.random.normal(jax.random.key(3), (2,) + p.shape)),
                         params)
-  prog = fedaf.unlearn_program(MODULE.apply, optax.sgd(lr), ewc_kind="diag", lam=lam, width=1)
+  prog = fedaf.unlearn_program(APPLY, optax.sgd(lr), ewc_kind="diag", lam=lam, width=1)
   runner = fl.ClientRunner(prog, kind="loop", epochs=3, batch_size=9)
   got = runner.run(params, (x, (y_new, y)), valid, fisher, keys).params
 
@@ -158,7 +160,7 @@ def test_new_labels_only_on_target_rows(variant):
     key = jax.random.fold_in(fl.stream_key(0, fl.STREAM_UNLEARN, fedaf.FEDAF_ID, 0, 1), 0)
     teachers = labels.init_teachers(MODULE, key, (2,), 4)
     rows = np.flatnonzero(forget[1])
-    want = labels.teacher_labels(MODULE.apply, teachers, x[1, rows], variant="debias",
+    want = labels.teacher_labels(APPLY, teachers, x[1, rows], variant="debias",
                                  target_class=y[1, rows])
     np.testing.assert_allclose(got[1, rows], np.asarray(want), rtol=1e-5, atol=1e-7)
   if variant == "uniform":

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fu_jax import fl, losses
+from fu_jax import fl, losses, models
 
 
 class TinyMLP(nn.Module):
@@ -31,7 +31,7 @@ def _setup(num_clients=4, max_n=23, seed=0):
 
 
 def _runner(model, kind, batch_size=5, epochs=2, lr=0.1, **kw):
-  program = fl.sgd_program(model.apply, optax.sgd(lr))
+  program = fl.sgd_program(models.logits_fn(model), optax.sgd(lr))
   return fl.ClientRunner(program, kind=kind, epochs=epochs, batch_size=batch_size, **kw)
 
 
@@ -115,7 +115,7 @@ def test_sampling_is_deterministic_and_respects_weights():
 
 def test_removing_a_client_does_not_retrace():
   model, params, x, y, valid = _setup()
-  program = fl.sgd_program(model.apply, optax.sgd(0.1))
+  program = fl.sgd_program(models.logits_fn(model), optax.sgd(0.1))
   program = program._replace(step=chex.assert_max_traces(program.step, n=1))
   runner = fl.ClientRunner(program, kind="vmap", epochs=1, batch_size=5)
   server = fl.server_init(params, optax.sgd(1.0))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fu_jax import labels
+from fu_jax import models
 
 K = 5
 
@@ -75,7 +76,7 @@ def test_glorot_reinit_follows_xavier_uniform():
 def test_rows_are_probability_vectors(variant):
   module, tp = _teachers()
   x = _data()
-  y = labels.teacher_labels(module.apply, tp, x, variant=variant, target_class=2,
+  y = labels.teacher_labels(models.logits_fn(module), tp, x, variant=variant, target_class=2,
                             num_classes=K, key=jax.random.PRNGKey(3))
   assert y.shape == (6, K)
   assert np.all(np.asarray(y) >= 0)
@@ -102,7 +103,7 @@ def test_uniform_and_random():
 def test_teacher_vmap_equals_loop_over_teachers():
   module, tp = _teachers(q=3)
   x = _data()
-  got = labels.teacher_labels(module.apply, tp, x, variant='teacher', num_classes=K)
+  got = labels.teacher_labels(models.logits_fn(module), tp, x, variant='teacher', num_classes=K)
   want = np.zeros((6, K))
   for q in range(3):
     p = jax.tree.map(lambda a: a[q], tp)
@@ -122,10 +123,10 @@ def test_debias_replaces_target_weight_with_average_weight():
   target = 3
   module, tp = _biased_teachers(target)
   x = _data(8)
-  p = np.asarray(labels.teacher_labels(module.apply, tp, x, variant='teacher', num_classes=K),
+  p = np.asarray(labels.teacher_labels(models.logits_fn(module), tp, x, variant='teacher', num_classes=K),
                  np.float64)
   assert np.all(p[:, target] > 1.0 / K)  # the teachers favour the target class
-  q = np.asarray(labels.teacher_labels(module.apply, tp, x, variant='debias',
+  q = np.asarray(labels.teacher_labels(models.logits_fn(module), tp, x, variant='debias',
                                        target_class=target, num_classes=K), np.float64)
   # Eq. (4) with w = p_t / mean_k p_k (= K p_t): target -> p_t / w = 1/K, others unchanged,
   # then L1 renormalisation.
@@ -145,7 +146,7 @@ def test_debias_replaces_target_weight_with_average_weight():
 def test_debias_per_example_targets_and_batch_scope():
   module, tp = _biased_teachers(1)
   x = _data(6)
-  p = jax.jit(labels.teacher_probs, static_argnums=0)(module.apply, tp, x)
+  p = jax.jit(labels.teacher_probs, static_argnums=0)(models.logits_fn(module), tp, x)
   targets = jnp.array([0, 1, 2, 3, 4, 1])
   got = _debias(p, targets)
   for i, t in enumerate(np.asarray(targets)):
@@ -170,15 +171,15 @@ def test_bad_inputs():
   module, tp = _teachers()
   x = _data()
   with pytest.raises(ValueError, match='uniform, random, teacher, debias'):
-    labels.teacher_labels(module.apply, tp, x, variant='soft', num_classes=K)
+    labels.teacher_labels(models.logits_fn(module), tp, x, variant='soft', num_classes=K)
   with pytest.raises(ValueError, match='key'):
     labels.teacher_labels(None, None, x, variant='random', num_classes=K)
   with pytest.raises(ValueError, match='num_classes'):
     labels.teacher_labels(None, None, x, variant='uniform')
   with pytest.raises(ValueError, match='target_class'):
-    labels.teacher_labels(module.apply, tp, x, variant='debias', num_classes=K)
+    labels.teacher_labels(models.logits_fn(module), tp, x, variant='debias', num_classes=K)
   with pytest.raises(ValueError, match='num_classes=7'):
-    labels.teacher_labels(module.apply, tp, x, variant='teacher', num_classes=7)
+    labels.teacher_labels(models.logits_fn(module), tp, x, variant='teacher', num_classes=7)
   with pytest.raises(ValueError, match='sample, batch'):
     _debias(jnp.full((2, K), 0.2), 0, scope='global')
   with pytest.raises(ValueError, match='num_teachers'):

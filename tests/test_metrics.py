@@ -9,13 +9,14 @@ import optax
 import pytest
 
 from fu_jax import metrics
+from fu_jax import models
 from fu_jax.metrics import accuracy as acc_lib
 from fu_jax.metrics import backdoor, mia
 
 
-def identity_apply(variables, x):
+def identity_apply(params, x):
   """A 'model' whose input rows are its logits: exact hand-made cases."""
-  del variables
+  del params
   return x
 
 
@@ -112,24 +113,24 @@ def test_batch_padding_invariance():
   params = jax.jit(model.init)(jax.random.key(2), x[:1])["params"]  # eager init is slow
   full = np.asarray(jax.jit(model.apply)({"params": params}, x))  # one unpadded batch
   for bs in (7, 1024):  # 7: two full batches + a padded one; 1024: one batch padded to 32
-    np.testing.assert_allclose(metrics.predict_logits(model.apply, params, x, batch_size=bs),
+    np.testing.assert_allclose(metrics.predict_logits(models.logits_fn(model), params, x, batch_size=bs),
                                full, rtol=1e-5, atol=1e-6)
-  a = metrics.evaluate(model.apply, params, x, y, 5, [1], batch_size=7)
-  b = metrics.evaluate(model.apply, params, x, y, 5, [1], batch_size=1024)
+  a = metrics.evaluate(models.logits_fn(model), params, x, y, 5, [1], batch_size=7)
+  b = metrics.evaluate(models.logits_fn(model), params, x, y, 5, [1], batch_size=1024)
   assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
   for k in ("test_acc", "retain_acc", "forget_acc"):
     assert a[k] == b[k]
   np.testing.assert_allclose(
-      metrics.per_example_loss(model.apply, params, x, y, batch_size=7), manual_ce(full, y),
+      metrics.per_example_loss(models.logits_fn(model), params, x, y, batch_size=7), manual_ce(full, y),
       rtol=1e-5)
 
 
 def test_predict_logits_compiles_few_shapes():
   seen = set()
 
-  def apply_fn(variables, x):
+  def apply_fn(params, x):
     seen.add(x.shape[0])  # runs only when tracing, i.e. once per compiled shape
-    return x * variables["params"]["w"]
+    return x * params["w"]
 
   params = {"w": jnp.float32(2.0)}
   for n in (1, 3, 5, 8, 13, 21, 30):
@@ -217,8 +218,7 @@ def test_membership_inference_convenience():
 D, H = 8, 64  # tiny MLP for the shadow attack: D inputs, H hidden units, 4 classes
 
 
-def mlp_apply(variables, x):
-  p = variables["params"]
+def mlp_apply(p, x):
   return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
 
 
@@ -234,7 +234,7 @@ def mlp_train_fn(key, x, y, mask):
   opt = optax.adam(1e-2)
 
   def loss(p):
-    ce = optax.softmax_cross_entropy_with_integer_labels(mlp_apply({"params": p}, x), y)
+    ce = optax.softmax_cross_entropy_with_integer_labels(mlp_apply(p, x), y)
     return jnp.sum(ce * mask) / jnp.sum(mask)
 
   def step(carry, _):
@@ -366,16 +366,16 @@ TRIGGER = backdoor.Trigger(size=2, value=5.0)
 K = 4
 
 
-def patch_detector(variables, x):
+def patch_detector(params, x):
   """Predicts class 3 when the bottom-right 2x2 patch is all 5.0, else class 0."""
-  del variables
+  del params
   hit = jnp.all(x[:, -2:, -2:, :] == 5.0, axis=(1, 2, 3))
   return jax.nn.one_hot(jnp.where(hit, 3, 0), K)
 
 
-def shift_detector(variables, x):
+def shift_detector(params, x):
   """Reads the true label from pixel (0, 0); predicts (y + 1) % K when triggered, else y."""
-  del variables
+  del params
   y = x[:, 0, 0, 0].astype(jnp.int32)
   hit = jnp.all(x[:, -2:, -2:, :] == 5.0, axis=(1, 2, 3))
   return jax.nn.one_hot(jnp.where(hit, (y + 1) % K, y), K)
@@ -396,9 +396,9 @@ def test_backdoor_accuracy():
   assert asr(patch_detector, {}, x, y, 1, TRIGGER, shift, num_classes=K) == 0.0  # 1 -> 2
 
 
-def identity_like_clean(variables, x):
+def identity_like_clean(params, x):
   """A clean model: predicts the true label (pixel (0, 0)) and ignores the trigger."""
-  del variables
+  del params
   return jax.nn.one_hot(x[:, 0, 0, 0].astype(jnp.int32), K)
 
 

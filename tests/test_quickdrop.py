@@ -124,7 +124,7 @@ def test_runner_takes_the_scheduled_distilling_step_on_each_client_s_first_step(
   keys = jax.random.split(jax.random.key(8), n)
   res = fl.ClientRunner(prog, kind=kind, epochs=1, batch_size=4).run(params, (x, y), valid,
                                                                       extra, keys)
-  plain = fl.ClientRunner(fl.sgd_program(model.apply, optax.sgd(0.1)), kind="loop", epochs=1,
+  plain = fl.ClientRunner(fl.sgd_program(models.logits_fn(model), optax.sgd(0.1)), kind="loop", epochs=1,
                           batch_size=4)
   want = plain.run(params, (x, y), valid, None, keys)
   for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(want.params)):
@@ -208,7 +208,7 @@ def test_normalized_sga_moves_by_exactly_lr_and_ascends():
   loss_of = lambda p: float(losses.masked_ce(model.apply({"params": p}, batch.x), batch.y,
                                              batch.mask))
   for normalize, lr in ((True, 0.3), (False, 0.5)):
-    prog = fl.sgd_program(model.apply, qd.sga_optimizer(
+    prog = fl.sgd_program(models.logits_fn(model), qd.sga_optimizer(
         {"unlearn_normalize": normalize, "unlearn_lr": lr}))
     new, m = prog.step(prog.init(params, None, None), batch, None)
     assert loss_of(new.params) > loss_of(params) == pytest.approx(float(m["loss"]), rel=1e-5)
@@ -226,7 +226,7 @@ def test_synthetic_phases_clamp_the_batch_without_changing_the_step():
   model, params = _tiny()
   cfg = small_config()
   cfg.fl.batch_size = 64
-  task = types.SimpleNamespace(apply_fn=model.apply, config=cfg)
+  task = types.SimpleNamespace(apply_fn=models.logits_fn(model), config=cfg)
   env = types.SimpleNamespace(runner=lambda p, e, b: fl.ClientRunner(
       p, kind="loop", epochs=e, batch_size=b))
   phases = qd._SynPhases(task, env, qd.settings(cfg))  # pylint: disable=protected-access

@@ -14,6 +14,7 @@ from experiments import run as run_lib
 from experiments.configs import digits
 from fu_jax import ascent
 from fu_jax import fl
+from fu_jax import models
 from fu_jax.methods import sga
 
 K = 3
@@ -27,6 +28,7 @@ class TinyMLP(nn.Module):
 
 
 MODULE = TinyMLP()
+APPLY = models.logits_fn(MODULE)  # (params, x) -> logits
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,10 +53,10 @@ def test_program_equals_ascent_sga_epoch_full_batch(radius, max_loss):
   # program must equal 4 calls of ascent.sga_epoch (its lax.scan implementation).
   params, x, y, valid, keys = _setup()
   lr = 0.5
-  prog = sga.sga_program(MODULE.apply, lr, radius=radius, max_loss=max_loss)
+  prog = sga.sga_program(APPLY, lr, radius=radius, max_loss=max_loss)
   got = fl.ClientRunner(prog, kind="vmap", epochs=4, batch_size=8).run(
       params, (x, y), valid, None, keys).params
-  step = jax.jit(functools.partial(ascent.sga_epoch, MODULE.apply, lr=lr, batch_size=8,
+  step = jax.jit(functools.partial(ascent.sga_epoch, APPLY, lr=lr, batch_size=8,
                                    max_loss=max_loss))
   for c in range(2):
     p = params
@@ -77,7 +79,7 @@ def test_program_equals_ascent_sga_epoch_full_batch(radius, max_loss):
 
 def test_program_ascends_the_loss():
   params, x, y, valid, keys = _setup()
-  got = fl.ClientRunner(sga.sga_program(MODULE.apply, 0.2), kind="loop", epochs=2,
+  got = fl.ClientRunner(sga.sga_program(APPLY, 0.2), kind="loop", epochs=2,
                         batch_size=3).run(params, (x, y), valid, None, keys).params
 
   def loss(p, c):

@@ -57,7 +57,9 @@ class Task(NamedTuple):
 
   @property
   def apply_fn(self):
-    return self.model.apply
+    """(params, x) -> logits; equal for equal models, so jit caches keyed on it hit."""
+    from fu_jax import models  # local import, as in init_params below
+    return models.logits_fn(self.model)
 
 
 class Trained(NamedTuple):

@@ -118,11 +118,7 @@ def settings(config) -> dict:
 
 def apply_fn(task: base.Task):
   """(params, x) -> logits, the signature masking.channel_effects takes."""
-  return functools.partial(_apply, task.model)
-
-
-def _apply(model, params, x):
-  return model.apply({"params": params}, x)
+  return task.apply_fn
 
 
 def scored_layers(params, which: str = "all") -> tuple:

@@ -231,7 +231,7 @@ def client_fisher(task: base.Task, env: base.Env, s: dict, params, clients, y_ol
   the diagonal Fisher (pytree like params) or (S J, n). Returns (curvature, examples)."""
   # im2col: vmapped per-example conv gradients become batched matmuls, not grouped convs.
   model = models.with_conv_impl(task.model, "im2col")
-  loss_fn = ewc.example_ce_loss(model.apply)
+  loss_fn = ewc.example_ce_loss(models.logits_fn(model))
   program = fisher_program(loss_fn, s["fisher"], s["sketch_width"])
   valid = fisher_mask(task, s, clients)
   idx = np.asarray(clients)
@@ -273,7 +273,7 @@ def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation,
   """
   def loss_fn(params, batch):
     y_new, y_old = batch.y
-    logits = apply_fn({"params": params}, batch.x)
+    logits = apply_fn(params, batch.x)
     old = losses.masked_ce(logits, y_old, batch.mask)
     return losses.masked_ce(logits, y_new, batch.mask) - true_weight * old, old
 

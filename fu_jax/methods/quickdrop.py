@@ -95,6 +95,7 @@ from fu_jax import ascent
 from fu_jax import distill
 from fu_jax import fl
 from fu_jax import losses
+from fu_jax import models
 from fu_jax import tree as tu
 from fu_jax.methods import base
 from fu_jax.metrics import accuracy as acc_lib
@@ -185,7 +186,7 @@ class TrainState(NamedTuple):
 
 def _distill_apply(model):
   """(params, x) -> logits, the signature fu_jax.distill takes."""
-  return lambda p, x: model.apply({"params": p}, x)
+  return models.logits_fn(model)
 
 
 def image_optimizer(s: dict) -> optax.GradientTransformation:

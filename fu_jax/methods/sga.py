@@ -150,7 +150,7 @@ def sga_program(apply_fn: Callable, lr: float, *, radius: float | None = None,
   Metrics: 'loss' (L_b, measured before the step) and 'stopped'.
   """
   def loss_fn(p, batch):
-    return losses.masked_ce(apply_fn({"params": p}, batch.x), batch.y, batch.mask)
+    return losses.masked_ce(apply_fn(p, batch.x), batch.y, batch.mask)
 
   def init(server_params, extra, key):
     del extra, key

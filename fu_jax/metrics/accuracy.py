@@ -1,8 +1,8 @@
 """Batched prediction, per-example loss and (per-class / retain / forget) accuracy.
 
 Host-side metrics: inputs are numpy (or jax) arrays, outputs are numpy arrays or plain python
-floats. `apply_fn` follows the fu_jax model convention, `apply_fn({'params': params}, x) ->
-logits [B, K]` (e.g. `module.apply`), and must have no batch-dependent behaviour (no
+floats. `apply_fn` follows the fu_jax model convention, `apply_fn(params, x) -> logits
+[B, K]` (e.g. `fu_jax.models.logits_fn(module)`), and must have no batch-dependent behaviour (no
 BatchNorm), so zero padding rows never change the other rows' logits.
 
 Protocol (DESIGN.md §6): test accuracy; retain accuracy = test samples of the kept classes;
@@ -14,12 +14,12 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-ApplyFn = Callable  # apply_fn({'params': params}, x) -> logits [B, K]
+ApplyFn = Callable  # apply_fn(params, x) -> logits [B, K]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(apply_fn, params, x):
-  return apply_fn({"params": params}, x)
+  return apply_fn(params, x)
 
 
 def _bucket(n: int, batch_size: int) -> int:
@@ -39,7 +39,7 @@ def predict_logits(apply_fn: ApplyFn, params, x, *, batch_size: int = 1024) -> n
   Every batch has the same padded shape (the last partial batch is zero-padded and its
   padding rows dropped), so a data set of any size compiles at most log2(batch_size) + 1
   shapes per model. Batches are dispatched asynchronously and gathered at the end.
-  Keep `apply_fn` the same object across calls (e.g. `module.apply`), not a fresh lambda:
+  Keep `apply_fn` equal across calls (e.g. `models.logits_fn(module)`), not a fresh lambda:
   it is the jit cache key.
   """
   if batch_size < 1:
