@@ -54,12 +54,24 @@ def _require(ok: bool, msg: str):
     raise ConfigError(msg)
 
 
-def validate(config, method_name: str, num_classes: int | None = None):
-  """Raises ConfigError naming the bad value and what is allowed."""
+def validate(config, method_name: str, num_classes: int | None = None,
+             num_train: int | None = None):
+  """Raises ConfigError naming the bad value and what is allowed.
+
+  num_classes, num_train: known after loading the data; checks needing them are skipped
+  when None.
+  """
   methods_lib.get(method_name)  # unknown method -> ValueError listing the allowed ones
   d, f = config.data, config.fl
   _require(isinstance(d.num_clients, int) and d.num_clients >= 1,
            f"data.num_clients={d.num_clients!r}: must be an int >= 1")
+  size = d.get("train_size", 0)
+  _require(isinstance(size, int) and not isinstance(size, bool) and size >= 0,
+           f"data.train_size={size!r}: must be 0 (all) or an int in 1..number of training "
+           "examples")
+  if num_train is not None:
+    _require(size <= num_train,
+             f"data.train_size={size}: allowed 0 (all) or 1..{num_train} (the training set)")
   _require(d.partition in PARTITIONS,
            f"data.partition={d.partition!r}: allowed {PARTITIONS}")
   _require(d.alpha > 0, f"data.alpha={d.alpha!r}: must be > 0")
@@ -111,7 +123,8 @@ def methods_for(name: str, kind: str) -> list[str]:
 def build_task(config) -> base.Task:
   ds = data_lib.load_dataset(config.data.source, seed=config.seed,
                              data_dir=config.data.data_dir or None)
-  validate(config, config.method, ds.num_classes)
+  validate(config, config.method, ds.num_classes, num_train=len(ds.y_train))
+  ds = data_lib.subsample_train(ds, config.data.get("train_size", 0), config.seed)
   parts = data_lib.partition(ds.y_train, config.data.num_clients, kind=config.data.partition,
                              seed=config.seed, alpha=config.data.alpha,
                              classes_per_client=config.data.classes_per_client,

@@ -463,6 +463,54 @@ def load_dataset(source: str, *, seed: int = 0, data_dir: str | None = None,
 
 
 # --------------------------------------------------------------------------------------------
+# Training-set subsample
+
+# Independent numpy stream for the subsample (SeedSequence spawn key), so changing
+# data.train_size never shifts any other draw made from the seed.
+STREAM_TRAIN_SIZE = 1
+
+
+def stratified_subset(labels, size: int, seed: int) -> np.ndarray:
+  """Sorted indices of a seeded class-stratified subset of `size` examples.
+
+  Class c keeps floor(size * n_c / n) examples plus one for the classes with the largest
+  remainders (ties broken at random), so the class proportions of the subset match the
+  full set's to within one example and the sizes sum to `size` exactly; within a class
+  the examples are drawn uniformly without replacement. The draw comes from
+  SeedSequence(seed, spawn_key=(STREAM_TRAIN_SIZE,)): its own stream of the seed.
+
+  Raises:
+    ValueError: size outside [1, n].
+  """
+  labels = np.asarray(labels)
+  n = labels.size
+  size = _check_int(size, 'train_size', 1, n)
+  rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(STREAM_TRAIN_SIZE,)))
+  classes, counts = np.unique(labels, return_counts=True)
+  quota = size * counts / n
+  take = np.floor(quota).astype(np.int64)
+  short = size - int(take.sum())
+  if short:
+    frac = quota - take
+    order = np.lexsort((rng.random(classes.size), -frac))
+    take[order[:short]] += 1
+  keep = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False)
+          for c, k in zip(classes, take)]
+  return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def subsample_train(ds: types.Dataset, size: int, seed: int) -> types.Dataset:
+  """`ds` with its training split cut to a seeded class-stratified subset (`stratified_subset`,
+  kept in file order); size 0 keeps everything. The test split and the normalisation
+  (statistics of the full training split) are unchanged, so a kept image has exactly the
+  values it has in the full set."""
+  if isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size == 0:
+    return ds
+  keep = stratified_subset(ds.y_train, size, seed)
+  return ds._replace(x_train=ds.x_train[keep], y_train=ds.y_train[keep])
+
+
+# --------------------------------------------------------------------------------------------
 # Partitioning
 
 

@@ -565,3 +565,36 @@ def test_module_is_import_light():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.stdout.strip() == '[]'
+
+
+# --------------------------------------------------------------------------------------------
+# Training-set subsample (data.train_size)
+
+
+def test_stratified_subset_sizes_proportions_and_seed():
+  labels = np.repeat(np.arange(4), [50, 30, 15, 5])
+  rng = np.random.default_rng(3)
+  labels = labels[rng.permutation(labels.size)]
+  for size in (1, 7, 33, 99, 100):
+    keep = data.stratified_subset(labels, size, seed=0)
+    assert keep.size == size and np.unique(keep).size == size  # distinct
+    assert np.all(np.diff(keep) > 0)  # file order
+    got = np.bincount(labels[keep], minlength=4)
+    want = size * np.bincount(labels) / labels.size
+    assert np.all(np.abs(got - want) < 1), (size, got, want)  # within one example per class
+  a = data.stratified_subset(labels, 40, seed=5)
+  np.testing.assert_array_equal(a, data.stratified_subset(labels, 40, seed=5))
+  assert not np.array_equal(a, data.stratified_subset(labels, 40, seed=6))
+  for bad in (0, 101, -1, 2.5, True):
+    with pytest.raises(ValueError, match=r'train_size must be an int in \[1, 100\]'):
+      data.stratified_subset(labels, bad, seed=0)
+
+
+def test_subsample_train_keeps_exact_values_and_test_split():
+  ds = data.load_dataset('digits', seed=0)
+  sub = data.subsample_train(ds, 300, seed=0)
+  keep = data.stratified_subset(ds.y_train, 300, seed=0)
+  np.testing.assert_array_equal(sub.x_train, ds.x_train[keep])  # same normalisation
+  np.testing.assert_array_equal(sub.y_train, ds.y_train[keep])
+  assert sub.x_test is ds.x_test and sub.y_test is ds.y_test
+  assert data.subsample_train(ds, 0, seed=0) is ds

@@ -16,6 +16,7 @@ def get_config():
   c.data = ml_collections.ConfigDict()
   c.data.source = "digits"     # digits | idx:<dir> | tfds:<name> | npz:<file>
   c.data.data_dir = ""         # TFDS data dir ("" = TFDS default)
+  c.data.train_size = 0        # seeded class-stratified subsample of the training set (0 = all)
   c.data.num_clients = 10
   c.data.partition = "iid"     # iid | dirichlet | shards
   c.data.alpha = 0.5           # Dirichlet concentration
