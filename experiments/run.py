@@ -38,7 +38,7 @@ from fu_jax.metrics import mia as mia_lib
 # results.json fields that measure time: they differ between otherwise identical runs.
 TIMING_FIELDS = ("train_seconds", "unlearn_seconds", "compile_seconds", "eval_seconds",
                  "speedup_vs_retrain")
-PARTITIONS = ("iid", "dirichlet", "shards")
+PARTITIONS = data_lib.PARTITIONS
 
 
 class ConfigError(ValueError):
@@ -75,6 +75,9 @@ def validate(config, method_name: str, num_classes: int | None = None,
   _require(d.partition in PARTITIONS,
            f"data.partition={d.partition!r}: allowed {PARTITIONS}")
   _require(d.alpha > 0, f"data.alpha={d.alpha!r}: must be > 0")
+  sigma = d.get("size_sigma", 0.0)
+  _require(isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0,
+           f"data.size_sigma={sigma!r}: must be a finite number >= 0 (0 = equal sizes)")
   _require(isinstance(f.rounds, int) and f.rounds >= 1, f"fl.rounds={f.rounds!r}: must be >= 1")
   _require(f.local_epochs >= 1, f"fl.local_epochs={f.local_epochs!r}: must be >= 1")
   _require(f.batch_size >= 1, f"fl.batch_size={f.batch_size!r}: must be >= 1")
@@ -128,7 +131,8 @@ def build_task(config) -> base.Task:
   parts = data_lib.partition(ds.y_train, config.data.num_clients, kind=config.data.partition,
                              seed=config.seed, alpha=config.data.alpha,
                              classes_per_client=config.data.classes_per_client,
-                             min_size=config.data.min_size)
+                             min_size=config.data.min_size,
+                             size_sigma=config.data.get("size_sigma", 0.0))
   u = config.unlearn
   classes = () if u.kind == "client" else request_classes(config)
   client = u.forget_client if u.kind != "class" else -1
