@@ -38,7 +38,7 @@ from fu_jax.metrics import mia as mia_lib
 # results.json fields that measure time: they differ between otherwise identical runs.
 TIMING_FIELDS = ("train_seconds", "unlearn_seconds", "compile_seconds", "eval_seconds",
                  "speedup_vs_retrain")
-PARTITIONS = ("iid", "dirichlet", "shards")
+PARTITIONS = data_lib.PARTITIONS
 
 
 class ConfigError(ValueError):
@@ -54,15 +54,30 @@ def _require(ok: bool, msg: str):
     raise ConfigError(msg)
 
 
-def validate(config, method_name: str, num_classes: int | None = None):
-  """Raises ConfigError naming the bad value and what is allowed."""
+def validate(config, method_name: str, num_classes: int | None = None,
+             num_train: int | None = None):
+  """Raises ConfigError naming the bad value and what is allowed.
+
+  num_classes, num_train: known after loading the data; checks needing them are skipped
+  when None.
+  """
   methods_lib.get(method_name)  # unknown method -> ValueError listing the allowed ones
   d, f = config.data, config.fl
   _require(isinstance(d.num_clients, int) and d.num_clients >= 1,
            f"data.num_clients={d.num_clients!r}: must be an int >= 1")
+  size = d.get("train_size", 0)
+  _require(isinstance(size, int) and not isinstance(size, bool) and size >= 0,
+           f"data.train_size={size!r}: must be 0 (all) or an int in 1..number of training "
+           "examples")
+  if num_train is not None:
+    _require(size <= num_train,
+             f"data.train_size={size}: allowed 0 (all) or 1..{num_train} (the training set)")
   _require(d.partition in PARTITIONS,
            f"data.partition={d.partition!r}: allowed {PARTITIONS}")
   _require(d.alpha > 0, f"data.alpha={d.alpha!r}: must be > 0")
+  sigma = d.get("size_sigma", 0.0)
+  _require(isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0,
+           f"data.size_sigma={sigma!r}: must be a finite number >= 0 (0 = equal sizes)")
   _require(isinstance(f.rounds, int) and f.rounds >= 1, f"fl.rounds={f.rounds!r}: must be >= 1")
   _require(f.local_epochs >= 1, f"fl.local_epochs={f.local_epochs!r}: must be >= 1")
   _require(f.batch_size >= 1, f"fl.batch_size={f.batch_size!r}: must be >= 1")
@@ -111,11 +126,13 @@ def methods_for(name: str, kind: str) -> list[str]:
 def build_task(config) -> base.Task:
   ds = data_lib.load_dataset(config.data.source, seed=config.seed,
                              data_dir=config.data.data_dir or None)
-  validate(config, config.method, ds.num_classes)
+  validate(config, config.method, ds.num_classes, num_train=len(ds.y_train))
+  ds = data_lib.subsample_train(ds, config.data.get("train_size", 0), config.seed)
   parts = data_lib.partition(ds.y_train, config.data.num_clients, kind=config.data.partition,
                              seed=config.seed, alpha=config.data.alpha,
                              classes_per_client=config.data.classes_per_client,
-                             min_size=config.data.min_size)
+                             min_size=config.data.min_size,
+                             size_sigma=config.data.get("size_sigma", 0.0))
   u = config.unlearn
   classes = () if u.kind == "client" else request_classes(config)
   client = u.forget_client if u.kind != "class" else -1

@@ -17,8 +17,11 @@ Three steps (DESIGN.md §3.1):
    per-channel mean and std of the train split (std 0 -> 1). Anything missing, truncated or
    inconsistent raises `DataError` (a ValueError) naming the path and what was expected.
 
-2. `partition(labels, num_clients, kind=iid|dirichlet|shards, seed=...)` -> list of index
-   arrays into the train set, deterministic in `seed`, each already shuffled.
+2. `partition(labels, num_clients, kind=iid|dirichlet|client_dirichlet|shards, seed=...)` ->
+   list of index arrays into the train set, deterministic in `seed`, each already shuffled.
+   `dirichlet` splits each class over the clients (needs every client to receive enough:
+   fails at thousands of clients and small alpha); `client_dirichlet` gives each client its
+   own mixture and a log-normal size (cross-device scale).
 
 3. `stack_clients(x, y, parts)` -> `types.ClientData`: [clients, max_n, ...] blocks padded with
    zero rows, valid=False and index=-1 (fedjax-style; padding never changes a result).
@@ -463,6 +466,54 @@ def load_dataset(source: str, *, seed: int = 0, data_dir: str | None = None,
 
 
 # --------------------------------------------------------------------------------------------
+# Training-set subsample
+
+# Independent numpy stream for the subsample (SeedSequence spawn key), so changing
+# data.train_size never shifts any other draw made from the seed.
+STREAM_TRAIN_SIZE = 1
+
+
+def stratified_subset(labels, size: int, seed: int) -> np.ndarray:
+  """Sorted indices of a seeded class-stratified subset of `size` examples.
+
+  Class c keeps floor(size * n_c / n) examples plus one for the classes with the largest
+  remainders (ties broken at random), so the class proportions of the subset match the
+  full set's to within one example and the sizes sum to `size` exactly; within a class
+  the examples are drawn uniformly without replacement. The draw comes from
+  SeedSequence(seed, spawn_key=(STREAM_TRAIN_SIZE,)): its own stream of the seed.
+
+  Raises:
+    ValueError: size outside [1, n].
+  """
+  labels = np.asarray(labels)
+  n = labels.size
+  size = _check_int(size, 'train_size', 1, n)
+  rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(STREAM_TRAIN_SIZE,)))
+  classes, counts = np.unique(labels, return_counts=True)
+  quota = size * counts / n
+  take = np.floor(quota).astype(np.int64)
+  short = size - int(take.sum())
+  if short:
+    frac = quota - take
+    order = np.lexsort((rng.random(classes.size), -frac))
+    take[order[:short]] += 1
+  keep = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False)
+          for c, k in zip(classes, take)]
+  return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def subsample_train(ds: types.Dataset, size: int, seed: int) -> types.Dataset:
+  """`ds` with its training split cut to a seeded class-stratified subset (`stratified_subset`,
+  kept in file order); size 0 keeps everything. The test split and the normalisation
+  (statistics of the full training split) are unchanged, so a kept image has exactly the
+  values it has in the full set."""
+  if isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size == 0:
+    return ds
+  keep = stratified_subset(ds.y_train, size, seed)
+  return ds._replace(x_train=ds.x_train[keep], y_train=ds.y_train[keep])
+
+
+# --------------------------------------------------------------------------------------------
 # Partitioning
 
 
@@ -542,6 +593,105 @@ def partition_dirichlet(labels, num_clients: int, alpha: float, seed: int, min_s
   return [rng.permutation(np.concatenate(p)).astype(np.int64) for p in parts]
 
 
+def _largest_remainder(total: int, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """int64 counts proportional to `weights` summing to `total` exactly: floor of the quota,
+  plus one for the largest remainders (ties broken at random)."""
+  quota = total * weights / weights.sum()
+  out = np.floor(quota).astype(np.int64)
+  short = total - int(out.sum())
+  if short:
+    order = np.lexsort((rng.random(weights.size), -(quota - out)))
+    out[order[:short]] += 1
+  return out
+
+
+def client_sizes(n: int, num_clients: int, size_sigma: float, rng: np.random.Generator,
+                 min_size: int = 1) -> np.ndarray:
+  """int64 [N] client sizes summing to n exactly, each >= min_size.
+
+  Every client gets min_size, and the remaining n - N min_size examples are shared in
+  proportion to w_k = exp(size_sigma z_k), z_k ~ N(0, 1) (largest-remainder rounding): a
+  log-normal spread of scale size_sigma around the mean n / N. size_sigma = 0 gives equal
+  sizes (differing by <= 1).
+  """
+  extra = n - num_clients * min_size
+  if extra < 0:
+    raise ValueError(f'min_size={min_size} with num_clients={num_clients} needs '
+                     f'{num_clients * min_size} examples, only {n} available')
+  z = rng.standard_normal(num_clients)
+  w = np.exp(size_sigma * (z - z.max()))  # shifted: the same proportions, no overflow
+  return min_size + _largest_remainder(extra, w, rng)
+
+
+def partition_client_dirichlet(labels, num_clients: int, alpha: float, seed: int, *,
+                               size_sigma: float = 0.0, min_size: int = 1) -> list[np.ndarray]:
+  """Cross-device label skew: each client draws its own class mixture (Hsu et al. 2019's
+  per-client Dirichlet, as in FedLab's client-side Dirichlet partition; sizes log-normal as in
+  FedLab's unbalanced split).
+
+  Client k has size s_k (`client_sizes`: log-normal with size_sigma around n / N, sizes sum
+  to n exactly, each >= min_size) and mixture p_k ~ Dirichlet(alpha 1_C) over the C classes
+  present. Its examples are drawn without replacement from what is left of each class:
+
+    1. every client still short of its size demands r_k examples split
+       r_k ~ Multinomial(r_k, q_k), q_k = p_k restricted to the classes with data left and
+       renormalised (p_k itself while every class has data; if p_k puts no mass on any class
+       with data left, which Dirichlet underflow at tiny alpha can cause, q_k = the
+       remaining class proportions);
+    2. a class with enough left serves every demand; a class demanded beyond what is left
+       is shared out at random between the demanding units (multivariate hypergeometric:
+       every unit of demand equally likely to be served) and is then exhausted;
+    3. repeat with the unserved demand. Each pass serves everything or exhausts a class, so
+       at most C + 1 passes; total demand always equals total supply, so every client
+       ends at exactly s_k.
+
+  When a class runs out, a client's unserved demand for it is thus re-drawn from its own
+  mixture renormalised over the classes with data left. All clients compete in the same
+  pass (no client order), and every step is vectorised over clients: 10,000 clients take
+  well under a second. Small alpha -> each client holds few classes.
+
+  Returns num_clients int64 index arrays (each in a seeded shuffled order).
+  """
+  labels, num_clients = _check_partition_labels(labels, num_clients)
+  alpha = _check_alpha(alpha)
+  ok = (isinstance(size_sigma, (int, float, np.integer, np.floating))
+        and not isinstance(size_sigma, bool) and np.isfinite(size_sigma) and size_sigma >= 0)
+  if not ok:
+    raise ValueError(f'size_sigma must be a finite number >= 0, got {size_sigma!r}')
+  min_size = _check_int(min_size, 'min_size', 1)
+  rng = np.random.default_rng(seed)
+  classes, class_of, supply = np.unique(labels, return_inverse=True, return_counts=True)
+  num_classes = classes.size
+  sizes = client_sizes(labels.size, num_clients, float(size_sigma), rng, min_size)
+  mix = rng.dirichlet(np.full(num_classes, alpha), size=num_clients)  # [N, C]
+  need = sizes.copy()
+  left = supply.astype(np.int64)
+  held = np.zeros((num_clients, num_classes), np.int64)
+  for _ in range(num_classes + 1):
+    if not need.any():
+      break
+    q = mix * (left > 0)
+    mass = q.sum(1, keepdims=True)
+    fallback = (left / left.sum())[None]
+    q = np.where(mass > 0, q / np.where(mass > 0, mass, 1.0), fallback)
+    q[:, left == 0] = 0.0  # exact zeros: the fallback rows are renormalised already
+    want = rng.multinomial(need, q)  # [N, C]
+    grant = want
+    for c in np.flatnonzero(want.sum(0) > left):
+      grant[:, c] = rng.multivariate_hypergeometric(want[:, c], int(left[c]))
+    held += grant
+    need -= grant.sum(1)
+    left -= grant.sum(0)
+  assert not need.any() and not left.any(), 'client_dirichlet did not place every example'
+  # Deal each class's shuffled examples to its holders, then shuffle within each client.
+  owner = np.empty(labels.size, np.int64)
+  for c in range(num_classes):
+    idx = rng.permutation(np.flatnonzero(class_of == c))
+    owner[idx] = np.repeat(np.arange(num_clients), held[:, c])
+  order = np.lexsort((rng.random(labels.size), owner))
+  return np.split(order.astype(np.int64), np.cumsum(sizes)[:-1])
+
+
 def partition_shards(labels, num_clients: int, classes_per_client: int,
                      seed: int) -> list[np.ndarray]:
   """Each client holds exactly k = classes_per_client distinct classes (pathological non-IID,
@@ -589,13 +739,14 @@ def _check_alpha(alpha) -> float:
   return float(alpha)
 
 
-PARTITIONS = ('iid', 'dirichlet', 'shards')
+PARTITIONS = ('iid', 'dirichlet', 'client_dirichlet', 'shards')
 
 
 def partition(labels, num_clients: int, *, kind: str, seed: int, alpha: float = 0.5,
               classes_per_client: int = 2, min_size: int = 10,
-              max_retries: int = 1000) -> list[np.ndarray]:
-  """Dispatches to partition_{iid, dirichlet, shards}; unused arguments are ignored.
+              max_retries: int = 1000, size_sigma: float = 0.0) -> list[np.ndarray]:
+  """Dispatches to partition_{iid, dirichlet, client_dirichlet, shards}; unused arguments
+  are ignored.
 
   Returns num_clients int64 index arrays into `labels` (each in a seeded shuffled order).
   """
@@ -604,6 +755,9 @@ def partition(labels, num_clients: int, *, kind: str, seed: int, alpha: float = 
   if kind == 'dirichlet':
     return partition_dirichlet(labels, num_clients, alpha, seed, min_size=min_size,
                                max_retries=max_retries)
+  if kind == 'client_dirichlet':
+    return partition_client_dirichlet(labels, num_clients, alpha, seed, size_sigma=size_sigma,
+                                      min_size=min_size)
   if kind == 'shards':
     return partition_shards(labels, num_clients, classes_per_client, seed)
   raise ValueError(f'unknown partition kind {kind!r}; expected one of {PARTITIONS}')

@@ -119,6 +119,8 @@ def test_dirichlet_impossible_min_size_raises_before_sampling():
 
 
 @pytest.mark.parametrize('kind,kw', [('iid', {}), ('dirichlet', dict(alpha=0.3, min_size=2)),
+                                     ('client_dirichlet', dict(alpha=0.3, size_sigma=1.0,
+                                                               min_size=1)),
                                      ('shards', dict(classes_per_client=2))])
 def test_partition_is_deterministic_in_seed(kind, kw):
   labels = class_labels(300, 10)
@@ -128,6 +130,74 @@ def test_partition_is_deterministic_in_seed(kind, kw):
   assert all(np.array_equal(x, y) for x, y in zip(a, b))
   assert not all(x.size == y.size and np.array_equal(x, y) for x, y in zip(a, c))
   assert all(p.dtype == np.int64 for p in a)
+
+
+@pytest.mark.parametrize('alpha,sigma', [(0.05, 0.0), (0.1, 1.0), (1.0, 2.0), (100.0, 0.5)])
+def test_client_dirichlet_covers_every_sample_once(alpha, sigma):
+  # Imbalanced classes (one nearly empty) so classes run out while clients still need data.
+  labels = np.repeat(np.arange(6), [400, 250, 150, 120, 70, 3])
+  labels = labels[np.random.default_rng(0).permutation(labels.size)]
+  parts = data.partition_client_dirichlet(labels, 37, alpha, seed=2, size_sigma=sigma,
+                                          min_size=4)
+  assert len(parts) == 37
+  assert_exact_cover(parts, labels.size)
+  sizes = np.array([p.size for p in parts])
+  assert sizes.sum() == labels.size and sizes.min() >= 4
+  hist = data.label_histogram(parts, labels, 6)
+  np.testing.assert_array_equal(hist.sum(0), np.bincount(labels))
+  for p in parts:  # shuffled within the client, not grouped by class
+    assert p.dtype == np.int64
+  if sigma == 0:
+    assert sizes.max() - sizes.min() <= 1
+
+
+def test_client_dirichlet_size_sigma_spreads_sizes_around_the_mean():
+  labels = class_labels(20000, 10)
+
+  def cv(sigma):  # coefficient of variation of the client sizes
+    parts = data.partition_client_dirichlet(labels, 400, 1.0, seed=0, size_sigma=sigma)
+    sizes = np.array([p.size for p in parts])
+    assert sizes.sum() == 20000  # mean exactly n / N
+    return sizes.std() / sizes.mean()
+
+  cvs = [cv(s) for s in (0.0, 0.5, 1.0)]
+  assert cvs[0] < 0.01
+  # Log-normal: cv = sqrt(exp(sigma^2) - 1) = 0.53 at 0.5, 1.31 at 1.0 (sampling noise aside).
+  assert 0.4 < cvs[1] < 0.7 and 0.9 < cvs[2] < 1.8, cvs
+
+
+def test_client_dirichlet_alpha_controls_label_skew():
+  labels = class_labels(20000, 10)
+
+  def top_class_share(alpha):  # mean over clients of the largest class's share
+    parts = data.partition_client_dirichlet(labels, 40, alpha, seed=1)
+    hist = data.label_histogram(parts, labels, 10)
+    return np.mean(hist.max(1) / hist.sum(1))
+
+  shares = [top_class_share(a) for a in (0.05, 0.3, 3.0, 1000.0)]
+  assert all(a > b for a, b in zip(shares, shares[1:])), shares  # skew grows as alpha falls
+  assert shares[0] > 0.55 and shares[-1] < 0.15, shares
+
+
+def test_client_dirichlet_follows_each_clients_mixture_while_classes_last():
+  # Independent check of the rule: with one client the only constraint is supply, so the
+  # client simply gets everything; with two equal clients at huge alpha, each gets close to
+  # half of every class (the mixtures are ~uniform and supply is shared fairly).
+  labels = class_labels(4000, 4)
+  (only,) = data.partition_client_dirichlet(labels, 1, 0.1, seed=0)
+  assert_exact_cover([only], 4000)
+  hist = data.label_histogram(data.partition_client_dirichlet(labels, 2, 1e4, seed=0),
+                              labels, 4)
+  np.testing.assert_allclose(hist[0] / hist.sum(0), 0.5, atol=0.05)
+
+
+def test_client_dirichlet_ten_thousand_clients():
+  labels = np.repeat(np.arange(10), 6000)  # Fashion-MNIST's train label counts
+  parts = data.partition(labels, 10000, kind='client_dirichlet', seed=0, alpha=0.1,
+                         size_sigma=1.0, min_size=1)
+  assert len(parts) == 10000
+  assert_exact_cover(parts, 60000)
+  assert min(p.size for p in parts) >= 1
 
 
 def test_shards_one_class_per_client():
@@ -182,6 +252,10 @@ def test_shards_uncovered_classes_and_tiny_classes_raise():
     (dict(num_clients=4, kind='shards', classes_per_client=0), r'classes_per_client.*\[1, 5\].*0'),
     (dict(num_clients=4, kind='shards', classes_per_client=6), r'classes_per_client.*\[1, 5\].*6'),
     (dict(num_clients=4, kind='pathological'), r"'pathological'.*iid.*dirichlet.*shards"),
+    (dict(num_clients=4, kind='client_dirichlet', size_sigma=-0.5), r'size_sigma.*>= 0.*-0.5'),
+    (dict(num_clients=4, kind='client_dirichlet', alpha=0.0), r'alpha.*got 0.0'),
+    (dict(num_clients=4, kind='client_dirichlet', min_size=13),
+     r'min_size=13 with num_clients=4 needs 52 examples, only 50'),
 ])
 def test_partition_rejects_bad_arguments(kwargs, pattern):
   labels = np.arange(50) % 5
@@ -565,3 +639,36 @@ def test_module_is_import_light():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.stdout.strip() == '[]'
+
+
+# --------------------------------------------------------------------------------------------
+# Training-set subsample (data.train_size)
+
+
+def test_stratified_subset_sizes_proportions_and_seed():
+  labels = np.repeat(np.arange(4), [50, 30, 15, 5])
+  rng = np.random.default_rng(3)
+  labels = labels[rng.permutation(labels.size)]
+  for size in (1, 7, 33, 99, 100):
+    keep = data.stratified_subset(labels, size, seed=0)
+    assert keep.size == size and np.unique(keep).size == size  # distinct
+    assert np.all(np.diff(keep) > 0)  # file order
+    got = np.bincount(labels[keep], minlength=4)
+    want = size * np.bincount(labels) / labels.size
+    assert np.all(np.abs(got - want) < 1), (size, got, want)  # within one example per class
+  a = data.stratified_subset(labels, 40, seed=5)
+  np.testing.assert_array_equal(a, data.stratified_subset(labels, 40, seed=5))
+  assert not np.array_equal(a, data.stratified_subset(labels, 40, seed=6))
+  for bad in (0, 101, -1, 2.5, True):
+    with pytest.raises(ValueError, match=r'train_size must be an int in \[1, 100\]'):
+      data.stratified_subset(labels, bad, seed=0)
+
+
+def test_subsample_train_keeps_exact_values_and_test_split():
+  ds = data.load_dataset('digits', seed=0)
+  sub = data.subsample_train(ds, 300, seed=0)
+  keep = data.stratified_subset(ds.y_train, 300, seed=0)
+  np.testing.assert_array_equal(sub.x_train, ds.x_train[keep])  # same normalisation
+  np.testing.assert_array_equal(sub.y_train, ds.y_train[keep])
+  assert sub.x_test is ds.x_test and sub.y_test is ds.y_test
+  assert data.subsample_train(ds, 0, seed=0) is ds

@@ -114,3 +114,14 @@ def test_unknown_method_lists_allowed(tmp_path):
   out = _main(str(tmp_path), "nosuch", check=False)
   assert out.returncode != 0
   assert "retrain" in out.stderr and "nosuch" in out.stderr
+
+
+def test_train_size_subsamples_before_partitioning_and_is_validated():
+  task = run_lib.build_task(small_config(**{"data.train_size": 200}))
+  assert int(task.clients.count.sum()) == 200
+  assert int(task.clients.valid.sum()) == 200
+  # 0..n_train allowed; anything else is one clear ConfigError (types: ml_collections).
+  n = len(run_lib.build_task(small_config()).dataset.y_train)
+  for bad in (-1, n + 1):
+    with pytest.raises(run_lib.ConfigError, match=r"data.train_size="):
+      run_lib.build_task(small_config(**{"data.train_size": bad}))

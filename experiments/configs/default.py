@@ -16,11 +16,13 @@ def get_config():
   c.data = ml_collections.ConfigDict()
   c.data.source = "digits"     # digits | idx:<dir> | tfds:<name> | npz:<file>
   c.data.data_dir = ""         # TFDS data dir ("" = TFDS default)
+  c.data.train_size = 0        # seeded class-stratified subsample of the training set (0 = all)
   c.data.num_clients = 10
-  c.data.partition = "iid"     # iid | dirichlet | shards
-  c.data.alpha = 0.5           # Dirichlet concentration
+  c.data.partition = "iid"     # iid | dirichlet (per class) | client_dirichlet (per client) | shards
+  c.data.alpha = 0.5           # Dirichlet concentration (dirichlet, client_dirichlet)
   c.data.classes_per_client = 2  # shards: classes per client (1 = one class per user)
-  c.data.min_size = 10         # Dirichlet: minimum examples per client
+  c.data.min_size = 10         # dirichlet, client_dirichlet: minimum examples per client
+  c.data.size_sigma = 0.0      # client_dirichlet: log-normal spread of client sizes (0 = equal)
 
   c.fl = ml_collections.ConfigDict()
   c.fl.rounds = 20
