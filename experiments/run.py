@@ -91,14 +91,35 @@ def validate(config, method_name: str, num_classes: int | None = None,
   if u.kind in ("client", "client_class"):
     _require(0 <= u.forget_client < d.num_clients,
              f"unlearn.forget_client={u.forget_client}: allowed 0..{d.num_clients - 1}")
-  if num_classes is not None and u.kind != "client":
+  if u.kind == "samples":
+    _validate_samples(config)
+  if num_classes is not None and u.kind not in ("client", "samples"):
     for c in request_classes(config):
       _require(0 <= c < num_classes,
                f"unlearn.forget_class={c}: allowed 0..{num_classes - 1}")
   method = methods_lib.get(method_name)
+  why = f" ({method.why})" if method.why else ""
   _require(u.kind in method.kinds,
-           f"method {method_name!r} cannot serve unlearn.kind={u.kind!r}; it serves "
+           f"method {method_name!r} cannot serve unlearn.kind={u.kind!r}{why}; it serves "
            f"{method.kinds}")
+
+
+def _validate_samples(config):
+  u, n = config.unlearn, config.data.num_clients
+  path = u.get("forget_indices", "") or ""
+  frac = u.get("forget_fraction", 0.0)
+  if path:
+    _require(not frac, f"unlearn.forget_fraction={frac!r} and unlearn.forget_indices="
+             f"{path!r}: set one of them, not both")
+    _require(os.path.isfile(path), f"unlearn.forget_indices={path!r}: no such file (expected "
+             "a .npy file of training-set positions)")
+    return
+  _require(isinstance(frac, (int, float)) and 0 < frac <= 1,
+           f"unlearn.forget_fraction={frac!r}: must be in (0, 1] (or give "
+           "unlearn.forget_indices=<file.npy>) for unlearn.kind='samples'")
+  _require(u.forget_client == -1 or 0 <= u.forget_client < n,
+           f"unlearn.forget_client={u.forget_client}: allowed -1 (every client) or "
+           f"0..{n - 1}")
 
 
 def request_classes(config) -> tuple:
@@ -123,19 +144,68 @@ def methods_for(name: str, kind: str) -> list[str]:
 # Task construction.
 
 
+def data_seed(config) -> int:
+  """The seed of the train/test split, the partition and a samples request's selection:
+  config.data.seed, or config.seed when it is -1 (an audit's model bank varies config.seed
+  with the data fixed)."""
+  s = int(config.data.get("seed", -1))
+  return int(config.seed) if s == -1 else s
+
+
+def forget_samples(config, owner: np.ndarray) -> np.ndarray:
+  """bool [n_train]: the training rows a kind='samples' request forgets.
+
+  From unlearn.forget_indices (a .npy of training-set positions; duplicates collapse), or
+  for each selected client k (unlearn.forget_client, -1 = every client) the first
+  max(1, floor(forget_fraction * n_k + 1/2)) of a random permutation of its rows, drawn
+  with stream_key(data_seed, STREAM_FORGET, k): the same samples for every method and
+  for every training seed of an audit's bank.
+  """
+  u, n = config.unlearn, owner.size
+  rows = np.zeros(n, bool)
+  path = u.get("forget_indices", "") or ""
+  if path:
+    try:
+      idx = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"unlearn.forget_indices={path!r}: cannot read it as a .npy array "
+                        f"({e})") from None
+    _require(idx.ndim == 1 and (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)),
+             f"unlearn.forget_indices={path!r}: expected a 1-D integer array, got "
+             f"{idx.dtype} {idx.shape}")
+    _require(idx.size > 0, f"unlearn.forget_indices={path!r} is empty: no sample to forget")
+    bad = idx[(idx < 0) | (idx >= n)]
+    _require(bad.size == 0, f"unlearn.forget_indices={path!r}: position {int(bad[0]) if bad.size else 0} "
+             f"out of range; allowed 0..{n - 1} (training-set positions)")
+    rows[idx] = True
+    return rows
+  clients = range(int(owner.max()) + 1) if u.forget_client == -1 else [int(u.forget_client)]
+  for k in clients:
+    own = np.flatnonzero(owner == k)
+    if own.size == 0:
+      continue
+    count = max(1, math.floor(float(u.forget_fraction) * own.size + 0.5))
+    perm = np.asarray(jax.random.permutation(
+        fl.stream_key(data_seed(config), fl.STREAM_FORGET, k), own.size))
+    rows[own[perm[:count]]] = True
+  return rows
+
+
 def build_task(config) -> base.Task:
-  ds = data_lib.load_dataset(config.data.source, seed=config.seed,
+  ds = data_lib.load_dataset(config.data.source, seed=data_seed(config),
                              data_dir=config.data.data_dir or None)
   validate(config, config.method, ds.num_classes, num_train=len(ds.y_train))
   ds = data_lib.subsample_train(ds, config.data.get("train_size", 0), config.seed)
   parts = data_lib.partition(ds.y_train, config.data.num_clients, kind=config.data.partition,
-                             seed=config.seed, alpha=config.data.alpha,
+                             seed=data_seed(config), alpha=config.data.alpha,
                              classes_per_client=config.data.classes_per_client,
                              min_size=config.data.min_size,
                              size_sigma=config.data.get("size_sigma", 0.0))
   u = config.unlearn
-  classes = () if u.kind == "client" else request_classes(config)
+  classes = () if u.kind in ("client", "samples") else request_classes(config)
   client = u.forget_client if u.kind != "class" else -1
+  if u.kind == "samples" and (u.get("forget_indices", "") or ""):
+    client = -1
   owner = np.full(len(ds.y_train), -1)
   for k, p in enumerate(parts):
     owner[p] = k
@@ -144,6 +214,8 @@ def build_task(config) -> base.Task:
     forget_rows = np.isin(ds.y_train, classes)
   elif u.kind == "client_class":
     forget_rows = np.isin(ds.y_train, classes) & (owner == client)
+  elif u.kind == "samples":
+    forget_rows = forget_samples(config, owner)
   else:
     forget_rows = owner == client
   _require(forget_rows.any(), f"the unlearning request {u.kind} (classes={classes}, "
@@ -356,6 +428,22 @@ def evaluate(task: base.Task, params) -> dict:
   return out
 
 
+def sample_metrics(task: base.Task, params) -> dict:
+  """Accuracy and mean loss on the forgotten training samples (their original labels) and
+  on held-out samples of the same classes (every test row of a class among theirs): after
+  a perfect sample-wise unlearning the two sides look alike, as under retraining."""
+  ds = task.dataset
+  forget = np.asarray(task.forget)
+  x_f = np.asarray(task.clients.x)[forget]
+  y_f = np.asarray(task.y_true)[forget]
+  held = np.isin(ds.y_test, np.unique(y_f))
+  lf = acc_lib.predict_logits(task.apply_fn, params, x_f)
+  lh = acc_lib.predict_logits(task.apply_fn, params, ds.x_test[held])
+  return {"forget_train_loss": float(np.mean(acc_lib.loss_from_logits(lf, y_f))),
+          "heldout_acc": acc_lib.accuracy(lh, ds.y_test[held]),
+          "heldout_loss": float(np.mean(acc_lib.loss_from_logits(lh, ds.y_test[held])))}
+
+
 def membership_scores(task: base.Task, params) -> dict:
   """MIA on the forgotten training samples (members) vs held-out samples of the same classes.
 
@@ -490,6 +578,9 @@ def run(config, workdir: str) -> dict:
   outside_compile = max(0.0, t["compile"] - p["compile"])
   unlearn_seconds = (env.seconds["wall"] - env.seconds["compile"]) + outside_wall - outside_compile
   final = evaluate(task, outcome.params)
+  if task.request.kind == "samples":
+    final.update(sample_metrics(task, outcome.params))
+    original.update(sample_metrics(task, trained.params))
   if config.mia.enabled:
     final.update(membership_scores(task, outcome.params))
     original.update(original_membership_scores(task, trained.params, train_env.dir))

@@ -42,6 +42,8 @@ RUNNERS = ("auto", "vmap", "loop", "shard")
 
 # Streams keep independent randomness apart: key(seed) -> fold_in(stream) -> fold_in(...).
 STREAM_INIT, STREAM_SAMPLE, STREAM_CLIENT, STREAM_UNLEARN, STREAM_EVAL = range(5)
+STREAM_FORGET = 5  # which samples a kind='samples' request forgets (per client)
+STREAM_BANK = 6    # the training seeds of an audit's model bank (experiments/audit.py)
 
 
 def stream_key(seed: int, stream: int, *ids: int):

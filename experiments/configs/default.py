@@ -23,6 +23,8 @@ def get_config():
   c.data.classes_per_client = 2  # shards: classes per client (1 = one class per user)
   c.data.min_size = 10         # dirichlet, client_dirichlet: minimum examples per client
   c.data.size_sigma = 0.0      # client_dirichlet: log-normal spread of client sizes (0 = equal)
+  c.data.seed = -1             # split, partition and forgotten samples (-1 = c.seed); an
+  #                              audit's model bank varies c.seed with this fixed
 
   c.fl = ml_collections.ConfigDict()
   c.fl.rounds = 20
@@ -39,10 +41,12 @@ def get_config():
   c.model.name = "cnn"
 
   c.unlearn = ml_collections.ConfigDict()
-  c.unlearn.kind = "class"     # class | client_class | client
+  c.unlearn.kind = "class"     # class | client_class | client | samples
   c.unlearn.forget_class = 0
   c.unlearn.also_classes = ()  # more classes forgotten at once (parallel requests)
-  c.unlearn.forget_client = 0
+  c.unlearn.forget_client = 0  # samples: -1 = a fraction of every client's samples
+  c.unlearn.forget_fraction = 0.0  # samples: fraction of the client's samples (random)
+  c.unlearn.forget_indices = ""    # samples: .npy of training-set positions instead
 
   c.finetune = ml_collections.ConfigDict()
   c.finetune.rounds = 5

@@ -1,7 +1,8 @@
 """What every unlearning method sees, and the FedAvg phase helper they share.
 
-A method is a `Method(name, kinds, pretrain, unlearn)`:
-  kinds     request kinds it serves (class | client_class | client); others are refused;
+A method is a `Method(name, kinds, pretrain, unlearn, why)`:
+  kinds     request kinds it serves (class | client_class | client | samples); others are
+            refused, with `why` (one sentence: what it can serve and why) in the message;
   pretrain  name of the trainer (in methods.TRAINERS) whose model it starts from: 'fedavg',
             or one of its own such as QuickDrop's distilling FedAvg;
   unlearn(task, env, trained: Trained) -> Outcome.
@@ -25,12 +26,14 @@ from fu_jax import fl
 from fu_jax import tree as tu
 from fu_jax.types import ClientData, Dataset
 
-REQUEST_KINDS = ("class", "client_class", "client")
+REQUEST_KINDS = ("class", "client_class", "client", "samples")
 
 
 class Request(NamedTuple):
   """What to forget: every sample of `classes` (kind 'class'), those held by `client`
-  (kind 'client_class'), or all of `client`'s data (kind 'client'; classes empty)."""
+  (kind 'client_class'), all of `client`'s data (kind 'client'; classes empty), or
+  individual training samples (kind 'samples'; classes empty; client = the client they were
+  drawn from, -1 for every client or an index file). Task.forget marks the samples."""
   kind: str
   classes: tuple
   client: int
@@ -97,6 +100,7 @@ class Method(NamedTuple):
   kinds: tuple
   pretrain: str
   unlearn: Callable
+  why: str = ""  # why the kinds not listed are refused (shown when one is requested)
 
 
 def client_optimizer(config, lr=None) -> optax.GradientTransformation:

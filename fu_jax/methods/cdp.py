@@ -122,4 +122,6 @@ def _cdp(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   return base.Outcome(out, results)
 
 
-METHODS = {"cdp": base.Method("cdp", ("class",), "fedavg", _cdp)}
+METHODS = {"cdp": base.Method("cdp", ("class",), "fedavg", _cdp,
+                              "class-discriminative pruning removes the channels that "
+                              "discriminate a class: it addresses classes only")}

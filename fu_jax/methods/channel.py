@@ -450,10 +450,14 @@ def _centralized(task: base.Task, env: base.Env, trained: base.Trained):
   return base.Outcome(out, results)
 
 
+CLASS_ONLY = ("channel selection scores each channel by its effect on a forgotten class's "
+              "accuracy: it addresses classes, not individual samples or clients")
+
 METHODS = {
     "channel_de": base.Method("channel_de", ("class",), "fedavg",
-                              functools.partial(_decentralized, random=False)),
-    "channel_ce": base.Method("channel_ce", ("class",), "fedavg", _centralized),
+                              functools.partial(_decentralized, random=False), CLASS_ONLY),
+    "channel_ce": base.Method("channel_ce", ("class",), "fedavg", _centralized, CLASS_ONLY),
     "channel_de_random": base.Method("channel_de_random", ("class",), "fedavg",
-                                     functools.partial(_decentralized, random=True)),
+                                     functools.partial(_decentralized, random=True),
+                                     CLASS_ONLY),
 }

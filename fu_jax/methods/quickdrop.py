@@ -692,7 +692,9 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
 
 
 METHODS = {
-    "quickdrop": base.Method("quickdrop", ("class", "client_class"), "quickdrop", _unlearn),
+    "quickdrop": base.Method("quickdrop", ("class", "client_class"), "quickdrop", _unlearn,
+                             why="it unlearns by ascent on per-class distilled sets, which "
+                             "hold no individual sample or client to remove"),
 }
 
 TRAINERS = {"quickdrop": train_quickdrop}
