@@ -77,6 +77,9 @@ def summarize(runs: dict) -> list[dict]:
     row["speedup"] = (ref_seconds / row["unlearn_seconds"]
                       if row["unlearn_seconds"] and row["unlearn_seconds"] > 0 else None)
     row["bytes"] = float(np.mean(_values(rs, "bytes_up") + _values(rs, "bytes_down")))
+    steps = _values(rs, "relearn_steps_to_recover")  # eval.relearn_steps > 0 runs only
+    row["relearn_steps"] = float(steps.mean()) if steps.size else None
+    row["relearn_capped"] = any(bool(r.get("relearn_capped")) for r in rs)
     rows.append(row)
   return rows
 
@@ -96,7 +99,9 @@ def _bytes(b):
 
 def to_markdown(rows: list[dict]) -> str:
   cols = [m for m in METRICS if any(r[m[0]] is not None for r in rows)]
+  relearn = any(r.get("relearn_steps") is not None for r in rows)
   head = ["method", "seeds"] + [c[1] for c in cols] + ["unlearn s", "speed-up", "bytes"]
+  head += ["relearn steps"] if relearn else []
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     cells = [r["method"], str(r["seeds"])]
@@ -112,10 +117,15 @@ def to_markdown(rows: list[dict]) -> str:
       cells.append(s)
     cells += [_fmt(r["unlearn_seconds"], False),
               "—" if r["speedup"] is None else f"{r['speedup']:.1f}x", _bytes(r["bytes"])]
+    if relearn:  # ">= budget" when some seed never reached the target
+      v = r.get("relearn_steps")
+      cells.append("—" if v is None else (">=" if r["relearn_capped"] else "") + f"{v:.0f}")
     lines.append("| " + " | ".join(cells) + " |")
   return ("Accuracies in %, mean ± std over seeds, (gap to retrain in points). Speed-up = "
           "retrain's unlearning seconds / the method's (compiled; compilation reported "
-          "apart).\n\n" + "\n".join(lines) + "\n")
+          "apart). Relearn steps: SGD steps on the forgotten samples until their accuracy is "
+          "half the original model's (>= the budget: never reached).\n\n"
+          + "\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict], path: str):

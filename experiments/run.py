@@ -34,6 +34,7 @@ from fu_jax.methods import base
 from fu_jax.metrics import accuracy as acc_lib
 from fu_jax.metrics import backdoor as bd_lib
 from fu_jax.metrics import mia as mia_lib
+from fu_jax.metrics import relearn as relearn_lib
 
 # results.json fields that measure time: they differ between otherwise identical runs.
 TIMING_FIELDS = ("train_seconds", "unlearn_seconds", "compile_seconds", "eval_seconds",
@@ -97,6 +98,9 @@ def validate(config, method_name: str, num_classes: int | None = None,
     for c in request_classes(config):
       _require(0 <= c < num_classes,
                f"unlearn.forget_class={c}: allowed 0..{num_classes - 1}")
+  r = config.eval.relearn_steps
+  _require(isinstance(r, int) and r >= 0, f"eval.relearn_steps={r!r}: must be an int >= 0 "
+           "(0 = off)")
   method = methods_lib.get(method_name)
   why = f" ({method.why})" if method.why else ""
   _require(u.kind in method.kinds,
@@ -468,6 +472,31 @@ def membership_scores(task: base.Task, params) -> dict:
   return out
 
 
+RELEARN_ID = 1  # fold_in id under fl.STREAM_EVAL
+
+
+def relearn_fields(task: base.Task, original_params, params) -> dict:
+  """relearn_steps_to_recover when eval.relearn_steps > 0: central SGD steps (client lr,
+  momentum and batch size) on the forgotten training samples, with the labels they were
+  trained with, until their accuracy reaches half the original model's on the same samples;
+  capped at the budget (relearn_capped = True)."""
+  cfg = task.config
+  budget = int(cfg.eval.relearn_steps)
+  if budget <= 0:
+    return {}
+  forget = np.asarray(task.forget)
+  x = np.asarray(task.clients.x)[forget]
+  y = np.asarray(task.clients.y)[forget]
+  orig = acc_lib.accuracy(acc_lib.predict_logits(task.apply_fn, original_params, x), y)
+  r = relearn_lib.relearn_steps(task.apply_fn, params, x, y, target=0.5 * orig,
+                                max_steps=budget, lr=cfg.fl.client_lr,
+                                momentum=cfg.fl.client_momentum,
+                                batch_size=cfg.fl.batch_size,
+                                key=fl.stream_key(cfg.seed, fl.STREAM_EVAL, RELEARN_ID))
+  return {"relearn_steps_to_recover": r.steps, "relearn_capped": not r.reached,
+          "relearn_target_acc": r.target, "relearn_start_acc": r.start_acc}
+
+
 def original_membership_scores(task: base.Task, params, pretrain_dir: str) -> dict:
   """membership_scores of the trained model, cached next to it: every method run on the
   same request scores the same model against the same samples (shadow models included)."""
@@ -584,6 +613,7 @@ def run(config, workdir: str) -> dict:
   if config.mia.enabled:
     final.update(membership_scores(task, outcome.params))
     original.update(original_membership_scores(task, trained.params, train_env.dir))
+  relearn = relearn_fields(task, trained.params, outcome.params)
   results = {
       "method": method.name,
       "seed": config.seed,
@@ -601,6 +631,7 @@ def run(config, workdir: str) -> dict:
       "bytes_down": env.cost["bytes_down"],
       "examples": env.cost["examples"],
       "runner": env.runner_kind,
+      **relearn,
       **outcome.results,
   }
   _check_results_finite(results)

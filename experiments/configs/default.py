@@ -140,4 +140,29 @@ def get_config():
   c.sga.max_loss = 0.0           # stop once a batch CE exceeds it (0 = log K; < 0 = never)
   c.sga.old_labels = "trained"   # labels ascended: trained (backdoor flips incl.) | original
   c.sga.recovery_rounds = 1      # FedAvg rounds on retained data afterwards
+
+  # FedEraser (Liu et al., IWQoS 2021): trainer and method `federaser`; client requests, and
+  # class requests whose class one client alone holds. fu_jax/methods/federaser.py.
+  # Training key (a change retrains the federaser model and its store): interval.
+  c.federaser = ml_collections.ConfigDict()
+  c.federaser.interval = 1       # Delta t: store rounds 0, Delta t, 2 Delta t, ... (1..fl.rounds)
+  c.federaser.calib_ratio = 0.5  # calibration work / local training work (paper 0.5; with 1
+  #                                local epoch: one pass over a random half of the data)
+  c.federaser.combine = "client"  # per-client rescaled updates (paper) | mean (reference code)
+
+  # FRR, rapid retraining (Liu et al., INFOCOM 2022): FedAvg rounds on the retained data
+  # with a diagonal empirical-Fisher quasi-Newton local optimizer. fu_jax/methods/frr.py.
+  c.frr = ml_collections.ConfigDict()
+  c.frr.init = "trained"         # start from the trained model | scratch (a fresh init)
+  c.frr.rounds = 5               # FedAvg rounds of rapid retraining
+  c.frr.local_epochs = 0         # local epochs per round (0 = fl.local_epochs)
+  c.frr.lr = 0.001               # eta (paper 0.001)
+  c.frr.beta1 = 0.9              # momentum of the gradient (paper 0.9)
+  c.frr.beta2 = 0.999            # momentum of the squared diagonal Fisher (paper 0.999)
+  c.frr.eps = 1e-4               # damping added to the Fisher before dividing (not in the paper)
+
+  # Evaluation extras (after the final evaluation; not counted in unlearn_seconds).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.relearn_steps = 0       # budget of central fine-tuning steps on the forgotten data
+  #                                for relearn_steps_to_recover (0 = off)
   return c

@@ -1,0 +1,139 @@
+"""Relearn time (fu_jax/metrics/relearn.py): exact step counts against a numpy loop on a
+tiny softmax regression, the cap, and retrain vs a no-op on digits."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import run as run_lib
+from experiments.configs import digits
+from fu_jax.metrics import relearn
+
+LR, MOMENTUM = 0.2, 0.5
+
+
+class Linear(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2)(x)
+
+
+MODULE = Linear()
+
+
+def _problem():
+  # 8 points, label = sign of the first coordinate; the starting model predicts class 0
+  # everywhere (bias) and leans the wrong way, so accuracy climbs 0.5 -> 1 in several steps.
+  x = np.array([[-2.0, 1.0], [-1.5, -1.0], [-1.0, 0.5], [-0.6, -0.5],
+                [0.3, 0.5], [0.8, -0.5], [1.5, 1.0], [2.5, -1.0]], np.float32)
+  y = (x[:, 0] > 0).astype(np.int32)
+  params = {"Dense_0": {"kernel": np.array([[0.5, -0.5], [0.0, 0.0]], np.float32),
+                        "bias": np.array([1.0, -1.0], np.float32)}}
+  return x, y, jax.tree.map(jnp.asarray, params)
+
+
+def _numpy_steps(x, y, params, target, budget):
+  """Full-batch SGD with momentum (optax.sgd's trace: t = g + mu t; w -= lr t) in numpy."""
+  w = np.array(params["Dense_0"]["kernel"], np.float64)
+  b = np.array(params["Dense_0"]["bias"], np.float64)
+  tw, tb = np.zeros_like(w), np.zeros_like(b)
+  onehot = np.eye(2)[y]
+  accs = []
+  for s in range(budget + 1):
+    logits = x @ w + b
+    accs.append(float(np.mean(np.argmax(logits, 1) == y)))
+    if accs[-1] >= target:
+      return s, accs
+    if s == budget:
+      break
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    gw, gb = x.T @ (p - onehot) / len(y), np.mean(p - onehot, 0)
+    tw, tb = gw + MOMENTUM * tw, gb + MOMENTUM * tb
+    w, b = w - LR * tw, b - LR * tb
+  return budget, accs
+
+
+def _relearn(target, budget):
+  x, y, params = _problem()
+  return relearn.relearn_steps(MODULE.apply, params, x, y, target=target, max_steps=budget,
+                               lr=LR, momentum=MOMENTUM, batch_size=8,
+                               key=jax.random.key(0))
+
+
+def test_step_count_matches_numpy_loop():
+  x, y, params = _problem()
+  want, accs = _numpy_steps(x, y, params, 1.0, 100)
+  assert accs[0] == 0.5 and 5 <= want < 100  # a case that takes several graded steps
+  assert len(set(accs)) >= 4
+  got = _relearn(1.0, 100)
+  assert (got.steps, got.reached) == (want, True)
+  assert got.start_acc == 0.5 and got.final_acc == 1.0
+  for target in sorted(set(accs)):  # every intermediate target: the first step reaching it
+    assert _relearn(target, 100).steps == next(s for s, a in enumerate(accs) if a >= target)
+
+
+def test_monotone_in_target_and_capped_at_budget():
+  x, y, params = _problem()
+  full, _ = _numpy_steps(x, y, params, 1.0, 100)
+  steps = [_relearn(t, 100).steps for t in (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+  assert steps[:2] == [0, 0] and steps == sorted(steps) and steps[-1] == full
+  assert len(set(steps)) >= 4
+  capped = _relearn(1.0, full - 1)
+  assert (capped.steps, capped.reached) == (full - 1, False)
+  never = _relearn(1.01, 7)  # unreachable target: the budget, flagged
+  assert (never.steps, never.reached) == (7, False)
+  zero = _relearn(0.6, 0)  # no budget: the start model is all there is
+  assert (zero.steps, zero.reached, zero.final_acc) == (0, False, 0.5)
+
+
+def test_minibatches_cycle_through_epochs():
+  # batch 3 over 8 rows: 3 steps an epoch (the last short); still reaches the target and the
+  # result is deterministic in the key.
+  x, y, params = _problem()
+  a = relearn.relearn_steps(MODULE.apply, params, x, y, target=1.0, max_steps=200, lr=LR,
+                            momentum=MOMENTUM, batch_size=3, key=jax.random.key(3))
+  b = relearn.relearn_steps(MODULE.apply, params, x, y, target=1.0, max_steps=200, lr=LR,
+                            momentum=MOMENTUM, batch_size=3, key=jax.random.key(3))
+  assert a.reached and a.steps > 3 and a == b
+
+
+def test_bad_arguments():
+  x, y, params = _problem()
+  with pytest.raises(ValueError, match="max_steps"):
+    relearn.relearn_steps(MODULE.apply, params, x, y, target=1.0, max_steps=-1, lr=LR,
+                          momentum=0.0, batch_size=8, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="no forgotten samples"):
+    relearn.relearn_steps(MODULE.apply, params, x[:0], y[:0], target=1.0, max_steps=1, lr=LR,
+                          momentum=0.0, batch_size=8, key=jax.random.key(0))
+
+
+def _config(method, **overrides):
+  c = digits.get_config()
+  c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 100, 100
+  c.model.name = "mlp"
+  c.mia.enabled = False
+  c.method = method
+  c.unlearn.kind = "class"
+  c.eval.relearn_steps = 50
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def test_retrain_relearns_slower_than_a_no_op(tmp_path):
+  noop = run_lib.run(_config("fedavg"), str(tmp_path))
+  ref = run_lib.run(_config("retrain"), str(tmp_path))
+  # The untouched model already has its full accuracy on the class: 0 steps.
+  assert noop["relearn_steps_to_recover"] == 0 and not noop["relearn_capped"]
+  assert noop["relearn_target_acc"] == pytest.approx(0.5 * noop["relearn_start_acc"])
+  assert ref["relearn_start_acc"] == 0.0
+  assert ref["relearn_steps_to_recover"] > noop["relearn_steps_to_recover"]
+
+
+def test_bad_budget_is_one_line():
+  c = _config("fedavg")
+  c.eval.relearn_steps = -2
+  with pytest.raises(run_lib.ConfigError, match=r"eval.relearn_steps=-2: must be an int >= 0"):
+    run_lib.validate(c, "fedavg")
