@@ -4,8 +4,11 @@ r"""Turns a workdir of runs into a comparison against retrain: a table and a fig
 
 Reads DIR/<method>/results.json and, for multi-seed runs, DIR/seed_<s>/<method>/results.json;
 writes DIR/comparison.md, DIR/comparison.csv and DIR/comparison.png. Every metric is shown
-as mean (± std over seeds) with its gap to retrain; speed-up = retrain's unlearning seconds
-divided by the method's.
+as mean (± std over seeds) with its gap to retrain. Which metric measures forgetting and
+which utility depends on the request kind (results' forgetting_metric / utility_metric,
+the README's metric table). Two speed-ups over retrain, both from the results' seconds:
+total compute (unlearn_seconds: clients one after another) and parallel
+(unlearn_parallel_seconds: the critical path had the sampled clients run in parallel).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ METRICS = (
     ("test_acc", "test acc", True),
     ("retain_acc", "retain acc", True),
     ("forget_acc", "forget acc", True),
+    ("class_acc", "class acc", True),
     ("forget_train_acc", "forget train acc", True),
     ("bd_acc", "backdoor acc", True),
     ("mia_auc", "MIA AUC", True),
@@ -72,16 +76,30 @@ def summarize(runs: dict) -> list[dict]:
       row[key] = float(v.mean()) if v.size else None
       row[key + "_std"] = float(v.std()) if v.size > 1 else None
       row[key + "_gap"] = float(v.mean() - rv.mean()) if v.size and rv.size else None
-    secs = _values(rs, "unlearn_seconds")
-    row["unlearn_seconds"] = float(secs.mean()) if secs.size else None
-    row["speedup"] = (ref_seconds / row["unlearn_seconds"]
-                      if row["unlearn_seconds"] and row["unlearn_seconds"] > 0 else None)
+    for key, speedup in (("unlearn_seconds", "speedup"),
+                         ("unlearn_parallel_seconds", "speedup_parallel")):
+      secs, ref_secs = _values(rs, key), _values(ref, key)
+      row[key] = float(secs.mean()) if secs.size else None
+      row[speedup] = (float(ref_secs.mean()) / row[key]
+                      if ref_secs.size and row[key] and row[key] > 0 else None)
     row["bytes"] = float(np.mean(_values(rs, "bytes_up") + _values(rs, "bytes_down")))
     steps = _values(rs, "relearn_steps_to_recover")  # eval.relearn_steps > 0 runs only
     row["relearn_steps"] = float(steps.mean()) if steps.size else None
     row["relearn_capped"] = any(bool(r.get("relearn_capped")) for r in rs)
+    row["forgetting_metric"], row["utility_metric"] = metric_names(rs)
     rows.append(row)
   return rows
+
+
+def metric_names(results: list) -> tuple:
+  """(forgetting metric, utility metric) the runs name (results.json); for results written
+  before they carried the names, forget_acc / retain_acc."""
+  names = {(r.get("forgetting_metric", "forget_acc"), r.get("utility_metric", "retain_acc"))
+           for r in results}
+  if len(names) > 1:
+    raise CompareError(f"runs of one method disagree on their metrics {sorted(names)}: "
+                       "they serve different request kinds; compare them apart")
+  return names.pop()
 
 
 def _fmt(v, pct=True):
@@ -97,10 +115,16 @@ def _bytes(b):
     b /= 1024
 
 
+def _title(key: str) -> str:
+  return next((t for k, t, _ in METRICS if k == key), key)
+
+
 def to_markdown(rows: list[dict]) -> str:
+  forgetting, utility = rows[0]["forgetting_metric"], rows[0]["utility_metric"]
   cols = [m for m in METRICS if any(r[m[0]] is not None for r in rows)]
   relearn = any(r.get("relearn_steps") is not None for r in rows)
-  head = ["method", "seeds"] + [c[1] for c in cols] + ["unlearn s", "speed-up", "bytes"]
+  head = ["method", "seeds"] + [c[1] for c in cols] + [
+      "unlearn s", "parallel s", "speed-up", "parallel speed-up", "bytes"]
   head += ["relearn steps"] if relearn else []
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
@@ -115,43 +139,67 @@ def to_markdown(rows: list[dict]) -> str:
       if r["method"] != "retrain" and r[key + "_gap"] is not None:
         s += f" ({100 * r[key + '_gap']:+.1f})"
       cells.append(s)
-    cells += [_fmt(r["unlearn_seconds"], False),
-              "—" if r["speedup"] is None else f"{r['speedup']:.1f}x", _bytes(r["bytes"])]
+    speed = lambda v: "—" if v is None else f"{v:.1f}x"
+    cells += [_fmt(r["unlearn_seconds"], False), _fmt(r["unlearn_parallel_seconds"], False),
+              speed(r["speedup"]), speed(r["speedup_parallel"]), _bytes(r["bytes"])]
     if relearn:  # ">= budget" when some seed never reached the target
       v = r.get("relearn_steps")
       cells.append("—" if v is None else (">=" if r["relearn_capped"] else "") + f"{v:.0f}")
     lines.append("| " + " | ".join(cells) + " |")
-  return ("Accuracies in %, mean ± std over seeds, (gap to retrain in points). Speed-up = "
-          "retrain's unlearning seconds / the method's (compiled; compilation reported "
-          "apart). Relearn steps: SGD steps on the forgotten samples until their accuracy is "
-          "half the original model's (>= the budget: never reached).\n\n"
+  return (f"Forgetting: {_title(forgetting)} (with backdoor acc and MIA where present); "
+          f"utility: {_title(utility)}. Accuracies in %, mean ± std over seeds, (gap to "
+          "retrain in points). Speed-up = retrain's unlearning seconds / the method's "
+          "(compiled; compilation reported apart); parallel = the same with the sampled "
+          "clients of a round running at once (the slowest client counts). Relearn steps: "
+          "SGD steps on the forgotten samples until their accuracy is half the original "
+          "model's (>= the budget: never reached).\n\n"
           + "\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict], path: str):
+  """Left: utility gap to retrain vs parallel speed-up, each method's forgetting value as
+  its marker's colour and label (readable when every method forgets completely: the
+  points then spread by utility and speed, not pile up at forget = 0). Right: both
+  speed-ups as labelled bars."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-  for r in rows:
-    fx = r["forget_acc"] if r["forget_acc"] is not None else r["forget_train_acc"]
-    if fx is None or r["retain_acc"] is None:
-      continue
-    ref = r["method"] == "retrain"
-    a.scatter(100 * fx, 100 * r["retain_acc"], s=120 if ref else 60,
-              marker="*" if ref else "o", zorder=3)
-    a.annotate(r["method"], (100 * fx, 100 * r["retain_acc"]), textcoords="offset points",
-               xytext=(5, 4), fontsize=9)
-  a.set_xlabel("forget accuracy (%)  ← more forgetting")
-  a.set_ylabel("retain accuracy (%)  ↑ more utility")
-  a.set_title("Forgetting vs utility (retrain = ★)")
+  forgetting, utility = rows[0]["forgetting_metric"], rows[0]["utility_metric"]
+  fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
+  pts = [r for r in rows if r[utility + "_gap"] is not None and
+         (r["speedup_parallel"] or r["speedup"])]
+  if pts:
+    xs = [r["speedup_parallel"] or r["speedup"] for r in pts]
+    ys = [100 * r[utility + "_gap"] for r in pts]
+    fs = [100 * r[forgetting] if r[forgetting] is not None else float("nan") for r in pts]
+    sc = a.scatter(xs, ys, c=fs, cmap="viridis_r", vmin=0, vmax=100, s=80,
+                   edgecolors="k", zorder=3)
+    fig.colorbar(sc, ax=a, label=f"{_title(forgetting)} (%)")
+    for r, x, y, f in zip(pts, xs, ys, fs):
+      a.annotate(f"{r['method']}\n{_title(forgetting)} {f:.1f}", (x, y),
+                 textcoords="offset points", xytext=(6, 3), fontsize=8)
+    a.set_xscale("log")
+  a.axhline(0.0, color="k", lw=1)
+  a.set_xlabel("parallel speed-up over retrain (×, log scale)")
+  a.set_ylabel(f"{_title(utility)} gap to retrain (points)")
+  a.set_title("Utility vs speed (colour: forgetting)")
   a.grid(alpha=0.3)
-  others = [r for r in rows if r["method"] != "retrain" and r["speedup"]]
-  b.barh([r["method"] for r in others], [r["speedup"] for r in others], color="tab:blue")
+  others = [r for r in rows if r["method"] != "retrain" and (r["speedup"] or
+                                                             r["speedup_parallel"])]
+  y = np.arange(len(others))
+  h = 0.38
+  for off, key, label, color in ((-h / 2, "speedup", "total compute", "tab:blue"),
+                                 (h / 2, "speedup_parallel", "parallel", "tab:orange")):
+    vals = [r[key] or 0.0 for r in others]
+    bars = b.barh(y + off, vals, height=h, label=label, color=color)
+    b.bar_label(bars, labels=[f"{v:.1f}x" if v else "—" for v in vals], fontsize=8,
+                padding=2)
+  b.set_yticks(y, [r["method"] for r in others])
   b.axvline(1.0, color="k", lw=1)
   b.set_xscale("log")
   b.set_xlabel("speed-up over retrain (×, log scale)")
   b.set_title("Unlearning speed")
+  b.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -37,9 +37,27 @@ from fu_jax.metrics import mia as mia_lib
 from fu_jax.metrics import relearn as relearn_lib
 
 # results.json fields that measure time: they differ between otherwise identical runs.
-TIMING_FIELDS = ("train_seconds", "unlearn_seconds", "compile_seconds", "eval_seconds",
-                 "speedup_vs_retrain")
+TIMING_FIELDS = ("train_seconds", "unlearn_seconds", "unlearn_parallel_seconds",
+                 "compile_seconds", "eval_seconds", "speedup_vs_retrain",
+                 "speedup_parallel_vs_retrain", "train_overhead_vs_fedavg")
 PARTITIONS = data_lib.PARTITIONS
+
+# Which results.json metric measures forgetting and which utility, per request kind (the
+# README's metric table). Every kind also reports bd_acc when a backdoor is planted and
+# the membership-inference scores (mia_*) as further forgetting measures.
+#   class         forget_acc: test accuracy of the forgotten classes (retrain ~0);
+#                 retain_acc: test accuracy of the other classes.
+#   client_class  forget_train_acc: accuracy on the forgotten training samples (the
+#                 class's other holders keep it, so its test accuracy must stay high:
+#                 class_acc, a utility); retain_acc: test accuracy of every class.
+#   client        forget_train_acc; retain_acc: test accuracy of every class.
+#   samples       (individual training samples) as client.
+METRICS_BY_KIND = {
+    "class": ("forget_acc", "retain_acc"),
+    "client_class": ("forget_train_acc", "retain_acc"),
+    "client": ("forget_train_acc", "retain_acc"),
+    "samples": ("forget_train_acc", "retain_acc"),
+}
 
 
 class ConfigError(ValueError):
@@ -332,24 +350,40 @@ def training_config(config, trainer: str) -> dict:
   return key
 
 
+def _compiled_now() -> float:
+  """Wall seconds minus the compilation seconds so far: differences of it are compiled run
+  time (the clock the loop runner's per-client times are read from)."""
+  return time.perf_counter() - _clock().seconds
+
+
 class RunEnv:
-  """Implements base.Env for one method directory (or the shared pretraining directory)."""
+  """Implements base.Env for one method directory (or the shared pretraining directory).
+
+  Time is kept two ways: seconds['wall'] - seconds['compile'] is the compute the rounds took
+  here (clients one after another, as the loop runner runs them); seconds['parallel'] is
+  the critical path had the sampled clients of each round run in parallel: the round's
+  compiled time with its loop-run clients' sum replaced by the slowest client
+  (fl.ClientClock; vmap / shard rounds are already parallel and count as they are).
+  """
 
   def __init__(self, task: base.Task, directory: str, config_dict: dict):
     self.task, self.dir, self.config_dict = task, directory, config_dict
     cfg = task.config
     self.logger = log_lib.RunLogger(directory)
     self.cost = {"bytes_up": 0, "bytes_down": 0, "examples": 0, "rounds": 0}
-    self.seconds = {"wall": 0.0, "compile": 0.0, "eval": 0.0}
-    self.process = {"wall": 0.0, "compile": 0.0, "eval": 0.0}  # this process only
+    self.seconds = {"wall": 0.0, "compile": 0.0, "eval": 0.0, "parallel": 0.0}
+    # This process only; 'serial' / 'critical': fl.ClientClock totals inside rounds.
+    self.process = {"wall": 0.0, "compile": 0.0, "eval": 0.0, "serial": 0.0, "critical": 0.0}
     self.step = 0  # TensorBoard step across this directory's phases
+    self.clock = fl.ClientClock(_compiled_now)
     self._eval_fn = lambda p: evaluate(task, p)
     kind = cfg.fl.runner
     self.runner_kind = fl.choose_runner(cfg.model.name) if kind == "auto" else kind
 
   def runner(self, program, epochs, batch_size):
     return fl.ClientRunner(program, kind=self.runner_kind, epochs=epochs,
-                           batch_size=batch_size, chunk_size=self.task.config.fl.chunk_size)
+                           batch_size=batch_size, chunk_size=self.task.config.fl.chunk_size,
+                           clock=self.clock)
 
   def evaluate(self, params):
     return self._eval_fn(params)
@@ -370,14 +404,20 @@ class RunEnv:
                                    every=cfg.checkpoint_every)
     state, start, meta = ckpt.restore_or(init_state, meta_template=self._meta())
     if meta is not None:
-      self.cost, self.seconds, self.step = meta["cost"], meta["seconds"], meta["step"]
+      self.cost, self.step = meta["cost"], meta["step"]
+      self.seconds = {"parallel": 0.0, **meta["seconds"]}
     if start:
       print(f"[{phase}] resumed after round {start}/{num_rounds}", flush=True)
     started = time.perf_counter()
     for r in range(start, num_rounds):
+      before = self.clock.totals()
       with _clock().measure() as t:
         state, metrics = round_fn(state, r)
         jax.block_until_ready(state)
+      after = self.clock.totals()
+      self.seconds["parallel"] += fl.parallel_seconds(t["wall"] - t["compile"], before, after)
+      self.process["serial"] += after[0] - before[0]
+      self.process["critical"] += after[1] - before[1]
       params = params_fn(state)
       fl.check_finite(params, f"{phase} round {r + 1}")
       if "loss" in metrics and not math.isfinite(metrics["loss"]):
@@ -397,9 +437,10 @@ class RunEnv:
         self.seconds["eval"] += time.perf_counter() - t0
         self.process["eval"] += time.perf_counter() - t0
         scalars["eval"] = ev
+        forgetting = metric_names(self.task.request.kind)[0]
         self.logger.progress(phase, r + 1, num_rounds,
                              {"loss": metrics.get("loss", float("nan")),
-                              "test_acc": ev["test_acc"], "forget_acc": ev["forget_acc"]},
+                              "test_acc": ev["test_acc"], forgetting: ev[forgetting]},
                              started)
       self.logger.scalars(self.step, scalars)
       ckpt.maybe_save(r + 1, state, meta=self._meta(), force=r + 1 == num_rounds)
@@ -414,14 +455,64 @@ class RunEnv:
 # Evaluation.
 
 
-def evaluate(task: base.Task, params) -> dict:
+def metric_names(kind: str) -> tuple[str, str]:
+  """(forgetting metric, utility metric) of a request kind: see METRICS_BY_KIND."""
+  if kind not in METRICS_BY_KIND:
+    raise ConfigError(f"unlearn.kind={kind!r}: no metric is defined for it; allowed "
+                      f"{tuple(METRICS_BY_KIND)}")
+  return METRICS_BY_KIND[kind]
+
+
+def forgotten_records(task: base.Task):
+  """The forgotten training samples as they were trained on: (x, y, source class).
+
+  x as the client holds it (with the trigger when a backdoor was planted) and y the label
+  trained on (the flipped one under a backdoor; the true label otherwise); source = the
+  true label. These are the records whose influence unlearning must remove: their clean
+  originals were never in the training set (measured on digits, client_class, 2 clients:
+  the loss-threshold AUC of the clean originals is 0.44 for the trained model and 0.46 for
+  retrain, i.e. it cannot tell the two apart, while their triggered records give 0.56 and
+  0.54).
+  """
+  forget = np.asarray(task.forget)
+  return (np.asarray(task.clients.x)[forget], np.asarray(task.clients.y)[forget],
+          np.asarray(task.y_true)[forget])
+
+
+def evaluate(task: base.Task, params, forgotten_classes=None) -> dict:
+  """Test metrics of a model, named per request kind (METRICS_BY_KIND, the README table).
+
+    test_acc          all test samples.
+    retain_acc        test samples of the classes that must survive: for a class request
+                      all but the forgotten classes; for client_class and client every
+                      class (other clients keep the class).
+    forget_acc        class requests: test accuracy of the forgotten classes; null for
+                      client_class and client (no class is forgotten everywhere).
+    class_acc         client_class: test accuracy of the request's classes (utility).
+    forget_train_acc  accuracy on the forgotten training samples as trained on
+                      (forgotten_records: triggered images and flipped labels under a
+                      backdoor), so it means "still reproduces the forgotten data" in every
+                      setting; retrain's value is the reference.
+    bd_acc            backdoor.enabled: triggered test images of the source class predicted
+                      as the flipped label.
+
+  forgotten_classes: the classes forgotten class-wide by the end of the method (default
+  the request's; e.g. a QuickDrop sequence forgets more).
+  """
   ds = task.dataset
   cfg = task.config
+  kind = task.request.kind
+  if forgotten_classes is None:
+    forgotten_classes = task.request.classes
+  wide = tuple(forgotten_classes) if kind == "class" else ()
   out = acc_lib.evaluate(task.apply_fn, params, ds.x_test, ds.y_test, task.num_classes,
-                         task.request.classes)
-  forget = np.asarray(task.forget)
-  x_f = np.asarray(task.clients.x)[forget]
-  y_f = np.asarray(task.y_true)[forget]
+                         wide)
+  if kind == "client_class":
+    rows = np.isin(ds.y_test, np.asarray(task.request.classes))
+    per_class = np.nan_to_num(np.asarray(out["per_class_acc"], np.float64))
+    n = np.bincount(np.asarray(ds.y_test)[rows], minlength=task.num_classes)
+    out["class_acc"] = float(np.sum(per_class * n) / max(n.sum(), 1))
+  x_f, y_f, _ = forgotten_records(task)
   logits = acc_lib.predict_logits(task.apply_fn, params, x_f)
   out["forget_train_acc"] = acc_lib.accuracy(logits, y_f)
   if cfg.backdoor.enabled:
@@ -449,25 +540,33 @@ def sample_metrics(task: base.Task, params) -> dict:
 
 
 def membership_scores(task: base.Task, params) -> dict:
-  """MIA on the forgotten training samples (members) vs held-out samples of the same classes.
+  """MIA: the forgotten training samples (members) vs held-out samples of the same classes.
 
-  The test set is split in two by position: odd rows of the forgotten samples' classes are
-  the non-members; even rows form the shadow models' pool, so no attacker trains on the
-  non-members it is scored against.
+  Members are the records as trained on (forgotten_records); non-members are made the same
+  way from held-out data, so the attacker can only separate members from non-members, not
+  triggered from clean images: the test rows of the members' source classes, with the
+  trigger planted and the label flipped when a backdoor was planted (their clean
+  originals and true labels otherwise). Under a backdoor the question answered is thus
+  "was this triggered record trained on"; the backdoor's own strength is bd_acc.
+
+  The test set is split in two by position: odd rows are the non-members; even rows form
+  the shadow models' pool, so no attacker trains on the non-members it is scored against.
   """
   ds, cfg = task.dataset, task.config
-  forget = np.asarray(task.forget)
-  x_m = np.asarray(task.clients.x)[forget]
-  y_m = np.asarray(task.y_true)[forget]
+  x_m, y_m, src = forgotten_records(task)
   odd = np.arange(len(ds.y_test)) % 2 == 1
-  held = odd & np.isin(ds.y_test, np.unique(y_m))
-  out = mia_lib.membership_inference(task.apply_fn, params, x_m, y_m, ds.x_test[held],
-                                     ds.y_test[held], seed=cfg.seed)
+  held = odd & np.isin(ds.y_test, np.unique(src))
+  x_o, y_o = ds.x_test[held], ds.y_test[held]
+  if cfg.backdoor.enabled:
+    x_o = bd_lib.apply_trigger(x_o, _trigger(cfg, ds))
+    y_o = bd_lib.flip_labels(y_o, _flip(cfg), task.num_classes)
+  out = mia_lib.membership_inference(task.apply_fn, params, x_m, y_m, x_o, y_o,
+                                     seed=cfg.seed)
   if cfg.mia.shadows > 0:
     pool = np.flatnonzero(~odd)[:cfg.mia.shadow_pool]
     out.update(mia_lib.shadow_attack(
         _shadow_train_fn(task), task.apply_fn, params, ds.x_test[pool], ds.y_test[pool],
-        x_m, y_m, ds.x_test[held], ds.y_test[held], num_shadows=cfg.mia.shadows,
+        x_m, y_m, x_o, y_o, num_shadows=cfg.mia.shadows,
         key=fl.stream_key(cfg.seed, fl.STREAM_EVAL), vectorize=_vectorize_shadows(cfg)))
   return out
 
@@ -501,7 +600,10 @@ def original_membership_scores(task: base.Task, params, pretrain_dir: str) -> di
   """membership_scores of the trained model, cached next to it: every method run on the
   same request scores the same model against the same samples (shadow models included)."""
   d = _to_dict(task.config)
-  key = {"seed": d["seed"], "unlearn": d["unlearn"], "mia": d["mia"]}
+  # The directory is keyed by the training config (backdoor included); the members'
+  # definition is versioned so caches written under an earlier definition are not reused.
+  key = {"seed": d["seed"], "unlearn": d["unlearn"], "mia": d["mia"],
+         "members": MIA_MEMBERS}
   path = os.path.join(pretrain_dir, f"mia-{_hash(key)}.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -509,6 +611,9 @@ def original_membership_scores(task: base.Task, params, pretrain_dir: str) -> di
   scores = membership_scores(task, params)
   checkpoint.write_json_atomic(path, _nan_to_none(scores))
   return scores
+
+
+MIA_MEMBERS = "as_trained"  # see forgotten_records
 
 
 def _vectorize_shadows(cfg) -> bool:
@@ -562,7 +667,55 @@ def pretrained(task: base.Task, workdir: str, trainer: str):
   env = RunEnv(task, directory, key)
   trained = methods_lib.TRAINERS[trainer](task, env)
   env.logger.close()
+  checkpoint.write_json_atomic(os.path.join(directory, TRAIN_TIMING), {
+      "train_seconds": env.seconds["wall"] - env.seconds["compile"],
+      "compile_seconds": env.seconds["compile"]})
   return trained, env
+
+
+TRAIN_TIMING = "timing.json"  # a pretraining directory's train_seconds
+
+
+def train_overhead(config, workdir: str, trainer: str, train_seconds: float):
+  """train_seconds / plain FedAvg's train_seconds for the same config, from the workdir's
+  pretraining cache (1.0 for the fedavg trainer itself; None when FedAvg's is not there)."""
+  if trainer == "fedavg":
+    return 1.0
+  key = training_config(config, "fedavg")
+  path = os.path.join(workdir, "pretrain", f"fedavg-{_hash(key)}", TRAIN_TIMING)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    ref = json.load(f)["train_seconds"]
+  return train_seconds / ref if ref > 0 else None
+
+
+# Config sections that fix the data, the trained model and the request: a retrain run
+# compared against must agree on them.
+_SHARED_SECTIONS = ("seed", "data", "fl", "model", "unlearn", "backdoor")
+
+
+def speedups(config, workdir: str, method: str, seconds: float, parallel: float) -> dict:
+  """speedup_vs_retrain and speedup_parallel_vs_retrain from <workdir>/retrain's results
+  (1.0 for retrain itself; None when there is no finished retrain run of the same data,
+  training and request)."""
+  if method == "retrain":
+    return {"speedup_vs_retrain": 1.0, "speedup_parallel_vs_retrain": 1.0}
+  none = {"speedup_vs_retrain": None, "speedup_parallel_vs_retrain": None}
+  res_path = os.path.join(workdir, "retrain", "results.json")
+  cfg_path = os.path.join(workdir, "retrain", "config.json")
+  if not (os.path.exists(res_path) and os.path.exists(cfg_path)):
+    return none
+  with open(cfg_path) as f:
+    ref_cfg = json.load(f)
+  mine = _to_dict(config)
+  if any(ref_cfg.get(k) != mine.get(k) for k in _SHARED_SECTIONS):
+    return none
+  with open(res_path) as f:
+    ref = json.load(f)
+  ratio = lambda a, b: a / b if a is not None and b and b > 0 else None
+  return {"speedup_vs_retrain": ratio(ref.get("unlearn_seconds"), seconds),
+          "speedup_parallel_vs_retrain": ratio(ref.get("unlearn_parallel_seconds"), parallel)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -601,12 +754,23 @@ def run(config, workdir: str) -> dict:
     jax.block_until_ready(outcome.params)
   fl.check_finite(outcome.params, f"method {method.name}")
   # Rounds' times (restored across resumes) plus what the method spent outside rounds in
-  # this process; evaluation and compilation are reported apart.
+  # this process; evaluation and compilation are reported apart. Outside rounds, work is
+  # the server's or one client's at a time (channel effects, CDP statistics): it counts on
+  # the critical path as it happened, except loop-run clients (fl.ClientClock).
   p = env.process
   outside_wall = max(0.0, t["wall"] - p["wall"] - p["eval"])
   outside_compile = max(0.0, t["compile"] - p["compile"])
-  unlearn_seconds = (env.seconds["wall"] - env.seconds["compile"]) + outside_wall - outside_compile
-  final = evaluate(task, outcome.params)
+  outside = max(0.0, outside_wall - outside_compile)
+  unlearn_seconds = (env.seconds["wall"] - env.seconds["compile"]) + outside
+  serial, critical = env.clock.totals()
+  unlearn_parallel = env.seconds["parallel"] + fl.parallel_seconds(
+      outside, (p["serial"], p["critical"]), (serial, critical))
+  train_seconds = train_env.seconds["wall"] - train_env.seconds["compile"]
+  forgotten = tuple(outcome.results.get("forgotten_classes", task.request.classes))
+  if forgotten != tuple(task.request.classes):  # e.g. a QuickDrop sequence
+    original = evaluate(task, trained.params, forgotten)
+  final = evaluate(task, outcome.params, forgotten)
+  forgetting_metric, utility_metric = metric_names(task.request.kind)
   if task.request.kind == "samples":
     final.update(sample_metrics(task, outcome.params))
     original.update(sample_metrics(task, trained.params))
@@ -619,11 +783,18 @@ def run(config, workdir: str) -> dict:
       "seed": config.seed,
       "request": {"kind": task.request.kind, "classes": list(task.request.classes),
                   "client": task.request.client},
+      "forgetting_metric": forgetting_metric,
+      "utility_metric": utility_metric,
+      "forgotten_classes": list(forgotten) if task.request.kind == "class" else [],
       **final,
       **({"bd_acc_before": original["bd_acc"]} if "bd_acc" in original else {}),
       "original": original,
-      "train_seconds": train_env.seconds["wall"] - train_env.seconds["compile"],
+      "train_seconds": train_seconds,
+      "train_overhead_vs_fedavg": train_overhead(config, workdir, method.pretrain,
+                                                 train_seconds),
       "unlearn_seconds": unlearn_seconds,
+      "unlearn_parallel_seconds": unlearn_parallel,
+      **speedups(config, workdir, method.name, unlearn_seconds, unlearn_parallel),
       "compile_seconds": env.seconds["compile"] + outside_compile,
       "eval_seconds": eval_seconds + env.seconds["eval"],
       "rounds": env.cost["rounds"],
@@ -642,9 +813,9 @@ def run(config, workdir: str) -> dict:
   env.logger.close()
   checkpoint.write_json_atomic(results_path, results)
   print(f"[{method.name}] " + " ".join(
-      f"{k}={results[k]:.4f}" for k in ("test_acc", "retain_acc", "forget_acc",
-                                         "unlearn_seconds") if isinstance(results.get(k), float)),
-        flush=True)
+      f"{k}={results[k]:.4f}" for k in ("test_acc", utility_metric, forgetting_metric,
+                                         "unlearn_seconds", "unlearn_parallel_seconds")
+      if isinstance(results.get(k), float)), flush=True)
   print(f"results: {results_path}", flush=True)
   return results
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -175,15 +176,58 @@ def _mean_metrics(sums, counts):
   return jax.tree.map(lambda s: s / np.maximum(counts, 1.0), sums)
 
 
+class ClientClock:
+  """Per-client wall time of the loop runner, for the critical path of a parallel deployment.
+
+  The loop runner trains the sampled clients one after another; deployed, they train at
+  the same time. For each `run` call it times every client (its steps and `finish`, waited
+  for with block_until_ready) and records the call's sum and maximum:
+
+    serial    sum over calls of the clients' seconds (what the loop actually spent)
+    critical  sum over calls of the slowest client's seconds
+
+  so that work - serial + critical is the wall time had the clients of each call run in
+  parallel. Calls are treated as sequential phases (a barrier between them: e.g. FedAF's
+  Fisher pass, then its unlearning pass over the same clients), which bounds the ideal
+  critical path from above. vmap / shard runners record nothing: their call already runs
+  the clients in parallel.
+
+  now() -> seconds is the clock read around each client; a caller may pass one that
+  excludes compilation time (experiments.run does).
+  """
+
+  def __init__(self, now: Callable[[], float] = time.perf_counter):
+    self.now = now
+    self.serial = 0.0
+    self.critical = 0.0
+
+  def record(self, seconds: Sequence[float]):
+    if len(seconds):
+      self.serial += float(sum(seconds))
+      self.critical += float(max(seconds))
+
+  def totals(self) -> tuple[float, float]:
+    return self.serial, self.critical
+
+
+def parallel_seconds(seconds: float, before: tuple[float, float],
+                     after: tuple[float, float]) -> float:
+  """`seconds` of work with the loop-run clients recorded between two ClientClock.totals()
+  replaced by their critical path: seconds - (serial - critical) over the interval."""
+  serial, critical = after[0] - before[0], after[1] - before[1]
+  return max(0.0, seconds - serial + critical)
+
+
 class ClientRunner:
   """Runs a LocalProgram for a block of clients; jitted functions are built once.
 
   run(server_params, data, valid, extra, keys) with leading client axes on data (x, y),
   valid, extra and keys returns a ClientResult. All runners agree to float tolerance.
+  clock: an optional ClientClock the loop runner reports its per-client times to.
   """
 
   def __init__(self, program: LocalProgram, *, kind: str, epochs: int, batch_size: int,
-               chunk_size: int = 0, mesh=None):
+               chunk_size: int = 0, mesh=None, clock: ClientClock | None = None):
     if kind not in RUNNERS[1:]:
       raise ValueError(f"runner {kind!r} is not one of {RUNNERS}")
     if epochs < 1 or batch_size < 1:
@@ -193,6 +237,7 @@ class ClientRunner:
                        f"{'schedule' if program.scheduled_step is None else 'scheduled_step'}")
     self.program, self.kind, self.epochs, self.batch_size = program, kind, epochs, batch_size
     self.chunk_size = chunk_size
+    self.clock = clock
     def compile_step(step_fn):
       step = functools.partial(_guarded_step, step_fn, batch_size)
       if kind != "loop":
@@ -242,8 +287,9 @@ class ClientRunner:
     counts = np.asarray(jnp.sum(valid, axis=1))
     max_n = valid.shape[1]
     zeros = self._metric_zeros(server_params, data, valid, extra, keys)
-    params_out, states_out, sums_out = [], [], []
+    params_out, states_out, sums_out, seconds = [], [], [], []
     for c in range(valid.shape[0]):
+      t0 = self.clock.now() if self.clock is not None else 0.0
       d_c, v_c, e_c, k_c = jax.tree.map(lambda a: a[c], (data, valid, extra, keys))
       state = self._init(server_params, e_c, k_c)
       sums = zeros
@@ -258,6 +304,11 @@ class ClientRunner:
       params_out.append(self._finish(state))
       states_out.append(state)
       sums_out.append(jax.tree.map(np.asarray, sums))
+      if self.clock is not None:
+        jax.block_until_ready((params_out[-1], state))
+        seconds.append(self.clock.now() - t0)
+    if self.clock is not None:
+      self.clock.record(seconds)
     stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
     metrics = _mean_metrics(jax.tree.map(lambda *a: np.stack(a), *sums_out),
                             counts * self.epochs)
@@ -392,6 +443,31 @@ class RoundResult(NamedTuple):
   sampled: np.ndarray
   metrics: dict      # weighted means over participating clients
   client: ClientResult
+  counts: np.ndarray = None   # [num_sampled] valid rows of each sampled client
+  weights: np.ndarray = None  # [num_sampled] its aggregation weight (0: not aggregated)
+
+
+def round_cost(counts, weights, *, model_bytes: int, epochs: int,
+               upload_bytes: int | None = None, download_bytes: int | None = None) -> dict:
+  """Communication and work of one round, the same rule for every method.
+
+  A sampled client takes part when it has rows to train on (counts > 0) and its update is
+  aggregated (weights > 0): it downloads the current model and uploads its result. A
+  client with nothing to train on does neither. The model broadcast after a method's last
+  round is not counted (FedAvg's training and retrain do not count theirs either), so a
+  method's first round downloads the model it starts from.
+
+  counts, weights: [k] per sampled (or target) client; upload_bytes / download_bytes
+  default to model_bytes (e.g. a masked update uploads only its packed entries);
+  examples = rows trained on * epochs. Returns {'bytes_up', 'bytes_down', 'examples'}.
+  """
+  counts = np.asarray(counts)
+  part = (counts > 0) & (np.asarray(weights) > 0)
+  n = int(part.sum())
+  up = model_bytes if upload_bytes is None else upload_bytes
+  down = model_bytes if download_bytes is None else download_bytes
+  return {"bytes_up": n * int(up), "bytes_down": n * int(down),
+          "examples": int(counts[part].sum()) * int(epochs)}
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -419,4 +495,4 @@ def fedavg_round(server: ServerState, runner: ClientRunner, data, valid, extra, 
   wn = np.asarray(w)
   metrics = {k: float(np.sum(np.asarray(m) * wn) / max(wn.sum(), 1e-12))
              for k, m in res.metrics.items()}
-  return RoundResult(server, np.asarray(idx), metrics, res)
+  return RoundResult(server, np.asarray(idx), metrics, res, np.asarray(counts), wn)

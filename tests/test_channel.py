@@ -149,6 +149,8 @@ def test_cdp_end_to_end(workdir):
   assert res["stat_bytes_up"] == 5 * 4 * (10 * sum(convs) + 10)
   model_bytes = tu.tree_num_bytes(trained)
   assert res["bytes_up"] == res["stat_bytes_up"] + cfg.cdp.finetune_rounds * 5 * model_bytes
+  # Every client downloads the trained model for its statistics, then each fine-tune round.
+  assert res["bytes_down"] == (1 + cfg.cdp.finetune_rounds) * 5 * model_bytes
   # Pruned channels (conv layers only) are still exactly zero after fine-tuning.
   assert set(res["pruned"]) == {"Conv_0", "Conv_1"}
   server = _restore(workdir, cfg, "cdp_finetune",

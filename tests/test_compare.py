@@ -19,19 +19,67 @@ def _write(workdir, method, **values):
     json.dump(r, f)
 
 
+def _md_rows(md: str) -> dict:
+  """{method: {column title: cell}} from comparison.md's table."""
+  lines = [l for l in md.splitlines() if l.startswith("|")]
+  head = [c.strip() for c in lines[0].strip("|").split("|")]
+  return {cells[0]: dict(zip(head, cells)) for cells in
+          ([c.strip() for c in l.strip("|").split("|")] for l in lines[2:])}
+
+
 def test_table_gaps_and_speedup(tmp_path):
   wd = str(tmp_path)
-  _write(wd, "retrain", test_acc=0.9, forget_acc=0.0, unlearn_seconds=100.0)
-  _write(wd, "finetune", test_acc=0.8, forget_acc=0.3, unlearn_seconds=4.0)
+  _write(wd, "retrain", test_acc=0.9, forget_acc=0.0, unlearn_seconds=100.0,
+         unlearn_parallel_seconds=30.0)
+  _write(wd, "finetune", test_acc=0.8, forget_acc=0.3, unlearn_seconds=4.0,
+         unlearn_parallel_seconds=2.0)
   rows = {r["method"]: r for r in compare.compare(wd)}
   assert rows["finetune"]["test_acc_gap"] == pytest.approx(-0.1)
   assert rows["finetune"]["forget_acc_gap"] == pytest.approx(0.3)
   assert rows["finetune"]["speedup"] == pytest.approx(25.0)
+  assert rows["finetune"]["speedup_parallel"] == pytest.approx(15.0)
   md = open(os.path.join(wd, "comparison.md")).read()
-  assert "| finetune |" in md and "(-10.0)" in md and "25.0x" in md
+  table = _md_rows(md)
+  assert table["finetune"]["test acc"] == "80.0 (-10.0)"
+  assert table["finetune"]["forget acc"] == "30.0 (+30.0)"
+  assert table["finetune"]["speed-up"] == "25.0x"
+  assert table["finetune"]["parallel speed-up"] == "15.0x"
+  assert table["retrain"]["parallel s"] == "30" and table["finetune"]["unlearn s"] == "4"
+  assert table["finetune"]["bytes"] == "30.0 B"
+  assert "Forgetting: forget acc" in md and "utility: retain acc" in md
   with open(os.path.join(wd, "comparison.csv")) as f:
     assert [r["method"] for r in csv.DictReader(f)] == ["retrain", "finetune"]
   assert os.path.getsize(os.path.join(wd, "comparison.png")) > 10_000
+
+
+def test_plot_when_every_method_forgets_completely(tmp_path):
+  # All forget values 0: the figure spreads methods by utility gap and speed-up instead.
+  wd = str(tmp_path)
+  for m, ret, secs in (("retrain", 0.95, 50.0), ("a", 0.93, 5.0), ("b", 0.90, 1.0)):
+    _write(wd, m, test_acc=ret, retain_acc=ret, forget_acc=0.0, unlearn_seconds=secs,
+           unlearn_parallel_seconds=secs / 2)
+  rows = compare.compare(wd)
+  assert [r["retain_acc_gap"] for r in rows] == pytest.approx([0.0, -0.02, -0.05])
+  assert os.path.getsize(os.path.join(wd, "comparison.png")) > 10_000
+
+
+def test_kind_names_pick_the_metrics(tmp_path):
+  wd = str(tmp_path)
+  kw = dict(forgetting_metric="forget_train_acc", utility_metric="retain_acc")
+  _write(wd, "retrain", retain_acc=0.9, forget_train_acc=0.1, class_acc=0.9, **kw)
+  _write(wd, "sga", retain_acc=0.85, forget_train_acc=0.2, class_acc=0.8, **kw)
+  rows = compare.compare(wd)
+  assert rows[1]["forgetting_metric"] == "forget_train_acc"
+  md = open(os.path.join(wd, "comparison.md")).read()
+  assert "Forgetting: forget train acc" in md
+  assert _md_rows(md)["sga"]["class acc"] == "80.0 (-10.0)"
+  _write(wd, "sga", retain_acc=0.85, forget_acc=0.2)  # another kind's names
+  os.makedirs(os.path.join(wd, "seed_1", "sga"))
+  os.rename(os.path.join(wd, "sga", "results.json"),
+            os.path.join(wd, "seed_1", "sga", "results.json"))
+  _write(wd, "sga", retain_acc=0.85, forget_train_acc=0.2, **kw)
+  with pytest.raises(compare.CompareError, match="disagree"):
+    compare.compare(wd)
 
 
 def test_seeds_give_mean_and_spread(tmp_path):
@@ -60,9 +108,38 @@ def test_method_all_runs_every_method_and_compares(tmp_path):
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   from fu_jax import methods
-  with open(os.path.join(str(tmp_path), "comparison.csv")) as f:
-    got = {r["method"] for r in csv.DictReader(f)}
-  assert got == {n for n, m in methods.REGISTRY.items() if "class" in m.kinds}
-  r = json.load(open(os.path.join(str(tmp_path), "retrain", "results.json")))
+  wd = str(tmp_path)
+  with open(os.path.join(wd, "comparison.csv")) as f:
+    csv_rows = {r["method"]: r for r in csv.DictReader(f)}
+  assert set(csv_rows) == {n for n, m in methods.REGISTRY.items() if "class" in m.kinds}
+  table = _md_rows(open(os.path.join(wd, "comparison.md")).read())
+  assert set(table) == set(csv_rows)
+  results = {m: json.load(open(os.path.join(wd, m, "results.json"))) for m in csv_rows}
+  r = results["retrain"]
   for k in ("mia_auc", "mia_attack_acc", "mia_shadow_recall"):
     assert 0.0 <= r[k] <= 1.0
+  pct = lambda v: f"{100 * v:.1f}"
+  for m, res in results.items():
+    row = csv_rows[m]
+    # The table shows exactly the runs' values: metrics, gaps, seconds, speed-ups, bytes.
+    for key, title, _ in compare.METRICS:
+      if res.get(key) is None:
+        assert row[key] == "", (m, key)
+        continue
+      assert float(row[key]) == pytest.approx(res[key]), (m, key)
+      cell = table[m][title]
+      assert cell.startswith(pct(res[key])), (m, key, cell)
+      if m != "retrain":
+        assert cell.endswith(f"({100 * (res[key] - r[key]):+.1f})"), (m, key, cell)
+    for key, col, title in (("speedup_vs_retrain", "speedup", "speed-up"),
+                            ("speedup_parallel_vs_retrain", "speedup_parallel",
+                             "parallel speed-up")):
+      assert res[key] is not None and float(row[col]) == pytest.approx(res[key]), (m, key)
+      assert table[m][title] == f"{res[key]:.1f}x", (m, key)
+    assert float(row["unlearn_seconds"]) == pytest.approx(res["unlearn_seconds"])
+    assert float(row["unlearn_parallel_seconds"]) == pytest.approx(
+        res["unlearn_parallel_seconds"])
+    assert 0 < res["unlearn_parallel_seconds"] <= res["unlearn_seconds"] * (1 + 1e-9)
+    assert float(row["bytes"]) == res["bytes_up"] + res["bytes_down"]
+    assert row["forgetting_metric"] == res["forgetting_metric"] == "forget_acc"
+  assert results["quickdrop"]["train_overhead_vs_fedavg"] > 0

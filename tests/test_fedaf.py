@@ -196,8 +196,8 @@ def test_fedaf_removes_the_backdoor_of_one_class_of_one_client(backdoor_runs):
   # ... and is gone after unlearning, while the model stays as accurate as before.
   assert res["bd_acc"] <= 0.05
   assert abs(res["test_acc"] - res["original"]["test_acc"]) <= 0.04
-  # Client 0's triggered samples are classified by their true labels again.
-  assert res["forget_train_acc"] >= 0.8 > res["original"]["forget_train_acc"]
+  # Client 0's triggered samples no longer get their flipped labels (scored as trained).
+  assert res["forget_train_acc"] <= 0.2 < 0.8 <= res["original"]["forget_train_acc"]
   cfg = small_config("fedaf")
   assert res["rounds"] == 1 + cfg.fedaf.recovery_rounds
   assert res["fedaf_target_clients"] == [0]

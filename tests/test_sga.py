@@ -115,9 +115,9 @@ def test_sga_client_class_with_backdoor(tmp_path):
   res = run_lib.run(small_config("sga", **{"unlearn.kind": "client_class",
                                            "backdoor.enabled": True}), str(tmp_path))
   # The ascent on client 0's triggered class-0 samples (flipped labels) breaks the backdoor:
-  # those samples are classified by their true labels again.
-  assert res["original"]["forget_train_acc"] < 0.2
-  assert res["forget_train_acc"] >= 0.8
+  # those samples (scored as trained: trigger, flipped label) no longer get the flipped label.
+  assert res["original"]["forget_train_acc"] >= 0.8
+  assert res["forget_train_acc"] <= 0.2
   assert res["bd_acc"] <= 0.1 < 0.8 <= res["bd_acc_before"]
   assert abs(res["test_acc"] - res["original"]["test_acc"]) <= 0.05
   assert res["rounds"] == 1 + small_config("sga").sga.recovery_rounds

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -119,7 +118,8 @@ def fedavg_phase(task: Task, env: Env, phase: str, params, num_rounds: int, *,
 
   Defaults: all valid examples, the training labels, every client, plain SGD. Rounds are
   numbered round_offset + r for sampling and keys, so phases never reuse randomness.
-  Communication: each active sampled client downloads and uploads the full model.
+  Communication (fl.round_cost): each sampled client with rows to train on and weight > 0
+  downloads and uploads the full model.
   """
   cfg = task.config
   c = task.clients
@@ -137,11 +137,9 @@ def fedavg_phase(task: Task, env: Env, phase: str, params, num_rounds: int, *,
     res = fl.fedavg_round(server, runner, (c.x, y), valid, extra, seed=cfg.seed,
                           round_idx=round_offset + r, client_weights=weights, num_sampled=k,
                           server_opt=server_opt, stream=stream)
-    active = int(np.sum(np.asarray(jnp.take(jnp.asarray(weights), res.sampled)) > 0))
-    examples = int(np.sum(np.asarray(jnp.take(jnp.sum(valid, 1), res.sampled))))
-    m = dict(res.metrics, bytes_up=active * model_bytes, bytes_down=active * model_bytes,
-             examples=examples * (epochs or cfg.fl.local_epochs))
-    return res.server, m
+    cost = fl.round_cost(res.counts, res.weights, model_bytes=model_bytes,
+                         epochs=epochs or cfg.fl.local_epochs)
+    return res.server, dict(res.metrics, **cost)
 
   server = fl.server_init(params, server_opt)
   server = env.rounds(phase, server, num_rounds, round_fn, lambda s: s.params)

@@ -14,8 +14,9 @@ pruning baseline of Xu et al. (papers/channel-explanation-xu.txt, Sec. 6.1.3, re
      rounds; pruned channels stay exactly zero (masked optimizer), as a pruned network has
      no such channels to train.
 
-Cost: the statistics upload (counted exactly) plus full-model rounds (fedavg_phase). The
-clients already hold the trained model, so step 1 downloads nothing.
+Cost (fl.round_cost, as every method): step 1 is a round in which each client with data
+downloads the trained model and uploads its statistics (counted exactly), then full-model
+rounds (fedavg_phase).
 Requests: class-wide only (the method scores classes; client_class / client requests have
 no class-discriminative channels to prune without hurting the class elsewhere).
 """
@@ -63,11 +64,12 @@ def _prune(channel_masks, params):
 
 def class_statistics(task: base.Task, params, layers, stat_samples: int):
   """Step 1-2: per-client activation sums over up to stat_samples valid examples each,
-  summed over clients. Returns (ClassActivations, bytes uploaded, examples used)."""
+  summed over clients. Returns (ClassActivations, bytes one client uploads, int [N] examples
+  each client used)."""
   c = task.clients
   n, max_n = c.valid.shape
   m = max_n if stat_samples <= 0 else min(stat_samples, max_n)
-  total, up, used = None, 0, 0
+  total, up, used = None, 0, np.zeros(n, np.int64)
   for k in range(n):
     if float(task.client_weights[k]) <= 0:
       continue
@@ -79,8 +81,8 @@ def class_statistics(task: base.Task, params, layers, stat_samples: int):
       continue
     sums = _client_sums(task.model, params, jnp.take(c.x[k], order, axis=0),
                         jnp.take(task.y_true[k], order), mask, task.num_classes, layers)
-    up += tu.tree_num_bytes(sums)
-    used += int(jnp.sum(mask))
+    up = tu.tree_num_bytes(sums)
+    used[k] = int(jnp.sum(mask))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   return total, up, used
 
@@ -93,7 +95,9 @@ def _cdp(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   params = trained.params
   layers = tuple(masking.cdp_layers(task.model, params, task.clients.x[0, :1]))
   stats, up, used = class_statistics(task, params, layers, s["stat_samples"])
-  env.add_cost(bytes_up=up, examples=used)
+  cost = fl.round_cost(used, task.client_weights, model_bytes=tu.tree_num_bytes(params),
+                       epochs=1, upload_bytes=up)
+  env.add_cost(**cost)
   scores = masking.tfidf_scores(masking.class_means(stats), coe=s["coe"])
   prune = None
   for cls in task.request.classes:
@@ -112,8 +116,8 @@ def _cdp(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   results = {
       "sparsity": s["sparsity"],
       "finetune_rounds": s["finetune_rounds"],
-      "stat_examples": used,
-      "stat_bytes_up": up,
+      "stat_examples": cost["examples"],
+      "stat_bytes_up": cost["bytes_up"],
       "pruned_channels": n_pruned,
       "pruned_channel_fraction_of_conv": n_pruned / max(n_conv, 1),
       "pruned": {"/".join(map(str, p)): np.flatnonzero(v).tolist() for p, v in prune.items()},

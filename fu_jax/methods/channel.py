@@ -329,11 +329,9 @@ def packed_fedavg_phase(task: base.Task, env: base.Env, phase: str, params, chan
     packed = upload(res.params, server.params)
     server = aggregate(server, packed, w)
     wn = np.asarray(w)
-    n_active = int(np.sum(wn > 0))
     metrics = {m: float(np.sum(np.asarray(val) * wn) / max(wn.sum(), 1e-12))
                for m, val in res.metrics.items()}
-    metrics.update(bytes_up=n_active * sel_bytes, bytes_down=n_active * sel_bytes,
-                   examples=int(np.sum(np.asarray(cnt)[wn > 0])) * local_epochs)
+    metrics.update(fl.round_cost(cnt, wn, model_bytes=sel_bytes, epochs=local_epochs))
     return server, metrics
 
   server = fl.server_init(params, server_opt)

@@ -46,8 +46,9 @@ What the paper fixes, and what we chose where it does not:
     parameters and outputs): vmapped per-example conv gradients run ~15x faster as batched
     matmuls than as XLA:CPU grouped convolutions (measured 64 vs 4 images/s, loaded CPU).
 
-Communication: the unlearning round uploads one model per target client (teachers, Fisher
-and labels never leave the client); recovery rounds are ordinary FedAvg rounds.
+Communication (fl.round_cost): in the unlearning round each target client downloads theta*
+and uploads one model (teachers, Fisher and labels never leave the client); recovery rounds
+are ordinary FedAvg rounds.
 """
 from __future__ import annotations
 
@@ -340,11 +341,9 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
     out = sga_lib.run_on_targets(task, env, program, params, y=(y_new, y_old),
                                  epochs=s["epochs"], batch_size=s["batch_size"], keys=keys,
                                  extra=extra, clients=targets)
-    target_examples = int(out.counts.sum())
     info.update(out.metrics, fisher_examples=fisher_examples)
-    m = sga_lib.round_cost(task, params, len(targets),
-                           s["epochs"] * target_examples + fisher_examples,
-                           s["recovery_rounds"])
+    m = sga_lib.round_cost(params, out, s["epochs"])
+    m["examples"] += fisher_examples
     return out.params, dict(m, loss=out.metrics["loss"])
 
   params = env.rounds(name, trained.params, 1, round_fn, lambda p: p)

@@ -399,7 +399,6 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
   k = base.num_sampled(cfg)
   params = base.init_params(task)
   model_bytes = tu.tree_num_bytes(params)
-  counts = np.asarray(jnp.sum(c.valid, axis=1))
 
   def round_fn(state: TrainState, r):
     res = fl.fedavg_round(state.server, runner, (c.x, c.y), c.valid,
@@ -409,9 +408,8 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
     syn, syn_opt = _scatter((state.syn, state.syn_opt), jnp.asarray(res.sampled),
                             jnp.asarray(active), (res.client.state.syn,
                                                   res.client.state.syn_opt))
-    n_active = int(active.sum())
-    m = dict(res.metrics, bytes_up=n_active * model_bytes, bytes_down=n_active * model_bytes,
-             examples=int(counts[res.sampled][active].sum()) * cfg.fl.local_epochs)
+    m = dict(res.metrics, **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes,
+                                          epochs=cfg.fl.local_epochs))
     return TrainState(res.server, syn, syn_opt), m
 
   syn = init_sets(task, s)
@@ -592,11 +590,8 @@ class _SynPhases:
                             round_idx=round_offset + r, client_weights=weights,
                             num_sampled=num_sampled, server_opt=self.server_opt,
                             stream=fl.STREAM_UNLEARN)
-      # A client takes part when it is sampled, allowed and has data in this phase.
-      part = (weights[res.sampled] > 0) & (counts[res.sampled] > 0)
-      n = int(part.sum())
-      m = dict(res.metrics, bytes_up=n * model_bytes, bytes_down=n * model_bytes,
-               examples=int(counts[res.sampled][part].sum()) * epochs)
+      m = dict(res.metrics, **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes,
+                                            epochs=epochs))
       return res.server, m
 
     server = fl.server_init(params, self.server_opt)
@@ -688,6 +683,8 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   }
   if s["sequence"]:
     results["sequence"] = records
+    # Every class of the sequence is forgotten by now: the run evaluates against all of them.
+    results["forgotten_classes"] = [int(c) for c in forgotten]
   return base.Outcome(params, results)
 
 

@@ -109,16 +109,12 @@ def run_on_targets(task: base.Task, env: base.Env, program: fl.LocalProgram, par
   return TargetResult(new, idx, counts.astype(np.int64), metrics)
 
 
-def round_cost(task: base.Task, params, num_targets: int, examples: int,
-               recovery_rounds: int) -> dict:
-  """Communication of one unlearning round: each target client uploads its model (it
-  already holds theta*, the last global model, so downloads nothing); when no recovery
-  round follows, the server broadcasts the result to every remaining client."""
-  model_bytes = tu.tree_num_bytes(params)
-  remaining = int(np.sum(task.client_weights > 0))
-  return {"bytes_up": num_targets * model_bytes,
-          "bytes_down": 0 if recovery_rounds > 0 else remaining * model_bytes,
-          "examples": int(examples)}
+def round_cost(params, result: TargetResult, epochs: int) -> dict:
+  """fl.round_cost of the unlearning round: each target client with samples to forget
+  downloads theta* and uploads its model (the final broadcast is not counted, as for
+  every method)."""
+  return fl.round_cost(result.counts, result.counts, model_bytes=tu.tree_num_bytes(params),
+                       epochs=epochs)
 
 
 def recover(task: base.Task, env: base.Env, phase: str, params, rounds: int):
@@ -220,8 +216,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
     out = run_on_targets(task, env, program, p, y=y, epochs=s["epochs"],
                          batch_size=s["batch_size"], keys=keys, clients=targets)
     info.update(out.metrics)
-    m = round_cost(task, p, len(targets), s["epochs"] * int(out.counts.sum()),
-                   s["recovery_rounds"])
+    m = round_cost(p, out, s["epochs"])
     return out.params, dict(m, loss=out.metrics["loss"])
 
   params = env.rounds("sga", params, 1, round_fn, lambda p: p)
