@@ -26,6 +26,7 @@ import optax
 from fu_jax import checkpoint
 from fu_jax import data as data_lib
 from fu_jax import fl
+from fu_jax import images as images_lib
 from fu_jax import logging as log_lib
 from fu_jax import losses as losses_lib
 from fu_jax import methods as methods_lib
@@ -242,12 +243,16 @@ def build_task(config) -> base.Task:
     forget_rows = owner == client
   _require(forget_rows.any(), f"the unlearning request {u.kind} (classes={classes}, "
            f"client={client}) selects no training sample; pick a class/client that holds data")
-  x_train, y_train = ds.x_train, ds.y_train
-  if config.backdoor.enabled:
+  y_train = ds.y_train
+  # One copy of the training images on the device; clients are index blocks into it.
+  if config.backdoor.enabled:  # the triggered copy, in float32 (triggers are set there)
     trigger = _trigger(config, ds)
-    x_train, y_train = bd_lib.plant_backdoor(x_train, y_train, forget_rows, trigger,
+    x_train, y_train = bd_lib.plant_backdoor(ds.x_train, y_train, forget_rows, trigger,
                                              _flip(config), num_classes=ds.num_classes)
-  clients = data_lib.stack_clients(x_train, y_train, parts)
+    table = images_lib.ImageTable(x_train)
+  else:
+    table = images_lib.dataset_table(ds)
+  clients = data_lib.index_clients(y_train, parts)
   idx = np.where(clients.index >= 0, clients.index, 0)
   forget = forget_rows[idx] & clients.valid
   y_true = np.where(clients.valid, ds.y_train[idx], 0).astype(np.int32)
@@ -261,7 +266,9 @@ def build_task(config) -> base.Task:
   del hist
   model = models.create(config.model.name, ds.num_classes, **_model_overrides(config))
   dev = lambda a: jnp.asarray(a)
-  clients = type(clients)(*[dev(a) for a in clients])
+  index = dev(clients.index)
+  clients = type(clients)(x=images_lib.ClientImages(index, table), y=dev(clients.y),
+                          valid=dev(clients.valid), count=dev(clients.count), index=index)
   return base.Task(config=config, dataset=ds, clients=clients, y_true=dev(y_true),
                    forget=dev(forget), retain_valid=dev(np.asarray(clients.valid) & ~forget),
                    client_weights=weights, request=base.Request(u.kind, classes, client),
@@ -475,7 +482,7 @@ def forgotten_records(task: base.Task):
   0.54).
   """
   forget = np.asarray(task.forget)
-  return (np.asarray(task.clients.x)[forget], np.asarray(task.clients.y)[forget],
+  return (np.asarray(task.clients.x[forget]), np.asarray(task.clients.y)[forget],
           np.asarray(task.y_true)[forget])
 
 
@@ -529,7 +536,7 @@ def sample_metrics(task: base.Task, params) -> dict:
   a perfect sample-wise unlearning the two sides look alike, as under retraining."""
   ds = task.dataset
   forget = np.asarray(task.forget)
-  x_f = np.asarray(task.clients.x)[forget]
+  x_f = np.asarray(task.clients.x[forget])  # only the forgotten rows' images
   y_f = np.asarray(task.y_true)[forget]
   held = np.isin(ds.y_test, np.unique(y_f))
   lf = acc_lib.predict_logits(task.apply_fn, params, x_f)

@@ -23,8 +23,11 @@ Three steps (DESIGN.md §3.1):
    fails at thousands of clients and small alpha); `client_dirichlet` gives each client its
    own mixture and a log-normal size (cross-device scale).
 
-3. `stack_clients(x, y, parts)` -> `types.ClientData`: [clients, max_n, ...] blocks padded with
-   zero rows, valid=False and index=-1 (fedjax-style; padding never changes a result).
+3. `index_clients(y, parts)` -> `types.ClientData` of [clients, max_n] index blocks into the
+   training set (index=-1, valid=False on padding; fedjax-style, padding never changes a
+   result); the images stay in one copy (`fu_jax.images`). `stack_clients(x, y, parts)`
+   builds the padded image blocks [clients, max_n, H, W, C] instead (small tests, the
+   before/after benchmark).
 
 Heavy dependencies (scikit-learn, tensorflow_datasets) are imported lazily inside the loaders
 that need them, so `import fu_jax.data` costs only numpy.
@@ -72,8 +75,9 @@ def _as_nhwc(x: np.ndarray, what: str) -> np.ndarray:
   return x
 
 
-def _unit_scale(x: np.ndarray) -> np.ndarray:
-  """A new float32 array, in [0, 1] for unsigned integer images (x / dtype max).
+def _unit_scale(x: np.ndarray, top: int | None = None) -> np.ndarray:
+  """A new float32 array, in [0, 1] for unsigned integer images (x * 1/top, top = the dtype's
+  max unless given, e.g. 16 for digits).
 
   Float images keep their values. The per-channel standardisation that follows removes any
   constant scale, so this only keeps intermediate values small and makes the documented
@@ -81,7 +85,7 @@ def _unit_scale(x: np.ndarray) -> np.ndarray:
   """
   out = x.astype(np.float32)  # always a copy: later steps work in place
   if np.issubdtype(x.dtype, np.unsignedinteger):
-    out *= np.float32(1.0 / np.iinfo(x.dtype).max)
+    out *= np.float32(1.0 / (top or np.iinfo(x.dtype).max))
   return out
 
 
@@ -105,9 +109,10 @@ def _check_finite(x: np.ndarray, what: str):
     raise DataError(f'{what}: images contain NaN or Inf values')
 
 
-def _standardise_inplace(x_train: np.ndarray, x_test: np.ndarray):
+def _standardise_inplace(x_train: np.ndarray, *others: np.ndarray):
+  """Standardises x_train and `others` in place with x_train's per-channel statistics."""
   mean, std = _channel_stats(x_train)
-  for x in (x_train, x_test):
+  for x in (x_train,) + others:
     x -= mean.astype(np.float32)
     x /= std.astype(np.float32)
 
@@ -155,8 +160,12 @@ def _subset(n: int, cap: int | None, rng: np.random.Generator, what: str) -> np.
 
 
 def _finish(name, x_train, y_train, x_test, y_test, *, num_classes=None, seed=0,
-            max_train=None, max_test=None, scaled=False) -> types.Dataset:
-  """Validate, optionally subsample, scale, standardise and pack a Dataset."""
+            max_train=None, max_test=None, scaled=False, top=None) -> types.Dataset:
+  """Validate, optionally subsample, scale, standardise and pack a Dataset.
+
+  uint8 training images are also kept as codes with the lookup table that normalises them
+  (`Dataset.train_codes`, `train_lut`), computed by the same operations as x_train.
+  """
   x_train = _as_nhwc(x_train, f'{name} train images')
   x_test = _as_nhwc(x_test, f'{name} test images')
   y_train = _check_labels(y_train, f'{name} train labels', num_classes)
@@ -178,12 +187,20 @@ def _finish(name, x_train, y_train, x_test, y_test, *, num_classes=None, seed=0,
     num_classes = int(max(y_train.max(), y_test.max())) + 1
   _check_finite(x_train, f'{name} train')
   _check_finite(x_test, f'{name} test')
+  codes = lut = None
   if scaled:  # already float in [0, 1]; copy so the caller's arrays are never modified
     x_train, x_test = x_train.astype(np.float32), x_test.astype(np.float32)
   else:
-    x_train, x_test = _unit_scale(x_train), _unit_scale(x_test)
-  _standardise_inplace(x_train, x_test)
-  return types.Dataset(x_train, y_train, x_test, y_test, int(num_classes), name)
+    if x_train.dtype == np.uint8:
+      codes = x_train
+      values = np.arange(256, dtype=np.uint8)[:, None, None, None]
+      lut = _unit_scale(np.broadcast_to(values, (256, 1, 1, x_train.shape[-1])), top)
+    x_train, x_test = _unit_scale(x_train, top), _unit_scale(x_test, top)
+  _standardise_inplace(x_train, x_test, *(() if lut is None else (lut,)))
+  if lut is not None:
+    lut = lut.reshape(256, -1)
+  return types.Dataset(x_train, y_train, x_test, y_test, int(num_classes), name,
+                       train_codes=codes, train_lut=lut)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +212,7 @@ def _load_digits(seed: int, test_fraction: float = 0.25, **caps) -> types.Datase
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
 
   bunch = datasets.load_digits()
-  images = bunch.images.astype(np.float32) / np.float32(16.0)
+  images = bunch.images.astype(np.uint8)  # whole numbers 0..16, scaled by 1/16 in _finish
   labels = bunch.target.astype(np.int64)
   rng = np.random.default_rng(seed)
   train, test = [], []
@@ -207,7 +224,7 @@ def _load_digits(seed: int, test_fraction: float = 0.25, **caps) -> types.Datase
   train = rng.permutation(np.concatenate(train))
   test = rng.permutation(np.concatenate(test))
   return _finish('digits', images[train], labels[train], images[test], labels[test],
-                 num_classes=10, seed=seed, scaled=True, **caps)
+                 num_classes=10, seed=seed, top=16, **caps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,8 +403,8 @@ def _read_tfds_split(source, name: str, keys: np.ndarray, chunk: int = 256):
     if name == 'celeb_a':
       xs.append(celeb_a_image(images) / np.float32(255.0))
       ys.append(np.array([celeb_a_label(r['attributes']) for r in records], np.int64))
-    else:
-      xs.append(_unit_scale(images))
+    else:  # raw: _finish scales (and keeps uint8 codes)
+      xs.append(images)
       ys.append(np.array([int(r['label']) for r in records], np.int64))
   return np.concatenate(xs), np.concatenate(ys)
 
@@ -425,7 +442,8 @@ def _load_tfds(name: str, data_dir: str | None, seed: int, max_train=None, max_t
     if n == 0:
       raise DataError(f'tfds:{name} split {split!r} (data_dir={data_dir}) is empty')
     out.extend(_read_tfds_split(source, name, _subset(n, cap, rng, cap_name)))
-  return _finish(f'tfds:{name}', *out, num_classes=num_classes, seed=seed, scaled=True)
+  return _finish(f'tfds:{name}', *out, num_classes=num_classes, seed=seed,
+                 scaled=name == 'celeb_a')
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,7 +528,8 @@ def subsample_train(ds: types.Dataset, size: int, seed: int) -> types.Dataset:
   if isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size == 0:
     return ds
   keep = stratified_subset(ds.y_train, size, seed)
-  return ds._replace(x_train=ds.x_train[keep], y_train=ds.y_train[keep])
+  codes = None if ds.train_codes is None else ds.train_codes[keep]
+  return ds._replace(x_train=ds.x_train[keep], y_train=ds.y_train[keep], train_codes=codes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -777,16 +796,16 @@ def label_histogram(parts: Sequence[np.ndarray], labels, num_classes: int) -> np
 # Padded client blocks
 
 
-def stack_clients(x, y, parts: Sequence[np.ndarray], *,
+def index_clients(y, parts: Sequence[np.ndarray], *,
                   pad_to: int | None = None) -> types.ClientData:
-  """Gathers each client's examples into [clients, max_n, ...] numpy blocks.
+  """Clients as [clients, max_n] index blocks into the training set, without images.
 
-  max_n = pad_to or the largest client. Row j of client i is x[parts[i][j]] (order kept);
-  rows past count[i] are zeros with valid=False, y=0 and index=-1.
+  max_n = pad_to or the largest client. index[i, j] = parts[i][j] (order kept), -1 past
+  count[i]; y, valid and count as in `stack_clients`; x is None: the images stay in one
+  copy (`fu_jax.images.ClientImages(index, table)` takes x's place). Vectorised: cost
+  O(examples), not a Python loop over clients' rows.
   """
-  x, y = np.asarray(x), np.asarray(y)
-  if x.shape[0] != y.shape[0]:
-    raise ValueError(f'x has {x.shape[0]} examples but y has {y.shape[0]}')
+  y = np.asarray(y)
   if len(parts) == 0:
     raise ValueError('parts must hold at least one client')
   parts = [np.asarray(p) for p in parts]
@@ -794,8 +813,8 @@ def stack_clients(x, y, parts: Sequence[np.ndarray], *,
     if p.ndim != 1 or (p.size and not np.issubdtype(p.dtype, np.integer)):
       raise ValueError(f'parts[{i}] must be a 1-D integer index array, got shape {p.shape} '
                        f'dtype {p.dtype}')
-    if p.size and (p.min() < 0 or p.max() >= x.shape[0]):
-      raise ValueError(f'parts[{i}] has indices outside [0, {x.shape[0]})')
+    if p.size and (p.min() < 0 or p.max() >= y.shape[0]):
+      raise ValueError(f'parts[{i}] has indices outside [0, {y.shape[0]})')
   count = np.array([p.size for p in parts], np.int32)
   max_n = int(count.max())
   if pad_to is not None:
@@ -804,10 +823,27 @@ def stack_clients(x, y, parts: Sequence[np.ndarray], *,
       raise ValueError(f'pad_to={pad_to} is smaller than the largest client ({max_n})')
     max_n = pad_to
   index = np.full((len(parts), max_n), -1, np.int32)
-  for i, p in enumerate(parts):
-    index[i, :p.size] = p
+  rows = np.repeat(np.arange(len(parts)), count)
+  cols = np.arange(rows.size) - np.repeat(np.cumsum(count) - count, count)
+  index[rows, cols] = np.concatenate(parts) if rows.size else []
   valid = index >= 0
-  safe = np.where(valid, index, 0)
+  ys = np.where(valid, y[np.where(valid, index, 0)], 0).astype(np.int32)
+  return types.ClientData(x=None, y=ys, valid=valid, count=count, index=index)
+
+
+def stack_clients(x, y, parts: Sequence[np.ndarray], *,
+                  pad_to: int | None = None) -> types.ClientData:
+  """Gathers each client's examples into [clients, max_n, ...] numpy blocks.
+
+  max_n = pad_to or the largest client. Row j of client i is x[parts[i][j]] (order kept);
+  rows past count[i] are zeros with valid=False, y=0 and index=-1. The padded layout:
+  memory clients x max_n images (experiments use `index_clients` + `fu_jax.images`).
+  """
+  x, y = np.asarray(x), np.asarray(y)
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(f'x has {x.shape[0]} examples but y has {y.shape[0]}')
+  clients = index_clients(y, parts, pad_to=pad_to)
+  valid = clients.valid
+  safe = np.where(valid, clients.index, 0)
   xs = np.where(valid.reshape(valid.shape + (1,) * (x.ndim - 1)), x[safe], 0).astype(x.dtype)
-  ys = np.where(valid, y[safe], 0).astype(np.int32)
-  return types.ClientData(x=xs, y=ys, valid=valid, count=count, index=index)
+  return clients._replace(x=xs)

@@ -15,6 +15,12 @@ Every runner drives the steps from the host: on XLA:CPU a conv train step inside
 `lax.scan` or `fori_loop` runs 5-30x slower than the same step called from Python
 (DESIGN.md §7), while host dispatch costs microseconds on every backend.
 
+Client data (x, y) with a leading client axis is either padded image blocks or
+`images.ClientImages`, index blocks into one copy of the training set: every runner and
+`fedavg_round` select clients by mapping over the data pytree, which selects index rows,
+and `take_batch` gathers a batch's images inside the jitted step. A round therefore
+touches only its cohort's index rows, whatever the number of clients.
+
 Padding never changes a result: each epoch orders the valid examples first, in an order
 drawn per example from `fold_in(key, example_position)` (so it does not depend on how far
 a client is padded); a batch with no valid example leaves the state bit-identical.
@@ -36,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fu_jax import images
 from fu_jax import losses
 from fu_jax import tree as tu
 
@@ -140,12 +147,18 @@ def epoch_order(key, valid):
 
 
 def take_batch(data, valid, order, step, batch_size):
-  """Batch `step` of an epoch ordered by `order`; rows past the end are masked out."""
+  """Batch `step` of an epoch ordered by `order`; rows past the end are masked out.
+
+  data may hold `images.ClientImages` (a client's index row into the one copy of the
+  training images): the batch's index entries are selected first and only those images
+  gathered (and normalised, by table lookup) here, inside the jitted step.
+  """
   n = valid.shape[0]
   pos = step * batch_size + jnp.arange(batch_size)
   idx = order[jnp.minimum(pos, n - 1)]
   in_range = pos < n
-  x, y = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), (data[0], data[1]))
+  x, y = images.materialize(
+      jax.tree.map(lambda a: jnp.take(a, idx, axis=0), (data[0], data[1])))
   return Batch(x, y, jnp.take(valid, idx) & in_range)
 
 
@@ -239,9 +252,12 @@ class ClientRunner:
     self.chunk_size = chunk_size
     self.clock = clock
     def compile_step(step_fn):
-      step = functools.partial(_guarded_step, step_fn, batch_size)
+      def step(state, data, valid, order, s, key, tables):
+        # The image tables arrive as arguments (see images.detach), shared by all clients.
+        data = images.attach(data, tables)
+        return _guarded_step(step_fn, batch_size, state, data, valid, order, s, key)
       if kind != "loop":
-        step = jax.vmap(step, in_axes=(0, 0, 0, 0, None, 0))
+        step = jax.vmap(step, in_axes=(0, 0, 0, 0, None, 0, None))
       return jax.jit(step, donate_argnums=(0,))
 
     self._step = compile_step(program.step)
@@ -266,7 +282,7 @@ class ClientRunner:
     """The compiled step for local step i: the program's scheduled step where due."""
     return self._scheduled if is_scheduled(self.program, i) else self._step
 
-  def _metric_zeros(self, server_params, data, valid, extra, keys):
+  def _metric_zeros(self, server_params, data, valid, extra, keys, tables):
     """Zero metric sums shaped like one step's metrics (for clients with no batch).
 
     Shapes come from the jitted step itself, whose trace is cached for the real calls.
@@ -274,19 +290,19 @@ class ClientRunner:
     if self.kind != "loop":
       state = jax.eval_shape(self._init, server_params, extra, keys)
       order = jax.ShapeDtypeStruct(valid.shape, jnp.int32)
-      _, m, _ = jax.eval_shape(self._step, state, data, valid, order, 0, keys)
+      _, m, _ = jax.eval_shape(self._step, state, data, valid, order, 0, keys, tables)
       return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), m)
     one = jax.tree.map(lambda a: a[0], (data, valid, extra, keys))
     state = jax.eval_shape(self._init, server_params, one[2], one[3])
     order = jax.ShapeDtypeStruct(valid.shape[1:], jnp.int32)
-    _, m, _ = jax.eval_shape(self._step, state, one[0], one[1], order, 0, one[3])
+    _, m, _ = jax.eval_shape(self._step, state, one[0], one[1], order, 0, one[3], tables)
     return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), m)
 
   # -- loop: one client at a time, only its non-empty batches.
-  def _run_loop(self, server_params, data, valid, extra, keys):
+  def _run_loop(self, server_params, data, valid, extra, keys, tables):
     counts = np.asarray(jnp.sum(valid, axis=1))
     max_n = valid.shape[1]
-    zeros = self._metric_zeros(server_params, data, valid, extra, keys)
+    zeros = self._metric_zeros(server_params, data, valid, extra, keys, tables)
     params_out, states_out, sums_out, seconds = [], [], [], []
     for c in range(valid.shape[0]):
       t0 = self.clock.now() if self.clock is not None else 0.0
@@ -299,7 +315,8 @@ class ClientRunner:
         ek = jax.random.fold_in(k_c, epoch)
         order = self._order(ek, v_c)
         for s in range(n_steps):
-          state, m, _ = self._step_fn(epoch * n_steps + s)(state, d_c, v_c, order, s, ek)
+          state, m, _ = self._step_fn(epoch * n_steps + s)(state, d_c, v_c, order, s, ek,
+                                                           tables)
           sums = jax.tree.map(jnp.add, sums, m)
       params_out.append(self._finish(state))
       states_out.append(state)
@@ -315,7 +332,7 @@ class ClientRunner:
     return ClientResult(stack(params_out), stack(states_out), metrics)
 
   # -- vmap / shard: a block of clients per call.
-  def _run_block(self, server_params, data, valid, extra, keys):
+  def _run_block(self, server_params, data, valid, extra, keys, tables):
     if self.kind == "shard":
       put = lambda a: jax.device_put(a, self._client_sharding)
       data, valid, extra, keys = jax.tree.map(put, (data, valid, extra, keys))
@@ -323,19 +340,21 @@ class ClientRunner:
     counts = np.asarray(jnp.sum(valid, axis=1))
     n_steps = min(steps_per_epoch(valid.shape[1], self.batch_size),
                   math.ceil(int(counts.max(initial=0)) / self.batch_size))
-    sums = self._metric_zeros(server_params, data, valid, extra, keys)
+    sums = self._metric_zeros(server_params, data, valid, extra, keys, tables)
     for epoch in range(self.epochs):
       eks = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
       order = self._order(eks, valid)
       for s in range(n_steps):
-        state, m, _ = self._step_fn(epoch * n_steps + s)(state, data, valid, order, s, eks)
+        state, m, _ = self._step_fn(epoch * n_steps + s)(state, data, valid, order, s, eks,
+                                                         tables)
         sums = jax.tree.map(jnp.add, sums, m)
     metrics = _mean_metrics(jax.tree.map(np.asarray, sums), counts * self.epochs)
     return ClientResult(self._finish(state), state, metrics)
 
   def run(self, server_params, data, valid, extra, keys) -> ClientResult:
+    data, tables = images.detach(data)
     if self.kind == "loop":
-      return self._run_loop(server_params, data, valid, extra, keys)
+      return self._run_loop(server_params, data, valid, extra, keys, tables)
     num = valid.shape[0]
     chunk = self.chunk_size or num
     if self.kind == "shard":
@@ -350,7 +369,7 @@ class ClientRunner:
         block = jax.tree.map(
             lambda a: jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]), block)
         block_keys = jnp.concatenate([block_keys, keys[jnp.zeros(pad, jnp.int32)]])
-      res = self._run_block(server_params, *block, block_keys)
+      res = self._run_block(server_params, *block, block_keys, tables)
       if pad:
         res = jax.tree.map(lambda a: a[:chunk - pad], res)
       results.append(res)

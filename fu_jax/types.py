@@ -2,7 +2,7 @@
 
 All are NamedTuples so they are pytrees: they pass through jit/vmap unchanged.
 """
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -14,6 +14,10 @@ class Dataset(NamedTuple):
 
   x_*: float32 [n, H, W, C] (NHWC, per-channel standardised with train statistics).
   y_*: int32 [n], values in [0, num_classes).
+  train_codes, train_lut: for uint8 sources, the training images as loaded (uint8
+    [n, H, W, C]) and the lookup table float32 [256, C] that normalises them:
+    train_lut[train_codes[..., c], c] == x_train[..., c] exactly. None otherwise.
+    `fu_jax.images` stores these (4x smaller) as the one device copy of the training set.
   """
   x_train: np.ndarray
   y_train: np.ndarray
@@ -21,12 +25,16 @@ class Dataset(NamedTuple):
   y_test: np.ndarray
   num_classes: int
   name: str
+  train_codes: Optional[np.ndarray] = None
+  train_lut: Optional[np.ndarray] = None
 
 
 class ClientData(NamedTuple):
   """Clients stacked into padded blocks with a leading client axis.
 
-  x:     float32 [clients, max_n, H, W, C]
+  x:     float32 [clients, max_n, H, W, C]: a padded image block (`data.stack_clients`), or
+         `fu_jax.images.ClientImages`, the same index block over one copy of the training
+         images (experiments; it indexes and converts like the block, see that module)
   y:     int32   [clients, max_n]
   valid: bool    [clients, max_n]  True where a real example sits
   count: int32   [clients]         number of valid examples (= valid.sum(1))

@@ -94,6 +94,7 @@ import optax
 from fu_jax import ascent
 from fu_jax import distill
 from fu_jax import fl
+from fu_jax import images
 from fu_jax import losses
 from fu_jax import models
 from fu_jax import tree as tu
@@ -303,7 +304,8 @@ def init_sets(task: base.Task, s: dict) -> distill.SyntheticSet:
         sizes=sz)
     return jax.vmap(one)(x, y, valid, keys, sizes)
 
-  return build(c.x, c.y, c.valid, keys, jnp.asarray(sizes))
+  # The real images are needed whole here, once: materialised outside the jitted build.
+  return build(images.materialize(c.x), c.y, c.valid, keys, jnp.asarray(sizes))
 
 
 def chunks_in_use(syn: distill.SyntheticSet) -> np.ndarray:
