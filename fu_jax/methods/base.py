@@ -14,7 +14,7 @@ TensorBoard and flags.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -90,11 +90,17 @@ class Env(NamedTuple):
   add_cost: Callable
 
 
+class Unservable(ValueError):
+  """The request is of a kind the method serves, but this data does not allow it (e.g.
+  FedEraser on a class held by several clients): raised by Method.check before training."""
+
+
 class Method(NamedTuple):
   name: str
   kinds: tuple
   pretrain: str
   unlearn: Callable
+  check: Optional[Callable] = None  # check(task) raises Unservable; None = always served
 
 
 def client_optimizer(config, lr=None) -> optax.GradientTransformation:
