@@ -48,7 +48,12 @@ def main(argv):
           config.method = name
           if seed is not None:
             config.seed = seed
-        run.run(config, workdir)
+        try:
+          run.run(config, workdir)
+        except run.base.Unservable as e:
+          if FLAGS.method != "all":
+            raise
+          print(f"--method=all: {name} skipped: {e}", flush=True)
     if len(names) > 1 or len(seeds) > 1:
       from experiments import compare
       compare.compare(FLAGS.workdir)

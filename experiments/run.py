@@ -734,6 +734,8 @@ def run(config, workdir: str) -> dict:
   method = methods_lib.get(config.method)
   validate(config, config.method)
   task = build_task(config)
+  if method.check is not None:
+    method.check(task)  # base.Unservable before anything is trained or written
   out_dir = os.path.join(workdir, method.name)
   os.makedirs(out_dir, exist_ok=True)
   cfg_dict = _to_dict(config)

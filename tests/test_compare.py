@@ -111,7 +111,10 @@ def test_method_all_runs_every_method_and_compares(tmp_path):
   wd = str(tmp_path)
   with open(os.path.join(wd, "comparison.csv")) as f:
     csv_rows = {r["method"]: r for r in csv.DictReader(f)}
-  assert set(csv_rows) == {n for n, m in methods.REGISTRY.items() if "class" in m.kinds}
+  # federaser serves a class only when one client holds it; these IID clients all do.
+  assert "federaser skipped: federaser removes whole clients" in out.stdout
+  assert set(csv_rows) == {n for n, m in methods.REGISTRY.items() if "class" in m.kinds} - {
+      "federaser"}
   table = _md_rows(open(os.path.join(wd, "comparison.md")).read())
   assert set(table) == set(csv_rows)
   results = {m: json.load(open(os.path.join(wd, m, "results.json"))) for m in csv_rows}

@@ -15,7 +15,7 @@ TensorBoard and flags.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -94,12 +94,18 @@ class Env(NamedTuple):
   add_cost: Callable
 
 
+class Unservable(ValueError):
+  """The request is of a kind the method serves, but this data does not allow it (e.g.
+  FedEraser on a class held by several clients): raised by Method.check before training."""
+
+
 class Method(NamedTuple):
   name: str
   kinds: tuple
   pretrain: str
   unlearn: Callable
   why: str = ""  # why the kinds not listed are refused (shown when one is requested)
+  check: Optional[Callable] = None  # check(task) raises Unservable; None = always served
 
 
 def client_optimizer(config, lr=None) -> optax.GradientTransformation:

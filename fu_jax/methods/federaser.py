@@ -191,7 +191,7 @@ def removed_client(task: base.Task) -> int:
   if req.kind == "class":
     holders = sga_lib.target_clients(task)
     if len(holders) != 1:
-      raise ValueError(
+      raise base.Unservable(
           f"federaser removes whole clients: a class request is served only when exactly one "
           f"client holds the class, but classes {list(req.classes)} are held by clients "
           f"{[int(h) for h in holders]} (use unlearn.kind=client or another method)")
@@ -307,5 +307,10 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   return base.Outcome(params, results)
 
 
-METHODS = {"federaser": base.Method("federaser", ("class", "client"), "federaser", _unlearn)}
+def _check(task: base.Task):
+  removed_client(task)
+
+
+METHODS = {"federaser": base.Method("federaser", ("class", "client"), "federaser", _unlearn,
+                                    check=_check)}
 TRAINERS = {"federaser": train_federaser}

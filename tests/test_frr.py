@@ -1,0 +1,126 @@
+"""FRR rapid retraining (fu_jax/methods/frr.py): the local step against a numpy computation
+of per-example gradients, diagonal Fisher and the momentum update; end-to-end on digits."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import run as run_lib
+from experiments.configs import digits
+from fu_jax import fl
+from fu_jax import models
+from fu_jax import tree as tu
+from fu_jax.methods import base
+from fu_jax.methods import frr
+
+K = 3
+
+
+class Linear(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(K)(x)
+
+
+def _numpy_steps(w, b, x, y, mask, steps, *, lr, b1, b2, eps):
+  """The FRR local steps on one fixed batch, per-example gradients of softmax regression."""
+  m = [np.zeros_like(w), np.zeros_like(b)]
+  v = [np.zeros_like(w), np.zeros_like(b)]
+  onehot = np.eye(K)[y]
+  wt = mask / mask.sum()
+  for t in range(1, steps + 1):
+    logits = x @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    r = p - onehot                                   # dl_i/dlogits
+    gw_i = x[:, :, None] * r[:, None, :]             # [n, d, K]
+    gb_i = r
+    for j, gi in enumerate((gw_i, gb_i)):
+      e = wt.reshape((-1,) + (1,) * (gi.ndim - 1))
+      g, f = np.sum(e * gi, 0), np.sum(e * gi * gi, 0)
+      m[j] = b1 * m[j] + (1 - b1) * g
+      v[j] = b2 * v[j] + (1 - b2) * f * f
+      d = (m[j] / (1 - b1 ** t)) / (np.sqrt(v[j] / (1 - b2 ** t)) + eps)
+      if j == 0:
+        w = w - lr * d
+      else:
+        b = b - lr * d
+  return w, b
+
+
+@pytest.mark.parametrize("b1, b2", [(0.9, 0.999), (0.0, 0.0)])
+def test_local_steps_match_numpy(b1, b2):
+  rng = np.random.RandomState(0)
+  n, d = 6, 4
+  x = rng.randn(n, d).astype(np.float32)
+  y = rng.randint(0, K, n).astype(np.int32)
+  mask = np.array([1, 1, 1, 0, 1, 1], bool)  # a padded row must not count
+  x[~mask] = 50.0
+  module = Linear()
+  params = module.init(jax.random.key(0), jnp.zeros((1, d)))["params"]
+  prog = frr.frr_program(module, lr=0.01, beta1=b1, beta2=b2, eps=1e-3)
+  state = prog.init(params, None, None)
+  batch = fl.Batch(jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask))
+  step = jax.jit(prog.step)
+  for _ in range(3):
+    state, metrics = step(state, batch, jax.random.key(0))
+  w, b = _numpy_steps(np.asarray(params["Dense_0"]["kernel"], np.float64),
+                      np.asarray(params["Dense_0"]["bias"], np.float64), x.astype(np.float64),
+                      y, mask.astype(np.float64), 3, lr=0.01, b1=b1, b2=b2, eps=1e-3)
+  np.testing.assert_allclose(np.asarray(state.params["Dense_0"]["kernel"]), w, rtol=2e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.params["Dense_0"]["bias"]), b, rtol=2e-4,
+                             atol=1e-6)
+  assert int(state.t) == 3 and np.isfinite(float(metrics["loss"]))
+
+
+def test_plain_step_is_gradient_over_fisher():
+  g = {"a": jnp.asarray([0.5, -0.2, 0.0])}
+  f = {"a": jnp.asarray([0.5, 0.04, 0.0])}
+  z = jax.tree.map(jnp.zeros_like, g)
+  d, _, _ = frr.frr_direction(g, f, z, z, 1.0, beta1=0.0, beta2=0.0, eps=1e-2)
+  np.testing.assert_allclose(np.asarray(d["a"]), [0.5 / 0.51, -0.2 / 0.05, 0.0], rtol=1e-6)
+
+
+def test_kinds_follow_the_request_kinds():
+  assert set(frr.METHODS["frr"].kinds) >= {"class", "client_class", "client"}
+  assert ("samples" in frr.METHODS["frr"].kinds) == ("samples" in base.REQUEST_KINDS)
+
+
+def test_bad_settings_name_the_key():
+  c = digits.get_config()
+  c.frr.init = "random"
+  with pytest.raises(ValueError, match=r"frr.init='random': allowed \('trained', 'scratch'\)"):
+    frr.settings(c)
+  c = digits.get_config()
+  c.frr.beta2 = 1.0
+  with pytest.raises(ValueError, match=r"frr.beta2=1.0: must be in \[0, 1\)"):
+    frr.settings(c)
+
+
+def small_config(method, **overrides):
+  c = digits.get_config()
+  c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 100, 100
+  c.model.name = "mlp"
+  c.mia.enabled = False
+  c.method = method
+  c.unlearn.kind = "class"
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def test_class_forgets_beyond_a_no_op_and_keeps_utility(tmp_path):
+  runs = {m: run_lib.run(small_config(m), str(tmp_path)) for m in ("retrain", "fedavg", "frr")}
+  fr, noop, ref = runs["frr"], runs["fedavg"], runs["retrain"]
+  assert noop["forget_acc"] >= 0.9
+  assert fr["forget_acc"] <= noop["forget_acc"] - 0.5        # beyond the no-op
+  assert abs(fr["retain_acc"] - ref["retain_acc"]) <= 0.05  # utility near retrain
+  cfg = small_config("frr")
+  assert fr["rounds"] == cfg.frr.rounds and fr["frr_init"] == "trained"
+  # Every round each of the 5 clients downloads and uploads the model (55210 float32).
+  model_bytes = tu.tree_num_bytes(models.init_params(models.create("mlp", 10), jax.random.key(0),
+                                                     (8, 8, 1)))
+  assert model_bytes == 4 * 55210
+  assert fr["bytes_up"] == fr["bytes_down"] == cfg.frr.rounds * 5 * model_bytes
