@@ -3,8 +3,13 @@ r"""Runs one federated-unlearning experiment.
   python -m experiments.main --method=<name> --config=experiments/configs/<name>.py[:variant] \
       --workdir=<dir> [--config.<key>=<value> ...]
 
-Only parses flags and calls experiments.run.run(config, workdir).
+Only parses flags and calls experiments.run.run(config, workdir). A finished run (its
+results.json written with the same config) is not recomputed unless --rerun is given; an
+interrupted one (Ctrl-C, kill) resumes from its last checkpoint when the command is rerun.
+Bad input (an unknown flag or config key, a value out of range) exits with one line on
+stderr and status 2; Ctrl-C with one line and status 130.
 """
+import difflib
 import os
 import sys
 
@@ -13,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fu_jax import compilation_cache
 from fu_jax import xla_flags
 
 xla_flags.use_defaults()  # before any JAX computation: XLA reads its flags once
@@ -28,13 +34,25 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and result
                     required=True)
 config_flags.DEFINE_config_file("config", None, "Config file (a get_config() module).",
                                 lock_config=True)
+flags.DEFINE_string("compilation_cache_dir", None,
+                    "Persistent XLA compilation cache, shared by every run of this user "
+                    f"(default: ${compilation_cache.ENV_VAR} when set, else "
+                    f"{compilation_cache.default_dir()}); '' turns it off.")
+flags.DEFINE_bool("rerun", False, "Recompute runs that already finished (by default a finished "
+                  "run is left as it is and only its results path is printed).")
+flags.DEFINE_bool("compilation_cache", True, "Use the persistent compilation cache "
+                  "(--nocompilation_cache: compile everything in this process).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  cache_dir = compilation_cache.enable(compilation_cache.resolve_dir(
+      FLAGS.compilation_cache_dir, FLAGS.compilation_cache))
+  cache_stats = compilation_cache.stats()
   from experiments import run  # heavy imports after flag parsing: --help stays fast
+  clock = run.compile_clock()  # from here on: the process's whole compile time
   config = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=experiments/configs/digits.py")
@@ -49,7 +67,7 @@ def main(argv):
           if seed is not None:
             config.seed = seed
         try:
-          run.run(config, workdir)
+          run.run(config, workdir, rerun=FLAGS.rerun)
         except run.base.Unservable as e:
           if FLAGS.method != "all":
             raise
@@ -58,10 +76,74 @@ def main(argv):
       from experiments import compare
       compare.compare(FLAGS.workdir)
       print(open(os.path.join(FLAGS.workdir, "comparison.md")).read())
+    if cache_dir is not None:
+      parts = ", ".join(f"{e.rsplit('/', 1)[1].replace('_duration', '')} {v:.1f}"
+                        for e, v in clock.by_event.items())
+      print(f"compilation: {clock.seconds:.1f} s in this process ({parts}); cache "
+            f"{cache_dir}: {cache_stats.hits} programs loaded, {cache_stats.misses} compiled",
+            flush=True)
   except (ValueError, OSError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
+def _config_key_error(flagname: str) -> str | None:
+  """'--config.a.b: ...' naming the first unknown part of the dotted path and the keys
+  allowed where it failed; None when the path exists."""
+  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
+  node, where = FLAGS["config"].value, "config"
+  if node is None:
+    return f"--{flagname}: give --config=<file> before overriding its keys"
+  for part in flagname.split(".")[1:]:
+    if not isinstance(node, config_dict.ConfigDict):
+      return f"--{flagname}: {where} is a value, not a section with keys"
+    if part not in node:
+      keys = sorted(node.keys())
+      close = difflib.get_close_matches(part, keys, n=1)
+      hint = f"did you mean {where}.{close[0]}? " if close else ""
+      return f"--{flagname}: {where} has no key {part!r}; {hint}allowed: {', '.join(keys)}"
+    node, where = node[part], f"{where}.{part}"
+  return None
+
+
+def _bad_config_key(argv) -> str | None:
+  """The first --config.<path> override in argv naming no key of the config file."""
+  FLAGS.unparse_flags()
+  plain = [a for a in argv if not a.startswith("--config.")]
+  saved, sys.argv = sys.argv, plain  # ml_collections reads the overrides from sys.argv
+  try:
+    FLAGS(plain, known_only=True)
+  finally:
+    sys.argv = saved
+  for a in argv:
+    if a.startswith("--config."):
+      msg = _config_key_error(a[2:].split("=", 1)[0])
+      if msg:
+        return msg
+  return None
+
+
+def _parse_flags(argv):
+  """absl's parsing, with one line on stderr instead of a traceback for a bad flag or
+  config key (ml_collections raises KeyError/AttributeError from inside absl)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    msg = str(e)
+  except (KeyError, AttributeError, TypeError) as e:
+    try:
+      msg = _bad_config_key(argv) or str(e).splitlines()[0]
+    except Exception:  # pylint: disable=broad-except
+      msg = str(e).splitlines()[0]  # diagnosing must not bring the traceback back
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except KeyboardInterrupt:
+    # Checkpoints are written atomically (fu_jax/checkpoint.py): the same command resumes.
+    print("interrupted; rerun the same command to resume from the last checkpoint",
+          file=sys.stderr)
+    sys.exit(130)

@@ -300,11 +300,15 @@ class _CompileClock:
 
   def __init__(self):
     self.seconds = 0.0
+    # Per event: tracing, lowering to MLIR, and XLA's compilation, which with the
+    # persistent cache (fu_jax/compilation_cache.py) becomes loading the executable.
+    self.by_event = dict.fromkeys(self.EVENTS, 0.0)
     jax.monitoring.register_event_duration_secs_listener(self._listen)
 
   def _listen(self, event, duration, **kwargs):
     if event in self.EVENTS:
       self.seconds += duration
+      self.by_event[event] += duration
 
   @contextlib.contextmanager
   def measure(self):
@@ -320,6 +324,11 @@ class _CompileClock:
 
 
 _CLOCK = None
+
+
+def compile_clock() -> _CompileClock:
+  """The process's compile clock (its `seconds` sum every compilation since created)."""
+  return _clock()
 
 
 def _clock() -> _CompileClock:
@@ -450,6 +459,7 @@ class RunEnv:
                               "test_acc": ev["test_acc"], forgetting: ev[forgetting]},
                              started)
       self.logger.scalars(self.step, scalars)
+      self.logger.flush()  # on disk before the checkpoint that covers it (resume: no gap)
       ckpt.maybe_save(r + 1, state, meta=self._meta(), force=r + 1 == num_rounds)
     ckpt.close()
     return state
@@ -591,7 +601,7 @@ def relearn_fields(task: base.Task, original_params, params) -> dict:
   if budget <= 0:
     return {}
   forget = np.asarray(task.forget)
-  x = np.asarray(task.clients.x)[forget]
+  x = np.asarray(task.clients.x[forget])
   y = np.asarray(task.clients.y)[forget]
   orig = acc_lib.accuracy(acc_lib.predict_logits(task.apply_fn, original_params, x), y)
   r = relearn_lib.relearn_steps(task.apply_fn, params, x, y, target=0.5 * orig,
@@ -601,6 +611,18 @@ def relearn_fields(task: base.Task, original_params, params) -> dict:
                                 key=fl.stream_key(cfg.seed, fl.STREAM_EVAL, RELEARN_ID))
   return {"relearn_steps_to_recover": r.steps, "relearn_capped": not r.reached,
           "relearn_target_acc": r.target, "relearn_start_acc": r.start_acc}
+
+
+def original_evaluation(task: base.Task, params, pretrain_dir: str) -> dict:
+  """evaluate() of the trained model, cached next to it like its membership scores: every
+  method run on the same request evaluates the same model on the same data."""
+  d = _to_dict(task.config)
+  key = {"seed": d["seed"], "unlearn": d["unlearn"]}  # the rest is in the pretrain key
+  path = os.path.join(pretrain_dir, f"eval-{_hash(key)}.json")
+  if not os.path.exists(path):
+    checkpoint.write_json_atomic(path, _nan_to_none(evaluate(task, params)))
+  with open(path) as f:  # read back either way: the same values for every method
+    return json.load(f)
 
 
 def original_membership_scores(task: base.Task, params, pretrain_dir: str) -> dict:
@@ -729,17 +751,18 @@ def speedups(config, workdir: str, method: str, seconds: float, parallel: float)
 # One run.
 
 
-def run(config, workdir: str) -> dict:
-  """Train (or load the cached model), unlearn with config.method, evaluate, write results."""
+def run(config, workdir: str, *, rerun: bool = True) -> dict:
+  """Train (or load the cached model), unlearn with config.method, evaluate, write results.
+
+  With rerun=False a finished run (results.json next to the same config.json) is not
+  recomputed: its results are read back and returned (experiments.main's default).
+  """
   method = methods_lib.get(config.method)
   validate(config, config.method)
-  task = build_task(config)
-  if method.check is not None:
-    method.check(task)  # base.Unservable before anything is trained or written
   out_dir = os.path.join(workdir, method.name)
-  os.makedirs(out_dir, exist_ok=True)
   cfg_dict = _to_dict(config)
   cfg_path = os.path.join(out_dir, "config.json")
+  results_path = os.path.join(out_dir, "results.json")
   if os.path.exists(cfg_path):
     with open(cfg_path) as f:
       diff = checkpoint.config_diff(json.load(f), cfg_dict)
@@ -747,15 +770,21 @@ def run(config, workdir: str) -> dict:
       raise checkpoint.ConfigMismatchError(
           f"{out_dir} was run with a different config (keys differ: {', '.join(diff)}); "
           "use another --workdir or the original config.")
+    if not rerun and os.path.exists(results_path):
+      print(f"[{method.name}] finished already, not recomputed (--rerun to recompute); "
+            f"results: {results_path}", flush=True)
+      with open(results_path) as f:
+        return json.load(f)
+  task = build_task(config)
+  if method.check is not None:
+    method.check(task)  # base.Unservable before anything is trained or written
+  os.makedirs(out_dir, exist_ok=True)
   checkpoint.write_json_atomic(cfg_path, cfg_dict)
-  results_path = os.path.join(out_dir, "results.json")
   if os.path.exists(results_path):
     os.remove(results_path)  # a rerun rewrites it; never leave a stale one next to new logs
 
   trained, train_env = pretrained(task, workdir, method.pretrain)
-  t0 = time.perf_counter()
-  original = evaluate(task, trained.params)
-  eval_seconds = time.perf_counter() - t0
+  original = original_evaluation(task, trained.params, train_env.dir)
 
   env = RunEnv(task, out_dir, cfg_dict)
   with _clock().measure() as t:
@@ -778,13 +807,18 @@ def run(config, workdir: str) -> dict:
   forgotten = tuple(outcome.results.get("forgotten_classes", task.request.classes))
   if forgotten != tuple(task.request.classes):  # e.g. a QuickDrop sequence
     original = evaluate(task, trained.params, forgotten)
-  final = evaluate(task, outcome.params, forgotten)
   forgetting_metric, utility_metric = metric_names(task.request.kind)
+  # eval_seconds: this run's own evaluations (per round and final, membership inference
+  # included); the trained model's are shared by every method and cached beside it.
+  t0 = time.perf_counter()
+  final = evaluate(task, outcome.params, forgotten)
   if task.request.kind == "samples":
     final.update(sample_metrics(task, outcome.params))
     original.update(sample_metrics(task, trained.params))
   if config.mia.enabled:
     final.update(membership_scores(task, outcome.params))
+  eval_seconds = time.perf_counter() - t0
+  if config.mia.enabled:
     original.update(original_membership_scores(task, trained.params, train_env.dir))
   relearn = relearn_fields(task, trained.params, outcome.params)
   results = {
@@ -816,9 +850,7 @@ def run(config, workdir: str) -> dict:
   }
   _check_results_finite(results)
   results = _nan_to_none(results)
-  env.logger.scalars(env.step + 1, {"final": {k: v for k, v in final.items()}})
-  env.logger.hparams(_to_dict(config), {k: v for k, v in results.items()
-                                         if isinstance(v, (int, float))})
+  env.logger.summary(env.step + 1, _to_dict(config), results)
   env.logger.close()
   checkpoint.write_json_atomic(results_path, results)
   print(f"[{method.name}] " + " ".join(

@@ -378,17 +378,25 @@ class ClientRunner:
     return jax.tree.map(lambda *a: jnp.concatenate(a), *results)
 
 
-def choose_runner(model_name: str, backend: str | None = None) -> str:
-  """`auto`: the runner benchmarks/fl_round.py measured fastest for this backend and model.
+# `auto`, per backend and model family: the runner benchmarks/fl_round.py measured fastest.
+# On XLA:CPU a vmapped conv step becomes a grouped convolution that runs 2-3x slower than
+# per-client steps (BUILD.md), while dense-only models gain from vmap. On accelerators vmap
+# batches all sampled clients into one kernel launch per step; `shard` (the same program
+# split over a device mesh) is chosen explicitly for multi-device hosts. A backend not
+# listed is treated as an accelerator.
+AUTO_RUNNER = {
+    "cpu": {"conv": "loop", "dense": "vmap"},
+    "gpu": {"conv": "vmap", "dense": "vmap"},
+    "tpu": {"conv": "vmap", "dense": "vmap"},
+}
+DENSE_MODELS = ("mlp",)
 
-  On accelerators vmap batches all clients into one kernel launch. On XLA:CPU a vmapped
-  conv step becomes a grouped convolution that runs slower than per-client steps, while
-  dense-only models gain from vmap (DESIGN.md §7, confirmed in BUILD.md).
-  """
+
+def choose_runner(model_name: str, backend: str | None = None) -> str:
+  """The runner `auto` stands for on `backend` (default: JAX's) for `model_name`."""
   backend = backend or jax.default_backend()
-  if backend != "cpu":
-    return "vmap"
-  return "vmap" if model_name == "mlp" else "loop"
+  family = "dense" if model_name in DENSE_MODELS else "conv"
+  return AUTO_RUNNER.get(backend, AUTO_RUNNER["gpu"])[family]
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,16 +1,21 @@
-"""The experiment runner end to end on digits: outputs, caching, resume, bad input."""
+"""The experiment runner end to end on digits: outputs, caching, resume, bad input, the
+command line's behaviour (one-line errors, Ctrl-C, finished runs not recomputed)."""
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import run as run_lib
 from experiments.configs import digits
+from tests import tb_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +43,13 @@ def _strip_timing(results):
   return {k: v for k, v in results.items() if k not in run_lib.TIMING_FIELDS}
 
 
-def test_retrain_and_finetune_share_the_trained_model(tmp_path):
+def _same_params(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(x.shape == y.shape and np.array_equal(x, y)
+                                    for x, y in zip(la, lb))
+
+
+def test_retrain_and_finetune_share_the_trained_model(tmp_path, monkeypatch):
   wd = str(tmp_path)
   cfg = small_config(method="retrain")
   res = run_lib.run(cfg, wd)
@@ -54,43 +65,115 @@ def test_retrain_and_finetune_share_the_trained_model(tmp_path):
   assert os.path.exists(os.path.join(wd, "retrain", "results.json"))
   assert glob.glob(os.path.join(wd, "retrain", "events.out.tfevents.*"))
   cfg = small_config(method="finetune")
+  # The second method neither evaluates nor scores the trained model again: both are
+  # cached beside it.
+  trained, scored = [], []
+  pretrained = run_lib.pretrained
+  monkeypatch.setattr(run_lib, "pretrained",
+                      lambda *a: trained.append(pretrained(*a)) or trained[-1])
+  for name in ("evaluate", "membership_scores"):
+    fn = getattr(run_lib, name)
+    monkeypatch.setattr(run_lib, name, lambda task, p, fn=fn: scored.append(p) or fn(task, p))
   res_ft = run_lib.run(cfg, wd)
+  assert len(trained) == 1 and len(scored) >= 2  # per-round and final evaluations ran
+  assert not any(_same_params(p, trained[0][0].params) for p in scored)
   assert len(glob.glob(os.path.join(wd, "pretrain", "*"))) == 1  # trained once, reused
   assert res_ft["rounds"] == 2
   assert res_ft["original"] == res["original"]
-  # The trained model's membership scores were computed once and cached beside it.
+  # The trained model's evaluation and membership scores were computed once.
+  assert len(glob.glob(os.path.join(wd, "pretrain", "*", "eval-*.json"))) == 1
   assert len(glob.glob(os.path.join(wd, "pretrain", "*", "mia-*.json"))) == 1
 
 
-def test_killed_run_resumes_bit_identical(tmp_path):
-  ref_dir, kill_dir = str(tmp_path / "ref"), str(tmp_path / "kill")
-  _main(ref_dir, "retrain")
-  ref = json.load(open(os.path.join(ref_dir, "retrain", "results.json")))
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """(workdir, stdout) of a finished small retrain run; tests only read it."""
+  wd = str(tmp_path_factory.mktemp("finished"))
+  return wd, _main(wd, "retrain").stdout
+
+
+def _popen(workdir):
   cmd = [sys.executable, "-m", "experiments.main", "--method=retrain",
-         "--config=experiments/configs/digits.py", f"--workdir={kill_dir}", *SMALL]
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+         "--config=experiments/configs/digits.py", f"--workdir={workdir}", *SMALL]
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
-  # Kill with SIGKILL once the retrain phase has written its second checkpoint.
+
+
+def _signal_after_checkpoint(proc, workdir, step, sig):
+  """Sends `sig` once the retrain phase has written checkpoint `step`; (stdout, stderr)."""
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if glob.glob(os.path.join(kill_dir, "retrain", "ckpt", "retrain", "steps", "2")):
+    if glob.glob(os.path.join(workdir, "retrain", "ckpt", "retrain", "steps", str(step))):
       break
     time.sleep(0.05)
-  assert proc.poll() is None, "run finished before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  assert proc.poll() is None, "run finished before it could be interrupted"
+  proc.send_signal(sig)
+  return proc.communicate()
+
+
+def test_interrupted_run_resumes_bit_identical(tmp_path, finished):
+  ref_dir, kill_dir = finished[0], str(tmp_path)
+  ref = json.load(open(os.path.join(ref_dir, "retrain", "results.json")))
+  # Ctrl-C after round 2: one line, status 130. Then SIGKILL after round 3 of the resumed
+  # run, and a third run completes from round 3.
+  proc = _popen(kill_dir)
+  _, err = _signal_after_checkpoint(proc, kill_dir, 2, signal.SIGINT)
+  assert proc.returncode == 130
+  assert err.strip().splitlines() == [
+      "interrupted; rerun the same command to resume from the last checkpoint"], err
+  proc = _popen(kill_dir)
+  _signal_after_checkpoint(proc, kill_dir, 3, signal.SIGKILL)
   assert not os.path.exists(os.path.join(kill_dir, "retrain", "results.json"))
   out = _main(kill_dir, "retrain")
-  assert "resumed after round" in out.stdout
+  assert "resumed after round 3/4" in out.stdout
+  # Every process shares the session's persistent compilation cache (conftest.py): this
+  # one loads programs the earlier ones compiled.
+  loaded = re.search(r"(\d+) programs loaded, (\d+) compiled", out.stdout)
+  assert loaded and int(loaded.group(1)) > 0, out.stdout[-500:]
   got = json.load(open(os.path.join(kill_dir, "retrain", "results.json")))
   assert _strip_timing(got) == _strip_timing(ref)
+  # TensorBoard shows each round once, whatever the killed processes had logged.
+  scalars = tb_events.scalars(os.path.join(kill_dir, "retrain"))
+  assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+  assert [s for s, _ in scalars["eval/test_acc"]] == [2, 4]
+  assert all("/" in tag for tag in scalars)
+  assert scalars["trial/test_acc"] == [(5, pytest.approx(ref["test_acc"]))]
 
 
-def test_resume_with_a_different_config_is_refused(tmp_path):
-  _main(str(tmp_path), "fedavg")
-  out = _main(str(tmp_path), "fedavg", "--config.fl.client_lr=0.2", check=False)
+def test_finished_run_is_not_recomputed(finished):
+  wd = finished[0]
+  files = sorted(glob.glob(os.path.join(wd, "**", "*"), recursive=True))
+  stamps = {f: (os.path.getmtime(f), os.path.getsize(f)) for f in files}
+  out = _main(wd, "retrain")
+  path = os.path.join(wd, "retrain", "results.json")
+  assert "finished already" in out.stdout and path in out.stdout, out.stdout
+  assert "round" not in out.stdout  # nothing trained or evaluated again
+  assert sorted(glob.glob(os.path.join(wd, "**", "*"), recursive=True)) == files
+  assert {f: (os.path.getmtime(f), os.path.getsize(f)) for f in files} == stamps
+
+
+def test_resume_with_a_different_config_is_refused(finished):
+  wd = finished[0]
+  before = open(os.path.join(wd, "retrain", "results.json")).read()
+  out = _main(wd, "retrain", "--config.fl.client_lr=0.2", check=False)
   assert out.returncode != 0
   assert "fl.client_lr" in out.stderr
+  assert open(os.path.join(wd, "retrain", "results.json")).read() == before
+
+
+@pytest.mark.parametrize("flag, expect", [
+    ("--config.fl.roundz=3", "config.fl has no key 'roundz'; did you mean config.fl.rounds?"),
+    ("--config.fll.rounds=3", "config has no key 'fll'; did you mean config.fl?"),
+    ("--config.fl.rounds.x=3", "config.fl.rounds is a value"),
+    ("--config.fl.rounds=abc", "--config.fl.rounds=abc"),
+    ("--methd=retrain", "methd"),
+])
+def test_bad_flag_is_one_line(tmp_path, flag, expect):
+  out = _main(str(tmp_path), "retrain", flag, check=False)
+  assert out.returncode == 2
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert expect in out.stderr, out.stderr
+  assert not os.listdir(str(tmp_path))
 
 
 @pytest.mark.parametrize("flag, expect", [

@@ -153,3 +153,16 @@ def test_runner_rejects_a_scheduled_step_without_its_schedule():
     fl.ClientRunner(prog._replace(scheduled_step=prog.step), kind="loop", epochs=1, batch_size=2)
   with pytest.raises(ValueError, match="got only schedule"):
     fl.ClientRunner(prog._replace(schedule=lambda i: True), kind="loop", epochs=1, batch_size=2)
+
+
+def test_auto_runner_per_backend():
+  from fu_jax import models
+  assert fl.choose_runner("cnn", "cpu") == "loop"
+  assert fl.choose_runner("mlp", "cpu") == "vmap"
+  for backend in ("gpu", "tpu", "some_new_accelerator"):
+    for name in models.MODEL_NAMES:
+      assert fl.choose_runner(name, backend) == "vmap"
+  for name in models.MODEL_NAMES:
+    assert fl.choose_runner(name, "cpu") == ("vmap" if name == "mlp" else "loop")
+  assert all(r in fl.RUNNERS[1:] for b in fl.AUTO_RUNNER.values() for r in b.values())
+  assert fl.choose_runner("cnn") == fl.choose_runner("cnn", jax.default_backend())
