@@ -18,6 +18,18 @@
    (quickdrop.sequence = 0..K-1, each SGA + recovery), retain accuracy (test samples of the
    classes not yet forgotten) and forget accuracy (those already forgotten) after each step.
 
+4. --ablation (instead of 1-3): the distillation ablation. For each dataset and seed,
+   quickdrop and quickdrop_nodistill (the same SGA + recovery on the sets left at their
+   real-image initialisation, from the same trained model) after SGA (recovery_rounds=0)
+   and after the recovery (--ablation_recovery lists the values); mean +- sample std over
+   --seeds and the paired difference; --ablation_retrain adds retrain, --ablation_overhead
+   the per-round overhead (part 1). --train_size=n trains on a seeded subsample of n
+   Fashion-MNIST training images (the whole test set), --image_lr / --fmnist_distill_every
+   change the distillation.
+
+    PYTHONPATH=. python benchmarks/quickdrop_table.py --ablation \
+        --datasets=fmnist_iid,fmnist_dir --seeds=0,1,2 --fmnist_rounds=5 --train_size=12000
+
 Datasets: digits (experiments/configs/digits.py), fmnist_iid / fmnist_dir
 (experiments/configs/fashion_mnist.py and :dirichlet, alpha 0.1). MIA is disabled (not
 measured here). Finished runs are reused (results.json), so an interrupted benchmark resumes.
@@ -43,6 +55,7 @@ xla_flags.use_defaults()  # before any JAX computation
 from experiments import run as run_lib  # pylint: disable=wrong-import-position
 from experiments.configs import digits as digits_cfg  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist as fmnist_cfg  # pylint: disable=wrong-import-position
+from fu_jax import data as data_lib  # pylint: disable=wrong-import-position
 from fu_jax import fl  # pylint: disable=wrong-import-position
 from fu_jax.methods import base  # pylint: disable=wrong-import-position
 from fu_jax.methods import quickdrop as qd  # pylint: disable=wrong-import-position
@@ -59,10 +72,35 @@ def make_config(name: str, args, method: str):
     c.fl.rounds = args.fmnist_rounds
     c.eval_every = c.checkpoint_every = max(1, args.fmnist_rounds // 2)
     c.quickdrop.distill_every = args.fmnist_distill_every
+    if getattr(args, "train_size", 0):
+      c.data.source = "npz:" + fmnist_subsample(args.workdir, args.train_size)
+  if getattr(args, "image_lr", 0):
+    c.quickdrop.image_lr = args.image_lr
   c.mia.enabled = False
   c.unlearn.forget_class = args.forget_class
   c.method = method
   return c
+
+
+def fmnist_subsample(workdir: str, n: int) -> str:
+  """<workdir>/fmnist_train<n>.npz: n training images of Fashion-MNIST drawn uniformly
+  without replacement (numpy seed 0, kept in file order) and the whole test set, as uint8.
+  One subsample for every run seed, so seeds vary the training, not the data."""
+  path = os.path.join(workdir, f"fmnist_train{n}.npz")
+  if os.path.exists(path):
+    return path
+  src = fmnist_cfg.get_config().data.source.split(":", 1)[1]
+  arrays = {k: data_lib.read_idx(data_lib._find_idx(src, stem))  # pylint: disable=protected-access
+            for k, stem in data_lib.IDX_FILES.items()}
+  if not 0 < n <= len(arrays["y_train"]):
+    raise SystemExit(f"--train_size={n}: must be in 1..{len(arrays['y_train'])}")
+  keep = np.sort(np.random.default_rng(0).choice(len(arrays["y_train"]), n, replace=False))
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, x=arrays["x_train"][keep], y=arrays["y_train"][keep],
+           x_test=arrays["x_test"], y_test=arrays["y_test"])
+  os.replace(tmp, path)
+  return path
 
 
 def run_cached(config, workdir: str) -> dict:
@@ -155,6 +193,142 @@ def sequence(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# 4. Ablation: the distilled sets against the same-size real subset they started from.
+
+
+def _size_tag(name: str, args) -> str:
+  return f"_n{args.train_size}" if name != "digits" and args.train_size else ""
+
+
+def _train_tag(name: str, args) -> str:
+  every = args.digits_distill_every if name == "digits" else args.fmnist_distill_every
+  return f"every{every}_imagelr{args.image_lr or 'default'}"
+
+
+def _phases(name: str, args) -> list:
+  """recovery_rounds values evaluated: 0 (= the model right after SGA) and the default."""
+  if args.ablation_recovery:
+    return [int(v) for v in args.ablation_recovery.split(",")]
+  return [0, make_config(name, args, "quickdrop").quickdrop.recovery_rounds]
+
+
+def ablation_runs(name: str, seed: int, args) -> dict:
+  """{(method, recovery_rounds): results} for quickdrop and quickdrop_nodistill, one seed.
+
+  Both methods start from the same trained model (the quickdrop trainer's, cached under the
+  first phase's workdir and linked into the others: unlearning keys are not part of the
+  training key). recovery_rounds=0 is the model after the SGA round: the SGA round's keys
+  do not depend on the recovery, so it is the first phase of the full run.
+  """
+  root = os.path.join(args.workdir, "ablation", name + _size_tag(name, args),
+                      _train_tag(name, args))
+  first = None
+  out = {}
+  for rec in sorted(_phases(name, args), reverse=True):
+    wd = os.path.join(root, f"seed{seed}_recovery{rec}")
+    os.makedirs(wd, exist_ok=True)
+    if first is None:
+      first = wd
+    elif not os.path.exists(os.path.join(wd, "pretrain")):
+      os.symlink(os.path.join(first, "pretrain"), os.path.join(wd, "pretrain"))
+    for method in ("quickdrop", "quickdrop_nodistill"):
+      c = make_config(name, args, method)
+      c.seed = seed
+      c.quickdrop.recovery_rounds = rec
+      t = time.perf_counter()
+      out[method, rec] = run_cached(c, wd)
+      print(f"  [ablation {name} seed {seed}] {method} recovery_rounds={rec} "
+            f"({time.perf_counter() - t:.0f}s)", flush=True)
+  return out
+
+
+def ablation_retrain(name: str, seed: int, args) -> dict:
+  wd = os.path.join(args.workdir, "ablation", name + _size_tag(name, args), "retrain",
+                    f"seed{seed}")
+  c = make_config(name, args, "retrain")
+  c.seed = seed
+  return run_cached(c, wd)
+
+
+def _ms(values, scale=100.0):
+  v = np.asarray(values, np.float64) * scale
+  sd = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+  return f"{v.mean():5.1f} +- {sd:3.1f}"
+
+
+def print_ablation(name: str, args, seeds, runs: dict, retrain: dict):
+  """runs[seed][(method, rec)], retrain[seed] (may be empty)."""
+  cfg = make_config(name, args, "quickdrop")
+  phases = sorted(_phases(name, args))
+  last = phases[-1]
+  one = runs[seeds[0]]["quickdrop", last]
+  print(f"\n== Distillation ablation, {name}: {cfg.data.source}, {cfg.data.num_clients} "
+        f"clients, {cfg.fl.rounds} training rounds, forget class {args.forget_class}; "
+        f"distill_every={cfg.quickdrop.distill_every}, image_lr={cfg.quickdrop.image_lr}; "
+        f"{one['synthetic_images']} synthetic images in all ({one['forget_synthetic_images']} "
+        f"of the class); seeds {seeds}; mean +- sample std over seeds, in %")
+  head = "".join(f"{f'forget@{r}':>15}{f'retain@{r}':>15}" for r in phases)
+  print(f"{'sets':<26}{head}     (@r = after SGA and r recovery rounds)")
+  for label, m in (("distilled (quickdrop)", "quickdrop"),
+                   ("real init (nodistill)", "quickdrop_nodistill")):
+    cells = "".join(
+        f"{_ms([runs[s][m, r]['forget_acc'] for s in seeds]):>15}"
+        f"{_ms([runs[s][m, r]['retain_acc'] for s in seeds]):>15}" for r in phases)
+    print(f"{label:<26}{cells}")
+  cells = "".join(
+      f"{_ms([runs[s]['quickdrop', r]['forget_acc'] - runs[s]['quickdrop_nodistill', r]['forget_acc'] for s in seeds]):>15}"
+      f"{_ms([runs[s]['quickdrop', r]['retain_acc'] - runs[s]['quickdrop_nodistill', r]['retain_acc'] for s in seeds]):>15}"
+      for r in phases)
+  print(f"{'distilled - real (paired)':<26}{cells}")
+  orig = [runs[s]["quickdrop", last]["original"] for s in seeds]
+  print(f"{'trained model':<26}{_ms([o['forget_acc'] for o in orig]):>15}"
+        f"{_ms([o['retain_acc'] for o in orig]):>15}")
+  if retrain:
+    rf = [retrain[s]["forget_acc"] for s in seeds]
+    print(f"{'retrain':<26}{_ms(rf):>15}{_ms([retrain[s]['retain_acc'] for s in seeds]):>15}")
+    ref = float(np.mean(rf))
+  else:
+    ref = 0.0
+    print("retrain not run here (--ablation_retrain): forget compared with 0.0")
+  gap = 100 * np.mean([runs[s]["quickdrop", last]["retain_acc"]
+                       - runs[s]["quickdrop_nodistill", last]["retain_acc"] for s in seeds])
+  fq = 100 * np.mean([runs[s]["quickdrop", last]["forget_acc"] for s in seeds])
+  ok = gap >= 2 and fq <= 100 * ref + 2
+  print(f"target (distilled retain - real retain after {last} recovery rounds >= 2 pts, distilled "
+        f"forget <= retrain + 2): {gap:+.2f} pts, forget {fq:.2f}% -> "
+        f"{'met' if ok else 'NOT met'}")
+  tq = [runs[s]["quickdrop", last]["unlearn_seconds"] for s in seeds]
+  tn = [runs[s]["quickdrop_nodistill", last]["unlearn_seconds"] for s in seeds]
+  print(f"unlearning seconds (mean): distilled {np.mean(tq):.2f}, real init {np.mean(tn):.2f}; "
+        f"quickdrop training {np.mean([runs[s]['quickdrop', last]['train_seconds'] for s in seeds]):.0f}s")
+
+
+def ablation(args):
+  names = [n for n in args.datasets.split(",") if n]
+  seeds = [int(v) for v in args.seeds.split(",")]
+  runs = {n: {} for n in names}
+  retrain = {n: {} for n in names}
+  for seed in seeds:  # all datasets of a seed first: a partial run still has paired seeds
+    for name in names:
+      runs[name][seed] = ablation_runs(name, seed, args)
+  if args.ablation_retrain:
+    for seed in seeds:
+      for name in names:
+        retrain[name][seed] = ablation_retrain(name, seed, args)
+  over = {}
+  if args.ablation_overhead:
+    for name in names:
+      every = args.digits_distill_every if name == "digits" else args.fmnist_distill_every
+      over[(name, every)] = overhead(name, args, every)
+  print(f"\ncommand: python3 benchmarks/quickdrop_table.py {' '.join(sys.argv[1:])}")
+  print(f"load (uptime) at the end: {os.getloadavg()}")
+  if over:
+    print_overhead(over)
+  for name in names:
+    print_ablation(name, args, seeds, runs[name], retrain[name])
+
+
+# ---------------------------------------------------------------------------------------
 # Printing.
 
 
@@ -228,6 +402,19 @@ def main():
   p.add_argument("--overhead_clients", type=int, default=2)
   p.add_argument("--no_overhead", action="store_true")
   p.add_argument("--no_sequence", action="store_true")
+  p.add_argument("--ablation", action="store_true",
+                 help="instead of parts 1-3: quickdrop vs quickdrop_nodistill over --seeds")
+  p.add_argument("--seeds", default="0,1,2", help="--ablation: run seeds")
+  p.add_argument("--ablation_recovery", default="",
+                 help="--ablation: recovery_rounds values (default: 0 and the config's)")
+  p.add_argument("--ablation_retrain", action="store_true", help="--ablation: also retrain")
+  p.add_argument("--ablation_overhead", action="store_true",
+                 help="--ablation: also time distilling vs plain rounds (part 1)")
+  p.add_argument("--train_size", type=int, default=0,
+                 help="Fashion-MNIST: a seeded subsample of this many training images "
+                      "(0 = all 60,000)")
+  p.add_argument("--image_lr", type=float, default=0.0,
+                 help="quickdrop.image_lr (0 = the config's)")
   ARGS = args = p.parse_args()
   names = [n for n in args.datasets.split(",") if n]
   bad = [n for n in names if n not in DATASETS]
@@ -235,6 +422,9 @@ def main():
     raise SystemExit(f"--datasets: unknown {bad}; allowed {DATASETS}")
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()}; "
         f"workdir {args.workdir}", flush=True)
+  if args.ablation:
+    ablation(args)
+    return
   over = {}
   if not args.no_overhead:
     for name in names:

@@ -22,6 +22,14 @@ approximations of the quadratic form are provided:
              (stronger than the 2-/4-wise independence the analysis needs), so padding rows
              appended at the end never change the real rows' buckets.
 
+Labels (`model_labels`): J's rows are gradients of -log p(y_i | x_i) at theta*. With the
+labels the client holds (FedAF's reading, "empirical") F is the empirical Fisher; at a
+confident, converged theta* almost every g_i is tiny and so is F. With y_i drawn from the
+model's own predictive distribution p(. | x_i; theta*) ("model") the mean over examples is
+an unbiased one-sample estimate of the true Fisher E_x E_{y~p} g g^T, which keeps the
+curvature of the directions the model is uncertain about (Kunstner et al. 2019, "Limitations
+of the empirical Fisher approximation for natural gradient descent"). Both forms below take the labels as given.
+
 Neither form materialises J: examples are processed in chunks of `chunk_size` with
 `lax.scan`, so memory is O(chunk * d) for the per-example gradients plus O(d) (diagonal) or
 O(t * d) (sketch) for the accumulator.
@@ -43,6 +51,7 @@ from fu_jax import losses
 from fu_jax import tree as tree_lib
 
 KINDS = ('diag', 'sketch')
+FISHER_LABELS = ('empirical', 'model')
 
 
 def example_ce_loss(apply_fn: Callable[..., Any]):
@@ -53,6 +62,18 @@ def example_ce_loss(apply_fn: Callable[..., Any]):
     return losses.cross_entropy(logits, jnp.asarray(y)[None])[0]
 
   return loss_fn
+
+
+def model_labels(apply_fn: Callable[..., Any], params, x, key):
+  """int32 [n]: y_i ~ Categorical(softmax(f(x_i; params))), for the true Fisher.
+
+  Example i draws from fold_in(key, i), so its label does not depend on n or on the other
+  rows (padding appended at the end leaves the real rows' labels unchanged). `apply_fn` is
+  `module.apply`.
+  """
+  logits = apply_fn({'params': params}, x)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
 def per_example_grads(loss_fn, params, x, y):

@@ -86,6 +86,65 @@ def test_fisher_program_sketch_is_a_count_sketch_of_all_examples():
   assert float(n[0]) == 7.0
 
 
+def test_model_labels_follow_the_softmax_and_ignore_padding():
+  params, x, _, _, _ = _clients()
+  xs = x[0, :4]
+  p = np.asarray(jax.nn.softmax(MODULE.apply({"params": params}, xs)), np.float64)
+  draws = np.stack([np.asarray(ewc.model_labels(MODULE.apply, params, xs, jax.random.key(k)))
+                    for k in range(2000)])  # [M, 4]
+  freq = np.stack([(draws == c).mean(0) for c in range(K)], 1)  # [4, K]
+  # Binomial std <= sqrt(0.25 / 2000) = 0.011: 0.05 is > 4 sigma.
+  np.testing.assert_allclose(freq, p, atol=0.05)
+  # Row i's label depends on fold_in(key, i) only: rows appended do not change it.
+  key = jax.random.key(5)
+  more = ewc.model_labels(MODULE.apply, params, x[0], key)
+  np.testing.assert_array_equal(np.asarray(more)[:4],
+                                np.asarray(ewc.model_labels(MODULE.apply, params, xs, key)))
+
+
+def test_fisher_program_model_labels_estimate_the_true_fisher():
+  # 'model' labels: the diagonal is a Monte-Carlo estimate of the true Fisher
+  # mean_i sum_y p(y | x_i) (d/dtheta log p(y | x_i))^2, computed here by a loop over y.
+  # Each of 5 examples is repeated m times (each copy draws its own label).
+  params, x, y, valid, keys = _clients()
+  xs, ys, m = np.asarray(x[0, :5]), np.asarray(y[0, :5]), 4000
+  grad_one = jax.jit(jax.grad(LOSS))
+  probs = np.asarray(jax.nn.softmax(MODULE.apply({"params": params}, xs)), np.float64)
+  true = sum(probs[i, c] * _flat(grad_one(params, xs[i], c)) ** 2
+             for i in range(5) for c in range(K)) / 5
+  empirical = sum(_flat(grad_one(params, xs[i], ys[i])) ** 2 for i in range(5)) / 5
+  label_fn = functools.partial(ewc.model_labels, MODULE.apply)
+  xr, yr = np.tile(xs, (m, 1))[None], np.tile(ys, m)[None]
+  valid_r = np.ones((1, 5 * m), bool)
+  got = {}
+  for name, fn in (("model", label_fn), ("empirical", None)):
+    runner = fl.ClientRunner(fedaf.fisher_program(LOSS, "diag", 4, fn), kind="loop", epochs=1,
+                             batch_size=1000)
+    acc, n = runner.run(params, (jnp.asarray(xr), jnp.asarray(yr)), jnp.asarray(valid_r), None,
+                        keys[:1]).params
+    got[name] = _flat(jax.tree.map(lambda a: a[0] / n[0], acc))
+  rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
+  np.testing.assert_allclose(got["empirical"], empirical, rtol=1e-4, atol=1e-8)
+  assert rel(empirical, true) > 0.3  # the two Fishers differ on this model ...
+  assert rel(got["model"], true) < 0.05  # ... and the sampled labels estimate the true one
+
+
+def test_fisher_program_sketch_uses_the_label_fn():
+  # Plumbing for the CountSketch: with label_fn the sketch is the one of its labels.
+  params, x, y, valid, keys = _clients()
+  zeros = lambda p, xb, key: jnp.zeros(xb.shape[0], jnp.int32)
+  out = {}
+  for name, fn, yy in (("fn", zeros, y), ("given", None, jnp.zeros_like(y))):
+    runner = fl.ClientRunner(fedaf.fisher_program(LOSS, "sketch", 4, fn), kind="vmap",
+                             epochs=1, batch_size=3)
+    out[name] = runner.run(params, (x, yy), valid, None, keys).params
+  np.testing.assert_allclose(_flat(out["fn"]), _flat(out["given"]), rtol=1e-6, atol=1e-8)
+  runner = fl.ClientRunner(fedaf.fisher_program(LOSS, "sketch", 4, None), kind="vmap",
+                           epochs=1, batch_size=3)
+  held = runner.run(params, (x, y), valid, None, keys).params
+  assert not np.allclose(_flat(held), _flat(out["fn"]))
+
+
 def test_unlearn_program_equals_hand_written_ewc_sgd():
   # Full-batch epochs, plain SGD: theta_{k+1} = theta_k - lr (grad L(theta_k) + lam F Delta_k)
   # with L = CE(y_new) - CE(y_old) (Eq. 13).

@@ -119,6 +119,8 @@ def get_config():
   c.fedaf.epochs = 1             # local epochs of the unlearning loss on the target data (paper 1)
   c.fedaf.fisher = "diag"        # H: diag (empirical Fisher diagonal) | sketch (CountSketch S J)
   c.fedaf.sketch_width = 50      # t, rows of the CountSketch (memory t * d per client)
+  c.fedaf.fisher_labels = "empirical"  # labels of the Fisher's gradients: empirical (held,
+  #                                  paper) | model (sampled from p(.|x; theta*): true Fisher)
   c.fedaf.fisher_data = "local"  # Fisher over all local data (paper, Eq. 7-13) | retain (ablation)
   c.fedaf.fisher_samples = 1024  # local examples the Fisher is estimated from (0 = all)
   c.fedaf.fisher_chunk = 64      # examples per per-example-gradient call (memory chunk * d)

@@ -25,6 +25,12 @@ What the paper fixes, and what we chose where it does not:
     theta* (its gradient vanishes there because theta* was trained on D_k, Eq. 5/7) and
     L_{D_u} kept exactly -- the "- CE(f(x), y_old)" term. A Fisher of the retained data
     alone would subtract L_{D_u} twice. `fisher_data='retain'` is offered as an ablation.
+  * Fisher labels: the paper's H is the Fisher of the client's loss at theta*, estimated
+    from per-example gradients of the labels it holds (`fisher_labels='empirical'`, the
+    empirical Fisher). At a converged theta* those gradients are tiny, so at lambda 10 the
+    penalty barely acts. `fisher_labels='model'` samples each example's label from the
+    model's predictive distribution at theta* (one draw per example, keys from the Fisher
+    step keys: the true Fisher, unbiased), for the diagonal and the CountSketch alike.
   * Fisher sample: the empirical Fisher is a mean over examples; `fisher_samples` (default
     1024) estimates it from that many local examples drawn uniformly without replacement
     (0 = all, the literal reading). Per-example gradients dominate the method's cost on CPU.
@@ -73,6 +79,7 @@ from fu_jax.methods import sga as sga_lib
 FISHER_DATA = ("local", "retain")
 FEDAF_ID = 11  # fold_in id under fl.STREAM_UNLEARN
 _PART_TEACHERS, _PART_FISHER_SAMPLE, _PART_FISHER, _PART_UNLEARN = range(4)
+LABEL_KEY = 1  # fold_in id of the Fisher's sampled labels under a Fisher step's key
 LABEL_CHUNK = 128  # target samples per teacher-labelling call (memory: Q x chunk activations)
 
 
@@ -83,7 +90,7 @@ def settings(config) -> dict:
          "debias_scope": str(s.debias_scope), "lam": float(s.lam), "epochs": int(s.epochs),
          "fisher": str(s.fisher), "sketch_width": int(s.sketch_width),
          "fisher_samples": int(s.fisher_samples), "fisher_data": str(s.fisher_data),
-         "fisher_chunk": int(s.fisher_chunk),
+         "fisher_chunk": int(s.fisher_chunk), "fisher_labels": str(s.fisher_labels),
          "lr": float(s.lr) or float(config.fl.client_lr), "momentum": float(s.momentum),
          "batch_size": int(s.batch_size) or int(config.fl.batch_size),
          "max_old_loss": float(s.max_old_loss),
@@ -94,6 +101,8 @@ def settings(config) -> dict:
       (out["debias_scope"] in labels.DEBIAS_SCOPES,
        f"fedaf.debias_scope={s.debias_scope!r}: allowed {labels.DEBIAS_SCOPES}"),
       (out["fisher"] in ewc.KINDS, f"fedaf.fisher={s.fisher!r}: allowed {ewc.KINDS}"),
+      (out["fisher_labels"] in ewc.FISHER_LABELS,
+       f"fedaf.fisher_labels={s.fisher_labels!r}: allowed {ewc.FISHER_LABELS}"),
       (out["fisher_data"] in FISHER_DATA,
        f"fedaf.fisher_data={s.fisher_data!r}: allowed {FISHER_DATA}"),
       (out["old_labels"] in sga_lib.OLD_LABELS,
@@ -173,12 +182,16 @@ class FisherState(NamedTuple):
   n: Any        # valid examples summarised
 
 
-def fisher_program(loss_fn: Callable, kind: str, width: int) -> fl.LocalProgram:
-  """Accumulates the empirical Fisher of a client's batches at theta* (= server params).
+def fisher_program(loss_fn: Callable, kind: str, width: int,
+                   label_fn: Callable | None = None) -> fl.LocalProgram:
+  """Accumulates the Fisher of a client's batches at theta* (= server params).
 
   finish -> (acc, n): diag F = acc / n; sketch state (S J = acc, n). Each batch's sketch
   uses the step's own key, so buckets and signs are independent across batches and the sum
   is a CountSketch of all the client's examples (ewc.count_sketch per batch).
+  label_fn(theta*, x, key) -> labels replaces the batch's labels (None: the empirical
+  Fisher of the labels held); it gets fold_in(step key, LABEL_KEY), independent of the
+  sketch's key.
   """
   if kind not in ewc.KINDS:
     raise ValueError(f"Fisher kind {kind!r}: allowed {ewc.KINDS}")
@@ -193,11 +206,14 @@ def fisher_program(loss_fn: Callable, kind: str, width: int) -> fl.LocalProgram:
 
   def step(state, batch, key):
     nb = jnp.sum(batch.mask).astype(jnp.float32)
+    y = batch.y
+    if label_fn is not None:
+      y = label_fn(state.anchor, batch.x, jax.random.fold_in(key, LABEL_KEY))
     if kind == "diag":
-      f = ewc.fisher_diagonal(loss_fn, state.anchor, batch.x, batch.y, batch.mask)
+      f = ewc.fisher_diagonal(loss_fn, state.anchor, batch.x, y, batch.mask)
       acc = jax.tree.map(lambda a, b: a + b * nb, state.acc, f)
     else:
-      acc = tu.tree_add(state.acc, ewc.count_sketch(loss_fn, state.anchor, batch.x, batch.y,
+      acc = tu.tree_add(state.acc, ewc.count_sketch(loss_fn, state.anchor, batch.x, y,
                                                     batch.mask, key, width=width))
     return FisherState(state.anchor, acc, state.n + nb), {}
 
@@ -232,8 +248,11 @@ def client_fisher(task: base.Task, env: base.Env, s: dict, params, clients, y_ol
   the diagonal Fisher (pytree like params) or (S J, n). Returns (curvature, examples)."""
   # im2col: vmapped per-example conv gradients become batched matmuls, not grouped convs.
   model = models.with_conv_impl(task.model, "im2col")
-  loss_fn = ewc.example_ce_loss(models.logits_fn(model))
-  program = fisher_program(loss_fn, s["fisher"], s["sketch_width"])
+  apply_fn = models.logits_fn(model)
+  loss_fn = ewc.example_ce_loss(apply_fn)
+  label_fn = (functools.partial(ewc.model_labels, apply_fn)
+              if s["fisher_labels"] == "model" else None)
+  program = fisher_program(loss_fn, s["fisher"], s["sketch_width"], label_fn)
   valid = fisher_mask(task, s, clients)
   idx = np.asarray(clients)
   data = (np.asarray(task.clients.x)[idx], np.asarray(y_old)[idx])
@@ -354,6 +373,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
              f"{name}_label": s["label"]}
   if use_ewc:
     results[f"{name}_fisher"] = s["fisher"]
+    results[f"{name}_fisher_labels"] = s["fisher_labels"]
     # Curvature held by each target client: d floats (diag) or t * d (sketch).
     results[f"{name}_curvature_bytes"] = d * (1 if s["fisher"] == "diag" else s["sketch_width"])
   if "loss" in info:  # absent when the round was restored from a checkpoint

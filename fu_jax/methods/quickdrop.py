@@ -26,6 +26,10 @@ Method `quickdrop` (class, client_class; several classes at once via unlearn.als
 `quickdrop.sequence = (c1, c2, ...)` forgets classes one after another (SGA + recovery per
 class), recording retain/forget accuracy after each step (results['sequence']).
 
+Method `quickdrop_nodistill` (the ablation): the same steps 1-3 from the same trained model,
+on the sets as the trainer initialised them (a random real subset of the same size), so the
+distillation's contribution is the difference of the two (model_update='real' only).
+
 Choices the paper / official code leave open, and ours:
 - Persistence: the official client re-initialises its synthetic set from real images at every
   round (only the last round's set survives); the paper describes sets refined over the
@@ -682,6 +686,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
       "forget_synthetic_images": totals["forget_synthetic"],
       "retain_synthetic_images": totals["retain_synthetic"],
       "model_update": s["model_update"],
+      "synthetic": "distilled",
   }
   if s["sequence"]:
     results["sequence"] = records
@@ -690,10 +695,44 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   return base.Outcome(params, results)
 
 
+def _unlearn_nodistill(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
+  """The ablation: QuickDrop's SGA + recovery on the sets as initialised, not distilled.
+
+  The sets are rebuilt by `init_sets` from the seed: the random real subset of the same
+  size (ceil(n_c * scale) per class and client) the trainer started from, in the same
+  layout. The model is the quickdrop trainer's own: with model_update='real' its steps use
+  only the real batches' gradients, so it is the model a trainer without image steps would
+  produce (up to float rounding; tests/test_quickdrop_nodistill.py). With 'synthetic' the
+  model trained on the distilled sets, and a real-subset model would need its own training.
+  """
+  s = settings(task.config)
+  if s["model_update"] != "real":
+    raise ValueError(f"quickdrop_nodistill needs quickdrop.model_update='real' (got "
+                     f"{s['model_update']!r}): only then is the trained model independent "
+                     "of the image steps")
+  syn = trained.extra
+  if not isinstance(syn, distill.SyntheticSet):
+    raise ValueError("quickdrop_nodistill needs the synthetic sets of the quickdrop trainer "
+                     f"(Trained.extra), got {type(syn).__name__}")
+  init = init_sets(task, s)
+  if (init.x.shape != syn.x.shape
+      or not np.array_equal(np.asarray(init.valid), np.asarray(syn.valid))
+      or not np.array_equal(np.asarray(init.y), np.asarray(syn.y))):
+    raise ValueError("quickdrop_nodistill: the trainer's sets do not have the layout "
+                     "init_sets rebuilds from this config")
+  out = _unlearn(task, env, trained._replace(extra=init))
+  return out._replace(results=dict(out.results, synthetic="real_init"))
+
+
+WHY_CLASS_ONLY = ("it unlearns by ascent on per-class distilled sets, which hold no "
+                  "individual sample or client to remove")
+
 METHODS = {
     "quickdrop": base.Method("quickdrop", ("class", "client_class"), "quickdrop", _unlearn,
-                             why="it unlearns by ascent on per-class distilled sets, which "
-                             "hold no individual sample or client to remove"),
+                             why=WHY_CLASS_ONLY),
+    # Ablation: the same pipeline on the undistilled sets (their real-image initialisation).
+    "quickdrop_nodistill": base.Method("quickdrop_nodistill", ("class", "client_class"),
+                                       "quickdrop", _unlearn_nodistill, why=WHY_CLASS_ONLY),
 }
 
 TRAINERS = {"quickdrop": train_quickdrop}
