@@ -68,10 +68,10 @@ def model_labels(apply_fn: Callable[..., Any], params, x, key):
   """int32 [n]: y_i ~ Categorical(softmax(f(x_i; params))), for the true Fisher.
 
   Example i draws from fold_in(key, i), so its label does not depend on n or on the other
-  rows (padding appended at the end leaves the real rows' labels unchanged). `apply_fn` is
-  `module.apply`.
+  rows (padding appended at the end leaves the real rows' labels unchanged).
+  `apply_fn(params, x) -> logits`.
   """
-  logits = apply_fn({'params': params}, x)
+  logits = apply_fn(params, x)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x.shape[0]))
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 

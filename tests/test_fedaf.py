@@ -90,16 +90,16 @@ def test_model_labels_follow_the_softmax_and_ignore_padding():
   params, x, _, _, _ = _clients()
   xs = x[0, :4]
   p = np.asarray(jax.nn.softmax(MODULE.apply({"params": params}, xs)), np.float64)
-  draws = np.stack([np.asarray(ewc.model_labels(MODULE.apply, params, xs, jax.random.key(k)))
+  draws = np.stack([np.asarray(ewc.model_labels(APPLY, params, xs, jax.random.key(k)))
                     for k in range(2000)])  # [M, 4]
   freq = np.stack([(draws == c).mean(0) for c in range(K)], 1)  # [4, K]
   # Binomial std <= sqrt(0.25 / 2000) = 0.011: 0.05 is > 4 sigma.
   np.testing.assert_allclose(freq, p, atol=0.05)
   # Row i's label depends on fold_in(key, i) only: rows appended do not change it.
   key = jax.random.key(5)
-  more = ewc.model_labels(MODULE.apply, params, x[0], key)
+  more = ewc.model_labels(APPLY, params, x[0], key)
   np.testing.assert_array_equal(np.asarray(more)[:4],
-                                np.asarray(ewc.model_labels(MODULE.apply, params, xs, key)))
+                                np.asarray(ewc.model_labels(APPLY, params, xs, key)))
 
 
 def test_fisher_program_model_labels_estimate_the_true_fisher():
@@ -113,7 +113,7 @@ def test_fisher_program_model_labels_estimate_the_true_fisher():
   true = sum(probs[i, c] * _flat(grad_one(params, xs[i], c)) ** 2
              for i in range(5) for c in range(K)) / 5
   empirical = sum(_flat(grad_one(params, xs[i], ys[i])) ** 2 for i in range(5)) / 5
-  label_fn = functools.partial(ewc.model_labels, MODULE.apply)
+  label_fn = functools.partial(ewc.model_labels, APPLY)
   xr, yr = np.tile(xs, (m, 1))[None], np.tile(ys, m)[None]
   valid_r = np.ones((1, 5 * m), bool)
   got = {}
