@@ -13,7 +13,7 @@ the sampled clients:
 
 Every runner drives the steps from the host: on XLA:CPU a conv train step inside
 `lax.scan` or `fori_loop` runs 5-30x slower than the same step called from Python
-(DESIGN.md §7), while host dispatch costs microseconds on every backend.
+(docs/design.md §7), while host dispatch costs microseconds on every backend.
 
 Padding never changes a result: each epoch orders the valid examples first, in an order
 drawn per example from `fold_in(key, example_position)` (so it does not depend on how far
@@ -311,7 +311,7 @@ def choose_runner(model_name: str, backend: str | None = None) -> str:
 
   On accelerators vmap batches all clients into one kernel launch. On XLA:CPU a vmapped
   conv step becomes a grouped convolution that runs slower than per-client steps, while
-  dense-only models gain from vmap (DESIGN.md §7, confirmed in BUILD.md).
+  dense-only models gain from vmap (docs/design.md §7, confirmed in BUILD.md).
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
