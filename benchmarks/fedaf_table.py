@@ -214,7 +214,7 @@ def penalty_cost(dataset: str, width: int = 50, batch: int = 64) -> str:
   shape = (8, 8, 1) if dataset == "digits" else (28, 28, 1)
   model = models.create(cfg.model.name, 10)
   params = models.init_params(model, jax.random.key(0), shape)
-  d = tu.tree_num_params(params)
+  d = optax.tree.size(params)
   keys = iter(jax.random.split(jax.random.key(1), 64))
   rand = lambda p, lead=(): jax.random.normal(next(keys), lead + p.shape, p.dtype)
   anchor = jax.tree.map(rand, params)

@@ -10,5 +10,6 @@ _MISSING = [m for m in ('ml_collections', 'tensorflow_datasets', 'tensorboardX',
 if _MISSING:
   # name= lets `python3 -m experiments.main` print this as one line instead of a traceback.
   raise ImportError(f"the experiment runner needs {', '.join(_MISSING)}: "
-                    "pip install 'fu_jax[experiments]' (from a clone: pip install '.[experiments]')",
+                    "pip install 'fu_jax[experiments]' "
+                    "(from a clone: pip install '.[experiments]')",
                     name=__name__)

@@ -66,7 +66,6 @@ def _values(results: list, key: str) -> np.ndarray:
 def summarize(runs: dict) -> list[dict]:
   """One row per method (retrain first): mean/std per metric, gaps, speed-up, bytes."""
   ref = runs["retrain"]
-  ref_seconds = float(np.mean(_values(ref, "unlearn_seconds")))
   rows = []
   for method in ["retrain"] + sorted(m for m in runs if m != "retrain"):
     rs = runs[method]

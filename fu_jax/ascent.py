@@ -18,14 +18,15 @@ random order that depends only on `key` and each example's index, so padding row
 at the end, valid=False) change neither the batches nor the result; a batch with no valid
 example changes nothing.
 """
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fu_jax import losses
-from fu_jax import tree as tree_lib
+
+__all__ = ['sga_step', 'project_l2_ball', 'gradient_ascent', 'epoch_batches', 'sga_epoch']
 
 
 def sga_step(params, grads, lr):
@@ -36,29 +37,28 @@ def sga_step(params, grads, lr):
 def project_l2_ball(params, center, radius):
   """Closest point to params in {theta : ||theta - center||_2 <= radius} (global norm).
 
-  center + (params - center) * min(1, radius / ||params - center||)."""
-  delta = tree_lib.tree_sub(params, center)
-  norm = jnp.sqrt(tree_lib.tree_sq_norm(delta))
-  scale = jnp.minimum(1.0, radius / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
-  return jax.tree.map(lambda c, d: c + (d * scale).astype(d.dtype), center, delta)
-
-
-class GradientAscentState(NamedTuple):
-  """gradient_ascent is stateless."""
+  center + P(params - center), P optax's projection onto the L2 ball of that radius around
+  0: delta * radius / max(||delta||, radius) (delta = 0 stays 0, no division by zero)."""
+  delta = optax.tree.sub(params, center)
+  return optax.tree.add(center, optax.projections.projection_l2_ball(delta, radius))
 
 
 def gradient_ascent() -> optax.GradientTransformation:
-  """Negates the updates: `optax.chain(gradient_ascent(), optax.sgd(lr))` ascends the loss
-  whose gradient is fed in (params - lr * (-g) = params + lr * g)."""
-  def init_fn(params):
-    del params
-    return GradientAscentState()
+  """Negates the updates, `optax.scale(-1.0)`: `optax.chain(gradient_ascent(), optax.sgd(lr))`
+  ascends the loss whose gradient is fed in (params - lr * (-g) = params + lr * g).
 
-  def update_fn(updates, state, params=None):
-    del params
-    return jax.tree.map(jnp.negative, updates), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from fu_jax import ascent
+    >>> tx = optax.chain(ascent.gradient_ascent(), optax.sgd(0.5))
+    >>> params, grads = jnp.array([1.0, 1.0]), jnp.array([2.0, -4.0])
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> print(optax.apply_updates(params, updates))     # params + 0.5 * grads
+    [ 2. -1.]
+    >>> print(ascent.project_l2_ball(jnp.array([3., 4.]), jnp.zeros(2), 1.0))   # back to the ball
+    [0.6 0.8]
+  """
+  return optax.scale(-1.0)
 
 
 def epoch_batches(key, mask, batch_size: int):
@@ -104,6 +104,20 @@ def sga_epoch(apply_fn: Callable[..., Any], params, x, y, mask, *, lr, batch_siz
 
   Returns:
     the new params (same structure/dtypes).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from fu_jax import ascent, losses
+    >>> apply_fn = lambda p, x: x @ p['w']
+    >>> params = {'w': jnp.eye(2)}                       # classifies e_0 as 0 and e_1 as 1
+    >>> x, y, mask = jnp.eye(2), jnp.array([0, 1]), jnp.ones(2, bool)
+    >>> loss = lambda p: float(losses.masked_ce(apply_fn(p, x), y, mask))
+    >>> new = ascent.sga_epoch(apply_fn, params, x, y, mask, lr=1.0, batch_size=1,
+    ...                        key=jax.random.key(0), ref_params=params, radius=1.0)
+    >>> loss(new) > loss(params)                         # the forget loss went up ...
+    True
+    >>> print(round(float(jnp.linalg.norm(new['w'] - params['w'])), 4) <= 1.0)  # ... in the ball
+    True
   """
   if (ref_params is None) != (radius is None):
     raise ValueError('give both ref_params and radius for the L2-ball projection, or neither')

@@ -1,6 +1,6 @@
 """Data for the simulation: sources, partitioning over clients, padded client blocks.
 
-Three steps (DESIGN.md §3.1):
+Three steps (docs/design.md §3.1):
 
 1. `load_dataset(source)` -> `types.Dataset`: float32 NHWC images standardised per channel
    with TRAIN statistics, int32 labels in [0, num_classes). Sources:

@@ -1,26 +1,19 @@
-"""FedAF knowledge preserver: empirical Fisher (diagonal or CountSketch) and the EWC penalty.
+"""FedAF's knowledge preserver: empirical Fisher (diagonal or CountSketch) and the EWC penalty.
 
-FedAF §4.3 (Eqs. 7-11) keeps the knowledge of the retained data while unlearning with
+FedAF (Li et al. 2023, "Federated Unlearning via Active Forgetting", Sec. 4.3, Eqs. 7-11)
+keeps the knowledge of the retained data while unlearning with the penalty
 
-    (lambda/2) (theta - theta*)^T H (theta - theta*),   H ~ F = (1/n) J^T J,
+    (lambda/2) (theta - theta*)^T F (theta - theta*),   F = (1/n) J^T J,
 
-where J is the n x d matrix whose rows are the per-example gradients g_i of the client's loss
-at theta* (the empirical Fisher; its diagonal is the classic EWC weight mean_i g_i^2). Two
-approximations of the quadratic form are provided:
+J the n x d matrix of the per-example gradients g_i of the loss at theta* (the empirical
+Fisher). Two approximations, neither of which materialises J (examples run in chunks of
+`chunk_size` under lax.scan, so memory is O(chunk * d) plus the accumulator):
 
-  diagonal   F_diag = mean_i g_i ** 2                                     (a pytree like params)
-  sketch     S J, S a t x n CountSketch (Charikar et al. 2002; Li et al. 2021 "Lifelong
-             learning with sketched structural regularization", as in FedAF Eq. 11 / Alg. 2):
-             example i goes to bucket h(i) in [0, t) with sign s(i) in {-1, +1}. Then
-             (S J)_r = sum_{i: h(i) = r} s(i) g_i and the penalty is
-                 (lambda/2) ||S J Delta||^2 / n,
-             Normalisation: E_S[S^T S] = I_n (cross terms vanish because E[s_i s_j] = 0 for
-             i != j), so E||S J Delta||^2 / n = Delta^T J^T J Delta / n = Delta^T F Delta:
-             the sketch is an unbiased estimate of the same empirical Fisher whose diagonal
-             is `fisher_diagonal` (and E[diag((SJ)^T SJ)] / n = F_diag).
-             h and s are drawn fully independently per example from `fold_in(key, i)`
-             (stronger than the 2-/4-wise independence the analysis needs), so padding rows
-             appended at the end never change the real rows' buckets.
+  diag    F_diag = mean_i g_i ** 2 (a pytree like params): `fisher_diagonal`.
+  sketch  S J, S a t x n CountSketch (example i -> bucket h(i) with sign s(i), both drawn
+          from fold_in(key, i)): `count_sketch`; penalty (lambda/2) ||S J Delta||^2 / n.
+          E[S^T S] = I_n, so this is an unbiased estimate of Delta^T F Delta (Li et al. 2021,
+          "Lifelong learning with sketched structural regularization"; FedAF Eq. 11).
 
 Labels (`model_labels`): J's rows are gradients of -log p(y_i | x_i) at theta*. With the
 labels the client holds (FedAF's reading, "empirical") F is the empirical Fisher; at a
@@ -28,18 +21,33 @@ confident, converged theta* almost every g_i is tiny and so is F. With y_i drawn
 model's own predictive distribution p(. | x_i; theta*) ("model") the mean over examples is
 an unbiased one-sample estimate of the true Fisher E_x E_{y~p} g g^T, which keeps the
 curvature of the directions the model is uncertain about (Kunstner et al. 2019, "Limitations
-of the empirical Fisher approximation for natural gradient descent"). Both forms below take the labels as given.
+of the empirical Fisher approximation for natural gradient descent"). Both forms
+below take the labels as given.
 
-Neither form materialises J: examples are processed in chunks of `chunk_size` with
-`lax.scan`, so memory is O(chunk * d) for the per-example gradients plus O(d) (diagonal) or
-O(t * d) (sketch) for the accumulator.
+`add_ewc_gradient(lam)` is an optax GradientTransformation adding the penalty's gradient
+lam F (theta - theta*) (diag) or lam (S J)^T S J Delta / n (sketch). Anchor and curvature
+live in its STATE, so they differ per client under vmap and change without recompiling:
+`set_ewc_state(opt_state, ewc_state_diag(anchor, fisher))` puts them into a chain's state.
+`loss_fn(params, x, y)` is the loss of ONE example; `example_ce_loss(apply_fn)` builds the
+cross-entropy one from apply_fn(params, x) -> logits.
 
-`loss_fn(params, x, y) -> scalar` is the loss of ONE example (x without the batch axis);
-`example_ce_loss(apply_fn)` builds the usual cross-entropy one.
-
-`add_ewc_gradient(lam)` is an optax GradientTransformation that adds the penalty's gradient;
-the anchor and curvature live in its STATE (`EwcDiagState` / `EwcSketchState`), so they can
-differ per client under vmap and be replaced without recompiling.
+Examples:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> from fu_jax import ewc
+  >>> apply_fn = lambda p, x: x @ p['w']              # a linear model: 2 features, 2 classes
+  >>> anchor = {'w': jnp.zeros((2, 2))}
+  >>> x, y, valid = jnp.eye(2), jnp.array([0, 1]), jnp.ones(2, bool)
+  >>> fisher = ewc.fisher_diagonal(ewc.example_ce_loss(apply_fn), anchor, x, y, valid)
+  >>> print(fisher['w'])                              # mean of g_i**2; g_i = x_i (p - onehot)
+  [[0.125 0.125]
+   [0.125 0.125]]
+  >>> tx = optax.chain(ewc.add_ewc_gradient(lam=4.0), optax.sgd(1.0))
+  >>> state = ewc.set_ewc_state(tx.init(anchor), ewc.ewc_state_diag(anchor, fisher))
+  >>> params = {'w': jnp.ones((2, 2))}                # moved away from the anchor
+  >>> updates, state = tx.update({'w': jnp.zeros((2, 2))}, state, params)
+  >>> print(optax.apply_updates(params, updates)['w'])   # pulled back: 1 - 4 * 0.125 * 1
+  [[0.5 0.5]
+   [0.5 0.5]]
 """
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -48,7 +56,11 @@ import jax.numpy as jnp
 import optax
 
 from fu_jax import losses
-from fu_jax import tree as tree_lib
+
+__all__ = ['KINDS', 'example_ce_loss', 'per_example_grads', 'fisher_diagonal', 'sketch_hash',
+           'count_sketch', 'ewc_penalty_diag', 'ewc_penalty_sketch', 'EwcDiagState',
+           'EwcSketchState', 'ewc_state_diag', 'ewc_state_sketch', 'set_ewc_state', 'ewc_penalty',
+           'ewc_gradient', 'add_ewc_gradient']
 
 KINDS = ('diag', 'sketch')
 FISHER_LABELS = ('empirical', 'model')
@@ -126,9 +138,9 @@ def fisher_diagonal(loss_fn, params, x, y, mask, *, chunk_size: Optional[int] = 
     sq = jax.tree.map(
         lambda a: jnp.sum(jnp.where(mc.reshape((-1,) + (1,) * (a.ndim - 1)), a * a, 0.0),
                           axis=0), g)
-    return tree_lib.tree_add(acc, sq), None
+    return optax.tree.add(acc, sq), None
 
-  acc, _ = jax.lax.scan(body, tree_lib.tree_zeros_like(params), (xs, ys, ms))
+  acc, _ = jax.lax.scan(body, optax.tree.zeros_like(params), (xs, ys, ms))
   count = jnp.maximum(jnp.sum(jnp.asarray(mask).astype(jnp.float32)), 1.0)
   return jax.tree.map(lambda a: a / count.astype(a.dtype), acc)
 
@@ -156,6 +168,23 @@ def count_sketch(loss_fn, params, x, y, mask, key, *, width: int,
   (h, s) = sketch_hash(key, n, width). Each chunk's per-example gradients are scatter-added
   into their buckets (segment_sum), so memory is O(width * d + chunk_size * d).
   The matching n for `ewc_penalty_sketch` is the number of valid examples, mask.sum().
+
+  Examples:
+    With one bucket per example (width = n) and distinct buckets the sketch holds +-g_i, so
+    its squared rows average to the diagonal Fisher; with fewer buckets it does so in
+    expectation over the hash.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from fu_jax import ewc
+    >>> loss_fn = ewc.example_ce_loss(lambda p, x: x @ p['w'])
+    >>> params = {'w': jnp.zeros((2, 3))}
+    >>> x, y, valid = jnp.eye(2), jnp.array([0, 2]), jnp.ones(2, bool)
+    >>> sk = ewc.count_sketch(loss_fn, params, x, y, valid, jax.random.key(0), width=4)
+    >>> print(sk['w'].shape)                             # (width,) + the parameter's shape
+    (4, 2, 3)
+    >>> state = ewc.ewc_state_sketch(params, sk, n=2)
+    >>> float(ewc.ewc_penalty(params, state, lam=1.0))   # zero at the anchor
+    0.0
   """
   width = int(width)
   if width < 1:
@@ -198,14 +227,14 @@ def _safe_n(n):
 
 def ewc_penalty_diag(params, anchor, fisher_diag, lam):
   """(lam/2) sum F (theta - theta*)^2."""
-  delta = tree_lib.tree_sub(params, anchor)
+  delta = optax.tree.sub(params, anchor)
   return 0.5 * lam * sum(jnp.sum(f * d * d) for f, d in
                          zip(jax.tree.leaves(fisher_diag), jax.tree.leaves(delta)))
 
 
 def ewc_penalty_sketch(params, anchor, sketch, lam, n):
   """(lam/2) ||S J (theta - theta*)||^2 / n; unbiased for (lam/2) Delta^T (J^T J / n) Delta."""
-  v = _sketch_apply(sketch, tree_lib.tree_sub(params, anchor))
+  v = _sketch_apply(sketch, optax.tree.sub(params, anchor))
   return 0.5 * lam * jnp.sum(v * v) / _safe_n(n)
 
 
@@ -223,11 +252,25 @@ class EwcSketchState(NamedTuple):
 
 
 def ewc_state_diag(anchor, fisher) -> EwcDiagState:
+  """The diagonal EWC state: anchor theta* and Fisher F (pytrees like params)."""
   return EwcDiagState(anchor=anchor, fisher=fisher)
 
 
 def ewc_state_sketch(anchor, sketch, n) -> EwcSketchState:
+  """The CountSketch EWC state: anchor theta*, S J (from count_sketch) and its n examples."""
   return EwcSketchState(anchor=anchor, sketch=sketch, n=jnp.asarray(n, jnp.float32))
+
+
+def set_ewc_state(opt_state, state):
+  """opt_state (e.g. of an optax.chain holding add_ewc_gradient) with its EWC state replaced.
+
+  `state` replaces the EwcDiagState / EwcSketchState of the same kind inside opt_state,
+  wherever the chain put it (optax.tree.set; no re-init, no indexing by position). Raises
+  KeyError when opt_state holds no EWC state of that kind.
+  """
+  if not isinstance(state, (EwcDiagState, EwcSketchState)):
+    raise ValueError(f'expected EwcDiagState or EwcSketchState, got {type(state).__name__}')
+  return optax.tree.set(opt_state, **{type(state).__name__: state})
 
 
 def ewc_penalty(params, state, lam):
@@ -245,7 +288,7 @@ def ewc_gradient(params, state, lam):
   diag:   lam * F * (theta - theta*)
   sketch: lam * (S J)^T (S J Delta) / n  -- a contraction over the t rows, no JVP/VJP.
   """
-  delta = tree_lib.tree_sub(params, state.anchor)
+  delta = optax.tree.sub(params, state.anchor)
   if isinstance(state, EwcDiagState):
     return jax.tree.map(lambda f, d: lam * f * d, state.fisher, delta)
   if isinstance(state, EwcSketchState):
@@ -260,8 +303,8 @@ def add_ewc_gradient(lam, *, kind: str = 'diag', width: Optional[int] = None
 
   Use before the optimiser, e.g. `optax.chain(add_ewc_gradient(10.), optax.sgd(lr))`.
   `init(params)` returns a neutral state of the requested kind (anchor = params, zero
-  curvature); put the real one in with `ewc_state_diag(anchor, fisher)` or
-  `ewc_state_sketch(anchor, sketch, n)` (same structure, so no retrace). `update` needs
+  curvature); put the real one in with `set_ewc_state(opt_state, ewc_state_diag(anchor,
+  fisher))` or `ewc_state_sketch(anchor, sketch, n)` (same structure, so no retrace). `update` needs
   params (optax's third argument) and leaves the state unchanged.
 
   Args:
@@ -279,7 +322,7 @@ def add_ewc_gradient(lam, *, kind: str = 'diag', width: Optional[int] = None
 
   def init_fn(params):
     if kind == 'diag':
-      return EwcDiagState(anchor=params, fisher=tree_lib.tree_zeros_like(params))
+      return EwcDiagState(anchor=params, fisher=optax.tree.zeros_like(params))
     sketch = jax.tree.map(lambda p: jnp.zeros((int(width),) + p.shape, p.dtype), params)
     return EwcSketchState(anchor=params, sketch=sketch, n=jnp.ones((), jnp.float32))
 
@@ -287,6 +330,6 @@ def add_ewc_gradient(lam, *, kind: str = 'diag', width: Optional[int] = None
     if params is None:
       raise ValueError('add_ewc_gradient needs params: call update(updates, state, params)')
     g = ewc_gradient(params, state, lam)
-    return tree_lib.tree_add(updates, g), state
+    return optax.tree.add(updates, g), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -13,7 +13,7 @@ the sampled clients:
 
 Every runner drives the steps from the host: on XLA:CPU a conv train step inside
 `lax.scan` or `fori_loop` runs 5-30x slower than the same step called from Python
-(DESIGN.md §7), while host dispatch costs microseconds on every backend.
+(docs/design.md §7), while host dispatch costs microseconds on every backend.
 
 Client data (x, y) with a leading client axis is either padded image blocks or
 `images.ClientImages`, index blocks into one copy of the training set: every runner and

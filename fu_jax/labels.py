@@ -21,9 +21,10 @@ target features paired with new, knowledge-free labels. Four label kinds are abl
            set; `debias_scope='sample'` (default) uses each example's own prediction,
            `'batch'` one w = K * mean_b p_{b,target} for the whole (masked) batch, which
            removes the teachers' systematic class bias but keeps per-example variation.
-           (The equation bodies are lost in papers/fedaf.txt; this follows the prose around
-           Eq. 4 and DESIGN §5.) Note that only the target component moves: if the other
-           components are all below 1/K the target can remain the debiased label's argmax.
+           (The equation bodies are not recoverable from the paper's text; this follows the
+           prose around Eq. 4, docs/design.md §5.) Note that only the target component
+           moves: if the other components are all below 1/K the target can remain the
+           debiased label's argmax.
 
 The unlearning objective (Eq. 13) is `forgetting_loss` below plus the EWC penalty in
 `fu_jax.ewc`.
@@ -38,6 +39,9 @@ import jax
 import jax.numpy as jnp
 
 from fu_jax import losses
+
+__all__ = ['VARIANTS', 'DEBIAS_SCOPES', 'glorot_reinit', 'init_teachers', 'teacher_probs',
+           'debias', 'random_labels', 'teacher_labels', 'forgetting_loss']
 
 VARIANTS = ('uniform', 'random', 'teacher', 'debias')
 DEBIAS_SCOPES = ('sample', 'batch')
@@ -177,6 +181,20 @@ def teacher_labels(apply_fn: Optional[Callable[..., Any]], teacher_params_stacke
 
   Raises:
     ValueError: unknown variant, or a required argument missing.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> from fu_jax import labels, models
+    >>> module = nn.Dense(4)                              # a 4-class model on 3 features
+    >>> teachers = labels.init_teachers(module, jax.random.key(0), (3,), num_teachers=5)
+    >>> x = jax.random.normal(jax.random.key(1), (2, 3))
+    >>> y = labels.teacher_labels(models.logits_fn(module), teachers, x, variant='debias',
+    ...                           target_class=1)
+    >>> print(y.shape, jnp.allclose(y.sum(axis=1), 1.0))
+    (2, 4) True
+    >>> print(labels.teacher_labels(None, None, x, variant='uniform', num_classes=4)[0])
+    [0.25 0.25 0.25 0.25]
   """
   if variant not in VARIANTS:
     raise ValueError(f'unknown label variant {variant!r}; allowed: {", ".join(VARIANTS)}')

@@ -6,6 +6,8 @@ mean: sum(mask * v) / max(sum(mask), 1).
 import jax
 import jax.numpy as jnp
 
+__all__ = ['cross_entropy', 'masked_mean', 'masked_ce', 'correct']
+
 
 def cross_entropy(logits, labels):
   """Per-example cross-entropy.
@@ -20,11 +22,13 @@ def cross_entropy(logits, labels):
 
 
 def masked_mean(values, mask):
+  """sum(mask * values) / max(sum(mask), 1): 0 when no row is valid."""
   mask = mask.astype(values.dtype)
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def masked_ce(logits, labels, mask):
+  """Mean cross-entropy over the valid rows (int or soft labels, see cross_entropy)."""
   return masked_mean(cross_entropy(logits, labels), mask)
 
 

@@ -1,9 +1,8 @@
 """Channel effects, channel masks, masked updates and channel packing.
 
 Implements the channel-explanation unlearning of Xu et al., "Update Selective Parameters:
-Federated Machine Unlearning Based on Model Explanation" (papers/channel-explanation-xu.txt),
-and the TF-IDF channel scores of the CDP baseline (Wang et al., "Federated Unlearning via
-Class-Discriminative Pruning", WWW 2022).
+Federated Machine Unlearning Based on Model Explanation".
+The TF-IDF channel scores of the CDP baseline (Wang et al.) are in `fu_jax.cdp`.
 
 Conventions (Flax): a *layer* is any dict in the params tree holding a 'kernel' leaf; its
 output channels are the LAST axis of the kernel and the only axis of its 'bias'. A layer is
@@ -22,10 +21,6 @@ Choices the Xu et al. paper leaves open, and what we do:
   does not break them. With `metric='both'` we break accuracy ties by the loss increase
   (then by channel index). This never overrides the paper's accuracy order; it only
   chooses among channels the paper ranks equal.
-
-CDP (Wang et al.): TF-IDF as in the authors' released code (see tfidf_scores); channels with
-the highest TF-IDF for the target class are pruned, per conv layer (their code uses one
-global threshold over all layers); the classifier is never pruned.
 """
 import functools
 import math
@@ -40,6 +35,13 @@ import optax
 
 from fu_jax import losses
 from fu_jax import tree as fu_tree
+
+__all__ = ['channel_layers', 'zero_channel', 'ChannelEffects', 'channel_effects',
+           'num_selected', 'top_delta_channels', 'random_channels',
+           'channel_mask_to_param_mask', 'top_delta_mask', 'random_mask', 'zero_masked',
+           'MaskedUpdateState', 'init_masked_state', 'set_mask', 'masked_update', 'PackedLayer',
+           'channel_counts', 'pack_channels', 'unpack_channels', 'packed_num_bytes',
+           'selected_num_bytes', 'layer_outputs']
 
 Path = tuple  # tuple of dict keys
 
@@ -433,6 +435,22 @@ def top_delta_mask(effects, delta: float, params, *, tie_break: Optional[dict] =
   """Parameter mask of the top ceil(delta * C) channels per scored layer (see top_delta_channels).
 
   Layers absent from `effects` (and non-layer leaves) get `others`.
+
+  Examples:
+    A one-layer model whose channel 0 alone makes class 0 win: zeroing it costs the whole
+    accuracy on class-0 data, the other channels cost nothing, so it is the one selected.
+
+    >>> import jax.numpy as jnp
+    >>> from fu_jax import masking
+    >>> params = {'Dense_0': {'kernel': jnp.eye(3), 'bias': jnp.full(3, 0.5)}}
+    >>> apply_fn = lambda p, x: x @ p['Dense_0']['kernel'] + p['Dense_0']['bias']
+    >>> x, y = jnp.array([[1., 0., 0.], [2., 0., 0.]]), jnp.array([0, 0])   # class-0 data
+    >>> effects = masking.channel_effects(apply_fn, params, x, y)
+    >>> print(effects[('Dense_0',)])                     # accuracy drop per zeroed channel
+    [1. 0. 0.]
+    >>> mask = masking.top_delta_mask(effects, 0.3, params)   # ceil(0.3 * 3) = 1 channel
+    >>> print(mask['Dense_0']['bias'], mask['Dense_0']['kernel'][0])
+    [ True False False] [ True False False]
   """
   return channel_mask_to_param_mask(top_delta_channels(effects, delta, tie_break=tie_break),
                                     params, others=others)
@@ -464,10 +482,11 @@ def init_masked_state(mask) -> MaskedUpdateState:
 
 
 def set_mask(opt_state, mask):
-  """opt_state with the mask of every MaskedUpdateState inside it replaced (no re-init)."""
-  new = init_masked_state(mask)
-  return jax.tree.map(lambda s: new if isinstance(s, MaskedUpdateState) else s, opt_state,
-                      is_leaf=lambda s: isinstance(s, MaskedUpdateState))
+  """opt_state with the mask of every MaskedUpdateState inside it replaced (no re-init).
+
+  Through optax.tree.set, wherever the chain put the state; raises KeyError when opt_state
+  holds no MaskedUpdateState."""
+  return optax.tree.set(opt_state, MaskedUpdateState=init_masked_state(mask))
 
 
 def masked_update(mask=None) -> optax.GradientTransformation:
@@ -487,6 +506,16 @@ def masked_update(mask=None) -> optax.GradientTransformation:
     mask: optional bool pytree like params, or a callable params -> mask, used by init; None
       means all-True. Because the mask lives in the state, clients can carry different masks
       under vmap: build states with init_masked_state(mask) or swap with set_mask.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from fu_jax import masking
+    >>> params = {'w': jnp.array([1., 2., 3.])}
+    >>> opt = optax.chain(optax.sgd(0.5), masking.masked_update())
+    >>> state = masking.set_mask(opt.init(params), {'w': jnp.array([True, False, True])})
+    >>> updates, state = opt.update({'w': jnp.ones(3)}, state, params)
+    >>> print(optax.apply_updates(params, updates)['w'])   # the middle entry is frozen
+    [0.5 2.  2.5]
   """
   def init_fn(params):
     m = mask(params) if callable(mask) else mask
@@ -612,7 +641,7 @@ def selected_num_bytes(channel_masks: dict, params, *, index_bytes: int = 4) -> 
   return int(total)
 
 
-# ----------------------------------------------------------------------------- CDP (Wang et al.)
+# ----------------------------------------------------------------------------- layer outputs
 
 
 def _intermediate_layers(inter, prefix, out):
@@ -650,111 +679,3 @@ def layer_outputs(module, params, x, *, layers: Optional[Sequence[Path]] = None)
     raise ValueError(f'no captured output for layers {sorted(missing)}: the module holding '
                      'the kernel must be a submodule whose __call__ returns the layer output')
   return out
-
-
-def _cdp_select(outs, params):
-  order = list(outs)  # call order
-  return [p for p in order[:-1] if _get(params, p)['kernel'].ndim >= 3]
-
-
-def cdp_layers(module, params, x) -> list:
-  """Layers CDP scores: conv layers (kernel ndim >= 3), in call order, minus the final layer.
-
-  As in Wang et al.'s code, which hooks every nn.Conv2d and nothing else. The final layer in
-  call order is the classifier; it is never pruned, even when it is a conv.
-  """
-  return _cdp_select(layer_outputs(module, params, x), params)
-
-
-def channel_activations(module, params, x, *, layers: Optional[Sequence[Path]] = None) -> dict:
-  """Per-example channel activations: ReLU(layer output) averaged over spatial axes.
-
-  dict path -> [B, C], for `layers` (default cdp_layers). Wang et al.'s code applies ReLU
-  then avg_pool2d with the map's width as window (global for square maps); we take the
-  global spatial mean.
-  """
-  outs = layer_outputs(module, params, x, layers=layers)
-  if layers is None:
-    layers = _cdp_select(outs, params)
-  acts = {}
-  for p in map(tuple, layers):
-    o = outs[p]
-    acts[p] = jnp.mean(jax.nn.relu(o), axis=tuple(range(1, o.ndim - 1)))
-  return acts
-
-
-class ClassActivations(NamedTuple):
-  """Per-class sums of channel activations (sum over clients to aggregate)."""
-  sums: dict   # path -> [K, C]
-  counts: Any  # [K] examples per class
-
-
-def class_activation_sums(module, params, x, y, mask, num_classes: int, *,
-                          layers: Optional[Sequence[Path]] = None) -> ClassActivations:
-  """Per-class sums of channel_activations over the valid rows (a client's local step)."""
-  acts = channel_activations(module, params, x, layers=layers)
-  valid = jnp.ones(y.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
-  onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32) * valid[:, None]
-  sums = {p: onehot.T @ a.astype(jnp.float32) for p, a in acts.items()}
-  return ClassActivations(sums=sums, counts=jnp.sum(onehot, axis=0))
-
-
-def class_means(ca: ClassActivations) -> dict:
-  """Mean activation per class, dict path -> [K, C] (0 for classes without examples)."""
-  return {p: s / jnp.maximum(ca.counts, 1.0)[:, None] for p, s in ca.sums.items()}
-
-
-def tfidf_scores(means: dict, *, coe: float = 0.0) -> dict:
-  """TF-IDF of every channel for every class (Wang et al. 2022), dict path -> [K, C].
-
-  With A[k, c] the mean activation of channel c over class k:
-    tf[k, c]  = A[k, c] / sum_c' A[k, c'] * b,   b = log(e * C / coe) if coe else 1
-    rel[k, c] = A[k, c] >= mean_k' A[k', c]      (channel c is "relevant" to class k)
-    idf[c]    = log(K / (1 + sum_k rel[k, c]))
-    tfidf     = tf * idf
-  as in the authors' released code (calc_tf_idf): relevance is judged on the raw class means,
-  not on tf. A class with zero total activation gets tf 0 (their code would divide by 0).
-  """
-  out = {}
-  for p, a in means.items():
-    a = jnp.asarray(a, jnp.float32)
-    k, c = a.shape
-    bal = math.log(math.e * c / coe) if coe else 1.0
-    tot = jnp.sum(a, axis=1, keepdims=True)
-    tf = jnp.where(tot > 0, a / jnp.where(tot > 0, tot, 1.0), 0.0) * bal
-    rel = jnp.sum(a >= jnp.mean(a, axis=0, keepdims=True), axis=0).astype(jnp.float32)
-    idf = jnp.log(k / (rel + 1.0))
-    out[p] = tf * idf[None, :]
-  return out
-
-
-def class_channel_scores(module, params, x, y, mask, num_classes: int, *, coe: float = 0.0,
-                         layers: Optional[Sequence[Path]] = None) -> dict:
-  """CDP TF-IDF scores dict path -> [K, C] from one (pooled) batch; classes absent get 0."""
-  ca = class_activation_sums(module, params, x, y, mask, num_classes, layers=layers)
-  return tfidf_scores(class_means(ca), coe=coe)
-
-
-def cdp_prune_channels(scores: dict, target_class: int, sparsity: float) -> dict:
-  """Channels to ZERO: per layer the ceil(sparsity * C) highest TF-IDF for target_class.
-
-  Wang et al.: "channels with high TF-IDF scores have more discrimination on the target
-  categories and thus need to be pruned". Their code thresholds globally over all layers
-  (which needs its `coe` width balance); we select per layer, so every conv layer loses the
-  same fraction. `scores` should hold conv layers only (cdp_layers), never the classifier.
-  Ties go to the lower channel index. (The released code's NNI masker keeps channels with
-  score > threshold, which reads as the opposite direction; we follow the paper's text.)
-  """
-  out = {}
-  for p, s in scores.items():
-    s = jnp.asarray(s)
-    if not 0 <= int(target_class) < s.shape[0]:
-      raise ValueError(f'target_class={target_class}; must be in [0, {s.shape[0]})')
-    out[p] = _top_k_mask(s[int(target_class)], None, num_selected(sparsity, s.shape[1]))
-  return out
-
-
-def cdp_prune_mask(scores: dict, target_class: int, sparsity: float, params):
-  """Parameter mask (True = zero it) of cdp_prune_channels; apply with zero_masked."""
-  return channel_mask_to_param_mask(cdp_prune_channels(scores, target_class, sparsity), params,
-                                    others=False)

@@ -123,8 +123,8 @@ def test_debias_replaces_target_weight_with_average_weight():
   target = 3
   module, tp = _biased_teachers(target)
   x = _data(8)
-  p = np.asarray(labels.teacher_labels(models.logits_fn(module), tp, x, variant='teacher', num_classes=K),
-                 np.float64)
+  p = np.asarray(labels.teacher_labels(models.logits_fn(module), tp, x, variant='teacher',
+                                       num_classes=K), np.float64)
   assert np.all(p[:, target] > 1.0 / K)  # the teachers favour the target class
   q = np.asarray(labels.teacher_labels(models.logits_fn(module), tp, x, variant='debias',
                                        target_class=target, num_classes=K), np.float64)

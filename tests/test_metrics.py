@@ -113,16 +113,17 @@ def test_batch_padding_invariance():
   params = jax.jit(model.init)(jax.random.key(2), x[:1])["params"]  # eager init is slow
   full = np.asarray(jax.jit(model.apply)({"params": params}, x))  # one unpadded batch
   for bs in (7, 1024):  # 7: two full batches + a padded one; 1024: one batch padded to 32
-    np.testing.assert_allclose(metrics.predict_logits(models.logits_fn(model), params, x, batch_size=bs),
-                               full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        metrics.predict_logits(models.logits_fn(model), params, x, batch_size=bs), full,
+        rtol=1e-5, atol=1e-6)
   a = metrics.evaluate(models.logits_fn(model), params, x, y, 5, [1], batch_size=7)
   b = metrics.evaluate(models.logits_fn(model), params, x, y, 5, [1], batch_size=1024)
   assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
   for k in ("test_acc", "retain_acc", "forget_acc"):
     assert a[k] == b[k]
   np.testing.assert_allclose(
-      metrics.per_example_loss(models.logits_fn(model), params, x, y, batch_size=7), manual_ce(full, y),
-      rtol=1e-5)
+      metrics.per_example_loss(models.logits_fn(model), params, x, y, batch_size=7),
+      manual_ce(full, y), rtol=1e-5)
 
 
 def test_predict_logits_compiles_few_shapes():

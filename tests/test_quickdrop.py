@@ -124,8 +124,8 @@ def test_runner_takes_the_scheduled_distilling_step_on_each_client_s_first_step(
   keys = jax.random.split(jax.random.key(8), n)
   res = fl.ClientRunner(prog, kind=kind, epochs=1, batch_size=4).run(params, (x, y), valid,
                                                                       extra, keys)
-  plain = fl.ClientRunner(fl.sgd_program(models.logits_fn(model), optax.sgd(0.1)), kind="loop", epochs=1,
-                          batch_size=4)
+  plain = fl.ClientRunner(fl.sgd_program(models.logits_fn(model), optax.sgd(0.1)), kind="loop",
+                          epochs=1, batch_size=4)
   want = plain.run(params, (x, y), valid, None, keys)
   for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(want.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -2,7 +2,6 @@
 replaces the distilled sets by their real-image initialisation. Both halves of that are
 checked here on digits: the model does not depend on the image steps (model_update='real'),
 and the method runs the same pipeline on the undistilled sets."""
-import jax
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree

@@ -110,7 +110,8 @@ def get_config():
   c.quickdrop.finetune_rounds = 0    # FedAvg rounds on the real retained data afterwards
   c.quickdrop.sequence = ()          # classes forgotten one after another (must hold the request)
 
-  # FedAF (Li et al., papers/fedaf.txt): fedaf and fedaf_c (no EWC). fu_jax/methods/fedaf.py.
+  # FedAF (Li et al. 2023, Federated Unlearning via Active Forgetting): fedaf and fedaf_c
+  # (no EWC). fu_jax/methods/fedaf.py.
   c.fedaf = ml_collections.ConfigDict()
   c.fedaf.teachers = 10          # Q untrained Xavier teachers labelling the target data (paper 10)
   c.fedaf.label = "debias"       # new labels: uniform | random | teacher | debias (paper: debias)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
 
-import jax
 import numpy as np
 import optax
 

@@ -1,5 +1,5 @@
 """Channel-explanation unlearning (Xu et al., "Update Selective Parameters: Federated Machine
-Unlearning Based on Model Explanation", papers/channel-explanation-xu.txt).
+Unlearning Based on Model Explanation"; docs/design.md §5).
 
   channel_de         decentralized (Alg. 2): clients fine-tune ONLY the selected channels on
                      retained + perturbation data and upload only those channels;
@@ -244,7 +244,7 @@ def selection_summary(channel_masks: dict, params) -> dict:
       "model_channels": all_ch,
       "selected_channel_fraction": sel_ch / max(all_ch, 1),
       "selected_params": sel_p,
-      "selected_param_fraction": sel_p / max(tu.tree_num_params(params), 1),
+      "selected_param_fraction": sel_p / max(optax.tree.size(params), 1),
       "selected": {"/".join(map(str, p)): np.flatnonzero(np.asarray(m)).tolist()
                    for p, m in channel_masks.items()},
   }

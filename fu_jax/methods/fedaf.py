@@ -1,4 +1,4 @@
-"""FedAF: federated unlearning by active forgetting (papers/fedaf.txt; DESIGN.md §5).
+"""FedAF: federated unlearning by active forgetting (Li et al. 2023; docs/design.md §5).
 
 Methods `fedaf` and `fedaf_c` (the paper's ablation without EWC). For each target client
 (the client of a client / client_class request; every client holding the class of a class
@@ -199,7 +199,7 @@ def fisher_program(loss_fn: Callable, kind: str, width: int,
   def init(server_params, extra, key):
     del extra, key
     if kind == "diag":
-      acc = tu.tree_zeros_like(server_params)
+      acc = optax.tree.zeros_like(server_params)
     else:
       acc = jax.tree.map(lambda p: jnp.zeros((width,) + p.shape, p.dtype), server_params)
     return FisherState(server_params, acc, jnp.zeros((), jnp.float32))
@@ -213,8 +213,8 @@ def fisher_program(loss_fn: Callable, kind: str, width: int,
       f = ewc.fisher_diagonal(loss_fn, state.anchor, batch.x, y, batch.mask)
       acc = jax.tree.map(lambda a, b: a + b * nb, state.acc, f)
     else:
-      acc = tu.tree_add(state.acc, ewc.count_sketch(loss_fn, state.anchor, batch.x, y,
-                                                    batch.mask, key, width=width))
+      acc = optax.tree.add(state.acc, ewc.count_sketch(loss_fn, state.anchor, batch.x, y,
+                                                       batch.mask, key, width=width))
     return FisherState(state.anchor, acc, state.n + nb), {}
 
   return fl.LocalProgram(init, step, lambda s: (s.acc, s.n))
@@ -307,7 +307,7 @@ def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation,
         state = ewc.ewc_state_diag(params, extra)
       else:
         state = ewc.ewc_state_sketch(params, extra[0], extra[1])
-      return (state, optimizer.init(params))
+      return ewc.set_ewc_state(chained.init(params), state)
 
   def init(server_params, extra, key):
     del key

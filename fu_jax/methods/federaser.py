@@ -293,7 +293,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
       m = {k: float(np.sum(np.asarray(v) * wn)) for k, v in res.metrics.items()}
       m.update(bytes_up=keep.size * model_bytes, bytes_down=keep.size * model_bytes,
                examples=int(valid.sum()) * epochs)
-    return tu.tree_add(params, tu.tree_scale(new, server_lr)), m
+    return optax.tree.add(params, optax.tree.scale(server_lr, new)), m
 
   params = env.rounds("federaser", params0, num_rounds, round_fn, lambda p: p)
   forget = np.asarray(task.forget)

@@ -46,11 +46,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fu_jax import ewc
 from fu_jax import fl
 from fu_jax import models
-from fu_jax import tree as tu
 from fu_jax.methods import base
 
 INITS = ("trained", "scratch")
@@ -110,7 +110,7 @@ def frr_program(model, *, lr: float, beta1: float, beta2: float,
 
   def init(server_params, extra, key):
     del extra, key
-    z = tu.tree_zeros_like(server_params)
+    z = optax.tree.zeros_like(server_params)
     return FrrState(server_params, z, z, jnp.zeros((), jnp.int32))
 
   def step(state, batch, key):

@@ -1,5 +1,5 @@
 """QuickDrop (Dhasade et al., "QuickDrop: Efficient Federated Unlearning by Integrated Dataset
-Distillation", arXiv:2311.15603; papers/quickdrop-summary.txt).
+Distillation", arXiv:2311.15603; docs/design.md §5).
 
 Trainer `quickdrop` (Method.pretrain='quickdrop'): FedAvg in which every client also keeps a
 synthetic set per local class (distill.SyntheticSet, ceil(n_c * scale) images, >= 1 per
@@ -539,7 +539,7 @@ def normalized_updates(eps: float = 1e-12) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    norm = jnp.sqrt(tu.tree_sq_norm(updates))
+    norm = jnp.sqrt(optax.tree.vdot(updates, updates))
     scale = jnp.where(norm > eps, 1.0 / jnp.maximum(norm, eps), 0.0)
     return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fu_jax import ascent
 from fu_jax import fl
@@ -85,7 +86,7 @@ class TargetResult(NamedTuple):
 
 @jax.jit
 def _apply_mean_delta(params, client_params, weights):
-  return tu.tree_add(params, fl.aggregate(params, client_params, weights))
+  return optax.tree.add(params, fl.aggregate(params, client_params, weights))
 
 
 def run_on_targets(task: base.Task, env: base.Env, program: fl.LocalProgram, params, *,
@@ -193,7 +194,8 @@ def ball_radius(task: base.Task, params, frac: float) -> float | None:
   if frac <= 0:
     return None
   rand = base.init_params(task, fl.stream_key(task.config.seed, fl.STREAM_UNLEARN, SGA_ID))
-  return float(frac * jnp.sqrt(tu.tree_sq_norm(tu.tree_sub(rand, params))))
+  delta = optax.tree.sub(rand, params)
+  return float(frac * jnp.sqrt(optax.tree.vdot(delta, delta)))
 
 
 def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:

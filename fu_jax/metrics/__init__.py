@@ -1,4 +1,4 @@
-"""Evaluation protocol (DESIGN.md §6): accuracy, membership inference, backdoor.
+"""Evaluation protocol (docs/design.md §6): accuracy, membership inference, backdoor.
 
   accuracy  predict_logits, per_example_loss, per_class_accuracy, evaluate (the plain
             `accuracy` function stays in fu_jax.metrics.accuracy: re-exporting it here would

@@ -5,7 +5,7 @@ floats. `apply_fn` follows the fu_jax model convention, `apply_fn(params, x) -> 
 [B, K]` (e.g. `fu_jax.models.logits_fn(module)`), and must have no batch-dependent behaviour (no
 BatchNorm), so zero padding rows never change the other rows' logits.
 
-Protocol (DESIGN.md §6): test accuracy; retain accuracy = test samples of the kept classes;
+Protocol (docs/design.md §6): test accuracy; retain accuracy = test samples of the kept classes;
 forget accuracy = test samples of the forgotten classes; per-class accuracy.
 """
 import functools

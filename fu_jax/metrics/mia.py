@@ -1,4 +1,4 @@
-"""Membership inference on forgotten training samples (DESIGN.md §6).
+"""Membership inference on forgotten training samples (docs/design.md §6).
 
 Members are the forgotten training samples, non-members held-out samples of the same classes
 (e.g. their test samples). After a perfect unlearning the model treats the two alike, so every
