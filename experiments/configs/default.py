@@ -21,6 +21,8 @@ def get_config():
   c.data.alpha = 0.5           # Dirichlet concentration
   c.data.classes_per_client = 2  # shards: classes per client (1 = one class per user)
   c.data.min_size = 10         # Dirichlet: minimum examples per client
+  c.data.train_size = 0        # a seeded random subset of the training set (0 = all)
+  c.data.test_size = 0         # the same for the test set
   c.data.seed = -1             # split, partition and forgotten samples (-1 = c.seed); an
   #                              audit's model bank varies c.seed with this fixed
 
