@@ -204,10 +204,43 @@ def plot(rows: list[dict], path: str):
   plt.close(fig)
 
 
+def load_audits(workdir: str) -> dict:
+  """{method: audit.json} from <workdir>/audit/<method>/ (experiments.audit)."""
+  out = {}
+  for p in sorted(glob.glob(os.path.join(workdir, "audit", "*", "audit.json"))):
+    with open(p) as f:
+      a = json.load(f)
+    out[a["method"]] = a
+  return out
+
+
+def audit_markdown(audits: dict) -> str:
+  """The per-example audit table: F, final score, U-LiRA, K (retrain first)."""
+  head = ["method", "K", "forget score F", "final score", "U-LiRA AUC", "TPR@1%FPR",
+          "TPR@0.1%FPR", "F before unlearning", "AUC before unlearning"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for m in sorted(audits, key=lambda m: (m != "retrain", m)):
+    a, o = audits[m], audits[m].get("original") or {}
+    f = lambda v: "—" if v is None else f"{v:.3f}"
+    lines.append("| " + " | ".join([
+        m, str(a["num_models"]), f(a["forget_score"]), f(a["final_score"]), f(a["ulira_auc"]),
+        f(a["ulira_tpr_at_1pct_fpr"]), f(a["ulira_tpr_at_01pct_fpr"]),
+        f(o.get("forget_score")), f(o.get("ulira_auc"))]) + " |")
+  return ("\nPer-example audit (experiments.audit): each method's K unlearned models against K "
+          "independently retrained ones; F in [0, 1] (1 = every epsilon < 0.5), U-LiRA AUC 0.5 "
+          "= indistinguishable from retraining.\n\n" + "\n".join(lines) + "\n")
+
+
 def compare(workdir: str) -> list[dict]:
+  audits = load_audits(workdir)
+  if audits and not glob.glob(os.path.join(workdir, "*", "results.json")) + glob.glob(
+      os.path.join(workdir, "seed_*", "*", "results.json")):
+    with open(os.path.join(workdir, "comparison.md"), "w") as f:
+      f.write(audit_markdown(audits))
+    return []
   rows = summarize(load_runs(workdir))
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
-    f.write(to_markdown(rows))
+    f.write(to_markdown(rows) + (audit_markdown(audits) if audits else ""))
   with open(os.path.join(workdir, "comparison.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()

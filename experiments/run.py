@@ -216,9 +216,10 @@ def forget_samples(config, owner: np.ndarray) -> np.ndarray:
 
 def build_task(config) -> base.Task:
   ds = data_lib.load_dataset(config.data.source, seed=data_seed(config),
-                             data_dir=config.data.data_dir or None)
+                             data_dir=config.data.data_dir or None,
+                             max_test=config.data.get("test_size", 0) or None)
   validate(config, config.method, ds.num_classes, num_train=len(ds.y_train))
-  ds = data_lib.subsample_train(ds, config.data.get("train_size", 0), config.seed)
+  ds = data_lib.subsample_train(ds, config.data.get("train_size", 0), data_seed(config))
   parts = data_lib.partition(ds.y_train, config.data.num_clients, kind=config.data.partition,
                              seed=data_seed(config), alpha=config.data.alpha,
                              classes_per_client=config.data.classes_per_client,

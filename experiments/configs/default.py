@@ -23,6 +23,7 @@ def get_config():
   c.data.classes_per_client = 2  # shards: classes per client (1 = one class per user)
   c.data.min_size = 10         # dirichlet, client_dirichlet: minimum examples per client
   c.data.size_sigma = 0.0      # client_dirichlet: log-normal spread of client sizes (0 = equal)
+  c.data.test_size = 0         # a seeded random subset of the test set (0 = all)
   c.data.seed = -1             # split, partition and forgotten samples (-1 = c.seed); an
   #                              audit's model bank varies c.seed with this fixed
 

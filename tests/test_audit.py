@@ -1,0 +1,70 @@
+"""experiments.audit end to end on digits: sequential and vmapped banks agree; outputs."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import audit as audit_exp
+from experiments import compare
+from experiments import run as run_lib
+from experiments.configs import audit_digits
+
+
+def tiny(**overrides):
+  c = audit_digits.get_config()
+  c.fl.rounds, c.fl.local_epochs, c.finetune.rounds = 2, 1, 1
+  c.data.train_size = 300
+  c.unlearn.forget_fraction = 0.1
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def test_bank_seeds_are_independent_and_stable():
+  a = [audit_exp.bank_seed(0, s, k) for s in (0, 1) for k in range(4)]
+  assert len(set(a)) == 8
+  assert a == [audit_exp.bank_seed(0, s, k) for s in (0, 1) for k in range(4)]
+
+
+def test_sequential_and_vmapped_banks_agree(tmp_path):
+  seq = audit_exp.audit(tiny(), str(tmp_path / "seq"), "finetune", 3, "sequential")
+  vm = audit_exp.audit(tiny(), str(tmp_path / "vm"), "finetune", 3, "vmap")
+  assert seq["seeds_unlearned"] == vm["seeds_unlearned"]
+  assert seq["cost"]["bank"] == "sequential" and vm["cost"]["bank"] == "vmap"
+  for side, method in (("u", "finetune"), ("r", "retrain")):
+    for k in range(3):
+      load = lambda d: json.load(open(os.path.join(
+          tmp_path, d, "audit", "models", f"{side}_{k}", method, "audit_stats.json")))
+      a, b = load("seq"), load("vm")
+      np.testing.assert_allclose(a["phi"], b["phi"], atol=1e-3, rtol=1e-4)
+      if side == "u":
+        np.testing.assert_allclose(a["original"]["phi"], b["original"]["phi"], atol=1e-3,
+                                   rtol=1e-4)
+  # The forgotten samples are the same for every model: 10% of client 0's 100 samples.
+  assert vm["num_examples"] == 10 and len(vm["epsilons"]) == 10
+  for key in ("forget_score", "final_score", "ulira_auc", "ulira_tpr_at_1pct_fpr",
+              "ulira_tpr_at_01pct_fpr", "original"):
+    assert key in vm
+  assert 0.0 <= vm["forget_score"] <= 1.0
+  assert os.path.exists(tmp_path / "vm" / "audit" / "finetune" / "epsilons.png")
+  # A rerun reads every model from its audit_stats.json: same numbers.
+  again = audit_exp.audit(tiny(), str(tmp_path / "vm"), "finetune", 3, "vmap")
+  assert again["epsilons"] == vm["epsilons"]
+  compare.compare(str(tmp_path / "vm"))
+  table = open(tmp_path / "vm" / "comparison.md").read()
+  assert "| finetune | 3 |" in table and "U-LiRA AUC" in table
+
+
+@pytest.mark.parametrize("overrides,models,expect", [
+    ({}, 2, "needs >= 3 models"),
+    ({"unlearn.kind": "client"}, 3, "unlearn.kind='client'"),
+])
+def test_bad_requests(tmp_path, overrides, models, expect):
+  with pytest.raises(run_lib.ConfigError, match=expect):
+    audit_exp.audit(tiny(**overrides), str(tmp_path), "finetune", models)
+
+
+def test_bank_refuses_a_method_with_its_own_trainer(tmp_path):
+  c = tiny(**{"unlearn.kind": "class"})
+  with pytest.raises(run_lib.ConfigError, match="use --bank=sequential"):
+    audit_exp.audit(c, str(tmp_path), "quickdrop", 3, "vmap")
