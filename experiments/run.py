@@ -4,6 +4,7 @@ evaluation -> results.json, with TensorBoard logging and resumable orbax checkpo
 Layout of a workdir:
   pretrain/<trainer>-<hash>/   the trained model before unlearning, keyed by the training
                                config, shared by every method run into this workdir
+                               (timing.json: its train_seconds)
   <method>/                    config.json, results.json, TensorBoard events, ckpt/<phase>/
 
 Every random choice derives from config.seed through fl.stream_key, so a killed run
@@ -487,10 +488,8 @@ def forgotten_records(task: base.Task):
   x as the client holds it (with the trigger when a backdoor was planted) and y the label
   trained on (the flipped one under a backdoor; the true label otherwise); source = the
   true label. These are the records whose influence unlearning must remove: their clean
-  originals were never in the training set (measured on digits, client_class, 2 clients:
-  the loss-threshold AUC of the clean originals is 0.44 for the trained model and 0.46 for
-  retrain, i.e. it cannot tell the two apart, while their triggered records give 0.56 and
-  0.54).
+  originals were never in the training set, and scoring them cannot tell the trained model
+  from retrain (BUILD.md, "What the evaluation measures").
   """
   forget = np.asarray(task.forget)
   return (np.asarray(task.clients.x[forget]), np.asarray(task.clients.y)[forget],

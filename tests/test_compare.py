@@ -137,12 +137,15 @@ def test_method_all_runs_every_method_and_compares(tmp_path):
     for key, col, title in (("speedup_vs_retrain", "speedup", "speed-up"),
                             ("speedup_parallel_vs_retrain", "speedup_parallel",
                              "parallel speed-up")):
-      assert res[key] is not None and float(row[col]) == pytest.approx(res[key]), (m, key)
+      if res[key] is None:  # a method with no measurable time (fedavg: nothing to do)
+        assert m == "fedavg" and row[col] == "" and table[m][title] == "—"
+        continue
+      assert float(row[col]) == pytest.approx(res[key]), (m, key)
       assert table[m][title] == f"{res[key]:.1f}x", (m, key)
     assert float(row["unlearn_seconds"]) == pytest.approx(res["unlearn_seconds"])
     assert float(row["unlearn_parallel_seconds"]) == pytest.approx(
         res["unlearn_parallel_seconds"])
-    assert 0 < res["unlearn_parallel_seconds"] <= res["unlearn_seconds"] * (1 + 1e-9)
+    assert 0 <= res["unlearn_parallel_seconds"] <= res["unlearn_seconds"] * (1 + 1e-9)
     assert float(row["bytes"]) == res["bytes_up"] + res["bytes_down"]
     assert row["forgetting_metric"] == res["forgetting_metric"] == "forget_acc"
   assert results["quickdrop"]["train_overhead_vs_fedavg"] > 0

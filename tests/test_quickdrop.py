@@ -362,4 +362,9 @@ def test_quickdrop_synthetic_model_update_runs(tmp_path):
   res = run_lib.run(cfg, str(tmp_path))
   assert res["model_update"] == "synthetic"
   assert math.isfinite(res["test_acc"]) and res["rounds"] == 2
+  # Two rounds on the sets train a weak model (test ~20%, class 0 ~40%); SGA on the
+  # distilled class-0 images still removes what it knew of the class, and only that.
+  orig = res["original"]
+  assert res["forget_acc"] <= orig["forget_acc"] - 0.2
+  assert res["retain_acc"] >= orig["retain_acc"] - 0.1
   assert not glob.glob(os.path.join(str(tmp_path), "pretrain", "*", "synthetic"))
