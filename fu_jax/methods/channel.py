@@ -170,7 +170,7 @@ def forget_batch(task: base.Task, n: int):
   key = fl.stream_key(task.config.seed, fl.STREAM_UNLEARN, stream_tag("channel/effect_batch"))
   pick = np.asarray(jax.random.permutation(key, rows.shape[0]))[:n]
   r = rows[np.sort(pick)]
-  x = np.asarray(task.clients.x)[r[:, 0], r[:, 1]]
+  x = np.asarray(task.clients.x[r[:, 0], r[:, 1]])  # only these rows' images
   y = np.asarray(task.y_true)[r[:, 0], r[:, 1]]
   return x, y
 
@@ -401,7 +401,7 @@ def server_sample(task: base.Task, n: int):
   pick = np.sort(np.asarray(jax.random.permutation(key, rows.shape[0]))[:n])
   r = rows[pick]
   get = lambda a: np.asarray(a)[r[:, 0], r[:, 1]]
-  return get(c.x), get(c.y), get(c.index), get(task.forget)
+  return np.asarray(c.x[r[:, 0], r[:, 1]]), get(c.y), get(c.index), get(task.forget)
 
 
 def _centralized(task: base.Task, env: base.Env, trained: base.Trained):

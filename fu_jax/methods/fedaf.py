@@ -255,7 +255,7 @@ def client_fisher(task: base.Task, env: base.Env, s: dict, params, clients, y_ol
   program = fisher_program(loss_fn, s["fisher"], s["sketch_width"], label_fn)
   valid = fisher_mask(task, s, clients)
   idx = np.asarray(clients)
-  data = (np.asarray(task.clients.x)[idx], np.asarray(y_old)[idx])
+  data = (task.clients.x[idx], np.asarray(y_old)[idx])  # only the targets' images
   keys = sga_lib.client_keys(task.config.seed, FEDAF_ID, _PART_FISHER, clients)
   runner = env.runner(program, 1, s["fisher_chunk"])
   acc, n = runner.run(params, data, valid, None, keys).params

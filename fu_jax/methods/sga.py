@@ -102,7 +102,8 @@ def run_on_targets(task: base.Task, env: base.Env, program: fl.LocalProgram, par
   take = lambda a: np.asarray(a)[idx]  # host gathers: no per-shape XLA compile
   valid = take(task.forget)
   runner = env.runner(program, epochs, batch_size)
-  res = runner.run(params, (take(task.clients.x), jax.tree.map(take, y)), valid, extra, keys)
+  x = task.clients.x[idx]  # only the targets' images (clients.x may be an index block)
+  res = runner.run(params, (x, jax.tree.map(take, y)), valid, extra, keys)
   counts = valid.sum(1).astype(np.float32)
   new = _apply_mean_delta(params, res.params, counts)
   w = counts / max(float(counts.sum()), 1.0)
