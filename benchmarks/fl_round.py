@@ -14,6 +14,13 @@ sees the same machine load, and the median is printed.
 XLA reads its flags once per process, so the table is measured twice: in this process with
 XLA's own defaults, and in a child process with fu_jax's default flags (fu_jax/xla_flags.py,
 what experiments.main uses); both columns come from the same invocation.
+
+A last pair of rows (`--two_cores`, on by default) tries two clients at once on separate
+cores instead of one client on both: a third child process simulates 2 host devices with
+one intra-op thread each (`TWO_CORE_FLAGS`), places client 2k on device 0 and client 2k+1
+on device 1, and dispatches their jitted steps alternately (JAX dispatch is asynchronous,
+so both devices compute at once); next to it the same steps one client at a time on one
+device with that single thread.
 """
 import argparse
 import json
@@ -38,6 +45,8 @@ from fu_jax import models  # noqa: E402
 from fu_jax import xla_flags  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
+TWO_CORE_FLAGS = ("--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false "
+                  "intra_op_parallelism_threads=1")
 
 
 def load(num_clients, per_client, seed=0):
@@ -141,6 +150,55 @@ def plain_step_timer(clients, batch_size):
   return timed, len(xs)
 
 
+def two_core_timers(clients, batch_size):
+  """[(name, timer)]: plain jitted steps over every client, one at a time on one device,
+  and two at a time on two devices (see the module doc)."""
+  model = models.create("cnn", 10)
+  params = models.init_params(model, jax.random.key(0), (28, 28, 1))
+  opt = optax.sgd(0.05, momentum=0.9)
+
+  @jax.jit
+  def step(p, o, x, y):
+    loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": q}, x), y).mean()
+    u, o = opt.update(jax.grad(loss)(p), o, p)
+    return optax.apply_updates(p, u), o
+
+  devs = jax.devices()[:2]
+  num = clients.x.shape[0]
+  x, y, count = np.asarray(clients.x), np.asarray(clients.y), np.asarray(clients.count)
+
+  def batches(c, dev):
+    return [(jax.device_put(x[c, s:s + batch_size], dev),
+             jax.device_put(y[c, s:s + batch_size], dev))
+            for s in range(0, int(count[c]) - batch_size + 1, batch_size)]
+
+  images = sum(len(batches(c, devs[0])) for c in range(num)) * batch_size
+
+  def timer(ndev):
+    data = [batches(c, devs[c % ndev]) for c in range(num)]
+    starts = [(jax.device_put(params, d), jax.device_put(opt.init(params), d))
+              for d in devs[:ndev]]
+
+    def one_round():
+      t = time.perf_counter()
+      for c0 in range(0, num, ndev):  # clients c0 .. c0+ndev-1 at once, one per device
+        group = list(range(c0, min(c0 + ndev, num)))
+        states = [starts[c % ndev] for c in group]
+        for s in range(max(len(data[c]) for c in group)):
+          for i, c in enumerate(group):
+            if s < len(data[c]):
+              states[i] = step(*states[i], *data[c][s])
+        jax.block_until_ready(states)
+      return images, time.perf_counter() - t
+
+    one_round()  # compile (per device)
+    return one_round
+
+  return [("1 client at a time, 1 thread", timer(1)),
+          ("2 clients at once, 2 x 1 thread", timer(min(2, len(devs))))]
+
+
 def jax_rows(clients, batch_size, budget_s, reps):
   """[(name, median images/s, steps timed per client)] for every runner x conv impl."""
   timers = [("jit step, no runner",) + plain_step_timer(clients, batch_size)]
@@ -208,18 +266,36 @@ def main():
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--budget", type=float, default=5.0,
                  help="seconds per timed round at most (slow runners see a data prefix)")
+  p.add_argument("--two_cores", action=argparse.BooleanOptionalAction, default=True,
+                 help="also time two clients at once on two single-threaded devices")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--two_core_child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   clients, src = load(args.clients, args.per_client)
   if args.child:  # fu_jax's flags are in XLA_FLAGS: print this process's rows only
     print(json.dumps(jax_rows(clients, args.batch_size, args.budget, args.reps)))
     return
-  child_env = dict(os.environ)
-  xla_flags.use_defaults(child_env)
-  child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child",
-                            *sys.argv[1:]], env=child_env, stdout=subprocess.PIPE, text=True)
-  child.wait()  # first, alone: the two processes must not share the cores
-  fu_rows = json.loads(child.stdout.read().strip().splitlines()[-1])
+  if args.two_core_child:
+    timers = two_core_timers(clients, args.batch_size)
+    rates = {name: [] for name, _ in timers}
+    for _ in range(args.reps):
+      for name, timed in timers:
+        images, secs = timed()
+        rates[name].append(images / secs)
+    print(json.dumps([(name, statistics.median(r)) for name, r in rates.items()]))
+    return
+
+  def child_rows(flag, extra_flags=""):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra_flags}".strip()
+    xla_flags.use_defaults(env)
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), flag,
+                              *sys.argv[1:]], env=env, stdout=subprocess.PIPE, text=True)
+    child.wait()  # alone: two processes must not share the cores
+    return json.loads(child.stdout.read().strip().splitlines()[-1])
+
+  fu_rows = child_rows("--child")
+  two_rows = child_rows("--two_core_child", TWO_CORE_FLAGS) if args.two_cores else []
   print(f"data: {src}, {args.clients} clients x {args.per_client} images, batch "
         f"{args.batch_size}; jax {jax.__version__} on {jax.default_backend()} "
         f"({jax.device_count()} devices), {os.cpu_count()} cores, load average "
@@ -253,6 +329,8 @@ def main():
   runners = [r for r in fu_rows if "/" in r[0]]
   best = max(runners, key=lambda r: r[1])
   auto_ips = dict((r[0], r[1]) for r in runners)[auto]
+  for name, ips in two_rows:
+    print(f"{name:26s} {'':24s}   {cols(ips)}  (plain steps; {TWO_CORE_FLAGS.split()[0]} ...)")
   print(f"auto = {auto}; best fixed (fu_jax flags) = {best[0]}; auto / best = "
         f"{auto_ips / best[1]:.2f}" + (f"; auto / torch = {auto_ips / torch_ips:.2f}"
                                        if torch_ips else ""))

@@ -3,8 +3,9 @@ evaluation -> results.json, with TensorBoard logging and resumable orbax checkpo
 
 Layout of a workdir:
   pretrain/<trainer>-<hash>/   the trained model before unlearning, keyed by the training
-                               config, shared by every method run into this workdir
-                               (timing.json: its train_seconds)
+                               config, shared by every method run into this workdir, with
+                               its evaluation and membership scores per request
+                               (eval-<hash>.json, mia-<hash>.json) and timing.json (its train_seconds)
   <method>/                    config.json, results.json, TensorBoard events, ckpt/<phase>/
 
 Every random choice derives from config.seed through fl.stream_key, so a killed run

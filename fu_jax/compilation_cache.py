@@ -23,6 +23,7 @@ recompilation).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Mapping
 
 ENV_VAR = "JAX_COMPILATION_CACHE_DIR"
@@ -65,7 +66,12 @@ def enable(directory: str | None, *, min_compile_secs: float = 0.0) -> str | Non
   if directory is None:
     jax.config.update("jax_enable_compilation_cache", False)
     return None
-  os.makedirs(directory, exist_ok=True)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:  # e.g. a read-only home: run without the cache rather than fail
+    print(f"warning: no compilation cache ({e}); compiling everything", file=sys.stderr)
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)

@@ -47,3 +47,15 @@ def test_the_session_cache_stores_and_counts(tmp_path):
   g = lambda x: jnp.sin(x) * salt
   np.testing.assert_allclose(jax.jit(g)(jnp.ones(3)), np.sin(1.0) * salt, rtol=1e-6)
   assert stats.hits == hits + 1
+
+
+def test_an_unusable_directory_turns_the_cache_off(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  enabled = jax.config.jax_enable_compilation_cache
+  try:
+    assert cc.enable(str(blocker / "cache")) is None
+    assert "no compilation cache" in capsys.readouterr().err
+    assert not jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
