@@ -23,6 +23,12 @@ round (median of the timed rounds), the images trained per round (the cohort's d
 depends on how much data 100 clients hold, not on the number of clients), and the part of
 a round spent outside local training (sampling, selecting the cohort's data, aggregation):
 the part that could grow with the number of clients.
+
+  python benchmarks/scale.py --side_by_side --model mlp --cohort 20
+
+instead times the local training of one IID cohort (`--cohort` clients of 600 images) from
+the padded block and from the index block, interleaved 3 times in one process: the cost of
+gathering and normalising per batch, as a ratio that the shared machine's load affects alike.
 """
 import argparse
 import json
@@ -116,6 +122,44 @@ def one(args):
   print(json.dumps(out), flush=True)
 
 
+def side_by_side(args):
+  """Local training of one cohort from both layouts, interleaved; prints medians and ratio."""
+  from fu_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  xla_flags.use_defaults()
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  from fu_jax import data, fl, images, models  # pylint: disable=g-import-not-at-top
+
+  ds = data.load_dataset("idx:/usr/share/datasets/fashion-mnist")
+  parts = data.partition(ds.y_train, 100, kind="iid", seed=0)[:args.cohort]
+  old = data.stack_clients(ds.x_train, ds.y_train, parts)
+  layouts = {"padded": jnp.asarray(old.x),
+             "index": images.ClientImages(jnp.asarray(old.index), images.dataset_table(ds))}
+  y, valid = jnp.asarray(old.y), jnp.asarray(old.valid)
+  model = models.create(args.model, 10)
+  params = models.init_params(model, jax.random.key(0), (28, 28, 1))
+  kind = fl.choose_runner(args.model)
+  runner = fl.ClientRunner(fl.sgd_program(model.apply, optax.sgd(0.05)), kind=kind, epochs=1,
+                           batch_size=64)
+  keys = jax.vmap(lambda c: fl.stream_key(0, fl.STREAM_CLIENT, 0, c))(jnp.arange(args.cohort))
+  run = lambda x: jax.block_until_ready(runner.run(params, (x, y), valid, None, keys).params)
+  for x in layouts.values():
+    run(x)  # compile
+  times = {k: [] for k in layouts}
+  for _ in range(3):
+    for k, x in layouts.items():
+      t = time.perf_counter()
+      run(x)
+      times[k].append(time.perf_counter() - t)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  print(f"# {' '.join(sys.argv)}; load {os.getloadavg()}")
+  print(f"{args.model} {kind} runner, {args.cohort} clients, {int(old.count.sum())} images: "
+        f"padded {med['padded']:.2f} s, index {med['index']:.2f} s, index/padded "
+        f"{med['index'] / med['padded']:.2f} (all: {times})")
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--clients", default="100,1000,10000")
@@ -124,6 +168,8 @@ def main():
   p.add_argument("--model", default="mlp")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--max_padded_gb", type=float, default=6.0)
+  p.add_argument("--side_by_side", action="store_true")
+  p.add_argument("--cohort", type=int, default=20)
   p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--num_clients", type=int, help=argparse.SUPPRESS)
   p.add_argument("--partition", help=argparse.SUPPRESS)
@@ -131,6 +177,9 @@ def main():
   args = p.parse_args()
   if args.one:
     one(args)
+    return
+  if args.side_by_side:
+    side_by_side(args)
     return
   print(f"# {' '.join(sys.argv)}\n# load: {os.getloadavg()}", flush=True)
   print("| partition | clients | layout | max_n | peak RSS GB | padded block GB | s / round "
