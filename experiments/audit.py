@@ -18,6 +18,13 @@ training samples, as in the competition), per-example epsilons and U-LiRA. When 
 starts from a trained model, the trained models themselves (no unlearning) are audited
 against the same reference too ("original").
 
+--bank: `sequential` runs the models one after another through experiments.run's machinery
+(any method, any model); `vmap` runs each side's FedAvg phases (training, retrain, finetune)
+for all K models as one vmapped program (fu_jax.bank; equal to the sequential models to float
+tolerance), then a method with its own unlearning (sga, fedaf, ...) runs it per model from
+its bank-trained model; `auto` (default) picks vmap where the client runner vmaps (dense
+models on CPU; any model on accelerators), since a vmapped conv net is slow on XLA:CPU.
+
 Writes <workdir>/audit/<method>/audit.json and epsilons.png. Models live in
 <workdir>/audit/models/<side>_<k>/ (the trained model cached per bank seed and shared by
 every method audited into this workdir, each method's checkpoints, and audit_stats.json per
@@ -161,6 +168,28 @@ def bank_kind(config, requested: str) -> str:
   return "vmap" if fl.choose_runner(config.model.name) == "vmap" else "sequential"
 
 
+def _trained_bank(workdir: str, cfgs: list, like, train):
+  """The bank's trained models, cached in <workdir>/audit/models/trained-<hash>.npz (keyed by
+  every model's training config) so the audits of several methods train them once."""
+  key = [run_lib.training_config(c, "fedavg") for c in cfgs]
+  path = os.path.join(workdir, "audit", "models", f"trained-{run_lib._hash({'k': key})}.npz")  # pylint: disable=protected-access
+  leaves, treedef = jax.tree.flatten(like)
+  if os.path.exists(path):
+    with np.load(path) as f:
+      meta = json.loads(str(f["meta"]))
+      return (jax.tree.unflatten(treedef, [jnp.asarray(f[f"l{i}"]) for i in range(len(leaves))]),
+              meta["train_seconds"])
+  t0 = time.perf_counter()
+  trained = jax.block_until_ready(train())
+  seconds = time.perf_counter() - t0
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + f".tmp-{os.getpid()}.npz"
+  np.savez(tmp, meta=json.dumps({"train_seconds": seconds}),
+           **{f"l{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(trained))})
+  os.replace(tmp, path)
+  return trained, seconds
+
+
 def _bank_side(config, workdir: str, method_name: str, side: int, num_models: int) -> list:
   """All K models of a side with their FedAvg phases (training, retrain, finetune) as one
   vmapped program each (fu_jax.bank); other methods' unlearning then runs per model."""
@@ -187,11 +216,9 @@ def _bank_side(config, workdir: str, method_name: str, side: int, num_models: in
     if method.pretrain != "fedavg":
       raise run_lib.ConfigError(f"--bank=vmap trains FedAvg models; {method.name} starts from "
                                 f"its own trainer {method.pretrain!r}: use --bank=sequential")
-    trained = bank_lib.fedavg_bank(runner, init, (c.x, c.y), c.valid,
-                                   client_weights=np.ones(c.valid.shape[0], np.float32),
-                                   num_rounds=cfg.fl.rounds, **common)
-    jax.block_until_ready(trained)
-    train_seconds = time.perf_counter() - t0
+    trained, train_seconds = _trained_bank(workdir, cfgs, init, lambda: bank_lib.fedavg_bank(
+        runner, init, (c.x, c.y), c.valid, client_weights=np.ones(c.valid.shape[0], np.float32),
+        num_rounds=cfg.fl.rounds, **common))
     t0 = time.perf_counter()
     if method.name == "fedavg":
       params = trained
@@ -202,6 +229,10 @@ def _bank_side(config, workdir: str, method_name: str, side: int, num_models: in
                                     round_offset=cfg.fl.rounds, **common)
     else:
       params = None
+  bank_seconds = 0.0
+  if params is not None:
+    jax.block_until_ready(params)
+    bank_seconds = time.perf_counter() - t0
   out = []
   for k in range(num_models):
     directory = os.path.join(workdir, "audit", "models", f"{SIDE_NAMES[side]}_{k}")
@@ -217,7 +248,7 @@ def _bank_side(config, workdir: str, method_name: str, side: int, num_models: in
       env.logger.close()
       p_k, seconds = outcome.params, time.perf_counter() - t1
     else:
-      p_k, seconds = one(params), (time.perf_counter() - t0) / num_models
+      p_k, seconds = one(params), bank_seconds / num_models
     fl.check_finite(p_k, f"audit model {SIDE_NAMES[side]}_{k} ({method.name})")
     stats = dict(model_stats(tasks[k], p_k), key=key, seed=seeds[k],
                  train_seconds=train_seconds / num_models, unlearn_wall_seconds=seconds,
