@@ -208,3 +208,21 @@ def test_train_size_subsamples_before_partitioning_and_is_validated():
   for bad in (-1, n + 1):
     with pytest.raises(run_lib.ConfigError, match=r"data.train_size="):
       run_lib.build_task(small_config(**{"data.train_size": bad}))
+
+
+def test_build_task_holds_one_copy_and_index_blocks():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fu_jax import data as data_lib, images  # pylint: disable=g-import-not-at-top
+  cfg = small_config(**{"data.partition": "client_dirichlet", "data.num_clients": 40,
+                        "data.alpha": 0.3, "data.size_sigma": 1.0, "data.min_size": 1})
+  task = run_lib.build_task(cfg)
+  x = task.clients.x
+  assert isinstance(x, images.ClientImages) and x.table.codes.dtype == np.uint8
+  assert x.index is task.clients.index  # the index block is stored once
+  parts = data_lib.partition(task.dataset.y_train, 40, kind="client_dirichlet", seed=cfg.seed,
+                             alpha=0.3, size_sigma=1.0, min_size=1)
+  old = data_lib.stack_clients(task.dataset.x_train, task.dataset.y_train, parts)
+  np.testing.assert_array_equal(np.asarray(x).view(np.uint32), old.x.view(np.uint32))
+  np.testing.assert_array_equal(np.asarray(task.clients.y), old.y)
+  with pytest.raises(run_lib.ConfigError, match=r"data.size_sigma=-1.0"):
+    run_lib.validate(small_config(**{"data.size_sigma": -1.0}), "retrain")
