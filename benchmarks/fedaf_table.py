@@ -84,6 +84,28 @@ VARIANTS = {
     "fedaf_lam300_stop8": ("fedaf", {"fedaf.lam": 300.0, "fedaf.max_old_loss": 8.0}),
     "fedaf_lam1e3_stop8": ("fedaf", {"fedaf.lam": 1e3, "fedaf.max_old_loss": 8.0}),
 }
+# Composed variants: "<fedaf|fedaf_c>+<key>=<value>+...", keys of the fedaf section, e.g.
+# "fedaf+epochs=5+lr=0.05+fisher_labels=model+lam=100" (the preserver ablation).
+
+
+def variant_spec(name: str):
+  """(method, overrides) of a listed or composed variant; SystemExit on a bad one."""
+  if name in VARIANTS:
+    return VARIANTS[name]
+  method, *tokens = name.split("+")
+  if method not in ("fedaf", "fedaf_c") or not tokens:
+    raise SystemExit(f"unknown variant {name!r}; allowed {list(VARIANTS)} or "
+                     "'fedaf[_c]+key=value+...' (keys of the fedaf section)")
+  section = digits_cfg.get_config().fedaf
+  overrides = {}
+  for tok in tokens:
+    key, sep, value = tok.partition("=")
+    if not sep or key not in section:
+      raise SystemExit(f"variant {name!r}: {tok!r} is not key=value with a fedaf.* key")
+    overrides["fedaf." + key] = type(section[key])(value)
+  return method, overrides
+
+
 # Config sections that only matter to the method that owns them (a finished retrain run
 # stays valid when, e.g., a FedAF default changes).
 METHOD_SECTIONS = ("fedaf", "sga", "quickdrop", "channel", "cdp", "finetune")
@@ -97,14 +119,21 @@ def make_config(dataset: str, seed: int, variant: str):
     c.unlearn.kind = "client_class"
     c.backdoor.enabled = True
     c.fedaf.lr = 0.005
+  elif dataset == "digits_small":
+    # tests/test_fedaf.py's end-to-end setting: MLP, 5 clients, 4 rounds, fedaf.lr 0.02.
+    c = digits_cfg.get_config()
+    c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 100, 100
+    c.model.name = "mlp"
+    c.unlearn.kind = "client_class"
+    c.backdoor.enabled = True
   elif dataset == "fmnist":
     c = fmnist_cfg.get_config("fedaf")
   else:
-    raise ValueError(f"dataset {dataset!r}: allowed digits, fmnist")
+    raise ValueError(f"dataset {dataset!r}: allowed digits, digits_small, fmnist")
   c.seed = seed
   c.mia.enabled = False
   c.unlearn.forget_class, c.unlearn.forget_client = 0, 0
-  method, overrides = VARIANTS[variant]
+  method, overrides = variant_spec(variant)
   c.method = method
   c.update_from_flattened_dict(overrides)
   return c
@@ -175,8 +204,9 @@ def table(dataset: str, runs: dict) -> str:
            f"bd_acc before unlearning (trained model): "
            f"{_ms([r['original']['bd_acc'] for r in ref], 100)} %   "
            f"test acc before: {_ms([r['original']['test_acc'] for r in ref], 100)} %",
-           f"{'variant':<15}{'test acc %':>14}{'gap to R':>10}{'bd after %':>13}"
-           f"{'(R)':>8}{'unlearn s':>13}{'(R)':>10}{'speed-up':>11}{'rounds':>8}"]
+           f"{'variant':<15}{'test acc %':>14}{'gap to R':>10}{'retain %':>14}{'gap to R':>10}"
+           f"{'bd after %':>13}{'(R)':>8}{'unlearn s':>13}{'(R)':>10}{'speed-up':>11}"
+           f"{'rounds':>8}"]
   for name, rs in runs.items():
     bad = [r for r in rs if "diverged" in r]
     if bad:
@@ -185,10 +215,13 @@ def table(dataset: str, runs: dict) -> str:
       continue
     test = [r["test_acc"] for r in rs]
     gap = [t - rt for t, rt in zip(test, r_test)]
+    ret = [r["retain_acc"] for r in rs]
+    rgap = [t - r["retain_acc"] for t, r in zip(ret, ref)]
     sec = [r["unlearn_seconds"] for r in rs]
     speed = [rt / max(s, 1e-9) for s, rt in zip(sec, r_sec)]
     lines.append(
         f"{name:<15}{_ms(test, 100):>14}{_ms(gap, 100, '{:+.1f}'):>10}"
+        f"{_ms(ret, 100):>14}{_ms(rgap, 100, '{:+.1f}'):>10}"
         f"{_ms([r.get('bd_acc') for r in rs], 100):>13}{_ms(r_bd, 100):>8}"
         f"{_ms(sec, 1, '{:.2f}'):>13}{_ms(r_sec, 1, '{:.1f}'):>10}"
         f"{_ms(speed, 1, '{:.1f}') + 'x':>11}{rs[0]['rounds']:>8}")
@@ -261,7 +294,8 @@ def penalty_cost(dataset: str, width: int = 50, batch: int = 64) -> str:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--datasets", default="digits", help="comma list: digits, fmnist")
+  ap.add_argument("--datasets", default="digits",
+                  help="comma list: digits, digits_small, fmnist")
   ap.add_argument("--seeds", default="0", help="comma list of seeds")
   ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list")
   ap.add_argument("--workdir", default="/tmp/fedaf_table")
@@ -271,9 +305,8 @@ def main():
   variants = args.variants.split(",")
   if "retrain" not in variants:
     variants = ["retrain"] + variants
-  bad = sorted(set(variants) - set(VARIANTS))
-  if bad:
-    raise SystemExit(f"unknown variants {bad}; allowed {list(VARIANTS)}")
+  for v in variants:
+    variant_spec(v)  # SystemExit naming a bad variant before anything runs
   report = []
   for dataset in args.datasets.split(","):
     runs = {v: [] for v in variants}
