@@ -1,7 +1,9 @@
 """What every unlearning method sees, and the FedAvg phase helper they share.
 
-A method is a `Method(name, kinds, pretrain, unlearn)`:
+A method is a `Method(name, kinds, pretrain, unlearn, check=None)`:
   kinds     request kinds it serves (class | client_class | client); others are refused;
+  check     optional check(task) raising Unservable when this data does not allow the
+            request (checked before training);
   pretrain  name of the trainer (in methods.TRAINERS) whose model it starts from: 'fedavg',
             or one of its own such as QuickDrop's distilling FedAvg;
   unlearn(task, env, trained: Trained) -> Outcome.
