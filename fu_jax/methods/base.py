@@ -2,11 +2,11 @@
 
 A method is a `Method(name, kinds, pretrain, unlearn, check=None)`:
   kinds     request kinds it serves (class | client_class | client); others are refused;
-  check     optional check(task) raising Unservable when this data does not allow the
-            request (checked before training);
   pretrain  name of the trainer (in methods.TRAINERS) whose model it starts from: 'fedavg',
             or one of its own such as QuickDrop's distilling FedAvg;
-  unlearn(task, env, trained: Trained) -> Outcome.
+  unlearn(task, env, trained: Trained) -> Outcome;
+  check     optional check(task) raising Unservable when this data does not allow the
+            request (run before training).
 A trainer is trainer(task, env) -> Trained, run once per workdir and training config.
 
 `Task` is the data of one experiment (immutable). `Env` is supplied by the experiment loop:
