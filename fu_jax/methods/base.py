@@ -1,11 +1,13 @@
 """What every unlearning method sees, and the FedAvg phase helper they share.
 
-A method is a `Method(name, kinds, pretrain, unlearn, why)`:
+A method is a `Method(name, kinds, pretrain, unlearn, why, check=None)`:
   kinds     request kinds it serves (class | client_class | client | samples); others are
             refused, with `why` (one sentence: what it can serve and why) in the message;
   pretrain  name of the trainer (in methods.TRAINERS) whose model it starts from: 'fedavg',
             or one of its own such as QuickDrop's distilling FedAvg;
-  unlearn(task, env, trained: Trained) -> Outcome.
+  unlearn(task, env, trained: Trained) -> Outcome;
+  check     optional check(task) raising Unservable when this data does not allow the
+            request (run before training).
 A trainer is trainer(task, env) -> Trained, run once per workdir and training config.
 
 `Task` is the data of one experiment (immutable). `Env` is supplied by the experiment loop:
