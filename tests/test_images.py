@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fu_jax import data, fl, images
+from fu_jax import data, fl, images, models
 
 
 def _bits(a):
@@ -105,7 +105,7 @@ def test_fedavg_rounds_bit_identical_to_the_padded_layout(kind):
   x_new = images.ClientImages(jnp.asarray(old.index), images.dataset_table(ds))
   model = TinyCNN()
   params = model.init(jax.random.key(0), old.x[0, :1])['params']
-  runner = fl.ClientRunner(fl.sgd_program(model.apply, optax.sgd(0.1)), kind=kind, epochs=2,
+  runner = fl.ClientRunner(fl.sgd_program(models.logits_fn(model), optax.sgd(0.1)), kind=kind, epochs=2,
                            batch_size=16, chunk_size=3)
   out = []
   for x in (jnp.asarray(old.x), x_new):
@@ -129,7 +129,7 @@ def test_runner_passes_the_table_as_an_argument_not_a_constant():
   valid = jnp.ones((2, 32), bool)
   model = nn.Dense(3)
   params = model.init(jax.random.key(0), jnp.zeros((1, 64)))['params']
-  apply = lambda p, xb: model.apply(p, xb.reshape((xb.shape[0], -1)))
+  apply = lambda p, xb: model.apply({"params": p}, xb.reshape((xb.shape[0], -1)))
   runner = fl.ClientRunner(fl.sgd_program(apply, optax.sgd(0.1)), kind='vmap', epochs=1,
                            batch_size=8)
   data_d, tables = images.detach((x, y))

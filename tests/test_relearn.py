@@ -8,6 +8,7 @@ import pytest
 
 from experiments import run as run_lib
 from experiments.configs import digits
+from fu_jax import models
 from fu_jax.metrics import relearn
 
 LR, MOMENTUM = 0.2, 0.5
@@ -21,6 +22,7 @@ class Linear(nn.Module):
 
 
 MODULE = Linear()
+APPLY = models.logits_fn(MODULE)  # (params, x) -> logits
 
 
 def _problem():
@@ -58,7 +60,7 @@ def _numpy_steps(x, y, params, target, budget):
 
 def _relearn(target, budget):
   x, y, params = _problem()
-  return relearn.relearn_steps(MODULE.apply, params, x, y, target=target, max_steps=budget,
+  return relearn.relearn_steps(APPLY, params, x, y, target=target, max_steps=budget,
                                lr=LR, momentum=MOMENTUM, batch_size=8,
                                key=jax.random.key(0))
 
@@ -93,9 +95,9 @@ def test_minibatches_cycle_through_epochs():
   # batch 3 over 8 rows: 3 steps an epoch (the last short); still reaches the target and the
   # result is deterministic in the key.
   x, y, params = _problem()
-  a = relearn.relearn_steps(MODULE.apply, params, x, y, target=1.0, max_steps=200, lr=LR,
+  a = relearn.relearn_steps(APPLY, params, x, y, target=1.0, max_steps=200, lr=LR,
                             momentum=MOMENTUM, batch_size=3, key=jax.random.key(3))
-  b = relearn.relearn_steps(MODULE.apply, params, x, y, target=1.0, max_steps=200, lr=LR,
+  b = relearn.relearn_steps(APPLY, params, x, y, target=1.0, max_steps=200, lr=LR,
                             momentum=MOMENTUM, batch_size=3, key=jax.random.key(3))
   assert a.reached and a.steps > 3 and a == b
 
@@ -103,10 +105,10 @@ def test_minibatches_cycle_through_epochs():
 def test_bad_arguments():
   x, y, params = _problem()
   with pytest.raises(ValueError, match="max_steps"):
-    relearn.relearn_steps(MODULE.apply, params, x, y, target=1.0, max_steps=-1, lr=LR,
+    relearn.relearn_steps(APPLY, params, x, y, target=1.0, max_steps=-1, lr=LR,
                           momentum=0.0, batch_size=8, key=jax.random.key(0))
   with pytest.raises(ValueError, match="no forgotten samples"):
-    relearn.relearn_steps(MODULE.apply, params, x[:0], y[:0], target=1.0, max_steps=1, lr=LR,
+    relearn.relearn_steps(APPLY, params, x[:0], y[:0], target=1.0, max_steps=1, lr=LR,
                           momentum=0.0, batch_size=8, key=jax.random.key(0))
 
 

@@ -38,8 +38,8 @@ def relearn_steps(apply_fn: Callable, params: Any, x, y, *, target: float, max_s
   """Central fine-tuning steps on (x, y) until accuracy on (x, y) reaches `target`.
 
   Args:
-    apply_fn: `apply_fn({'params': p}, x) -> logits` (e.g. module.apply; keep the same
-      object across calls: it keys the jit caches).
+    apply_fn: `apply_fn(params, x) -> logits` (e.g. `models.logits_fn(module)`; keep an
+      equal object across calls: it keys the jit caches).
     params: the starting (unlearned) model; not modified.
     x, y: the forgotten samples and the labels they were trained with, [n, ...] and [n].
     target: accuracy to reach, in [0, 1].
