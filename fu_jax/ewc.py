@@ -28,7 +28,8 @@ confident, converged theta* almost every g_i is tiny and so is F. With y_i drawn
 model's own predictive distribution p(. | x_i; theta*) ("model") the mean over examples is
 an unbiased one-sample estimate of the true Fisher E_x E_{y~p} g g^T, which keeps the
 curvature of the directions the model is uncertain about (Kunstner et al. 2019, "Limitations
-of the empirical Fisher approximation for natural gradient descent"). Both forms below take the labels as given.
+of the empirical Fisher approximation for natural gradient descent"). Both forms below take
+the labels as given.
 
 Neither form materialises J: examples are processed in chunks of `chunk_size` with
 `lax.scan`, so memory is O(chunk * d) for the per-example gradients plus O(d) (diagonal) or
