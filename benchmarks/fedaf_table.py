@@ -12,6 +12,7 @@ planted in exactly those samples (labels shifted by one) before training.
           (lr 0.002 left bd_acc at 80%, 0.01 / 0.02 cost 6 / 12 test points; seed 0).
   fmnist  experiments/configs/fashion_mnist.py:fedaf -- full Fashion-MNIST, 4 clients,
           5 rounds, CNN; FedAF's defaults (lr 0.002, ~24 unlearning steps).
+  digits_small  tests/test_fedaf.py's setting: digits, MLP, 5 clients, 4 rounds, lr 0.02.
 Membership inference is off (not part of Table 2).
 
 Variants: retrain; fedaf (diagonal Fisher, debias labels); fedaf_sketch (CountSketch t=50);
@@ -23,7 +24,11 @@ preserve; a variant that diverges is reported as such); fedaf_stop / fedaf_stop5
 fedaf_stop8 (fedaf.max_old_loss = log K / 5 / 8 nats: a client stops once a batch's loss on
 the labels to forget exceeds it, bounding the unbounded -CE(y_old) term as SGA's bound
 does); fedaf_tw05 (that term at half weight); fedaf_lam300_stop8 / fedaf_lam1e3_stop8
-(both: a stronger penalty with the bound). Every variant starts from the
+(both: a stronger penalty with the bound). Composed variants 'fedaf[_c]+key=value+...' set
+fedaf.* keys, e.g. the preserver ablation (BUILD.md):
+    --datasets=digits_small --seeds=0,1,2 --penalty=0 --variants=fedaf_c+epochs=3,\
+    fedaf+epochs=3+lam=1000,fedaf+epochs=3+lam=1000+fisher_labels=model
+Every variant starts from the
 same trained model (one pretraining per dataset and seed, shared through a symlink).
 Finished runs are reused when rerun.
 

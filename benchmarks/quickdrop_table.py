@@ -90,8 +90,8 @@ def fmnist_subsample(workdir: str, n: int) -> str:
   if os.path.exists(path):
     return path
   src = fmnist_cfg.get_config().data.source.split(":", 1)[1]
-  arrays = {k: data_lib.read_idx(data_lib._find_idx(src, stem))  # pylint: disable=protected-access
-            for k, stem in data_lib.IDX_FILES.items()}
+  find = data_lib._find_idx  # pylint: disable=protected-access
+  arrays = {k: data_lib.read_idx(find(src, stem)) for k, stem in data_lib.IDX_FILES.items()}
   if not 0 < n <= len(arrays["y_train"]):
     raise SystemExit(f"--train_size={n}: must be in 1..{len(arrays['y_train'])}")
   keep = np.sort(np.random.default_rng(0).choice(len(arrays["y_train"]), n, replace=False))
@@ -275,10 +275,10 @@ def print_ablation(name: str, args, seeds, runs: dict, retrain: dict):
         f"{_ms([runs[s][m, r]['forget_acc'] for s in seeds]):>15}"
         f"{_ms([runs[s][m, r]['retain_acc'] for s in seeds]):>15}" for r in phases)
     print(f"{label:<26}{cells}")
-  cells = "".join(
-      f"{_ms([runs[s]['quickdrop', r]['forget_acc'] - runs[s]['quickdrop_nodistill', r]['forget_acc'] for s in seeds]):>15}"
-      f"{_ms([runs[s]['quickdrop', r]['retain_acc'] - runs[s]['quickdrop_nodistill', r]['retain_acc'] for s in seeds]):>15}"
-      for r in phases)
+  diff = lambda r, k: [runs[s]["quickdrop", r][k] - runs[s]["quickdrop_nodistill", r][k]
+                       for s in seeds]
+  cells = "".join(f"{_ms(diff(r, 'forget_acc')):>15}{_ms(diff(r, 'retain_acc')):>15}"
+                  for r in phases)
   print(f"{'distilled - real (paired)':<26}{cells}")
   orig = [runs[s]["quickdrop", last]["original"] for s in seeds]
   print(f"{'trained model':<26}{_ms([o['forget_acc'] for o in orig]):>15}"
@@ -294,13 +294,14 @@ def print_ablation(name: str, args, seeds, runs: dict, retrain: dict):
                        - runs[s]["quickdrop_nodistill", last]["retain_acc"] for s in seeds])
   fq = 100 * np.mean([runs[s]["quickdrop", last]["forget_acc"] for s in seeds])
   ok = gap >= 2 and fq <= 100 * ref + 2
-  print(f"target (distilled retain - real retain after {last} recovery rounds >= 2 pts, distilled "
-        f"forget <= retrain + 2): {gap:+.2f} pts, forget {fq:.2f}% -> "
+  print(f"target (distilled retain - real retain after {last} recovery rounds >= 2 pts, "
+        f"distilled forget <= retrain + 2): {gap:+.2f} pts, forget {fq:.2f}% -> "
         f"{'met' if ok else 'NOT met'}")
   tq = [runs[s]["quickdrop", last]["unlearn_seconds"] for s in seeds]
   tn = [runs[s]["quickdrop_nodistill", last]["unlearn_seconds"] for s in seeds]
+  train = np.mean([runs[s]["quickdrop", last]["train_seconds"] for s in seeds])
   print(f"unlearning seconds (mean): distilled {np.mean(tq):.2f}, real init {np.mean(tn):.2f}; "
-        f"quickdrop training {np.mean([runs[s]['quickdrop', last]['train_seconds'] for s in seeds]):.0f}s")
+        f"quickdrop training {train:.0f}s")
 
 
 def ablation(args):
