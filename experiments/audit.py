@@ -190,7 +190,8 @@ def _trained_bank(workdir: str, cfgs: list, like, train):
   return trained, seconds
 
 
-def _bank_side(config, workdir: str, method_name: str, side: int, num_models: int) -> list:
+def _bank_side(config, workdir: str, method_name: str, side: int, num_models: int,
+               cached: list) -> list:
   """All K models of a side with their FedAvg phases (training, retrain, finetune) as one
   vmapped program each (fu_jax.bank); other methods' unlearning then runs per model."""
   method = methods_lib.get(method_name)
@@ -235,6 +236,9 @@ def _bank_side(config, workdir: str, method_name: str, side: int, num_models: in
     bank_seconds = time.perf_counter() - t0
   out = []
   for k in range(num_models):
+    if params is None and cached[k]:  # this model's unlearning ran before
+      out.append(cached[k])
+      continue
     directory = os.path.join(workdir, "audit", "models", f"{SIDE_NAMES[side]}_{k}")
     out_dir = os.path.join(directory, method.name)
     os.makedirs(out_dir, exist_ok=True)
@@ -265,7 +269,7 @@ def _bank_side(config, workdir: str, method_name: str, side: int, num_models: in
 def _side(config, workdir, method, side, num_models, bank="sequential"):
   cached = [_cached(config, workdir, method, side, k) for k in range(num_models)]
   if bank == "vmap" and not all(cached):
-    return _bank_side(config, workdir, method, side, num_models)
+    return _bank_side(config, workdir, method, side, num_models, cached)
   out = []
   for k in range(num_models):
     t0 = time.perf_counter()
