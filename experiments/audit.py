@@ -172,7 +172,8 @@ def _trained_bank(workdir: str, cfgs: list, like, train):
   """The bank's trained models, cached in <workdir>/audit/models/trained-<hash>.npz (keyed by
   every model's training config) so the audits of several methods train them once."""
   key = [run_lib.training_config(c, "fedavg") for c in cfgs]
-  path = os.path.join(workdir, "audit", "models", f"trained-{run_lib._hash({'k': key})}.npz")  # pylint: disable=protected-access
+  digest = run_lib._hash({"k": key})  # pylint: disable=protected-access
+  path = os.path.join(workdir, "audit", "models", f"trained-{digest}.npz")
   leaves, treedef = jax.tree.flatten(like)
   if os.path.exists(path):
     with np.load(path) as f:
