@@ -172,7 +172,8 @@ def _trained_bank(workdir: str, cfgs: list, like, train):
   """The bank's trained models, cached in <workdir>/audit/models/trained-<hash>.npz (keyed by
   every model's training config) so the audits of several methods train them once."""
   key = [run_lib.training_config(c, "fedavg") for c in cfgs]
-  path = os.path.join(workdir, "audit", "models", f"trained-{run_lib._hash({'k': key})}.npz")  # pylint: disable=protected-access
+  digest = run_lib._hash({"k": key})  # pylint: disable=protected-access
+  path = os.path.join(workdir, "audit", "models", f"trained-{digest}.npz")
   leaves, treedef = jax.tree.flatten(like)
   if os.path.exists(path):
     with np.load(path) as f:
@@ -190,7 +191,8 @@ def _trained_bank(workdir: str, cfgs: list, like, train):
   return trained, seconds
 
 
-def _bank_side(config, workdir: str, method_name: str, side: int, num_models: int) -> list:
+def _bank_side(config, workdir: str, method_name: str, side: int, num_models: int,
+               cached: list) -> list:
   """All K models of a side with their FedAvg phases (training, retrain, finetune) as one
   vmapped program each (fu_jax.bank); other methods' unlearning then runs per model."""
   method = methods_lib.get(method_name)
@@ -235,6 +237,9 @@ def _bank_side(config, workdir: str, method_name: str, side: int, num_models: in
     bank_seconds = time.perf_counter() - t0
   out = []
   for k in range(num_models):
+    if params is None and cached[k]:  # this model's unlearning ran before
+      out.append(cached[k])
+      continue
     directory = os.path.join(workdir, "audit", "models", f"{SIDE_NAMES[side]}_{k}")
     out_dir = os.path.join(directory, method.name)
     os.makedirs(out_dir, exist_ok=True)
@@ -265,7 +270,7 @@ def _bank_side(config, workdir: str, method_name: str, side: int, num_models: in
 def _side(config, workdir, method, side, num_models, bank="sequential"):
   cached = [_cached(config, workdir, method, side, k) for k in range(num_models)]
   if bank == "vmap" and not all(cached):
-    return _bank_side(config, workdir, method, side, num_models)
+    return _bank_side(config, workdir, method, side, num_models, cached)
   out = []
   for k in range(num_models):
     t0 = time.perf_counter()

@@ -258,12 +258,13 @@ def compare(workdir: str) -> list[dict]:
 def main(argv):
   del argv
   try:
-    compare(FLAGS.workdir)
+    rows = compare(FLAGS.workdir)
   except CompareError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(open(os.path.join(FLAGS.workdir, "comparison.md")).read())
-  print(f"wrote {FLAGS.workdir}/comparison.md, comparison.csv, comparison.png")
+  print(f"wrote {FLAGS.workdir}/comparison.md" +
+        (", comparison.csv, comparison.png" if rows else " (audits only)"))
 
 
 if __name__ == "__main__":

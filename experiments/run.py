@@ -200,8 +200,9 @@ def forget_samples(config, owner: np.ndarray) -> np.ndarray:
              f"{idx.dtype} {idx.shape}")
     _require(idx.size > 0, f"unlearn.forget_indices={path!r} is empty: no sample to forget")
     bad = idx[(idx < 0) | (idx >= n)]
-    _require(bad.size == 0, f"unlearn.forget_indices={path!r}: position {int(bad[0]) if bad.size else 0} "
-             f"out of range; allowed 0..{n - 1} (training-set positions)")
+    if bad.size:
+      raise ConfigError(f"unlearn.forget_indices={path!r}: position {int(bad[0])} out of "
+                        f"range; allowed 0..{n - 1} (training-set positions)")
     rows[idx] = True
     return rows
   clients = range(int(owner.max()) + 1) if u.forget_client == -1 else [int(u.forget_client)]
