@@ -11,7 +11,8 @@ request for class 0) subsampled by `data.train_size` (seeded, class-stratified),
 `python -m experiments.main --method=<m>` in <workdir>/n<size>/, so the methods trained on
 FedAvg share one model. A `--variant name=<overrides>` runs the fedavg-trained methods
 again in <workdir>/n<size>-<name>/ from a copy of that model (the same trained weights),
-with the overrides (space-separated flags) added: e.g. the defaults before a change.
+with the overrides (space-separated flags) added, for the methods whose config section they
+touch (`--config.fedaf.*`: fedaf, fedaf_c): e.g. the defaults before a change.
 
 Prints every command, then one table row per (size, variant, method): forget and retain
 accuracy (test images of the forgotten class / of the others) and their gaps to retrain's.
@@ -38,9 +39,14 @@ def command(method, size, rounds, workdir, extra=()):
 
 
 def run(cmd, table_only):
-  print("$ " + " ".join(cmd[1:] if cmd[0] == sys.executable else cmd), flush=True)
+  print("$ python3 " + " ".join(cmd[1:]), flush=True)
   if not table_only:
     subprocess.run(["python3"] + cmd[1:], cwd=ROOT, check=True)
+
+
+def touches(method, extra) -> bool:
+  """Whether a variant's overrides set keys of the method's config section."""
+  return any(e.startswith(f"--config.{method.split('_')[0]}.") for e in extra)
 
 
 def load(workdir, method):
@@ -75,14 +81,14 @@ def main():
         os.makedirs(wd, exist_ok=True)
         shutil.copytree(os.path.join(base_wd, "pretrain"), os.path.join(wd, "pretrain"))
       for m in methods:
-        if m in TRAINER:  # own trainer: unchanged by unlearning-only overrides
+        if m in TRAINER or not touches(m, extra):  # unchanged by the overrides
           continue
         run(command(m, size, a.rounds, wd, extra), a.table_only)
     ref = load(base_wd, "retrain")
     for name, extra in variants:
       wd = base_wd if name == "shipped" else f"{base_wd}-{name}"
       for m in methods:
-        if name != "shipped" and m in TRAINER:
+        if name != "shipped" and (m in TRAINER or not touches(m, extra)):
           continue
         r = load(wd, m)
         if r is None:
