@@ -20,7 +20,7 @@ from fu_jax import labels
 from fu_jax import models
 from fu_jax.methods import base
 from fu_jax.methods import fedaf
-from tests.test_sga import small_config  # digits' fedaf.lr 0.02: ~2 unlearning steps per client
+from tests.test_sga import small_config  # digits: fedaf.min_steps 10 at lr 0.002
 
 K = 3
 

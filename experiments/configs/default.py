@@ -119,6 +119,12 @@ def get_config():
   c.fedaf.debias_scope = "sample"  # debias weight w per sample | one w over the target set (batch)
   c.fedaf.lam = 10.0             # EWC strength lambda (paper 10); unused by fedaf_c
   c.fedaf.epochs = 1             # local epochs of the unlearning loss on the target data (paper 1)
+  c.fedaf.min_steps = 10         # >= this many SGD steps per target client (epochs raised to
+  #                                ceil(min_steps / steps per epoch)): forgetting that does not
+  #                                depend on how many images a client holds (0 = epochs only).
+  #                                10 = one epoch of full Fashion-MNIST's class-wide request
+  #                                (600 images at batch 64), so lr 0.002 holds on digits and a
+  #                                4,000-image subset (24 steps at lr 0.02 diverge on digits)
   c.fedaf.fisher = "diag"        # H: diag (empirical Fisher diagonal) | sketch (CountSketch S J)
   c.fedaf.sketch_width = 50      # t, rows of the CountSketch (memory t * d per client)
   c.fedaf.fisher_labels = "empirical"  # labels of the Fisher's gradients: empirical (held,
@@ -139,6 +145,7 @@ def get_config():
   c.sga = ml_collections.ConfigDict()
   c.sga.lr = 0.1                 # ascent step size
   c.sga.epochs = 5               # ascent epochs (max_loss usually ends the ascent earlier)
+  c.sga.min_steps = 0            # epochs raised so each target client has >= this many steps
   c.sga.batch_size = 0           # ascent batch size (0 = fl.batch_size)
   c.sga.radius_frac = 0.33       # L2 ball around theta*: frac * ||theta_random - theta*|| (0 = none)
   c.sga.max_loss = 0.0           # stop once a batch CE exceeds it (0 = log K; < 0 = never)

@@ -22,11 +22,6 @@ def get_config():
   c.model.name = "cnn"
   c.checkpoint_every = 5
   c.eval_every = 5
-  # A digits client holds ~13 images of a class: one unlearning step at batch 16. FedAF's
-  # default lr (0.002) is set for Fashion-MNIST's ~24 steps and leaves 95% forget accuracy
-  # here; 0.02 forgets the class (0.0%) with retain accuracy 0.5 points under retrain's
-  # (0.01 / 3 epochs: 1.2 under; 0.02 / 3 epochs: 7.6 under; seed 0).
-  c.fedaf.lr = 0.02
   # QuickDrop: the distilled sets hold 1 image per class and client here; 5 recovery rounds
   # left retain accuracy 4.9 points under retrain's, 10 rounds (with the SGA step length
   # 1.0) 1.7 under, forget accuracy 0.0% (seed 0).

@@ -18,6 +18,9 @@ Choices the papers leave open, and ours:
     (Halimi et al.: one third of the distance to a random model); 0 = no projection.
   * max_loss 0 means log(K), the loss of a uniform prediction: ascending past it only
     makes the model anti-predict the forget data.
+  * budget: `sga.epochs` is a cap (the loss threshold usually ends the ascent first);
+    `sga.min_steps` raises the epochs so that each target client takes at least that many
+    steps (see `budget_epochs`: an epoch is 1 step for 40 images at batch 64, 24 for 1,500).
   * the labels ascended are the ones the client trained on (`old_labels='trained'`, with
     the backdoor flips when a trigger was planted: that is the data it holds and whose
     influence must go); 'original' uses the clean labels.
@@ -75,6 +78,25 @@ def client_keys(seed: int, method_id: int, part: int, clients) -> jax.Array:
   """One key per client: stream_key(seed, STREAM_UNLEARN, method_id, part, client)."""
   return jnp.stack([fl.stream_key(seed, fl.STREAM_UNLEARN, method_id, part, int(c))
                     for c in clients])
+
+
+def budget_epochs(task: base.Task, clients, epochs: int, min_steps: int,
+                  batch_size: int) -> int:
+  """Local epochs of an unlearning round that give every target client at least
+  `min_steps` optimizer steps: max(epochs, ceil(min_steps / s_min)), where s_min =
+  ceil(n_min / batch_size) is the steps per epoch of the target client with the fewest
+  forget samples n_min (a client takes ceil(n_k / batch_size) steps an epoch, so the others
+  take more). An epoch count alone makes the amount of unlearning depend on how many
+  samples a client holds: 40 images at batch 64 are one step an epoch, 1,500 are 24.
+  min_steps 0 = `epochs` as given."""
+  if min_steps <= 0:
+    return int(epochs)
+  counts = np.asarray(task.forget)[np.asarray(clients)].sum(axis=1)
+  counts = counts[counts > 0]
+  if counts.size == 0:
+    return int(epochs)
+  s_min = math.ceil(int(counts.min()) / int(batch_size))
+  return max(int(epochs), math.ceil(int(min_steps) / s_min))
 
 
 class TargetResult(NamedTuple):
@@ -173,7 +195,7 @@ def sga_program(apply_fn: Callable, lr: float, *, radius: float | None = None,
 def settings(config) -> dict:
   """The sga section with its 0-means-default values resolved; raises on bad values."""
   s = config.sga
-  out = {"lr": float(s.lr), "epochs": int(s.epochs),
+  out = {"lr": float(s.lr), "epochs": int(s.epochs), "min_steps": int(s.min_steps),
          "batch_size": int(s.batch_size) or int(config.fl.batch_size),
          "radius_frac": float(s.radius_frac), "max_loss": float(s.max_loss),
          "old_labels": str(s.old_labels), "recovery_rounds": int(s.recovery_rounds)}
@@ -181,6 +203,8 @@ def settings(config) -> dict:
     raise ValueError(f"sga.lr={s.lr!r}: must be > 0")
   if out["epochs"] < 1:
     raise ValueError(f"sga.epochs={s.epochs!r}: must be >= 1")
+  if out["min_steps"] < 0:
+    raise ValueError(f"sga.min_steps={s.min_steps!r}: must be >= 0 (0 = off)")
   if out["radius_frac"] < 0:
     raise ValueError(f"sga.radius_frac={s.radius_frac!r}: must be >= 0 (0 = no projection)")
   if out["recovery_rounds"] < 0:
@@ -212,20 +236,21 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   targets = target_clients(task)
   y = old_labels(task, s["old_labels"])
   keys = client_keys(cfg.seed, SGA_ID, 1, targets)
+  epochs = budget_epochs(task, targets, s["epochs"], s["min_steps"], s["batch_size"])
   info = {}
 
   def round_fn(p, r):
     del r
-    out = run_on_targets(task, env, program, p, y=y, epochs=s["epochs"],
+    out = run_on_targets(task, env, program, p, y=y, epochs=epochs,
                          batch_size=s["batch_size"], keys=keys, clients=targets)
     info.update(out.metrics)
-    m = round_cost(p, out, s["epochs"])
+    m = round_cost(p, out, epochs)
     return out.params, dict(m, loss=out.metrics["loss"])
 
   params = env.rounds("sga", params, 1, round_fn, lambda p: p)
   params = recover(task, env, "sga_recovery", params, s["recovery_rounds"])
   results = {"sga_target_clients": [int(c) for c in targets],
-             "sga_radius": radius, "sga_max_loss": max_loss}
+             "sga_radius": radius, "sga_max_loss": max_loss, "sga_epochs": epochs}
   if "stopped" in info:  # absent when the round was restored from a checkpoint
     results["sga_stopped_fraction"] = info["stopped"]
   return base.Outcome(params, results)
