@@ -88,7 +88,7 @@ def stats_key(config, method: base.Method) -> dict:
 
 def retain_train_accuracy(task: base.Task, params) -> float:
   keep = np.asarray(task.retain_valid)
-  x = np.asarray(task.clients.x)[keep]
+  x = np.asarray(task.clients.x[keep])
   y = np.asarray(task.y_true)[keep]
   return acc_lib.accuracy(acc_lib.predict_logits(task.apply_fn, params, x), y)
 
@@ -96,7 +96,7 @@ def retain_train_accuracy(task: base.Task, params) -> float:
 def model_stats(task: base.Task, params) -> dict:
   """phi of every forgotten sample (original labels), retain-train and test accuracy."""
   forget = np.asarray(task.forget)
-  x = np.asarray(task.clients.x)[forget]
+  x = np.asarray(task.clients.x[forget])
   y = np.asarray(task.y_true)[forget]
   logits = acc_lib.predict_logits(task.apply_fn, params, x)
   test = acc_lib.accuracy(acc_lib.predict_logits(task.apply_fn, params, task.dataset.x_test),

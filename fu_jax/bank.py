@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from fu_jax import fl
+from fu_jax import images
 
 
 def _vmap2(f, in_axes):
@@ -73,6 +74,10 @@ def fedavg_bank(runner: BankRunner, params, data, valid, *, seeds, num_rounds: i
   seeds = jnp.asarray(np.asarray(seeds, np.int64).astype(np.int32))
   weights = jnp.asarray(client_weights, jnp.float32)
   x, y = data
+  if isinstance(x, images.ClientImages):
+    # The bank's steps take client blocks, not the table-as-argument path of fl's runners:
+    # one padded block for the run (audits use small data sets).
+    x = jnp.asarray(np.asarray(x))
   valid = jnp.asarray(valid)
   server_opt = optax.sgd(server_lr)
   server = jax.vmap(lambda p: fl.server_init(p, server_opt))(params)

@@ -19,7 +19,7 @@ def test_bank_equals_separate_runs(num_sampled, weights):
   data, valid = (jnp.asarray(c.x), jnp.asarray(c.y)), jnp.asarray(c.valid)
   model = models.create("mlp", 10, hidden=(32,))
   opt = optax.sgd(0.05, momentum=0.9)
-  program = fl.sgd_program(model.apply, opt)
+  program = fl.sgd_program(models.logits_fn(model), opt)
   seeds = [3, 1234567, 99]
   shape = tuple(ds.x_train.shape[1:])
   init = [models.init_params(model, fl.stream_key(s, fl.STREAM_INIT), shape) for s in seeds]

@@ -182,9 +182,10 @@ def test_client_clock_times_each_loop_client():
   import jax.numpy as jnp
   import optax
   from flax import linen as nn
+  from fu_jax import models
   model = nn.Dense(3)
   params = model.init(jax.random.key(0), jnp.zeros((1, 4)))["params"]
-  program = fl.sgd_program(model.apply, optax.sgd(0.1))
+  program = fl.sgd_program(models.logits_fn(model), optax.sgd(0.1))
   ticks = iter([0.0, 1.0, 10.0, 13.0, 20.0, 20.5])
   clock = fl.ClientClock(now=lambda: next(ticks))
   x = jnp.ones((3, 8, 4))
@@ -289,7 +290,9 @@ def client_runs(tmp_path_factory):
   backdoor accuracy falling to retrain's."""
   from fu_jax import methods
   wd = str(tmp_path_factory.mktemp("client"))
-  kw = {"unlearn.kind": "client", "backdoor.enabled": True, "fl.rounds": 5}
+  # fedaf.lr 0.02 (digits' former override): at the shipped 0.002 its 17 steps on client 0
+  # leave 57% of the client's backdoor on this MLP (BUILD.md, unlearning budget).
+  kw = {"unlearn.kind": "client", "backdoor.enabled": True, "fl.rounds": 5, "fedaf.lr": 0.02}
   names = run_lib.methods_for("all", "client")
   assert set(names) == {n for n, m in methods.REGISTRY.items() if "client" in m.kinds}
   return {m: run_lib.run(small_config(m, **kw), wd) for m in names}
@@ -298,8 +301,9 @@ def client_runs(tmp_path_factory):
 # How far above retrain's forget_train_acc each method may stay (measured on this setup,
 # seed 0: retrain 0.3%, the trained model 63%; fedaf 2.1%, fedaf_c 1.8%, finetune 26%,
 # sga 35%: SGA's bounded ascent plus one recovery round removes about half of a whole
-# client's backdoor here).
-CLIENT_FORGET_MARGIN = {"fedaf": 0.05, "fedaf_c": 0.05, "finetune": 0.35, "sga": 0.45}
+# client's backdoor here; federaser 0.0%, frr 2.7%).
+CLIENT_FORGET_MARGIN = {"fedaf": 0.05, "fedaf_c": 0.05, "finetune": 0.35, "sga": 0.45,
+                        "federaser": 0.05, "frr": 0.05}
 
 
 def test_every_client_method_forgets_a_whole_client(client_runs):

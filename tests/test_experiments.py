@@ -73,7 +73,7 @@ def test_retrain_and_finetune_share_the_trained_model(tmp_path, monkeypatch):
                       lambda *a: trained.append(pretrained(*a)) or trained[-1])
   for name in ("evaluate", "membership_scores"):
     fn = getattr(run_lib, name)
-    monkeypatch.setattr(run_lib, name, lambda task, p, fn=fn: scored.append(p) or fn(task, p))
+    monkeypatch.setattr(run_lib, name, lambda task, p, *a, fn=fn: scored.append(p) or fn(task, p, *a))
   res_ft = run_lib.run(cfg, wd)
   assert len(trained) == 1 and len(scored) >= 2  # per-round and final evaluations ran
   assert not any(_same_params(p, trained[0][0].params) for p in scored)

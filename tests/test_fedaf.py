@@ -251,7 +251,9 @@ def test_bad_settings_name_the_key():
 # Where the knowledge preserver matters: 3 unlearning epochs (6 steps at lr 0.02) let the
 # unbounded -CE(y_old) term erode the model; the true-Fisher EWC penalty at lambda 1000 holds
 # it back. At the defaults (1 epoch, lambda 10) fedaf and fedaf_c coincide.
-PRESERVER = {"fedaf.epochs": 3, "fedaf.lam": 1000.0, "fedaf.fisher_labels": "model"}
+# The ablation's setting (BUILD.md, digits_small): lr 0.02 for 3 epochs, no step floor.
+PRESERVER = {"fedaf.epochs": 3, "fedaf.lam": 1000.0, "fedaf.fisher_labels": "model",
+             "fedaf.lr": 0.02, "fedaf.min_steps": 0}
 
 
 @pytest.fixture(scope="module")
@@ -286,10 +288,11 @@ def test_fedaf_removes_the_backdoor_of_one_class_of_one_client(backdoor_runs):
 def test_the_knowledge_preserver_preserves(backdoor_runs):
   f, c = backdoor_runs["fedaf_preserver"], backdoor_runs["fedaf_c_preserver"]
   assert f["original"] == c["original"] == backdoor_runs["fedaf"]["original"]
-  # Both forget: the backdoor is gone and the triggered samples get their true labels back.
+  # Both forget: the backdoor is gone and the forgotten (triggered) samples no longer get
+  # the planted labels they were trained with (forget_train_acc scores them as trained on).
   for res in (f, c):
     assert res["bd_acc"] <= 0.05 < 0.8 <= res["bd_acc_before"]
-    assert res["forget_train_acc"] >= 0.8
+    assert res["forget_train_acc"] <= 0.05 < 0.8 <= res["original"]["forget_train_acc"]
   # Without the penalty the model loses what it knew of the other classes; with it, less.
   assert f["retain_acc"] >= c["retain_acc"] + 0.03
   assert c["retain_acc"] <= c["original"]["retain_acc"] - 0.08

@@ -105,7 +105,7 @@ def frr_program(model, *, lr: float, beta1: float, beta2: float,
   model: the flax module (its per-example gradients are taken with conv_impl='im2col').
   Metrics: 'loss' (masked CE of the batch before the step).
   """
-  loss_fn = ewc.example_ce_loss(models.with_conv_impl(model, "im2col").apply)
+  loss_fn = ewc.example_ce_loss(models.logits_fn(models.with_conv_impl(model, "im2col")))
   value_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))
 
   def init(server_params, extra, key):
