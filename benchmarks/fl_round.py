@@ -119,8 +119,8 @@ def runner_timer(kind, impl, clients, batch_size, budget_s):
   return lambda: timed(steps), steps
 
 
-def plain_step_timer(clients, batch_size):
-  """jit(step) on one client's batches from the host: the step alone, no runner."""
+def cnn_sgd_step():
+  """(params, optimizer, jitted step(params, opt_state, x, y)) of the CNN, for the timers."""
   model = models.create("cnn", 10)
   params = models.init_params(model, jax.random.key(0), (28, 28, 1))
   opt = optax.sgd(0.05, momentum=0.9)
@@ -131,6 +131,13 @@ def plain_step_timer(clients, batch_size):
         model.apply({"params": q}, x), y).mean()
     u, o = opt.update(jax.grad(loss)(p), o, p)
     return optax.apply_updates(p, u), o
+
+  return params, opt, step
+
+
+def plain_step_timer(clients, batch_size):
+  """jit(step) on one client's batches from the host: the step alone, no runner."""
+  params, opt, step = cnn_sgd_step()
 
   count = int(clients.count[0])
   xs = [jnp.asarray(clients.x[0, s:s + batch_size])
@@ -153,16 +160,7 @@ def plain_step_timer(clients, batch_size):
 def two_core_timers(clients, batch_size):
   """[(name, timer)]: plain jitted steps over every client, one at a time on one device,
   and two at a time on two devices (see the module doc)."""
-  model = models.create("cnn", 10)
-  params = models.init_params(model, jax.random.key(0), (28, 28, 1))
-  opt = optax.sgd(0.05, momentum=0.9)
-
-  @jax.jit
-  def step(p, o, x, y):
-    loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": q}, x), y).mean()
-    u, o = opt.update(jax.grad(loss)(p), o, p)
-    return optax.apply_updates(p, u), o
+  params, opt, step = cnn_sgd_step()
 
   devs = jax.devices()[:2]
   num = clients.x.shape[0]

@@ -12,20 +12,14 @@ import numpy as np
 import pytest
 
 from experiments import run as run_lib
-from experiments.configs import digits
 from fu_jax import fl
 from fu_jax import tree as tu
 from fu_jax.methods import fedaf
+from tests.test_sga import small_config as _small_config
 
 
 def small_config(method, **overrides):
-  c = digits.get_config()
-  c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 4, 100, 100
-  c.model.name = "mlp"
-  c.mia.enabled = False
-  c.method = method
-  c.update_from_flattened_dict(overrides)
-  return c
+  return _small_config(method, **{"data.num_clients": 4, **overrides})
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,20 +7,13 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from experiments import run as run_lib
-from experiments.configs import digits
 from fu_jax import tree as tu
 from fu_jax.methods import federaser
+from tests.test_sga import small_config as _small_config
 
 
 def small_config(method, **overrides):
-  c = digits.get_config()
-  c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 100, 100
-  c.model.name = "mlp"
-  c.mia.enabled = False
-  c.method = method
-  c.unlearn.kind = "client"
-  c.update_from_flattened_dict(overrides)
-  return c
+  return _small_config(method, **{"unlearn.kind": "client", **overrides})
 
 
 def one_class_per_client(method, **overrides):

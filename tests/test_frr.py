@@ -13,6 +13,7 @@ from fu_jax import models
 from fu_jax import tree as tu
 from fu_jax.methods import base
 from fu_jax.methods import frr
+from tests.test_sga import small_config as _small_config
 
 K = 3
 
@@ -101,14 +102,7 @@ def test_bad_settings_name_the_key():
 
 
 def small_config(method, **overrides):
-  c = digits.get_config()
-  c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 100, 100
-  c.model.name = "mlp"
-  c.mia.enabled = False
-  c.method = method
-  c.unlearn.kind = "class"
-  c.update_from_flattened_dict(overrides)
-  return c
+  return _small_config(method, **{"unlearn.kind": "class", **overrides})
 
 
 def test_class_forgets_beyond_a_no_op_and_keeps_utility(tmp_path):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from experiments import run as run_lib
-from experiments.configs import digits
 from fu_jax import models
 from fu_jax.metrics import relearn
+from tests.test_sga import small_config as _small_config
 
 LR, MOMENTUM = 0.2, 0.5
 
@@ -113,15 +113,8 @@ def test_bad_arguments():
 
 
 def _config(method, **overrides):
-  c = digits.get_config()
-  c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 100, 100
-  c.model.name = "mlp"
-  c.mia.enabled = False
-  c.method = method
-  c.unlearn.kind = "class"
-  c.eval.relearn_steps = 50
-  c.update_from_flattened_dict(overrides)
-  return c
+  return _small_config(method, **{"unlearn.kind": "class", "eval.relearn_steps": 50,
+                                  **overrides})
 
 
 def test_retrain_relearns_slower_than_a_no_op(tmp_path):
