@@ -593,7 +593,7 @@ def membership_scores(task: base.Task, params) -> dict:
 RELEARN_ID = 1  # fold_in id under fl.STREAM_EVAL
 
 
-def relearn_fields(task: base.Task, original_params, params) -> dict:
+def relearn_fields(task: base.Task, original_forget_acc: float, params) -> dict:
   """relearn_steps_to_recover when eval.relearn_steps > 0: central SGD steps (client lr,
   momentum and batch size) on the forgotten training samples, with the labels they were
   trained with, until their accuracy reaches half the original model's on the same samples;
@@ -602,11 +602,9 @@ def relearn_fields(task: base.Task, original_params, params) -> dict:
   budget = int(cfg.eval.relearn_steps)
   if budget <= 0:
     return {}
-  forget = np.asarray(task.forget)
-  x = np.asarray(task.clients.x[forget])
-  y = np.asarray(task.clients.y)[forget]
-  orig = acc_lib.accuracy(acc_lib.predict_logits(task.apply_fn, original_params, x), y)
-  r = relearn_lib.relearn_steps(task.apply_fn, params, x, y, target=0.5 * orig,
+  # The original model's accuracy on these records is its evaluation's forget_train_acc.
+  x, y, _ = forgotten_records(task)
+  r = relearn_lib.relearn_steps(task.apply_fn, params, x, y, target=0.5 * original_forget_acc,
                                 max_steps=budget, lr=cfg.fl.client_lr,
                                 momentum=cfg.fl.client_momentum,
                                 batch_size=cfg.fl.batch_size,
@@ -616,13 +614,17 @@ def relearn_fields(task: base.Task, original_params, params) -> dict:
 
 
 def original_evaluation(task: base.Task, params, pretrain_dir: str) -> dict:
-  """evaluate() of the trained model, cached next to it like its membership scores: every
-  method run on the same request evaluates the same model on the same data."""
+  """evaluate() (and sample_metrics for a samples request) of the trained model, cached next
+  to it like its membership scores: every method run on the same request evaluates the same
+  model on the same data."""
   d = _to_dict(task.config)
   key = {"seed": d["seed"], "unlearn": d["unlearn"]}  # the rest is in the pretrain key
   path = os.path.join(pretrain_dir, f"eval-{_hash(key)}.json")
   if not os.path.exists(path):
-    checkpoint.write_json_atomic(path, _nan_to_none(evaluate(task, params)))
+    ev = evaluate(task, params)
+    if task.request.kind == "samples":
+      ev.update(sample_metrics(task, params))
+    checkpoint.write_json_atomic(path, _nan_to_none(ev))
   with open(path) as f:  # read back either way: the same values for every method
     return json.load(f)
 
@@ -816,13 +818,12 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
   final = evaluate(task, outcome.params, forgotten)
   if task.request.kind == "samples":
     final.update(sample_metrics(task, outcome.params))
-    original.update(sample_metrics(task, trained.params))
   if config.mia.enabled:
     final.update(membership_scores(task, outcome.params))
   eval_seconds = time.perf_counter() - t0
   if config.mia.enabled:
     original.update(original_membership_scores(task, trained.params, train_env.dir))
-  relearn = relearn_fields(task, trained.params, outcome.params)
+  relearn = relearn_fields(task, original["forget_train_acc"], outcome.params)
   results = {
       "method": method.name,
       "seed": config.seed,
