@@ -79,7 +79,7 @@ def _section(method: str) -> str:
 def stats_key(config, method: base.Method) -> dict:
   """What determines one model's audit statistics (and its checkpoints)."""
   d = run_lib._to_dict(config)  # pylint: disable=protected-access
-  key = run_lib.training_config(config, method.pretrain)
+  key = run_lib.training_config(config, method.trainer)
   key.update(method=method.name, unlearn=d["unlearn"])
   if _section(method.name) in d:
     key[_section(method.name)] = d[_section(method.name)]
@@ -127,7 +127,7 @@ def run_model(config, workdir: str, method_name: str, side: int, k: int) -> dict
   task = run_lib.build_task(cfg)
   trained, train_seconds, original = None, 0.0, None
   if method.name != "retrain":
-    trained, train_env = run_lib.pretrained(task, directory, method.pretrain)
+    trained, train_env = run_lib.pretrained(task, directory, method.trainer)
     train_seconds = train_env.seconds["wall"] - train_env.seconds["compile"]
     original = model_stats(task, trained.params)
   env = run_lib.RunEnv(task, out_dir, key)
@@ -215,9 +215,9 @@ def _bank_side(config, workdir: str, method_name: str, side: int, num_models: in
                                   num_rounds=cfg.fl.rounds, **common)
     trained, train_seconds = None, 0.0
   else:
-    if method.pretrain != "fedavg":
+    if method.trainer.name != "fedavg":
       raise run_lib.ConfigError(f"--bank=vmap trains FedAvg models; {method.name} starts from "
-                                f"its own trainer {method.pretrain!r}: use --bank=sequential")
+                                f"its own trainer {method.trainer.name!r}: use --bank=sequential")
     trained, train_seconds = _trained_bank(workdir, cfgs, init, lambda: bank_lib.fedavg_bank(
         runner, init, (c.x, c.y), c.valid, client_weights=np.ones(c.valid.shape[0], np.float32),
         num_rounds=cfg.fl.rounds, **common))

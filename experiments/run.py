@@ -63,27 +63,25 @@ METRICS_BY_KIND = {
 }
 
 
-class ConfigError(ValueError):
-  """A configuration value outside what is allowed."""
+ConfigError = base.ConfigError
 
 
 # ---------------------------------------------------------------------------------------
 # Validation.
 
 
-def _require(ok: bool, msg: str):
-  if not ok:
-    raise ConfigError(msg)
+_require = base.require
 
 
 def validate(config, method_name: str, num_classes: int | None = None,
              num_train: int | None = None):
-  """Raises ConfigError naming the bad value and what is allowed.
+  """Raises ConfigError naming the bad value and what is allowed: the runner's sections
+  here, the method's own section by its Method.validate.
 
   num_classes, num_train: known after loading the data; checks needing them are skipped
   when None.
   """
-  methods_lib.get(method_name)  # unknown method -> ValueError listing the allowed ones
+  method = methods_lib.get(method_name)  # unknown method -> ValueError listing the allowed
   d, f = config.data, config.fl
   _require(isinstance(d.num_clients, int) and d.num_clients >= 1,
            f"data.num_clients={d.num_clients!r}: must be an int >= 1")
@@ -122,7 +120,8 @@ def validate(config, method_name: str, num_classes: int | None = None,
   r = config.eval.relearn_steps
   _require(isinstance(r, int) and r >= 0, f"eval.relearn_steps={r!r}: must be an int >= 0 "
            "(0 = off)")
-  method = methods_lib.get(method_name)
+  if method.validate is not None:
+    method.validate(config)
   why = f" ({method.why})" if method.why else ""
   _require(u.kind in method.kinds,
            f"method {method_name!r} cannot serve unlearn.kind={u.kind!r}{why}; it serves "
@@ -354,19 +353,20 @@ def _hash(d: dict) -> str:
   return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def training_config(config, trainer: str) -> dict:
-  """The part of the config that determines the trained model before unlearning."""
+def training_config(config, trainer: base.Trainer | str) -> dict:
+  """The part of the config that determines the trained model before unlearning: its
+  cache key (pretrain/<trainer>-<hash of this>; tests/test_config.py pins it)."""
+  t = methods_lib.trainer(trainer)
   d = _to_dict(config)
   key = {"seed": d["seed"], "data": d["data"], "fl": {k: v for k, v in d["fl"].items()
                                                       if k not in ("runner", "chunk_size")},
-         "model": d["model"], "trainer": trainer, "backdoor": d["backdoor"]}
+         "model": d["model"], "trainer": t.name, "backdoor": d["backdoor"]}
   if d["backdoor"]["enabled"]:  # the trigger sits in the data to be forgotten
     key["unlearn"] = d["unlearn"]
-  if trainer in d:
-    # Only the section's training keys when the trainer declares them: unlearning-only keys
-    # (e.g. quickdrop.unlearn_lr) must not invalidate the cached model.
-    keep = getattr(methods_lib, "TRAIN_KEYS", {}).get(trainer)
-    key[trainer] = {k: v for k, v in d[trainer].items() if keep is None or k in keep}
+  if t.keys:
+    # Only the trainer's keys of its section: unlearning-only keys (e.g.
+    # quickdrop.unlearn_lr) must not invalidate the cached model.
+    key[t.name] = {k: d[t.name][k] for k in t.keys}
   return key
 
 
@@ -692,13 +692,14 @@ def _shadow_train_fn(task: base.Task):
 # Training before unlearning (cached per workdir).
 
 
-def pretrained(task: base.Task, workdir: str, trainer: str):
+def pretrained(task: base.Task, workdir: str, trainer: base.Trainer | str):
   """The model trained before unlearning, from the workdir's cache or trained now."""
+  trainer = methods_lib.trainer(trainer)
   key = training_config(task.config, trainer)
-  directory = os.path.join(workdir, "pretrain", f"{trainer}-{_hash(key)}")
+  directory = os.path.join(workdir, "pretrain", f"{trainer.name}-{_hash(key)}")
   os.makedirs(directory, exist_ok=True)
   env = RunEnv(task, directory, key)
-  trained = methods_lib.TRAINERS[trainer](task, env)
+  trained = trainer.train(task, env)
   env.logger.close()
   checkpoint.write_json_atomic(os.path.join(directory, TRAIN_TIMING), {
       "train_seconds": env.seconds["wall"] - env.seconds["compile"],
@@ -709,12 +710,12 @@ def pretrained(task: base.Task, workdir: str, trainer: str):
 TRAIN_TIMING = "timing.json"  # a pretraining directory's train_seconds
 
 
-def train_overhead(config, workdir: str, trainer: str, train_seconds: float):
+def train_overhead(config, workdir: str, trainer: base.Trainer, train_seconds: float):
   """train_seconds / plain FedAvg's train_seconds for the same config, from the workdir's
   pretraining cache (1.0 for the fedavg trainer itself; None when FedAvg's is not there)."""
-  if trainer == "fedavg":
+  if trainer.name == base.FEDAVG.name:
     return 1.0
-  key = training_config(config, "fedavg")
+  key = training_config(config, base.FEDAVG)
   path = os.path.join(workdir, "pretrain", f"fedavg-{_hash(key)}", TRAIN_TIMING)
   if not os.path.exists(path):
     return None
@@ -787,7 +788,7 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
   if os.path.exists(results_path):
     os.remove(results_path)  # a rerun rewrites it; never leave a stale one next to new logs
 
-  trained, train_env = pretrained(task, workdir, method.pretrain)
+  trained, train_env = pretrained(task, workdir, method.trainer)
   original = original_evaluation(task, trained.params, train_env.dir)
 
   env = RunEnv(task, out_dir, cfg_dict)
@@ -836,7 +837,7 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
       **({"bd_acc_before": original["bd_acc"]} if "bd_acc" in original else {}),
       "original": original,
       "train_seconds": train_seconds,
-      "train_overhead_vs_fedavg": train_overhead(config, workdir, method.pretrain,
+      "train_overhead_vs_fedavg": train_overhead(config, workdir, method.trainer,
                                                  train_seconds),
       "unlearn_seconds": unlearn_seconds,
       "unlearn_parallel_seconds": unlearn_parallel,

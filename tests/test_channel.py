@@ -174,7 +174,7 @@ def test_refuses_non_class_requests(method, kind):
                                         ("channel.layers", "dense")])
 def test_bad_settings_name_the_key(key, value):
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-    channel.settings(small_config("channel_de", **{key: value}))
+    channel.validate(small_config("channel_de", **{key: value}))
 
 
 def test_perturbation_labels():

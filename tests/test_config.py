@@ -70,3 +70,72 @@ def test_a_planted_backdoor_puts_the_request_in_the_cache_key():
   a = _key(_with("unlearn.forget_class", 0, backdoor=True), "fedavg")
   b = _key(_with("unlearn.forget_class", 3, backdoor=True), "fedavg")
   assert a != b and PINNED["fedavg"] not in (a, b)
+
+
+# Defaults that follow an fl.* key (base.linked): section key -> the fl key it follows.
+LINKED = {"channel.local_epochs": "local_epochs", "channel.lr": "client_lr",
+          "channel.batch_size": "batch_size", "fedaf.batch_size": "batch_size",
+          "sga.batch_size": "batch_size", "frr.local_epochs": "local_epochs",
+          "quickdrop.unlearn_batch_size": "batch_size",
+          "quickdrop.recovery_epochs": "local_epochs", "quickdrop.recovery_lr": "client_lr"}
+
+
+def _get(c, path):
+  section, key = path.split(".")
+  return c[section][key]
+
+
+def _parse(monkeypatch, *overrides):
+  """The config as experiments.main parses it (ml_collections' config flag, which reads
+  the overrides from sys.argv)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  argv = ["prog", "--config=experiments/configs/digits.py", *overrides]
+  monkeypatch.setattr("sys.argv", argv)
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+  values(argv)
+  return values.config
+
+
+@pytest.mark.parametrize("path", sorted(LINKED))
+def test_a_linked_default_follows_its_fl_key_until_set(path):
+  fl_key = LINKED[path]
+  c = digits.get_config()
+  assert _get(c, path) == c.fl[fl_key]
+  bumped = c.fl[fl_key] * 3
+  c.fl[fl_key] = bumped
+  assert _get(c, path) == bumped
+  mine = c.fl[fl_key] * 2
+  c.update_from_flattened_dict({path: mine})
+  assert _get(c, path) == mine and c.fl[fl_key] == bumped  # setting it leaves fl alone
+  got = c.copy_and_resolve_references().to_dict()
+  assert got[path.split(".")[0]][path.split(".")[1]] == mine
+
+
+def test_command_line_overrides_of_linked_keys(monkeypatch):
+  c = _parse(monkeypatch, "--config.fl.batch_size=8", "--config.channel.lr=0.3")
+  assert c.sga.batch_size == 8 and c.fedaf.batch_size == 8 and c.fl.batch_size == 8
+  assert c.channel.lr == 0.3 and c.fl.client_lr == 0.05 and c.quickdrop.recovery_lr == 0.05
+  c = _parse(monkeypatch, "--config.sga.batch_size=4")
+  assert c.sga.batch_size == 4 and c.fl.batch_size == 16 and c.fedaf.batch_size == 16
+
+
+@pytest.mark.parametrize("method, key, value, expect", [
+    ("sga", "sga.lr", 0.0, "sga.lr=0.0: must be > 0"),
+    ("sga", "sga.batch_size", 0, "sga.batch_size=0: must be >= 1"),
+    ("fedaf_c", "fedaf.fisher", "full", "fedaf.fisher='full': allowed ('diag', 'sketch')"),
+    ("channel_ce", "channel.delta", 0.0, r"channel.delta=0.0: must be in (0, 1]"),
+    ("cdp", "cdp.sparsity", 1.0, "cdp.sparsity=1.0: must be in (0, 1)"),
+    ("frr", "frr.local_epochs", 0, "frr.local_epochs=0: must be >= 1"),
+    ("federaser", "federaser.interval", 30, "federaser.interval=30: allowed 1..fl.rounds=20"),
+    ("finetune", "finetune.rounds", -1, "finetune.rounds=-1: must be >= 0"),
+    ("quickdrop", "quickdrop.grads", "loop", "quickdrop.grads='loop'"),
+])
+def test_the_runner_checks_the_method_section_before_anything_runs(method, key, value,
+                                                                   expect):
+  c = _with(key, value)
+  with pytest.raises(ValueError) as e:
+    run_lib.validate(c, method)
+  assert expect in str(e.value) and len(str(e.value).splitlines()) == 1
+  run_lib.validate(digits.get_config(), method)  # the defaults pass

@@ -237,11 +237,11 @@ def test_bad_settings_name_the_key():
   c = digits.get_config()
   c.fedaf.fisher = "full"
   with pytest.raises(ValueError, match="fedaf.fisher='full'"):
-    fedaf.settings(c)
+    fedaf.validate(c)
   c = digits.get_config()
   c.fedaf.label = "teachers"
   with pytest.raises(ValueError, match="fedaf.label"):
-    fedaf.settings(c)
+    fedaf.validate(c)
 
 
 # ---------------------------------------------------------------------------------------

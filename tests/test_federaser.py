@@ -92,10 +92,10 @@ def test_calib_schedule(epochs, ratio, want):
 def test_bad_settings_name_the_key():
   c = small_config("federaser", **{"federaser.calib_ratio": 0.0})
   with pytest.raises(ValueError, match=r"federaser.calib_ratio=0.0: must be in \(0, 1\]"):
-    federaser.settings(c)
+    federaser.validate(c)
   c = small_config("federaser", **{"federaser.interval": 5})
   with pytest.raises(ValueError, match=r"federaser.interval=5: allowed 1..fl.rounds=4"):
-    federaser.settings(c)
+    federaser.validate(c)
 
 
 def test_refusals_are_one_line(tmp_path):

@@ -94,11 +94,11 @@ def test_bad_settings_name_the_key():
   c = digits.get_config()
   c.frr.init = "random"
   with pytest.raises(ValueError, match=r"frr.init='random': allowed \('trained', 'scratch'\)"):
-    frr.settings(c)
+    frr.validate(c)
   c = digits.get_config()
   c.frr.beta2 = 1.0
   with pytest.raises(ValueError, match=r"frr.beta2=1.0: must be in \[0, 1\)"):
-    frr.settings(c)
+    frr.validate(c)
 
 
 def small_config(method, **overrides):

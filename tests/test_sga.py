@@ -94,11 +94,11 @@ def test_bad_settings_name_the_key():
   c = digits.get_config()
   c.sga.lr = 0.0
   with pytest.raises(ValueError, match="sga.lr"):
-    sga.settings(c)
+    sga.validate(c)
   c = digits.get_config()
   c.sga.old_labels = "clean"
   with pytest.raises(ValueError, match="sga.old_labels='clean'"):
-    sga.settings(c)
+    sga.validate(c)
 
 
 def small_config(method, **overrides):

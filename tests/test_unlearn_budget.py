@@ -10,6 +10,7 @@ import pytest
 
 from experiments import run as run_lib
 from fu_jax import fl
+from fu_jax.methods import base
 from fu_jax.methods import sga as sga_lib
 from tests.test_fedaf import small_config
 
@@ -40,12 +41,12 @@ def test_every_target_client_takes_at_least_min_steps(kind, counts, batch, epoch
                                                       want_epochs):
   task = _fake_task(counts, max(counts) + 3)
   clients = np.flatnonzero(task.forget.any(axis=1))
-  got = sga_lib.budget_epochs(task, clients, epochs, min_steps, batch)
+  got = base.budget_epochs(task, clients, epochs, min_steps, batch)
   assert got == want_epochs
   valid = task.forget[clients]
   x = jnp.zeros(valid.shape + (1,))
   runner = fl.ClientRunner(_counting_program(), kind=kind, epochs=got, batch_size=batch)
-  keys = sga_lib.client_keys(0, 99, 0, clients)
+  keys = base.client_keys(0, 99, 0, clients)
   res = runner.run(jnp.zeros(()), (x, jnp.zeros(valid.shape, jnp.int32)), valid, None, keys)
   steps = np.asarray(res.params)
   # Client k steps on ceil(n_k / batch) non-empty batches an epoch, exactly.
@@ -59,11 +60,11 @@ def test_min_steps_rejects_negative_values():
   c.fedaf.min_steps = -1
   from fu_jax.methods import fedaf  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="fedaf.min_steps=-1"):
-    fedaf.settings(c)
+    fedaf.validate(c)
   c = small_config("sga")
   c.sga.min_steps = -2
   with pytest.raises(ValueError, match="sga.min_steps=-2"):
-    sga_lib.settings(c)
+    sga_lib.validate(c)
 
 
 def test_fedaf_end_to_end_uses_the_step_budget(tmp_path):

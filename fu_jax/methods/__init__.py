@@ -1,4 +1,4 @@
-"""Method registry: a plain dict from name to `base.Method`."""
+"""Method registry: a plain dict from name to `base.Method` (each carries its trainer)."""
 from fu_jax.methods import base
 from fu_jax.methods import baselines
 from fu_jax.methods import cdp, channel  # channel-explanation unlearning + CDP baseline
@@ -13,14 +13,20 @@ REGISTRY.update(quickdrop.METHODS)
 REGISTRY.update({**fedaf.METHODS, **sga.METHODS})
 REGISTRY.update({**federaser.METHODS, **frr.METHODS})
 
-TRAINERS = {}  # name -> trainer(task, env) -> base.Trained
-TRAINERS.update(baselines.TRAINERS)
-TRAINERS.update(quickdrop.TRAINERS)
-TRAINERS.update(federaser.TRAINERS)
-TRAIN_KEYS = {"quickdrop": quickdrop.TRAIN_KEYS, "federaser": federaser.TRAIN_KEYS}  # trainer -> config keys of its section it reads
+# The methods' trainers by name (for callers that name one, e.g. "fedavg").
+TRAINERS = {m.trainer.name: m.trainer for m in REGISTRY.values()}
 
 
 def get(name: str) -> base.Method:
   if name not in REGISTRY:
     raise ValueError(f"unknown method {name!r}; allowed: {sorted(REGISTRY)}")
   return REGISTRY[name]
+
+
+def trainer(t: base.Trainer | str) -> base.Trainer:
+  """A trainer, or the trainer of that name."""
+  if isinstance(t, base.Trainer):
+    return t
+  if t not in TRAINERS:
+    raise ValueError(f"unknown trainer {t!r}; allowed: {sorted(TRAINERS)}")
+  return TRAINERS[t]

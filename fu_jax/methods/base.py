@@ -1,14 +1,23 @@
 """What every unlearning method sees, and the FedAvg phase helper they share.
 
-A method is a `Method(name, kinds, pretrain, unlearn, why, check=None)`:
+A method is a `Method(name, kinds, trainer, unlearn, why, check=None, validate=None)`:
   kinds     request kinds it serves (class | client_class | client | samples); others are
             refused, with `why` (one sentence: what it can serve and why) in the message;
-  pretrain  name of the trainer (in methods.TRAINERS) whose model it starts from: 'fedavg',
-            or one of its own such as QuickDrop's distilling FedAvg;
+  trainer   the `Trainer` whose model it starts from: `FEDAVG`, or one of its own such as
+            QuickDrop's distilling FedAvg;
   unlearn(task, env, trained: Trained) -> Outcome;
   check     optional check(task) raising Unservable when this data does not allow the
-            request (run before training).
-A trainer is trainer(task, env) -> Trained, run once per workdir and training config.
+            request (run before training);
+  validate  optional validate(config) raising ConfigError on a bad value of the method's
+            config section (run before anything is loaded or trained).
+A `Trainer(name, train, keys)` is train(task, env) -> Trained, run once per workdir and
+training config; `keys` are the keys of config.<name> that shape the trained model (they
+enter the trained-model cache key; the section's other keys are unlearning-only).
+
+Configuration: each method module owns its config section (`config_section(fl)`: defaults
+and what each key means; experiments/configs/default.py assembles them) and reads it
+directly (`task.config.<section>.<key>`). A default that follows an `fl.*` value is a
+`linked` field reference, and `check_section` validates a section against its `Rule`s.
 
 `Task` is the data of one experiment (immutable). `Env` is supplied by the experiment loop:
 it runs checkpointed, logged, timed rounds (`env.rounds`), builds client runners with the
@@ -17,8 +26,11 @@ TensorBoard and flags.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -100,13 +112,90 @@ class Unservable(ValueError):
   FedEraser on a class held by several clients): raised by Method.check before training."""
 
 
+class Trainer(NamedTuple):
+  """How the model before unlearning is trained: train(task, env) -> Trained.
+
+  keys: the keys of config.<name> that determine the trained model (with seed, data, fl,
+  model and backdoor they form its cache key; experiments.run.training_config).
+  """
+  name: str
+  train: Callable
+  keys: tuple = ()
+
+
 class Method(NamedTuple):
   name: str
   kinds: tuple
-  pretrain: str
+  trainer: Trainer
   unlearn: Callable
   why: str = ""  # why the kinds not listed are refused (shown when one is requested)
   check: Optional[Callable] = None  # check(task) raises Unservable; None = always served
+  validate: Optional[Callable] = None  # validate(config) raises ConfigError; None = nothing
+
+
+# ---------------------------------------------------------------------------------------
+# Config sections and their validation.
+
+
+class ConfigError(ValueError):
+  """A configuration value outside what is allowed (one line: key, value, what is allowed)."""
+
+
+def require(ok: bool, msg: str):
+  """Raises ConfigError(msg) unless ok."""
+  if not ok:
+    raise ConfigError(msg)
+
+
+class Rule(NamedTuple):
+  """ok(value) -> bool, and what is allowed, as the error message says it."""
+  ok: Callable
+  allowed: str
+
+
+def one_of(choices) -> Rule:
+  choices = tuple(choices)
+  return Rule(lambda v: v in choices, f"allowed {choices}")
+
+
+def at_least(low, note: str = "") -> Rule:
+  return Rule(lambda v: v >= low, f"must be >= {low}" + (f" ({note})" if note else ""))
+
+
+def positive(note: str = "") -> Rule:
+  return Rule(lambda v: v > 0, "must be > 0" + (f" ({note})" if note else ""))
+
+
+def in_range(low, high, *, low_open: bool = False, high_open: bool = False) -> Rule:
+  """low <= v <= high, with either end open."""
+  def ok(v):
+    return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+  return Rule(ok, f"must be in {'(' if low_open else '['}{low}, {high}"
+                  f"{')' if high_open else ']'}")
+
+
+def check_section(config, section: str, rules: dict):
+  """Checks config.<section>.<key> against rules[key] (a Rule); raises ConfigError naming
+  the first bad value: '<section>.<key>=<value>: <what is allowed>'."""
+  values = config[section]
+  for key, rule in rules.items():
+    v = values[key]
+    require(rule.ok(v), f"{section}.{key}={v!r}: {rule.allowed}")
+
+
+def new_section():
+  """An empty config section (ml_collections.ConfigDict)."""
+  import ml_collections  # the runner's dependency; the transforms do not need it
+  return ml_collections.ConfigDict()
+
+
+def linked(section, key: str):
+  """A default that follows section.<key> (e.g. fl.batch_size) until it is set itself.
+
+  section.get_ref(key) alone would alias the two keys (setting this one would set
+  section.<key> too); .identity() makes a derived reference that setting replaces.
+  """
+  return section.get_ref(key).identity()
 
 
 def client_optimizer(config, lr=None) -> optax.GradientTransformation:
@@ -157,3 +246,102 @@ def init_params(task: Task, key=None):
   from fu_jax import models  # local import: models pulls in all architectures
   key = fl.stream_key(task.config.seed, fl.STREAM_INIT) if key is None else key
   return models.init_params(task.model, key, task.input_shape)
+
+
+def train_fedavg(task: Task, env: Env) -> Trained:
+  """The plain FedAvg model every method but QuickDrop and FedEraser starts from."""
+  params = fedavg_phase(task, env, "train", init_params(task), task.config.fl.rounds)
+  return Trained(params)
+
+
+FEDAVG = Trainer("fedavg", train_fedavg)
+
+
+# ---------------------------------------------------------------------------------------
+# Target clients and their unlearning round (SGA, FedAF, FedEraser).
+
+OLD_LABELS = ("trained", "original")
+
+
+def target_clients(task: Task) -> np.ndarray:
+  """Sorted indices of the clients holding at least one sample to forget."""
+  return np.flatnonzero(np.asarray(task.forget).any(axis=1))
+
+
+def old_labels(task: Task, source: str):
+  """[N, max_n] int labels of the old memories: as trained on, or the clean originals."""
+  if source not in OLD_LABELS:
+    raise ValueError(f"old_labels={source!r}: allowed {OLD_LABELS}")
+  return task.clients.y if source == "trained" else task.y_true
+
+
+def client_keys(seed: int, method_id: int, part: int, clients) -> jax.Array:
+  """One key per client: stream_key(seed, STREAM_UNLEARN, method_id, part, client)."""
+  return jnp.stack([fl.stream_key(seed, fl.STREAM_UNLEARN, method_id, part, int(c))
+                    for c in clients])
+
+
+def budget_epochs(task: Task, clients, epochs: int, min_steps: int, batch_size: int) -> int:
+  """Local epochs of an unlearning round that give every target client at least
+  `min_steps` optimizer steps: max(epochs, ceil(min_steps / s_min)), where s_min =
+  ceil(n_min / batch_size) is the steps per epoch of the target client with the fewest
+  forget samples n_min (a client takes ceil(n_k / batch_size) steps an epoch, so the others
+  take more). An epoch count alone makes the amount of unlearning depend on how many
+  samples a client holds: 40 images at batch 64 are one step an epoch, 1,500 are 24.
+  min_steps 0 = `epochs` as given."""
+  if min_steps <= 0:
+    return int(epochs)
+  counts = np.asarray(task.forget)[np.asarray(clients)].sum(axis=1)
+  counts = counts[counts > 0]
+  if counts.size == 0:
+    return int(epochs)
+  s_min = math.ceil(int(counts.min()) / int(batch_size))
+  return max(int(epochs), math.ceil(int(min_steps) / s_min))
+
+
+class TargetResult(NamedTuple):
+  params: Any         # the aggregated model
+  clients: np.ndarray  # target client indices
+  counts: np.ndarray   # their forget-sample counts (the aggregation weights)
+  metrics: dict        # example-weighted means of the programs' metrics
+  cost: dict           # fl.round_cost of the round
+
+
+@jax.jit
+def _apply_mean_delta(params, client_params, weights):
+  return optax.tree.add(params, fl.aggregate(params, client_params, weights))
+
+
+def run_on_targets(task: Task, env: Env, program: fl.LocalProgram, params, *, y,
+                   epochs: int, batch_size: int, keys, extra=None,
+                   clients=None) -> TargetResult:
+  """Runs `program` on each target client's forget samples, from `params`; returns
+  params + sum_k n_k (theta_k - params) / sum_k n_k over the targets (n_k = forget count).
+
+  y: labels pytree with leading [N, max_n] axes (all clients); extra: per-target pytree with
+  a leading [T] axis (T = len(clients)); keys: [T] keys; clients: default target_clients.
+  Cost (fl.round_cost): each target client with samples to forget downloads `params` and
+  uploads its model.
+  """
+  idx = target_clients(task) if clients is None else np.asarray(clients)
+  take = lambda a: np.asarray(a)[idx]  # host gathers: no per-shape XLA compile
+  valid = take(task.forget)
+  runner = env.runner(program, epochs, batch_size)
+  x = task.clients.x[idx]  # only the targets' images (clients.x may be an index block)
+  res = runner.run(params, (x, jax.tree.map(take, y)), valid, extra, keys)
+  counts = valid.sum(1).astype(np.float32)
+  new = _apply_mean_delta(params, res.params, counts)
+  w = counts / max(float(counts.sum()), 1.0)
+  metrics = {k: float(np.sum(np.asarray(m) * w)) for k, m in res.metrics.items()}
+  cost = fl.round_cost(counts, counts, model_bytes=tu.tree_num_bytes(params), epochs=epochs)
+  return TargetResult(new, idx, counts.astype(np.int64), metrics, cost)
+
+
+def recover(task: Task, env: Env, phase: str, params, rounds: int):
+  """`rounds` FedAvg rounds on the retained data (forgotten client weighted 0), numbered
+  after the training rounds and the unlearning round."""
+  if rounds <= 0:
+    return params
+  return fedavg_phase(task, env, phase, params, int(rounds), valid=task.retain_valid,
+                      client_weights=task.client_weights,
+                      round_offset=task.config.fl.rounds + 1)

@@ -9,10 +9,16 @@ finetune: continue FedAvg from the trained model on the retained data for
 from fu_jax.methods import base
 
 
-def train_fedavg(task, env) -> base.Trained:
-  """The plain FedAvg model every method but QuickDrop starts from."""
-  params = base.fedavg_phase(task, env, "train", base.init_params(task), task.config.fl.rounds)
-  return base.Trained(params)
+def config_section(fl_cfg):
+  """The `finetune` section (`fl_cfg`: the config's fl section)."""
+  del fl_cfg
+  s = base.new_section()
+  s.rounds = 5                   # FedAvg rounds on the retained data from the trained model
+  return s
+
+
+def validate(config):
+  base.check_section(config, "finetune", {"rounds": base.at_least(0)})
 
 
 def _fedavg(task, env, trained):
@@ -37,9 +43,8 @@ def _finetune(task, env, trained):
 
 
 METHODS = {
-    "fedavg": base.Method("fedavg", base.REQUEST_KINDS, "fedavg", _fedavg),
-    "retrain": base.Method("retrain", base.REQUEST_KINDS, "fedavg", _retrain),
-    "finetune": base.Method("finetune", base.REQUEST_KINDS, "fedavg", _finetune),
+    "fedavg": base.Method("fedavg", base.REQUEST_KINDS, base.FEDAVG, _fedavg),
+    "retrain": base.Method("retrain", base.REQUEST_KINDS, base.FEDAVG, _retrain),
+    "finetune": base.Method("finetune", base.REQUEST_KINDS, base.FEDAVG, _finetune,
+                            validate=validate),
 }
-
-TRAINERS = {"fedavg": train_fedavg}

@@ -36,19 +36,27 @@ from fu_jax.methods import base
 from fu_jax.methods import channel
 
 
-def settings(config) -> dict:
-  c = config.cdp
-  s = dict(sparsity=float(c.sparsity), finetune_rounds=int(c.finetune_rounds),
-           stat_samples=int(c.stat_samples), coe=float(c.coe))
-  if not 0.0 < s["sparsity"] < 1.0:
-    raise ValueError(f"cdp.sparsity={c.sparsity!r}: must be in (0, 1)")
-  if s["finetune_rounds"] < 0:
-    raise ValueError(f"cdp.finetune_rounds={c.finetune_rounds!r}: must be >= 0")
-  if s["stat_samples"] < 0:
-    raise ValueError(f"cdp.stat_samples={c.stat_samples!r}: must be >= 0 (0 = all)")
-  if s["coe"] < 0:
-    raise ValueError(f"cdp.coe={c.coe!r}: must be >= 0 (0 = no width balance)")
+def config_section(fl_cfg):
+  """The `cdp` section (`fl_cfg`: the config's fl section; unused)."""
+  del fl_cfg
+  s = base.new_section()
+  s.sparsity = 0.3           # fraction of each conv layer's channels pruned per class
+  s.finetune_rounds = 2      # FedAvg rounds on retained data after pruning
+  s.stat_samples = 256       # examples per client for class activations (0 = all)
+  s.coe = 0.0                # TF-IDF width balance (Wang et al.'s coe; 0 = none)
   return s
+
+
+RULES = {
+    "sparsity": base.in_range(0, 1, low_open=True, high_open=True),
+    "finetune_rounds": base.at_least(0),
+    "stat_samples": base.at_least(0, "0 = all"),
+    "coe": base.at_least(0, "0 = no width balance"),
+}
+
+
+def validate(config):
+  base.check_section(config, "cdp", RULES)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
@@ -91,32 +99,32 @@ def class_statistics(task: base.Task, params, layers, stat_samples: int):
 def _cdp(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   if task.request.kind != "class":
     raise ValueError(f"cdp serves class requests only, got {task.request.kind!r}")
-  s = settings(task.config)
   cfg = task.config
+  s = cfg.cdp
   params = trained.params
   layers = tuple(cdp_lib.cdp_layers(task.model, params, task.clients.x[0, :1]))
-  stats, up, used = class_statistics(task, params, layers, s["stat_samples"])
+  stats, up, used = class_statistics(task, params, layers, s.stat_samples)
   cost = fl.round_cost(used, task.client_weights, model_bytes=tu.tree_num_bytes(params),
                        epochs=1, upload_bytes=up)
   env.add_cost(**cost)
-  scores = cdp_lib.tfidf_scores(cdp_lib.class_means(stats), coe=s["coe"])
+  scores = cdp_lib.tfidf_scores(cdp_lib.class_means(stats), coe=s.coe)
   prune = None
   for cls in task.request.classes:
-    pm = cdp_lib.cdp_prune_channels(scores, cls, s["sparsity"])
+    pm = cdp_lib.cdp_prune_channels(scores, cls, s.sparsity)
     prune = pm if prune is None else {p: prune[p] | pm[p] for p in pm}
   prune = {p: np.asarray(v) for p, v in prune.items()}
   pruned, keep = _prune(prune, params)
   program = channel.masked_program(task, cfg.fl.client_lr, cfg.fl.client_momentum)
-  out = base.fedavg_phase(task, env, "cdp_finetune", pruned, s["finetune_rounds"],
+  out = base.fedavg_phase(task, env, "cdp_finetune", pruned, s.finetune_rounds,
                           valid=task.retain_valid, client_weights=task.client_weights,
                           program=program, extra=channel.per_client(keep,
                                                                     task.clients.count.shape[0]),
-                          round_offset=cfg.fl.rounds) if s["finetune_rounds"] else pruned
+                          round_offset=cfg.fl.rounds) if s.finetune_rounds else pruned
   n_pruned = sum(int(v.sum()) for v in prune.values())
   n_conv = sum(int(v.size) for v in prune.values())
   results = {
-      "sparsity": s["sparsity"],
-      "finetune_rounds": s["finetune_rounds"],
+      "sparsity": s.sparsity,
+      "finetune_rounds": s.finetune_rounds,
       "stat_examples": cost["examples"],
       "stat_bytes_up": cost["bytes_up"],
       "pruned_channels": n_pruned,
@@ -127,6 +135,7 @@ def _cdp(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   return base.Outcome(out, results)
 
 
-METHODS = {"cdp": base.Method("cdp", ("class",), "fedavg", _cdp,
+METHODS = {"cdp": base.Method("cdp", ("class",), base.FEDAVG, _cdp,
                               "class-discriminative pruning removes the channels that "
-                              "discriminate a class: it addresses classes only")}
+                              "discriminate a class: it addresses classes only",
+                              validate=validate)}

@@ -79,37 +79,39 @@ def stream_tag(name: str) -> int:
 # Config.
 
 
-def settings(config) -> dict:
-  """channel.* with defaults resolved against fl.*; raises ValueError on bad values."""
-  ch, f = config.channel, config.fl
-  s = dict(delta=float(ch.delta), epochs=int(ch.epochs),
-           local_epochs=int(ch.local_epochs) or int(f.local_epochs),
-           lr=float(ch.lr) or float(f.client_lr), momentum=float(f.client_momentum),
-           batch_size=int(ch.batch_size) or int(f.batch_size),
-           effect_samples=int(ch.effect_samples), effect_metric=str(ch.effect_metric),
-           layers=str(ch.layers), perturb=bool(ch.perturb),
-           server_samples=int(ch.server_samples))
-  if not 0.0 < s["delta"] <= 1.0:
-    raise ValueError(f"channel.delta={ch.delta!r}: must be in (0, 1]")
-  if s["epochs"] < 1:
-    raise ValueError(f"channel.epochs={ch.epochs!r}: must be >= 1")
-  if s["local_epochs"] < 1 or int(ch.local_epochs) < 0:
-    raise ValueError(f"channel.local_epochs={ch.local_epochs!r}: must be >= 0 "
-                     "(0 = fl.local_epochs)")
-  if s["lr"] <= 0:
-    raise ValueError(f"channel.lr={ch.lr!r}: must be > 0 (or 0 = fl.client_lr)")
-  if s["batch_size"] < 1:
-    raise ValueError(f"channel.batch_size={ch.batch_size!r}: must be >= 0 "
-                     "(0 = fl.batch_size)")
-  if s["effect_samples"] < 1:
-    raise ValueError(f"channel.effect_samples={ch.effect_samples!r}: must be >= 1")
-  if s["effect_metric"] not in EFFECT_METRICS:
-    raise ValueError(f"channel.effect_metric={ch.effect_metric!r}: allowed {EFFECT_METRICS}")
-  if s["layers"] not in LAYER_SETS:
-    raise ValueError(f"channel.layers={ch.layers!r}: allowed {LAYER_SETS}")
-  if s["server_samples"] < 1:
-    raise ValueError(f"channel.server_samples={ch.server_samples!r}: must be >= 1")
+def config_section(fl_cfg):
+  """The `channel` section of channel_de, channel_ce and channel_de_random (`fl_cfg`: the
+  config's fl section, which the fine-tuning's local_epochs, lr and batch_size follow; its
+  momentum is fl.client_momentum)."""
+  s = base.new_section()
+  s.delta = 0.2          # fraction of output channels selected per layer (ceil)
+  s.epochs = 2           # fine-tune epochs: DE FedAvg rounds / CE passes (paper <= 4)
+  s.local_epochs = base.linked(fl_cfg, "local_epochs")  # DE local epochs per round
+  s.lr = base.linked(fl_cfg, "client_lr")          # fine-tune SGD lr
+  s.batch_size = base.linked(fl_cfg, "batch_size")  # fine-tune batch size
+  s.effect_samples = 128  # server's batch I of forget samples for channel effects
+  s.effect_metric = "both"  # acc (paper) | loss | both (acc, ties broken by loss)
+  s.layers = "all"       # all (every conv/dense layer, paper) | conv
+  s.perturb = True       # add perturbation data (forget samples, random wrong labels)
+  s.server_samples = 1600  # CE: training examples the server holds (capped)
   return s
+
+
+RULES = {
+    "delta": base.in_range(0, 1, low_open=True),
+    "epochs": base.at_least(1),
+    "local_epochs": base.at_least(1),
+    "lr": base.positive(),
+    "batch_size": base.at_least(1),
+    "effect_samples": base.at_least(1),
+    "effect_metric": base.one_of(EFFECT_METRICS),
+    "layers": base.one_of(LAYER_SETS),
+    "server_samples": base.at_least(1),
+}
+
+
+def validate(config):
+  base.check_section(config, "channel", RULES)
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,30 +182,32 @@ def _effects(apply, params, x, y, *, metric, layers):
   return masking.channel_effects(apply, params, x, y, metric=metric, layers=layers)
 
 
-def effects_and_selection(task: base.Task, params, s: dict):
-  """Alg. 1: channel effects on the server's forget batch and the top-delta selection.
+def effects_and_selection(task: base.Task, params, s):
+  """Alg. 1: channel effects on the server's forget batch and the top-delta selection
+  (s: the channel section).
 
   Returns (channel_masks dict path -> bool [C] (numpy), effects, |I|, seconds), seconds being
   the compiled run time of the effects (compilation excluded).
   """
-  x, y = forget_batch(task, s["effect_samples"])
-  layers = scored_layers(params, s["layers"])
+  x, y = forget_batch(task, s.effect_samples)
+  layers = scored_layers(params, s.layers)
   x, y = jnp.asarray(x), jnp.asarray(y)
-  compiled = _effects.lower(apply_fn(task), params, x, y, metric=s["effect_metric"],
+  compiled = _effects.lower(apply_fn(task), params, x, y, metric=s.effect_metric,
                             layers=layers).compile()
   t0 = time.perf_counter()
   eff = jax.block_until_ready(compiled(params, x, y))
   seconds = time.perf_counter() - t0
-  sel = masking.top_delta_channels(eff, s["delta"])
+  sel = masking.top_delta_channels(eff, s.delta)
   return {p: np.asarray(m) for p, m in sel.items()}, eff, int(x.shape[0]), seconds
 
 
-def random_selection(task: base.Task, params, s: dict):
-  """DE-random: the same number of channels per layer, uniformly at random."""
-  layers = scored_layers(params, s["layers"])
+def random_selection(task: base.Task, params, s):
+  """DE-random: the same number of channels per layer, uniformly at random (s: the channel
+  section)."""
+  layers = scored_layers(params, s.layers)
   by_path = dict(masking.channel_layers(params))
   key = fl.stream_key(task.config.seed, fl.STREAM_UNLEARN, stream_tag("channel/random"))
-  sel = masking.random_channels([(p, by_path[p]) for p in layers], s["delta"], key)
+  sel = masking.random_channels([(p, by_path[p]) for p in layers], s.delta, key)
   return {p: np.asarray(m) for p, m in sel.items()}
 
 
@@ -231,7 +235,7 @@ def per_client(tree, num_clients: int):
 param_mask = jax.jit(masking.channel_mask_to_param_mask)
 
 
-def selection_summary(channel_masks: dict, params) -> dict:
+def selection_summary(channel_masks, params) -> dict:
   """JSON-able description of a selection: counts, fractions, indices per layer."""
   total_ch = sum(int(np.size(m)) for m in channel_masks.values())
   sel_ch = sum(int(np.sum(m)) for m in channel_masks.values())
@@ -254,7 +258,7 @@ def selection_summary(channel_masks: dict, params) -> dict:
 # Decentralized fine-tuning with packed (selected-channel) communication.
 
 
-def packed_exchange(channel_masks: dict, params, server_opt: optax.GradientTransformation):
+def packed_exchange(channel_masks, params, server_opt: optax.GradientTransformation):
   """The two halves of a round's communication when only selected channels travel.
 
   upload(client_params [k, ...], server_params) -> packed: each client's delta, packed with
@@ -351,8 +355,8 @@ def _check_request(task: base.Task):
 
 def _decentralized(task: base.Task, env: base.Env, trained: base.Trained, *, random: bool):
   _check_request(task)
-  s = settings(task.config)
   cfg = task.config
+  s = cfg.channel
   params = trained.params
   if random:
     cmasks = random_selection(task, params, s)
@@ -361,7 +365,7 @@ def _decentralized(task: base.Task, env: base.Env, trained: base.Trained, *, ran
     cmasks, _, n_effect, sel_seconds = effects_and_selection(task, params, s)
     env.add_cost(examples=n_effect)
   c = task.clients
-  if s["perturb"]:
+  if s.perturb:
     key = fl.stream_key(cfg.seed, fl.STREAM_UNLEARN, stream_tag("channel/perturb"))
     y = perturbation_labels(key, c.y, c.index, task.forget, tuple(task.request.classes),
                             task.num_classes)
@@ -370,17 +374,17 @@ def _decentralized(task: base.Task, env: base.Env, trained: base.Trained, *, ran
     y, valid = c.y, task.retain_valid
   phase = "channel_de_random" if random else "channel_de"
   out, sel_bytes = packed_fedavg_phase(
-      task, env, phase, params, cmasks, s["epochs"], valid=valid, y=y,
-      local_epochs=s["local_epochs"], batch_size=s["batch_size"], lr=s["lr"],
-      momentum=s["momentum"], round_offset=cfg.fl.rounds)
+      task, env, phase, params, cmasks, s.epochs, valid=valid, y=y,
+      local_epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr,
+      momentum=cfg.fl.client_momentum, round_offset=cfg.fl.rounds)
   model_bytes = tu.tree_num_bytes(params)
   results = {
-      "finetune_epochs": s["epochs"],
-      "local_epochs": s["local_epochs"],
-      "delta": s["delta"],
+      "finetune_epochs": s.epochs,
+      "local_epochs": s.local_epochs,
+      "delta": s.delta,
       "effect_samples": n_effect,
       "selection_seconds": sel_seconds,
-      "perturbation_examples": int(np.sum(np.asarray(task.forget))) if s["perturb"] else 0,
+      "perturbation_examples": int(np.sum(np.asarray(task.forget))) if s.perturb else 0,
       "upload_bytes_per_client_round": sel_bytes,
       "model_bytes": model_bytes,
       "upload_fraction_of_model": sel_bytes / model_bytes,
@@ -406,12 +410,12 @@ def server_sample(task: base.Task, n: int):
 
 def _centralized(task: base.Task, env: base.Env, trained: base.Trained):
   _check_request(task)
-  s = settings(task.config)
   cfg = task.config
+  s = cfg.channel
   params = trained.params
   cmasks, _, n_effect, sel_seconds = effects_and_selection(task, params, s)
-  x, y, index, forget = server_sample(task, s["server_samples"])
-  if s["perturb"]:
+  x, y, index, forget = server_sample(task, s.server_samples)
+  if s.perturb:
     key = fl.stream_key(cfg.seed, fl.STREAM_UNLEARN, stream_tag("channel/perturb"))
     y = perturbation_labels(key, y, index, forget, tuple(task.request.classes),
                             task.num_classes)
@@ -420,8 +424,8 @@ def _centralized(task: base.Task, env: base.Env, trained: base.Trained):
     valid = ~forget
   m = int(valid.sum())
   pmask = param_mask(cmasks, params)
-  program = masked_program(task, s["lr"], s["momentum"])
-  runner = env.runner(program, 1, s["batch_size"])
+  program = masked_program(task, s.lr, cfg.fl.client_momentum)
+  runner = env.runner(program, 1, s.batch_size)
   data = (jnp.asarray(x)[None], jnp.asarray(y)[None])
   valid_b = jnp.asarray(valid)[None]
   extra = per_client(pmask, 1)
@@ -433,15 +437,15 @@ def _centralized(task: base.Task, env: base.Env, trained: base.Trained):
             {"loss": float(np.asarray(res.metrics["loss"])[0]), "examples": m})
 
   env.add_cost(examples=n_effect)
-  out = env.rounds("channel_ce", params, s["epochs"], round_fn, lambda p: p)
+  out = env.rounds("channel_ce", params, s.epochs, round_fn, lambda p: p)
   results = {
-      "finetune_epochs": s["epochs"],
-      "delta": s["delta"],
+      "finetune_epochs": s.epochs,
+      "delta": s.delta,
       "effect_samples": n_effect,
       "selection_seconds": sel_seconds,
       "server_samples": int(x.shape[0]),
       "server_retain_examples": int(np.sum(~forget)),
-      "perturbation_examples": int(np.sum(forget)) if s["perturb"] else 0,
+      "perturbation_examples": int(np.sum(forget)) if s.perturb else 0,
       "model_bytes": tu.tree_num_bytes(params),
       **selection_summary(cmasks, params),
   }
@@ -452,10 +456,12 @@ CLASS_ONLY = ("channel selection scores each channel by its effect on a forgotte
               "accuracy: it addresses classes, not individual samples or clients")
 
 METHODS = {
-    "channel_de": base.Method("channel_de", ("class",), "fedavg",
-                              functools.partial(_decentralized, random=False), CLASS_ONLY),
-    "channel_ce": base.Method("channel_ce", ("class",), "fedavg", _centralized, CLASS_ONLY),
-    "channel_de_random": base.Method("channel_de_random", ("class",), "fedavg",
+    "channel_de": base.Method("channel_de", ("class",), base.FEDAVG,
+                              functools.partial(_decentralized, random=False), CLASS_ONLY,
+                              validate=validate),
+    "channel_ce": base.Method("channel_ce", ("class",), base.FEDAVG, _centralized, CLASS_ONLY,
+                              validate=validate),
+    "channel_de_random": base.Method("channel_de_random", ("class",), base.FEDAVG,
                                      functools.partial(_decentralized, random=True),
-                                     CLASS_ONLY),
+                                     CLASS_ONLY, validate=validate),
 }

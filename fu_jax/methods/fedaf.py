@@ -88,7 +88,6 @@ from fu_jax import losses
 from fu_jax import models
 from fu_jax import tree as tu
 from fu_jax.methods import base
-from fu_jax.methods import sga as sga_lib
 
 FISHER_DATA = ("local", "retain")
 FEDAF_ID = 11  # fold_in id under fl.STREAM_UNLEARN
@@ -97,54 +96,67 @@ LABEL_KEY = 1  # fold_in id of the Fisher's sampled labels under a Fisher step's
 LABEL_CHUNK = 128  # target samples per teacher-labelling call (memory: Q x chunk activations)
 
 
-def settings(config) -> dict:
-  """The fedaf section with 0-means-default values resolved; raises on bad values."""
-  s = config.fedaf
-  out = {"teachers": int(s.teachers), "label": str(s.label),
-         "debias_scope": str(s.debias_scope), "lam": float(s.lam), "epochs": int(s.epochs),
-         "min_steps": int(s.min_steps),
-         "fisher": str(s.fisher), "sketch_width": int(s.sketch_width),
-         "fisher_samples": int(s.fisher_samples), "fisher_data": str(s.fisher_data),
-         "fisher_chunk": int(s.fisher_chunk), "fisher_labels": str(s.fisher_labels),
-         "lr": float(s.lr) or float(config.fl.client_lr), "momentum": float(s.momentum),
-         "batch_size": int(s.batch_size) or int(config.fl.batch_size),
-         "max_old_loss": float(s.max_old_loss),
-         "true_weight": float(s.true_weight), "old_labels": str(s.old_labels),
-         "recovery_rounds": int(s.recovery_rounds)}
-  checks = [
-      (out["label"] in labels.VARIANTS, f"fedaf.label={s.label!r}: allowed {labels.VARIANTS}"),
-      (out["debias_scope"] in labels.DEBIAS_SCOPES,
-       f"fedaf.debias_scope={s.debias_scope!r}: allowed {labels.DEBIAS_SCOPES}"),
-      (out["fisher"] in ewc.KINDS, f"fedaf.fisher={s.fisher!r}: allowed {ewc.KINDS}"),
-      (out["fisher_labels"] in ewc.FISHER_LABELS,
-       f"fedaf.fisher_labels={s.fisher_labels!r}: allowed {ewc.FISHER_LABELS}"),
-      (out["fisher_data"] in FISHER_DATA,
-       f"fedaf.fisher_data={s.fisher_data!r}: allowed {FISHER_DATA}"),
-      (out["old_labels"] in sga_lib.OLD_LABELS,
-       f"fedaf.old_labels={s.old_labels!r}: allowed {sga_lib.OLD_LABELS}"),
-      (out["teachers"] >= 1, f"fedaf.teachers={s.teachers!r}: must be >= 1"),
-      (out["lam"] >= 0, f"fedaf.lam={s.lam!r}: must be >= 0"),
-      (out["epochs"] >= 1, f"fedaf.epochs={s.epochs!r}: must be >= 1"),
-      (out["min_steps"] >= 0, f"fedaf.min_steps={s.min_steps!r}: must be >= 0 (0 = off)"),
-      (out["sketch_width"] >= 1, f"fedaf.sketch_width={s.sketch_width!r}: must be >= 1"),
-      (out["fisher_samples"] >= 0, f"fedaf.fisher_samples={s.fisher_samples!r}: must be >= 0"),
-      (out["fisher_chunk"] >= 1, f"fedaf.fisher_chunk={s.fisher_chunk!r}: must be >= 1"),
-      (out["lr"] > 0, f"fedaf.lr={s.lr!r}: must be > 0 (0 = fl.client_lr)"),
-      (0 <= out["momentum"] < 1, f"fedaf.momentum={s.momentum!r}: must be in [0, 1)"),
-      (out["recovery_rounds"] >= 0,
-       f"fedaf.recovery_rounds={s.recovery_rounds!r}: must be >= 0"),
-  ]
-  for ok, msg in checks:
-    if not ok:
-      raise ValueError(msg)
-  return out
+def config_section(fl_cfg):
+  """The `fedaf` section (`fl_cfg`: the config's fl section, which batch_size follows)."""
+  s = base.new_section()
+  s.teachers = 10          # Q untrained Xavier teachers labelling the target data (paper 10)
+  s.label = "debias"       # new labels: uniform | random | teacher | debias (paper: debias)
+  s.debias_scope = "sample"  # debias weight w per sample | one w over the target set (batch)
+  s.lam = 10.0             # EWC strength lambda (paper 10); unused by fedaf_c
+  s.epochs = 1             # local epochs of the unlearning loss on the target data (paper 1)
+  s.min_steps = 10         # >= this many SGD steps per target client (epochs raised to
+  #                          ceil(min_steps / steps per epoch)): forgetting that does not
+  #                          depend on how many images a client holds (0 = epochs only).
+  #                          10 = one epoch of full Fashion-MNIST's class-wide request
+  #                          (600 images at batch 64), so lr 0.002 holds on digits and a
+  #                          4,000-image subset (24 steps at lr 0.02 diverge on digits)
+  s.fisher = "diag"        # H: diag (empirical Fisher diagonal) | sketch (CountSketch S J)
+  s.sketch_width = 50      # t, rows of the CountSketch (memory t * d per client)
+  s.fisher_labels = "empirical"  # labels of the Fisher's gradients: empirical (held,
+  #                            paper) | model (sampled from p(.|x; theta*): true Fisher)
+  s.fisher_data = "local"  # Fisher over all local data (paper, Eq. 7-13) | retain (ablation)
+  s.fisher_samples = 1024  # local examples the Fisher is estimated from (0 = all)
+  s.fisher_chunk = 64      # examples per per-example-gradient call (memory chunk * d)
+  s.lr = 0.002             # unlearning SGD lr; paper: MNIST 0.001
+  s.momentum = 0.0         # unlearning SGD momentum (paper: plain SGD)
+  s.batch_size = base.linked(fl_cfg, "batch_size")  # unlearning batch size (default fl.batch_size)
+  s.true_weight = 1.0      # weight of the -CE(f(x), y_old) term (paper 1)
+  s.max_old_loss = -1.0    # stop a client once batch CE(y_old) > it (0 = log K; < 0 never)
+  s.old_labels = "trained"  # y_old: trained (as held, backdoor flips incl.) | original
+  s.recovery_rounds = 0    # FedAvg rounds on retained data after the unlearned update
+  return s
+
+
+RULES = {
+    "label": base.one_of(labels.VARIANTS),
+    "debias_scope": base.one_of(labels.DEBIAS_SCOPES),
+    "fisher": base.one_of(ewc.KINDS),
+    "fisher_labels": base.one_of(ewc.FISHER_LABELS),
+    "fisher_data": base.one_of(FISHER_DATA),
+    "old_labels": base.one_of(base.OLD_LABELS),
+    "teachers": base.at_least(1),
+    "lam": base.at_least(0),
+    "epochs": base.at_least(1),
+    "min_steps": base.at_least(0, "0 = off"),
+    "sketch_width": base.at_least(1),
+    "fisher_samples": base.at_least(0, "0 = all"),
+    "fisher_chunk": base.at_least(1),
+    "lr": base.positive(),
+    "momentum": base.in_range(0, 1, high_open=True),
+    "batch_size": base.at_least(1),
+    "recovery_rounds": base.at_least(0),
+}
+
+
+def validate(config):
+  base.check_section(config, "fedaf", RULES)
 
 
 # ---------------------------------------------------------------------------------------
 # Memory generator.
 
 
-def new_labels(task: base.Task, s: dict, clients, y_old) -> jax.Array:
+def new_labels(task: base.Task, s, clients, y_old) -> jax.Array:
   """float32 [N, max_n, K]: the new label of every target sample of `clients` (zeros
   elsewhere). Teachers of client c come from stream key (seed, UNLEARN, FEDAF_ID, 0, c).
 
@@ -156,8 +168,8 @@ def new_labels(task: base.Task, s: dict, clients, y_old) -> jax.Array:
   forget = np.asarray(task.forget)
   y_old = np.asarray(y_old)
   out = np.zeros(forget.shape + (k,), np.float32)
-  variant = s["label"]
-  keys = sga_lib.client_keys(task.config.seed, FEDAF_ID, _PART_TEACHERS, clients)
+  variant = s.label
+  keys = base.client_keys(task.config.seed, FEDAF_ID, _PART_TEACHERS, clients)
   for c, key in zip(clients, keys):
     rows = np.flatnonzero(forget[c])
     if rows.size == 0:
@@ -165,9 +177,9 @@ def new_labels(task: base.Task, s: dict, clients, y_old) -> jax.Array:
     teachers = None
     if variant in ("teacher", "debias"):
       teachers = labels.init_teachers(task.model, jax.random.fold_in(key, 0), task.input_shape,
-                                      s["teachers"], glorot=True)
+                                      s.teachers, glorot=True)
       teachers = [jax.tree.map(lambda a, q=q: a[q:q + 1], teachers)
-                  for q in range(s["teachers"])]
+                  for q in range(s.teachers)]
     x_c = np.asarray(task.clients.x[int(c)])
     probs = []
     for start in range(0, rows.size, LABEL_CHUNK):
@@ -183,7 +195,7 @@ def new_labels(task: base.Task, s: dict, clients, y_old) -> jax.Array:
     probs = np.concatenate(probs)
     if variant == "debias":  # over the whole target set at once: scope='batch' sees all
       probs = np.asarray(labels.debias(jnp.asarray(probs), jnp.asarray(y_old[c, rows]),
-                                       scope=s["debias_scope"]))
+                                       scope=s.debias_scope))
     out[c, rows] = probs
   return jnp.asarray(out)
 
@@ -236,14 +248,14 @@ def fisher_program(loss_fn: Callable, kind: str, width: int,
   return fl.LocalProgram(init, step, lambda s: (s.acc, s.n))
 
 
-def fisher_mask(task: base.Task, s: dict, clients) -> jax.Array:
+def fisher_mask(task: base.Task, s, clients) -> jax.Array:
   """bool [T, max_n]: the examples each target client's Fisher is estimated from: its
   local data (or retained data), at most fisher_samples of them, uniformly at random."""
-  src = task.clients.valid if s["fisher_data"] == "local" else task.retain_valid
+  src = task.clients.valid if s.fisher_data == "local" else task.retain_valid
   v = np.array(np.asarray(src)[np.asarray(clients)])
-  m = s["fisher_samples"]
+  m = s.fisher_samples
   if m > 0:
-    keys = sga_lib.client_keys(task.config.seed, FEDAF_ID, _PART_FISHER_SAMPLE, clients)
+    keys = base.client_keys(task.config.seed, FEDAF_ID, _PART_FISHER_SAMPLE, clients)
     for i, key in enumerate(keys):
       rows = np.flatnonzero(v[i])
       if rows.size > m:
@@ -259,7 +271,7 @@ def _uniform(key, n):
   return jax.random.uniform(key, (n,))
 
 
-def client_fisher(task: base.Task, env: base.Env, s: dict, params, clients, y_old):
+def client_fisher(task: base.Task, env: base.Env, s, params, clients, y_old):
   """Per-target-client EWC curvature at theta* = params, stacked on a leading [T] axis:
   the diagonal Fisher (pytree like params) or (S J, n). Returns (curvature, examples)."""
   # im2col: vmapped per-example conv gradients become batched matmuls, not grouped convs.
@@ -267,15 +279,15 @@ def client_fisher(task: base.Task, env: base.Env, s: dict, params, clients, y_ol
   apply_fn = models.logits_fn(model)
   loss_fn = ewc.example_ce_loss(apply_fn)
   label_fn = (functools.partial(ewc.model_labels, apply_fn)
-              if s["fisher_labels"] == "model" else None)
-  program = fisher_program(loss_fn, s["fisher"], s["sketch_width"], label_fn)
+              if s.fisher_labels == "model" else None)
+  program = fisher_program(loss_fn, s.fisher, s.sketch_width, label_fn)
   valid = fisher_mask(task, s, clients)
   idx = np.asarray(clients)
   data = (task.clients.x[idx], np.asarray(y_old)[idx])  # only the targets' images
-  keys = sga_lib.client_keys(task.config.seed, FEDAF_ID, _PART_FISHER, clients)
-  runner = env.runner(program, 1, s["fisher_chunk"])
+  keys = base.client_keys(task.config.seed, FEDAF_ID, _PART_FISHER, clients)
+  runner = env.runner(program, 1, s.fisher_chunk)
   acc, n = runner.run(params, data, valid, None, keys).params
-  curv = _mean_fisher(acc, n) if s["fisher"] == "diag" else (acc, n)
+  curv = _mean_fisher(acc, n) if s.fisher == "diag" else (acc, n)
   return curv, int(np.asarray(n).sum())
 
 
@@ -348,24 +360,24 @@ def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation,
 def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
              use_ewc: bool) -> base.Outcome:
   cfg = task.config
-  s = settings(cfg)
+  s = cfg.fedaf
   name = "fedaf" if use_ewc else "fedaf_c"
-  if use_ewc and s["fisher_data"] == "retain" and task.request.kind == "client":
+  if use_ewc and s.fisher_data == "retain" and task.request.kind == "client":
     raise ValueError("fedaf.fisher_data='retain' needs retained local data; a client "
                      "request leaves the target client none (use 'local')")
-  targets = sga_lib.target_clients(task)
-  y_old = sga_lib.old_labels(task, s["old_labels"])
-  ewc_kind = s["fisher"] if use_ewc else None
-  if s["max_old_loss"] == 0:
+  targets = base.target_clients(task)
+  y_old = base.old_labels(task, s.old_labels)
+  ewc_kind = s.fisher if use_ewc else None
+  if s.max_old_loss == 0:
     max_old_loss = math.log(task.num_classes)
   else:
-    max_old_loss = None if s["max_old_loss"] < 0 else s["max_old_loss"]
-  optimizer = optax.sgd(s["lr"], momentum=s["momentum"] or None)
-  program = unlearn_program(task.apply_fn, optimizer, ewc_kind=ewc_kind, lam=s["lam"],
-                            width=s["sketch_width"], true_weight=s["true_weight"],
+    max_old_loss = None if s.max_old_loss < 0 else s.max_old_loss
+  optimizer = optax.sgd(s.lr, momentum=s.momentum or None)
+  program = unlearn_program(task.apply_fn, optimizer, ewc_kind=ewc_kind, lam=s.lam,
+                            width=s.sketch_width, true_weight=s.true_weight,
                             max_old_loss=max_old_loss)
-  keys = sga_lib.client_keys(cfg.seed, FEDAF_ID, _PART_UNLEARN, targets)
-  epochs = sga_lib.budget_epochs(task, targets, s["epochs"], s["min_steps"], s["batch_size"])
+  keys = base.client_keys(cfg.seed, FEDAF_ID, _PART_UNLEARN, targets)
+  epochs = base.budget_epochs(task, targets, s.epochs, s.min_steps, s.batch_size)
   info = {}
 
   def round_fn(params, r):
@@ -374,25 +386,25 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
     extra, fisher_examples = None, 0
     if use_ewc:
       extra, fisher_examples = client_fisher(task, env, s, params, targets, y_old)
-    out = sga_lib.run_on_targets(task, env, program, params, y=(y_new, y_old),
-                                 epochs=epochs, batch_size=s["batch_size"], keys=keys,
+    out = base.run_on_targets(task, env, program, params, y=(y_new, y_old),
+                                 epochs=epochs, batch_size=s.batch_size, keys=keys,
                                  extra=extra, clients=targets)
     info.update(out.metrics, fisher_examples=fisher_examples)
-    m = sga_lib.round_cost(params, out, epochs)
+    m = dict(out.cost, loss=out.metrics["loss"])
     m["examples"] += fisher_examples
-    return out.params, dict(m, loss=out.metrics["loss"])
+    return out.params, m
 
   params = env.rounds(name, trained.params, 1, round_fn, lambda p: p)
-  params = sga_lib.recover(task, env, name + "_recovery", params, s["recovery_rounds"])
+  params = base.recover(task, env, name + "_recovery", params, s.recovery_rounds)
   d = tu.tree_num_bytes(trained.params)
   results = {f"{name}_target_clients": [int(c) for c in targets],
              f"{name}_target_examples": int(np.asarray(task.forget).sum()),
-             f"{name}_label": s["label"], f"{name}_epochs": epochs}
+             f"{name}_label": s.label, f"{name}_epochs": epochs}
   if use_ewc:
-    results[f"{name}_fisher"] = s["fisher"]
-    results[f"{name}_fisher_labels"] = s["fisher_labels"]
+    results[f"{name}_fisher"] = s.fisher
+    results[f"{name}_fisher_labels"] = s.fisher_labels
     # Curvature held by each target client: d floats (diag) or t * d (sketch).
-    results[f"{name}_curvature_bytes"] = d * (1 if s["fisher"] == "diag" else s["sketch_width"])
+    results[f"{name}_curvature_bytes"] = d * (1 if s.fisher == "diag" else s.sketch_width)
   if "loss" in info:  # absent when the round was restored from a checkpoint
     results[f"{name}_unlearn_loss"] = info["loss"]
     results[f"{name}_stopped_fraction"] = info["stopped"]
@@ -402,8 +414,10 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
 
 
 METHODS = {
-    "fedaf": base.Method("fedaf", base.REQUEST_KINDS, "fedavg",
-                         lambda t, e, tr: _unlearn(t, e, tr, use_ewc=True)),
-    "fedaf_c": base.Method("fedaf_c", base.REQUEST_KINDS, "fedavg",
-                           lambda t, e, tr: _unlearn(t, e, tr, use_ewc=False)),
+    "fedaf": base.Method("fedaf", base.REQUEST_KINDS, base.FEDAVG,
+                         lambda t, e, tr: _unlearn(t, e, tr, use_ewc=True),
+                         validate=validate),
+    "fedaf_c": base.Method("fedaf_c", base.REQUEST_KINDS, base.FEDAVG,
+                           lambda t, e, tr: _unlearn(t, e, tr, use_ewc=False),
+                           validate=validate),
 }

@@ -62,7 +62,6 @@ import optax
 from fu_jax import fl
 from fu_jax import tree as tu
 from fu_jax.methods import base
-from fu_jax.methods import sga as sga_lib
 
 COMBINE = ("client", "mean")
 # Keys of config.federaser that determine the trained model (and its store).
@@ -71,19 +70,28 @@ FEDERASER_ID = 31  # fold_in id under fl.STREAM_UNLEARN
 _PART_SUBSET, _PART_CALIB = 0, 1
 
 
-def settings(config) -> dict:
-  """config.federaser, checked; raises ValueError naming the bad value."""
-  s = config.federaser
-  out = {"interval": int(s.interval), "calib_ratio": float(s.calib_ratio),
-         "combine": str(s.combine)}
-  rounds = int(config.fl.rounds)
-  if not 1 <= out["interval"] <= rounds:
-    raise ValueError(f"federaser.interval={s.interval!r}: allowed 1..fl.rounds={rounds}")
-  if not 0.0 < out["calib_ratio"] <= 1.0:
-    raise ValueError(f"federaser.calib_ratio={s.calib_ratio!r}: must be in (0, 1]")
-  if out["combine"] not in COMBINE:
-    raise ValueError(f"federaser.combine={s.combine!r}: allowed {COMBINE}")
-  return out
+def config_section(fl_cfg):
+  """The `federaser` section (`fl_cfg`: the config's fl section; unused). Training key
+  (a change retrains the federaser model and its store): interval."""
+  del fl_cfg
+  s = base.new_section()
+  s.interval = 1         # Delta t: store rounds 0, Delta t, 2 Delta t, ... (1..fl.rounds)
+  s.calib_ratio = 0.5    # calibration work / local training work (paper 0.5; with 1
+  #                        local epoch: one pass over a random half of the data)
+  s.combine = "client"   # per-client rescaled updates (paper) | mean (reference code)
+  return s
+
+
+RULES = {
+    "calib_ratio": base.in_range(0, 1, low_open=True),
+    "combine": base.one_of(COMBINE),
+}
+
+
+def validate(config):
+  rounds = config.fl.rounds
+  base.check_section(config, "federaser", dict(
+      RULES, interval=base.Rule(lambda v: 1 <= v <= rounds, f"allowed 1..fl.rounds={rounds}")))
 
 
 def num_stored(rounds: int, interval: int) -> int:
@@ -145,7 +153,7 @@ def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
   """FedAvg (the same calls as baselines.train_fedavg, so the same model bit for bit) that
   also stores rounds 0, interval, 2 interval, ...; Trained.extra is the Store."""
   cfg = task.config
-  s = settings(cfg)
+  s = cfg.federaser
   c = task.clients
   program = fl.sgd_program(task.apply_fn, base.client_optimizer(cfg))
   runner = env.runner(program, cfg.fl.local_epochs, cfg.fl.batch_size)
@@ -162,18 +170,16 @@ def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
                           server_opt=server_opt, stream=fl.STREAM_CLIENT)
     active_mask = weights[res.sampled] > 0
     store = state.store
-    if r % s["interval"] == 0:
-      store = _put(store, r // s["interval"], r, state.server.params,
+    if r % s.interval == 0:
+      store = _put(store, r // s.interval, r, state.server.params,
                    jnp.asarray(res.sampled, jnp.int32), jnp.asarray(active_mask),
                    res.client.params)
-    active = int(active_mask.sum())
-    examples = int(np.sum(np.asarray(jnp.take(jnp.sum(c.valid, 1), res.sampled))))
-    m = dict(res.metrics, bytes_up=active * model_bytes, bytes_down=active * model_bytes,
-             examples=examples * epochs)
+    m = dict(res.metrics, **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes,
+                                          epochs=epochs))
     return TrainState(res.server, store), m
 
   init = TrainState(fl.server_init(params, server_opt),
-                    empty_store(params, num_stored(cfg.fl.rounds, s["interval"]), k))
+                    empty_store(params, num_stored(cfg.fl.rounds, s.interval), k))
   state = env.rounds("train", init, cfg.fl.rounds, round_fn, lambda st: st.server.params)
   return base.Trained(state.server.params, extra=state.store)
 
@@ -189,7 +195,7 @@ def removed_client(task: base.Task) -> int:
   if req.kind == "client":
     return int(req.client)
   if req.kind == "class":
-    holders = sga_lib.target_clients(task)
+    holders = base.target_clients(task)
     if len(holders) != 1:
       raise base.Unservable(
           f"federaser removes whole clients: a class request is served only when exactly one "
@@ -250,7 +256,7 @@ def subset_mask(task: base.Task, clients, fraction: float, j: int) -> np.ndarray
 
 def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   cfg = task.config
-  s = settings(cfg)
+  s = cfg.federaser
   store = trained.extra
   if not isinstance(store, Store):
     raise ValueError("federaser needs the updates stored by its own trainer ('federaser'); "
@@ -260,7 +266,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   weights = np.ones(num)
   weights[gone] = 0.0
   counts = np.asarray(task.retain_valid).sum(1).astype(np.float32)
-  epochs, fraction = calib_schedule(cfg.fl.local_epochs, s["calib_ratio"])
+  epochs, fraction = calib_schedule(cfg.fl.local_epochs, s.calib_ratio)
   program = fl.sgd_program(task.apply_fn, base.client_optimizer(cfg))
   runner = env.runner(program, epochs, cfg.fl.batch_size)
   clients_all = np.asarray(store.clients)
@@ -288,11 +294,10 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
                                       j, int(c)) for c in keep])
       res = runner.run(params, (x[keep], y[keep]), valid, None, keys)
       cal = jax.tree.map(lambda c, p: c - p[None], res.params, params)
-      new = combine_updates(old, cal, w, s["combine"])
+      new = combine_updates(old, cal, w, s.combine)
       wn = np.asarray(w) / float(np.sum(w))
       m = {k: float(np.sum(np.asarray(v) * wn)) for k, v in res.metrics.items()}
-      m.update(bytes_up=keep.size * model_bytes, bytes_down=keep.size * model_bytes,
-               examples=int(valid.sum()) * epochs)
+      m.update(fl.round_cost(valid.sum(1), w, model_bytes=model_bytes, epochs=epochs))
     return optax.tree.add(params, optax.tree.scale(server_lr, new)), m
 
   params = env.rounds("federaser", params0, num_rounds, round_fn, lambda p: p)
@@ -311,6 +316,6 @@ def _check(task: base.Task):
   removed_client(task)
 
 
-METHODS = {"federaser": base.Method("federaser", ("class", "client"), "federaser", _unlearn,
-                                    check=_check)}
-TRAINERS = {"federaser": train_federaser}
+TRAINER = base.Trainer("federaser", train_federaser, TRAIN_KEYS)
+METHODS = {"federaser": base.Method("federaser", ("class", "client"), TRAINER, _unlearn,
+                                    check=_check, validate=validate)}

@@ -57,27 +57,32 @@ INITS = ("trained", "scratch")
 FRR_KINDS = ("class", "client_class", "client", "samples")
 
 
-def settings(config) -> dict:
-  """config.frr with 0-means-default values resolved; raises ValueError on bad values."""
-  s = config.frr
-  out = {"init": str(s.init), "rounds": int(s.rounds),
-         "local_epochs": int(s.local_epochs) or int(config.fl.local_epochs),
-         "lr": float(s.lr), "beta1": float(s.beta1), "beta2": float(s.beta2),
-         "eps": float(s.eps)}
-  checks = [
-      (out["init"] in INITS, f"frr.init={s.init!r}: allowed {INITS}"),
-      (out["rounds"] >= 1, f"frr.rounds={s.rounds!r}: must be >= 1"),
-      (out["local_epochs"] >= 1, f"frr.local_epochs={s.local_epochs!r}: must be >= 0 "
-       "(0 = fl.local_epochs)"),
-      (out["lr"] > 0, f"frr.lr={s.lr!r}: must be > 0"),
-      (0 <= out["beta1"] < 1, f"frr.beta1={s.beta1!r}: must be in [0, 1)"),
-      (0 <= out["beta2"] < 1, f"frr.beta2={s.beta2!r}: must be in [0, 1)"),
-      (out["eps"] > 0, f"frr.eps={s.eps!r}: must be > 0"),
-  ]
-  for ok, msg in checks:
-    if not ok:
-      raise ValueError(msg)
-  return out
+def config_section(fl_cfg):
+  """The `frr` section (`fl_cfg`: the config's fl section, which local_epochs follows)."""
+  s = base.new_section()
+  s.init = "trained"         # start from the trained model | scratch (a fresh init)
+  s.rounds = 5               # FedAvg rounds of rapid retraining
+  s.local_epochs = base.linked(fl_cfg, "local_epochs")  # local epochs per round
+  s.lr = 0.001               # eta (paper 0.001)
+  s.beta1 = 0.9              # momentum of the gradient (paper 0.9)
+  s.beta2 = 0.999            # momentum of the squared diagonal Fisher (paper 0.999)
+  s.eps = 1e-4               # damping added to the Fisher before dividing (not in the paper)
+  return s
+
+
+RULES = {
+    "init": base.one_of(INITS),
+    "rounds": base.at_least(1),
+    "local_epochs": base.at_least(1),
+    "lr": base.positive(),
+    "beta1": base.in_range(0, 1, high_open=True),
+    "beta2": base.in_range(0, 1, high_open=True),
+    "eps": base.positive(),
+}
+
+
+def validate(config):
+  base.check_section(config, "frr", RULES)
 
 
 class FrrState(NamedTuple):
@@ -132,18 +137,18 @@ def frr_program(model, *, lr: float, beta1: float, beta2: float,
 
 def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   cfg = task.config
-  s = settings(cfg)
-  program = frr_program(task.model, lr=s["lr"], beta1=s["beta1"], beta2=s["beta2"],
-                        eps=s["eps"])
-  if s["init"] == "trained":
+  s = cfg.frr
+  program = frr_program(task.model, lr=s.lr, beta1=s.beta1, beta2=s.beta2,
+                        eps=s.eps)
+  if s.init == "trained":
     params, offset = trained.params, cfg.fl.rounds
   else:
     params, offset = base.init_params(task), 0
-  params = base.fedavg_phase(task, env, "frr", params, s["rounds"], valid=task.retain_valid,
+  params = base.fedavg_phase(task, env, "frr", params, s.rounds, valid=task.retain_valid,
                              client_weights=task.client_weights, program=program,
-                             epochs=s["local_epochs"], round_offset=offset)
+                             epochs=s.local_epochs, round_offset=offset)
   # Each client keeps 2 extra model-sized moments (m, v) while training.
-  results = {"frr_init": s["init"], "frr_rounds": s["rounds"],
+  results = {"frr_init": s.init, "frr_rounds": s.rounds,
              "frr_retained_examples": int(np.asarray(task.retain_valid).sum())}
   return base.Outcome(params, results)
 
@@ -153,4 +158,4 @@ def kinds() -> tuple:
   return tuple(k for k in base.REQUEST_KINDS if k in FRR_KINDS)
 
 
-METHODS = {"frr": base.Method("frr", kinds(), "fedavg", _unlearn)}
+METHODS = {"frr": base.Method("frr", kinds(), base.FEDAVG, _unlearn, validate=validate)}

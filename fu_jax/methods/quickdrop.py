@@ -727,12 +727,50 @@ def _unlearn_nodistill(task: base.Task, env: base.Env, trained: base.Trained) ->
 WHY_CLASS_ONLY = ("it unlearns by ascent on per-class distilled sets, which hold no "
                   "individual sample or client to remove")
 
+
+# ---------------------------------------------------------------------------------------
+# Config section and registration.
+
+
+def config_section(fl_cfg):
+  """The `quickdrop` section (`fl_cfg`: the config's fl section, which unlearn_batch_size,
+  recovery_epochs and recovery_lr follow). Training keys (TRAIN_KEYS: a change retrains the
+  quickdrop model): scale .. artifacts; the rest is unlearning only."""
+  s = base.new_section()
+  s.scale = 0.01           # synthetic images per class = ceil(n_c * scale), >= 1
+  s.images_per_class = 0   # fixed count per present class instead (0 = use scale)
+  s.image_lr = 0.1         # SGD lr on the synthetic images (DC / QuickDrop)
+  s.image_momentum = 0.5   # its momentum
+  s.metric = "ours"        # gradient-matching distance: ours | mse | cos
+  s.model_update = "real"  # real (reuse the real gradient, paper) | synthetic (official)
+  s.grads = "per_example"  # per-class gradient algorithm: per_example | vmap | unroll
+  s.distill_every = 0      # image step on local steps 0, k, 2k, ... (1 = every step;
+  #                          0 = once per round, at the first step: official schedule)
+  s.chunk_size = 0         # images per chunk of the stored sets (0 = automatic,
+  #                          distill.synthetic_layout; a layout, not a hyperparameter)
+  s.clip_images = False    # keep synthetic pixels within the real data's [min, max]
+  s.artifacts = True       # write pretrain/<dir>/synthetic/client_<k>.{npz,png}
+  # Unlearning keys.
+  s.unlearn_epochs = 1     # SGA epochs on the distilled forget data
+  s.unlearn_lr = 1.0       # SGA step size (with unlearn_normalize: L2 step length)
+  s.unlearn_batch_size = base.linked(fl_cfg, "batch_size")  # SGA batch size
+  s.unlearn_normalize = True  # ascend along g/||g||: unlearn_lr = step length
+  s.recovery_rounds = 5    # FedAvg rounds on the distilled retained data
+  s.recovery_epochs = base.linked(fl_cfg, "local_epochs")  # local epochs per recovery round
+  s.recovery_lr = base.linked(fl_cfg, "client_lr")  # recovery lr; momentum fl.client_momentum
+  s.clip_norm = 1.0        # recovery: clip each client gradient to this norm (0 = off)
+  s.finetune_rounds = 0    # FedAvg rounds on the real retained data afterwards
+  s.sequence = ()          # classes forgotten one after another (must hold the request)
+  return s
+
+
+TRAINER = base.Trainer("quickdrop", train_quickdrop, TRAIN_KEYS)
+
 METHODS = {
-    "quickdrop": base.Method("quickdrop", ("class", "client_class"), "quickdrop", _unlearn,
-                             why=WHY_CLASS_ONLY),
+    "quickdrop": base.Method("quickdrop", ("class", "client_class"), TRAINER, _unlearn,
+                             why=WHY_CLASS_ONLY, validate=settings),
     # Ablation: the same pipeline on the undistilled sets (their real-image initialisation).
     "quickdrop_nodistill": base.Method("quickdrop_nodistill", ("class", "client_class"),
-                                       "quickdrop", _unlearn_nodistill, why=WHY_CLASS_ONLY),
+                                       TRAINER, _unlearn_nodistill, why=WHY_CLASS_ONLY,
+                                       validate=settings),
 }
-
-TRAINERS = {"quickdrop": train_quickdrop}

@@ -32,9 +32,8 @@ the target clients, or a host loop of jitted steps for conv nets on CPU), so it 
 as ordinary local training. `ascent.sga_epoch` computes the same thing inside one
 `lax.scan` (checked equal in tests/test_sga.py).
 
-Shared with fedaf (and usable by any method): `target_clients`, `old_labels`,
-`run_on_targets` (one checkpointed, cost-counted unlearning round over the target clients)
-and `recover` (FedAvg rounds on the retained data).
+The target clients, their unlearning round and the recovery rounds are base's
+(`target_clients`, `budget_epochs`, `run_on_targets`, `recover`), shared with FedAF.
 """
 from __future__ import annotations
 
@@ -43,112 +42,15 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fu_jax import ascent
 from fu_jax import fl
 from fu_jax import losses
-from fu_jax import tree as tu
 from fu_jax.methods import base
-
-OLD_LABELS = ("trained", "original")
 
 # fold_in ids under fl.STREAM_UNLEARN, so methods' randomness never overlaps.
 SGA_ID = 21
-
-
-# ---------------------------------------------------------------------------------------
-# Target clients and their unlearning round (shared with fedaf).
-
-
-def target_clients(task: base.Task) -> np.ndarray:
-  """Sorted indices of the clients holding at least one sample to forget."""
-  return np.flatnonzero(np.asarray(task.forget).any(axis=1))
-
-
-def old_labels(task: base.Task, source: str):
-  """[N, max_n] int labels of the old memories: as trained on, or the clean originals."""
-  if source not in OLD_LABELS:
-    raise ValueError(f"old_labels={source!r}: allowed {OLD_LABELS}")
-  return task.clients.y if source == "trained" else task.y_true
-
-
-def client_keys(seed: int, method_id: int, part: int, clients) -> jax.Array:
-  """One key per client: stream_key(seed, STREAM_UNLEARN, method_id, part, client)."""
-  return jnp.stack([fl.stream_key(seed, fl.STREAM_UNLEARN, method_id, part, int(c))
-                    for c in clients])
-
-
-def budget_epochs(task: base.Task, clients, epochs: int, min_steps: int,
-                  batch_size: int) -> int:
-  """Local epochs of an unlearning round that give every target client at least
-  `min_steps` optimizer steps: max(epochs, ceil(min_steps / s_min)), where s_min =
-  ceil(n_min / batch_size) is the steps per epoch of the target client with the fewest
-  forget samples n_min (a client takes ceil(n_k / batch_size) steps an epoch, so the others
-  take more). An epoch count alone makes the amount of unlearning depend on how many
-  samples a client holds: 40 images at batch 64 are one step an epoch, 1,500 are 24.
-  min_steps 0 = `epochs` as given."""
-  if min_steps <= 0:
-    return int(epochs)
-  counts = np.asarray(task.forget)[np.asarray(clients)].sum(axis=1)
-  counts = counts[counts > 0]
-  if counts.size == 0:
-    return int(epochs)
-  s_min = math.ceil(int(counts.min()) / int(batch_size))
-  return max(int(epochs), math.ceil(int(min_steps) / s_min))
-
-
-class TargetResult(NamedTuple):
-  params: Any         # the aggregated model
-  clients: np.ndarray  # target client indices
-  counts: np.ndarray   # their forget-sample counts (the aggregation weights)
-  metrics: dict        # example-weighted means of the programs' metrics
-
-
-@jax.jit
-def _apply_mean_delta(params, client_params, weights):
-  return optax.tree.add(params, fl.aggregate(params, client_params, weights))
-
-
-def run_on_targets(task: base.Task, env: base.Env, program: fl.LocalProgram, params, *,
-                   y, epochs: int, batch_size: int, keys, extra=None,
-                   clients=None) -> TargetResult:
-  """Runs `program` on each target client's forget samples, from `params`; returns
-  params + sum_k n_k (theta_k - params) / sum_k n_k over the targets (n_k = forget count).
-
-  y: labels pytree with leading [N, max_n] axes (all clients); extra: per-target pytree with
-  a leading [T] axis (T = len(clients)); keys: [T] keys; clients: default target_clients.
-  """
-  idx = target_clients(task) if clients is None else np.asarray(clients)
-  take = lambda a: np.asarray(a)[idx]  # host gathers: no per-shape XLA compile
-  valid = take(task.forget)
-  runner = env.runner(program, epochs, batch_size)
-  x = task.clients.x[idx]  # only the targets' images (clients.x may be an index block)
-  res = runner.run(params, (x, jax.tree.map(take, y)), valid, extra, keys)
-  counts = valid.sum(1).astype(np.float32)
-  new = _apply_mean_delta(params, res.params, counts)
-  w = counts / max(float(counts.sum()), 1.0)
-  metrics = {k: float(np.sum(np.asarray(m) * w)) for k, m in res.metrics.items()}
-  return TargetResult(new, idx, counts.astype(np.int64), metrics)
-
-
-def round_cost(params, result: TargetResult, epochs: int) -> dict:
-  """fl.round_cost of the unlearning round: each target client with samples to forget
-  downloads theta* and uploads its model (the final broadcast is not counted, as for
-  every method)."""
-  return fl.round_cost(result.counts, result.counts, model_bytes=tu.tree_num_bytes(params),
-                       epochs=epochs)
-
-
-def recover(task: base.Task, env: base.Env, phase: str, params, rounds: int):
-  """`rounds` FedAvg rounds on the retained data (forgotten client weighted 0), numbered
-  after the training rounds and the unlearning round."""
-  if rounds <= 0:
-    return params
-  return base.fedavg_phase(task, env, phase, params, int(rounds), valid=task.retain_valid,
-                           client_weights=task.client_weights,
-                           round_offset=task.config.fl.rounds + 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,26 +94,33 @@ def sga_program(apply_fn: Callable, lr: float, *, radius: float | None = None,
   return fl.LocalProgram(init, step, lambda s: s.params)
 
 
-def settings(config) -> dict:
-  """The sga section with its 0-means-default values resolved; raises on bad values."""
-  s = config.sga
-  out = {"lr": float(s.lr), "epochs": int(s.epochs), "min_steps": int(s.min_steps),
-         "batch_size": int(s.batch_size) or int(config.fl.batch_size),
-         "radius_frac": float(s.radius_frac), "max_loss": float(s.max_loss),
-         "old_labels": str(s.old_labels), "recovery_rounds": int(s.recovery_rounds)}
-  if not out["lr"] > 0:
-    raise ValueError(f"sga.lr={s.lr!r}: must be > 0")
-  if out["epochs"] < 1:
-    raise ValueError(f"sga.epochs={s.epochs!r}: must be >= 1")
-  if out["min_steps"] < 0:
-    raise ValueError(f"sga.min_steps={s.min_steps!r}: must be >= 0 (0 = off)")
-  if out["radius_frac"] < 0:
-    raise ValueError(f"sga.radius_frac={s.radius_frac!r}: must be >= 0 (0 = no projection)")
-  if out["recovery_rounds"] < 0:
-    raise ValueError(f"sga.recovery_rounds={s.recovery_rounds!r}: must be >= 0")
-  if out["old_labels"] not in OLD_LABELS:
-    raise ValueError(f"sga.old_labels={s.old_labels!r}: allowed {OLD_LABELS}")
-  return out
+def config_section(fl_cfg):
+  """The `sga` section (`fl_cfg`: the config's fl section, which batch_size follows)."""
+  s = base.new_section()
+  s.lr = 0.1                     # ascent step size
+  s.epochs = 5                   # ascent epochs (max_loss usually ends the ascent earlier)
+  s.min_steps = 0                # epochs raised so each target client has >= this many steps
+  s.batch_size = base.linked(fl_cfg, "batch_size")  # ascent batch size (default fl.batch_size)
+  s.radius_frac = 0.33           # L2 ball around theta*: frac * ||theta_random - theta*|| (0 = none)
+  s.max_loss = 0.0               # stop once a batch CE exceeds it (0 = log K; < 0 = never)
+  s.old_labels = "trained"       # labels ascended: trained (backdoor flips incl.) | original
+  s.recovery_rounds = 1          # FedAvg rounds on retained data afterwards
+  return s
+
+
+RULES = {
+    "lr": base.positive(),
+    "epochs": base.at_least(1),
+    "min_steps": base.at_least(0, "0 = off"),
+    "batch_size": base.at_least(1),
+    "radius_frac": base.at_least(0, "0 = no projection"),
+    "recovery_rounds": base.at_least(0),
+    "old_labels": base.one_of(base.OLD_LABELS),
+}
+
+
+def validate(config):
+  base.check_section(config, "sga", RULES)
 
 
 def ball_radius(task: base.Task, params, frac: float) -> float | None:
@@ -225,30 +134,29 @@ def ball_radius(task: base.Task, params, frac: float) -> float | None:
 
 def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   cfg = task.config
-  s = settings(cfg)
+  s = cfg.sga
   params = trained.params
-  radius = ball_radius(task, params, s["radius_frac"])
-  if s["max_loss"] == 0:
+  radius = ball_radius(task, params, s.radius_frac)
+  if s.max_loss == 0:
     max_loss = math.log(task.num_classes)
   else:
-    max_loss = None if s["max_loss"] < 0 else s["max_loss"]
-  program = sga_program(task.apply_fn, s["lr"], radius=radius, max_loss=max_loss)
-  targets = target_clients(task)
-  y = old_labels(task, s["old_labels"])
-  keys = client_keys(cfg.seed, SGA_ID, 1, targets)
-  epochs = budget_epochs(task, targets, s["epochs"], s["min_steps"], s["batch_size"])
+    max_loss = None if s.max_loss < 0 else float(s.max_loss)
+  program = sga_program(task.apply_fn, s.lr, radius=radius, max_loss=max_loss)
+  targets = base.target_clients(task)
+  y = base.old_labels(task, s.old_labels)
+  keys = base.client_keys(cfg.seed, SGA_ID, 1, targets)
+  epochs = base.budget_epochs(task, targets, s.epochs, s.min_steps, s.batch_size)
   info = {}
 
   def round_fn(p, r):
     del r
-    out = run_on_targets(task, env, program, p, y=y, epochs=epochs,
-                         batch_size=s["batch_size"], keys=keys, clients=targets)
+    out = base.run_on_targets(task, env, program, p, y=y, epochs=epochs,
+                              batch_size=s.batch_size, keys=keys, clients=targets)
     info.update(out.metrics)
-    m = round_cost(p, out, epochs)
-    return out.params, dict(m, loss=out.metrics["loss"])
+    return out.params, dict(out.cost, loss=out.metrics["loss"])
 
   params = env.rounds("sga", params, 1, round_fn, lambda p: p)
-  params = recover(task, env, "sga_recovery", params, s["recovery_rounds"])
+  params = base.recover(task, env, "sga_recovery", params, s.recovery_rounds)
   results = {"sga_target_clients": [int(c) for c in targets],
              "sga_radius": radius, "sga_max_loss": max_loss, "sga_epochs": epochs}
   if "stopped" in info:  # absent when the round was restored from a checkpoint
@@ -256,4 +164,5 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   return base.Outcome(params, results)
 
 
-METHODS = {"sga": base.Method("sga", base.REQUEST_KINDS, "fedavg", _unlearn)}
+METHODS = {"sga": base.Method("sga", base.REQUEST_KINDS, base.FEDAVG, _unlearn,
+                              validate=validate)}
