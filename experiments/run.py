@@ -262,11 +262,9 @@ def build_task(config) -> base.Task:
   weights = np.ones(config.data.num_clients, np.float32)
   if u.kind == "client":
     weights[client] = 0.0
-  hist = data_lib.label_histogram(parts, ds.y_train, ds.num_classes)
   print(f"data {ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, "
         f"{ds.num_classes} classes, {config.data.num_clients} clients, "
         f"sizes {[len(p) for p in parts][:20]}", flush=True)
-  del hist
   model = models.create(config.model.name, ds.num_classes, **_model_overrides(config))
   dev = lambda a: jnp.asarray(a)
   index = dev(clients.index)

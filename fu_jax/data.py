@@ -160,7 +160,7 @@ def _subset(n: int, cap: int | None, rng: np.random.Generator, what: str) -> np.
 
 
 def _finish(name, x_train, y_train, x_test, y_test, *, num_classes=None, seed=0,
-            max_train=None, max_test=None, scaled=False, top=None) -> types.Dataset:
+            max_test=None, scaled=False, top=None) -> types.Dataset:
   """Validate, optionally subsample, scale, standardise and pack a Dataset.
 
   uint8 training images are also kept as codes with the lookup table that normalises them
@@ -177,9 +177,6 @@ def _finish(name, x_train, y_train, x_test, y_test, *, num_classes=None, seed=0,
     raise DataError(f'{name}: train images {x_train.shape[1:]} and test images '
                     f'{x_test.shape[1:]} must have the same [H, W, C]')
   rng = np.random.default_rng(seed)
-  keep = _subset(x_train.shape[0], max_train, rng, 'max_train')
-  if keep.size < x_train.shape[0]:
-    x_train, y_train = x_train[keep], y_train[keep]
   keep = _subset(x_test.shape[0], max_test, rng, 'max_test')
   if keep.size < x_test.shape[0]:
     x_test, y_test = x_test[keep], y_test[keep]
@@ -422,7 +419,7 @@ def _tfds_hint(tfds, name: str, data_dir: str | None) -> str:
     return 'prepare it with file_format="array_record"'
 
 
-def _load_tfds(name: str, data_dir: str | None, seed: int, max_train=None, max_test=None):
+def _load_tfds(name: str, data_dir: str | None, seed: int, max_test=None):
   if name not in TFDS_DATASETS:
     raise DataError(f'tfds:{name}: unsupported dataset; supported: {sorted(TFDS_DATASETS)}')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -430,8 +427,7 @@ def _load_tfds(name: str, data_dir: str | None, seed: int, max_train=None, max_t
   train_split, test_split, num_classes = TFDS_DATASETS[name]
   rng = np.random.default_rng(seed)
   out = []
-  for split, cap, cap_name in ((train_split, max_train, 'max_train'),
-                               (test_split, max_test, 'max_test')):
+  for split, cap, cap_name in ((train_split, None, 'train'), (test_split, max_test, 'max_test')):
     try:
       source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # not prepared, prepared as tfrecord, unknown version, ...
@@ -451,15 +447,16 @@ def _load_tfds(name: str, data_dir: str | None, seed: int, max_train=None, max_t
 
 
 def load_dataset(source: str, *, seed: int = 0, data_dir: str | None = None,
-                 max_train: int | None = None, max_test: int | None = None) -> types.Dataset:
+                 max_test: int | None = None) -> types.Dataset:
   """Loads, validates and normalises a data set.
 
   Args:
     source: 'digits' | 'idx:<dir>' | 'tfds:<name>' | 'npz:<file>' (see the module docstring).
-    seed: the digits train/test split and the max_train/max_test subsets derive from it.
+    seed: the digits train/test split and the max_test subset derive from it.
     data_dir: TFDS data directory (tfds: only; None = TFDS's default).
-    max_train, max_test: optional caps; a seeded random subset (kept in file order) is used.
-      For tfds: only the selected records are read and decoded.
+    max_test: optional cap on the test split; a seeded random subset (kept in file order)
+      is used. For tfds: only the selected records are read and decoded. (A training-set
+      subsample is `subsample_train`: class-stratified, statistics of the full set.)
 
   Returns:
     `types.Dataset` with float32 [n, H, W, C] images standardised with train statistics,
@@ -470,7 +467,7 @@ def load_dataset(source: str, *, seed: int = 0, data_dir: str | None = None,
   """
   if not isinstance(source, str):
     raise DataError(f'source must be a string, one of {SOURCES}, got {source!r}')
-  caps = dict(max_train=max_train, max_test=max_test)
+  caps = dict(max_test=max_test)
   if source == 'digits':
     return _load_digits(seed, **caps)
   prefix, sep, rest = source.partition(':')

@@ -480,18 +480,21 @@ def test_npz_round_trip_nhwc_float_and_nhw_uint16(tmp_path):
   np.testing.assert_allclose(ds.x_train, want, rtol=1e-5, atol=1e-5)
 
 
-def test_max_train_max_test_take_a_seeded_subset(tmp_path):
+def test_max_test_takes_a_seeded_subset(tmp_path):
   x = np.arange(20, dtype=np.float32).reshape(20, 1, 1, 1)
   path = str(tmp_path / 'a.npz')
   np.savez(path, x=x, y=np.arange(20) % 2, x_test=x[:8], y_test=np.zeros(8, int))
-  a = data.load_dataset(f'npz:{path}', max_train=5, max_test=3, seed=1)
-  b = data.load_dataset(f'npz:{path}', max_train=5, max_test=3, seed=1)
-  assert a.x_train.shape == (5, 1, 1, 1) and a.x_test.shape == (3, 1, 1, 1)
-  np.testing.assert_array_equal(a.x_train, b.x_train)
-  # Standardised with the subset's own statistics: rows keep their order and relative values.
-  assert np.all(np.diff(a.x_train[:, 0, 0, 0]) > 0)
-  with pytest.raises(ValueError, match=r'max_train must be a positive int.*0'):
-    data.load_dataset(f'npz:{path}', max_train=0)
+  a = data.load_dataset(f'npz:{path}', max_test=3, seed=1)
+  b = data.load_dataset(f'npz:{path}', max_test=3, seed=1)
+  full = data.load_dataset(f'npz:{path}', seed=1)
+  assert a.x_train.shape == (20, 1, 1, 1) and a.x_test.shape == (3, 1, 1, 1)
+  np.testing.assert_array_equal(a.x_test, b.x_test)
+  np.testing.assert_array_equal(a.x_train, full.x_train)  # the training split is untouched
+  # Three distinct rows of the full test split, in file order, with their values.
+  rows = [int(np.flatnonzero(full.x_test[:, 0, 0, 0] == v)[0]) for v in a.x_test[:, 0, 0, 0]]
+  assert rows == sorted(set(rows)) and len(rows) == 3
+  with pytest.raises(ValueError, match=r'max_test must be a positive int.*0'):
+    data.load_dataset(f'npz:{path}', max_test=0)
 
 
 @pytest.mark.parametrize('arrays,pattern', [
