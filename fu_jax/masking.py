@@ -270,9 +270,8 @@ def channel_effects(apply_fn: Callable, params, x, y, mask=None, *, metric: str 
       (nn.intercept_methods) on the nn.Dense / nn.Conv / nn.ConvTranspose module at the
       layer's path (or any module class with `channel_output_maskable = True`, for custom
       layers whose output channel c is x * kernel[..., c] + bias[c]): the layer and
-      everything before it run once, unbatched. On the 2-conv
-      + 2-dense MNIST CNN (618 channels, 64 images, 2 shared CPU cores) all effects took
-      1.7 s against 9.2 s with 'params' and ~28 s for a Python loop of jitted forwards.
+      everything before it run once, unbatched (several times faster than 'params' on
+      a small CNN; BUILD.md).
     'auto': 'output' for the layers an abstract trace shows it can reach, else 'params'
       (also when the interceptor did not run, e.g. a pre-jitted apply_fn hit its cache).
 

@@ -45,9 +45,9 @@ Convolution implementations (`conv_impl` field of every model, see `conv2d`):
                becomes a batched matmul instead of XLA:CPU's slow grouped convolution.
 All three give the same outputs and gradients (to float32 rounding) and the same params, so
 a model can be re-created with another impl and keep its params. Which is fastest depends on the
-program shape (benchmarks/conv_impl.py; cnn 28x28, XLA:CPU, images/s of an SGD step): plain jit
--> xla or canonical; step inside scan / lax.map -> canonical (xla is ~20-30x slower there);
-vmap over clients or examples with separate weights -> im2col (xla/canonical ~6-10x slower).
+program shape (benchmarks/conv_impl.py; figures in BUILD.md): plain jit -> xla or canonical;
+step inside scan / lax.map -> canonical; vmap over clients or examples with separate weights ->
+im2col.
 """
 import dataclasses
 import functools
@@ -205,7 +205,7 @@ def pool2(x, kind='max'):
   An odd size is floored (last row/column dropped, as PyTorch's MaxPool2d(2) / AvgPool2d(2));
   an axis of size 1 is left unpooled, so this never fails on small maps. Written as
   crop + reshape + reduce rather than reduce_window: same values, and on XLA:CPU its gradient
-  is elementwise instead of select-and-scatter (measured ~1.5x faster train steps).
+  is elementwise instead of select-and-scatter (faster train steps; BUILD.md).
   """
   if kind not in ('max', 'avg'):
     raise ValueError(f"pool kind must be 'max' or 'avg', got {kind!r}")

@@ -5,12 +5,11 @@ environment before the first computation; `use_defaults()` is what `experiments.
 test session and the benchmarks call at start-up. A flag the user already set in XLA_FLAGS
 is left as the user set it.
 
-The default, measured on 2 CPU cores (benchmarks/fl_round.py; BUILD.md):
+The default (its speed-up: benchmarks/fl_round.py, BUILD.md):
   --xla_cpu_experimental_ynn_fusion_type=dot  routes XLA:CPU's dots (and the convolutions
-      it lowers to dots) to YNNPACK kernels: the CNN's SGD step trains 1.5-1.9x faster
-      (1132-1381 vs 601-763 images/s, plain jit, batch 64); gradients agree with the
-      default kernels to 1e-6 relative and are bit-identical from run to run. It only
-      affects the CPU backend.
+      it lowers to dots) to YNNPACK kernels, faster for the CNN's SGD step; gradients agree
+      with the default kernels to 1e-6 relative and are bit-identical from run to run. It
+      only affects the CPU backend.
 """
 from __future__ import annotations
 

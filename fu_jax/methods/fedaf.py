@@ -39,10 +39,10 @@ What the paper fixes, and what we chose where it does not:
     included -- they are the data it holds, and the Taylor argument needs the labels theta*
     was trained on); debias lowers the same label's component.
   * Step size: plain SGD as in the paper (MNIST lr 0.001), default lr 0.002. The loss is
-    unbounded below (-CE); with our FL step sizes (0.05, momentum 0.9) one epoch collapses
-    the model to a single class (Fashion-MNIST, measured), and lambda = 10 with the mean
-    empirical Fisher (tiny at a converged theta*) cannot stop it. `max_old_loss` optionally
-    stops a client once its old-label loss passes chance level (off by default).
+    unbounded below (-CE); at FL step sizes (0.05, momentum 0.9) one epoch collapses the
+    model to a single class, and lambda = 10 with the mean empirical Fisher (tiny at a
+    converged theta*) cannot stop it. `max_old_loss` optionally stops a client once its
+    old-label loss passes chance level (off by default).
   * Unlearning budget: the paper tunes "EWC training epochs" (1 of {1..5}) on its data, but
     with plain SGD the amount of forgetting follows the number of steps, not epochs: a
     client with 40 target images at batch 64 takes 1 step an epoch, one with 1,500 takes
@@ -51,11 +51,11 @@ What the paper fixes, and what we chose where it does not:
     budget) raises the epochs to ceil(min_steps / s_min), s_min the steps per epoch of the
     target client with the fewest target samples; with it lr 0.002 also serves digits (1
     step an epoch). A step floor, not a step count: clients with more data still take
-    whole epochs, as the paper does. We chose it over a stop on the forgetting objective:
-    the paper's loss has no natural stopping point (-CE is unbounded below), and stopping
-    once CE(y_old) passes log K left a client_class backdoor at 20% on Fashion-MNIST. The
-    floor is not free: too many steps at a large lr collapse the model (lr 0.02 for 24
-    steps diverged on digits).
+    whole epochs, as the paper does. The paper's loss has no natural stopping point (-CE
+    is unbounded below), so a stop on the forgetting objective (`max_old_loss`) is the
+    alternative; stopping once CE(y_old) passes log K left a client_class backdoor in
+    place. The floor is not free: too many steps at a large lr collapse the model.
+    (BUILD.md: FedAF's five-seed table and "Unlearning budget vs the amount of data".)
   * Several target clients (class-wide request): each runs the loop on its own target
     samples in one runner call (vmapped or looped, as configured); their models are
     averaged weighted by target-sample counts.
@@ -63,8 +63,8 @@ What the paper fixes, and what we chose where it does not:
     remaining client's retained data (`task.retain_valid`: a client keeps training on its
     other classes, never on the forgotten samples); a forgotten client is weighted 0.
   * Per-example gradients (Fisher) use the same model with `conv_impl='im2col'` (identical
-    parameters and outputs): vmapped per-example conv gradients run ~15x faster as batched
-    matmuls than as XLA:CPU grouped convolutions (measured 64 vs 4 images/s, loaded CPU).
+    parameters and outputs): vmapped per-example conv gradients run as batched matmuls
+    instead of XLA:CPU's slow grouped convolutions.
 
 Communication (fl.round_cost): in the unlearning round each target client downloads theta*
 and uploads one model (teachers, Fisher and labels never leave the client); recovery rounds
@@ -108,8 +108,7 @@ def config_section(fl_cfg):
   #                          ceil(min_steps / steps per epoch)): forgetting that does not
   #                          depend on how many images a client holds (0 = epochs only).
   #                          10 = one epoch of full Fashion-MNIST's class-wide request
-  #                          (600 images at batch 64), so lr 0.002 holds on digits and a
-  #                          4,000-image subset (24 steps at lr 0.02 diverge on digits)
+  #                          (600 images at batch 64), where lr 0.002 was tuned
   s.fisher = "diag"        # H: diag (empirical Fisher diagonal) | sketch (CountSketch S J)
   s.sketch_width = 50      # t, rows of the CountSketch (memory t * d per client)
   s.fisher_labels = "empirical"  # labels of the Fisher's gradients: empirical (held,
@@ -119,7 +118,7 @@ def config_section(fl_cfg):
   s.fisher_chunk = 64      # examples per per-example-gradient call (memory chunk * d)
   s.lr = 0.002             # unlearning SGD lr; paper: MNIST 0.001
   s.momentum = 0.0         # unlearning SGD momentum (paper: plain SGD)
-  s.batch_size = base.linked(fl_cfg, "batch_size")  # unlearning batch size (default fl.batch_size)
+  s.batch_size = base.linked(fl_cfg, "batch_size")  # unlearning batch size
   s.true_weight = 1.0      # weight of the -CE(f(x), y_old) term (paper 1)
   s.max_old_loss = -1.0    # stop a client once batch CE(y_old) > it (0 = log K; < 0 never)
   s.old_labels = "trained"  # y_old: trained (as held, backdoor flips incl.) | original
@@ -161,8 +160,8 @@ def new_labels(task: base.Task, s, clients, y_old) -> jax.Array:
   elsewhere). Teachers of client c come from stream key (seed, UNLEARN, FEDAF_ID, 0, c).
 
   Eq. (3)'s mean over teachers is taken one teacher per `labels.teacher_labels` call: on
-  XLA:CPU a conv forward vmapped over teachers (grouped convolution) ran ~4x slower than
-  the plain forward repeated (measured 30 vs 111 labelled images/s with Q=10).
+  XLA:CPU a conv forward vmapped over teachers becomes a grouped convolution, slower than
+  the plain forward repeated.
   """
   k = task.num_classes
   forget = np.asarray(task.forget)

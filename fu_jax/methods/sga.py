@@ -100,7 +100,7 @@ def config_section(fl_cfg):
   s.lr = 0.1                     # ascent step size
   s.epochs = 5                   # ascent epochs (max_loss usually ends the ascent earlier)
   s.min_steps = 0                # epochs raised so each target client has >= this many steps
-  s.batch_size = base.linked(fl_cfg, "batch_size")  # ascent batch size (default fl.batch_size)
+  s.batch_size = base.linked(fl_cfg, "batch_size")  # ascent batch size
   s.radius_frac = 0.33           # L2 ball around theta*: frac * ||theta_random - theta*|| (0 = none)
   s.max_loss = 0.0               # stop once a batch CE exceeds it (0 = log K; < 0 = never)
   s.old_labels = "trained"       # labels ascended: trained (backdoor flips incl.) | original
