@@ -157,7 +157,8 @@ def validate(config):
 
 def new_labels(task: base.Task, s, clients, y_old) -> jax.Array:
   """float32 [N, max_n, K]: the new label of every target sample of `clients` (zeros
-  elsewhere). Teachers of client c come from stream key (seed, UNLEARN, FEDAF_ID, 0, c).
+  elsewhere); s: the fedaf section (or a dict with its keys). Teachers of client c come
+  from stream key (seed, UNLEARN, FEDAF_ID, 0, c).
 
   Eq. (3)'s mean over teachers is taken one teacher per `labels.teacher_labels` call: on
   XLA:CPU a conv forward vmapped over teachers becomes a grouped convolution, slower than
@@ -167,7 +168,7 @@ def new_labels(task: base.Task, s, clients, y_old) -> jax.Array:
   forget = np.asarray(task.forget)
   y_old = np.asarray(y_old)
   out = np.zeros(forget.shape + (k,), np.float32)
-  variant = s.label
+  variant = s["label"]
   keys = base.client_keys(task.config.seed, FEDAF_ID, _PART_TEACHERS, clients)
   for c, key in zip(clients, keys):
     rows = np.flatnonzero(forget[c])
@@ -176,9 +177,9 @@ def new_labels(task: base.Task, s, clients, y_old) -> jax.Array:
     teachers = None
     if variant in ("teacher", "debias"):
       teachers = labels.init_teachers(task.model, jax.random.fold_in(key, 0), task.input_shape,
-                                      s.teachers, glorot=True)
+                                      s["teachers"], glorot=True)
       teachers = [jax.tree.map(lambda a, q=q: a[q:q + 1], teachers)
-                  for q in range(s.teachers)]
+                  for q in range(s["teachers"])]
     x_c = np.asarray(task.clients.x[int(c)])
     probs = []
     for start in range(0, rows.size, LABEL_CHUNK):
@@ -194,7 +195,7 @@ def new_labels(task: base.Task, s, clients, y_old) -> jax.Array:
     probs = np.concatenate(probs)
     if variant == "debias":  # over the whole target set at once: scope='batch' sees all
       probs = np.asarray(labels.debias(jnp.asarray(probs), jnp.asarray(y_old[c, rows]),
-                                       scope=s.debias_scope))
+                                       scope=s["debias_scope"]))
     out[c, rows] = probs
   return jnp.asarray(out)
 
@@ -250,9 +251,9 @@ def fisher_program(loss_fn: Callable, kind: str, width: int,
 def fisher_mask(task: base.Task, s, clients) -> jax.Array:
   """bool [T, max_n]: the examples each target client's Fisher is estimated from: its
   local data (or retained data), at most fisher_samples of them, uniformly at random."""
-  src = task.clients.valid if s.fisher_data == "local" else task.retain_valid
+  src = task.clients.valid if s["fisher_data"] == "local" else task.retain_valid
   v = np.array(np.asarray(src)[np.asarray(clients)])
-  m = s.fisher_samples
+  m = s["fisher_samples"]
   if m > 0:
     keys = base.client_keys(task.config.seed, FEDAF_ID, _PART_FISHER_SAMPLE, clients)
     for i, key in enumerate(keys):
@@ -278,15 +279,15 @@ def client_fisher(task: base.Task, env: base.Env, s, params, clients, y_old):
   apply_fn = models.logits_fn(model)
   loss_fn = ewc.example_ce_loss(apply_fn)
   label_fn = (functools.partial(ewc.model_labels, apply_fn)
-              if s.fisher_labels == "model" else None)
-  program = fisher_program(loss_fn, s.fisher, s.sketch_width, label_fn)
+              if s["fisher_labels"] == "model" else None)
+  program = fisher_program(loss_fn, s["fisher"], s["sketch_width"], label_fn)
   valid = fisher_mask(task, s, clients)
   idx = np.asarray(clients)
   data = (task.clients.x[idx], np.asarray(y_old)[idx])  # only the targets' images
   keys = base.client_keys(task.config.seed, FEDAF_ID, _PART_FISHER, clients)
-  runner = env.runner(program, 1, s.fisher_chunk)
+  runner = env.runner(program, 1, s["fisher_chunk"])
   acc, n = runner.run(params, data, valid, None, keys).params
-  curv = _mean_fisher(acc, n) if s.fisher == "diag" else (acc, n)
+  curv = _mean_fisher(acc, n) if s["fisher"] == "diag" else (acc, n)
   return curv, int(np.asarray(n).sum())
 
 
@@ -361,22 +362,22 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
   cfg = task.config
   s = cfg.fedaf
   name = "fedaf" if use_ewc else "fedaf_c"
-  if use_ewc and s.fisher_data == "retain" and task.request.kind == "client":
+  if use_ewc and s["fisher_data"] == "retain" and task.request.kind == "client":
     raise ValueError("fedaf.fisher_data='retain' needs retained local data; a client "
                      "request leaves the target client none (use 'local')")
   targets = base.target_clients(task)
-  y_old = base.old_labels(task, s.old_labels)
-  ewc_kind = s.fisher if use_ewc else None
-  if s.max_old_loss == 0:
+  y_old = base.old_labels(task, s["old_labels"])
+  ewc_kind = s["fisher"] if use_ewc else None
+  if s["max_old_loss"] == 0:
     max_old_loss = math.log(task.num_classes)
   else:
-    max_old_loss = None if s.max_old_loss < 0 else s.max_old_loss
-  optimizer = optax.sgd(s.lr, momentum=s.momentum or None)
-  program = unlearn_program(task.apply_fn, optimizer, ewc_kind=ewc_kind, lam=s.lam,
-                            width=s.sketch_width, true_weight=s.true_weight,
+    max_old_loss = None if s["max_old_loss"] < 0 else s["max_old_loss"]
+  optimizer = optax.sgd(s["lr"], momentum=s["momentum"] or None)
+  program = unlearn_program(task.apply_fn, optimizer, ewc_kind=ewc_kind, lam=s["lam"],
+                            width=s["sketch_width"], true_weight=s["true_weight"],
                             max_old_loss=max_old_loss)
   keys = base.client_keys(cfg.seed, FEDAF_ID, _PART_UNLEARN, targets)
-  epochs = base.budget_epochs(task, targets, s.epochs, s.min_steps, s.batch_size)
+  epochs = base.budget_epochs(task, targets, s["epochs"], s["min_steps"], s["batch_size"])
   info = {}
 
   def round_fn(params, r):
@@ -386,7 +387,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
     if use_ewc:
       extra, fisher_examples = client_fisher(task, env, s, params, targets, y_old)
     out = base.run_on_targets(task, env, program, params, y=(y_new, y_old),
-                                 epochs=epochs, batch_size=s.batch_size, keys=keys,
+                                 epochs=epochs, batch_size=s["batch_size"], keys=keys,
                                  extra=extra, clients=targets)
     info.update(out.metrics, fisher_examples=fisher_examples)
     m = dict(out.cost, loss=out.metrics["loss"])
@@ -394,16 +395,16 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
     return out.params, m
 
   params = env.rounds(name, trained.params, 1, round_fn, lambda p: p)
-  params = base.recover(task, env, name + "_recovery", params, s.recovery_rounds)
+  params = base.recover(task, env, name + "_recovery", params, s["recovery_rounds"])
   d = tu.tree_num_bytes(trained.params)
   results = {f"{name}_target_clients": [int(c) for c in targets],
              f"{name}_target_examples": int(np.asarray(task.forget).sum()),
-             f"{name}_label": s.label, f"{name}_epochs": epochs}
+             f"{name}_label": s["label"], f"{name}_epochs": epochs}
   if use_ewc:
-    results[f"{name}_fisher"] = s.fisher
-    results[f"{name}_fisher_labels"] = s.fisher_labels
+    results[f"{name}_fisher"] = s["fisher"]
+    results[f"{name}_fisher_labels"] = s["fisher_labels"]
     # Curvature held by each target client: d floats (diag) or t * d (sketch).
-    results[f"{name}_curvature_bytes"] = d * (1 if s.fisher == "diag" else s.sketch_width)
+    results[f"{name}_curvature_bytes"] = d * (1 if s["fisher"] == "diag" else s["sketch_width"])
   if "loss" in info:  # absent when the round was restored from a checkpoint
     results[f"{name}_unlearn_loss"] = info["loss"]
     results[f"{name}_stopped_fraction"] = info["stopped"]
