@@ -150,7 +150,7 @@ def store_bytes(store: Store) -> dict:
 
 
 def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
-  """FedAvg (the same calls as baselines.train_fedavg, so the same model bit for bit) that
+  """FedAvg (the same calls as base.train_fedavg, so the same model bit for bit) that
   also stores rounds 0, interval, 2 interval, ...; Trained.extra is the Store."""
   cfg = task.config
   s = cfg.federaser
