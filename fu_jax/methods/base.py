@@ -1,4 +1,5 @@
-"""What every unlearning method sees, and the FedAvg phase helper they share.
+"""What every unlearning method sees, and the helpers they share: FedAvg phases (and the
+FedAvg trainer), the unlearning round over the target clients, config sections and checks.
 
 A method is a `Method(name, kinds, trainer, unlearn, why, check=None, validate=None)`:
   kinds     request kinds it serves (class | client_class | client | samples); others are
@@ -14,7 +15,7 @@ A `Trainer(name, train, keys)` is train(task, env) -> Trained, run once per work
 training config; `keys` are the keys of config.<name> that shape the trained model (they
 enter the trained-model cache key; the section's other keys are unlearning-only).
 
-Configuration: each method module owns its config section (`config_section(fl)`: defaults
+Configuration: each method module owns its config section (`config_section(fl_cfg)`: defaults
 and what each key means; experiments/configs/default.py assembles them) and reads it
 directly (`task.config.<section>.<key>`). A default that follows an `fl.*` value is a
 `linked` field reference, and `check_section` validates a section against its `Rule`s.
