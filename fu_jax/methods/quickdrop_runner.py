@@ -26,10 +26,6 @@ from fu_jax import tree as tu
 from fu_jax.methods import base
 from fu_jax.metrics import accuracy as acc_lib
 
-__all__ = ["chunks_in_use", "UsedChunksRunner", "scatter_sets", "SetPhases", "record",
-           "artifact_dir", "write_synthetic"]
-
-
 # ---------------------------------------------------------------------------------------
 # Training: clients over chunked sets.
 
