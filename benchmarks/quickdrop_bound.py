@@ -18,6 +18,8 @@ different sets and compares retained test accuracy (forget class --forget_class)
                    cannot give a better recovery step than this: `oracle - real subset` bounds
                    what distillation can add to the recovery at this number of recovery
                    rounds;
+  oracle SGA+recovery  the same, with the SGA step also taken on each client's whole real
+                   forget data (one full-batch normalised step): perfect sets in both phases;
   masked logits    the trained model with the forgotten class's logit removed (no unlearning
                    step at all): what retain accuracy is when the forgotten class simply
                    stops being predicted.
@@ -113,18 +115,27 @@ def with_recovery(task: base.Task, rounds: int) -> base.Task:
   return task._replace(config=cfg)
 
 
-def oracle(task: base.Task, env, params, rounds: int, forgotten) -> dict:
-  """Recovery rounds on every client's whole real retained data, one full-batch step each."""
+def oracle(task: base.Task, env, params, rounds: int, forgotten, *, sga: bool = False):
+  """Recovery rounds on every client's whole real retained data, one full-batch step each
+  (sga=True: first QuickDrop's SGA round with one full-batch step on each client's real
+  forget data). Returns (evaluation, params)."""
   cfg = task.config.copy_and_resolve_references()
   c = task.clients
   cfg.fl.batch_size = int(np.asarray(c.valid).sum(axis=1).max())
   s = qd.settings(cfg)
   phases = qd.unlearning_phases(task._replace(config=cfg), env, s)
-  keep = c.valid & ~np.isin(np.asarray(task.y_true), forgotten)
-  params = phases.run("oracle", params, rounds, (images.materialize(c.x), c.y), keep,
-                      program="recovery", weights=np.asarray(task.client_weights, np.float32),
-                      num_sampled=base.num_sampled(cfg), round_offset=cfg.fl.rounds + 1)
-  return evaluate(task, params, forgotten)
+  real = (images.materialize(c.x), c.y)
+  weights = np.asarray(task.client_weights, np.float32)
+  drop = np.isin(np.asarray(task.y_true), forgotten)
+  if sga:
+    fvalid = c.valid & drop
+    params = phases.run("oracle_sga", params, 1, real, fvalid, program="sga",
+                        weights=fvalid.sum(axis=1).astype(np.float32) * weights,
+                        num_sampled=len(weights), round_offset=cfg.fl.rounds)
+  params = phases.run("oracle", params, rounds, real, c.valid & ~drop, program="recovery",
+                      weights=weights, num_sampled=base.num_sampled(cfg),
+                      round_offset=cfg.fl.rounds + 1)
+  return evaluate(task, params, forgotten), params
 
 
 def evaluate(task: base.Task, params, forgotten, apply_fn=None) -> dict:
@@ -147,6 +158,7 @@ def probe(args, seed: int, pretrain_dir: str | None) -> dict:
   drop = np.isin(np.arange(task.num_classes), forgotten)
   masked = lambda p, x: jax.numpy.where(drop, -1e9, task.apply_fn(p, x))
   out["masked logits"] = evaluate(task, trained.params, forgotten, masked)
+  out["oracle SGA"] = oracle(task, env, trained.params, 0, forgotten, sga=True)[0]
   sga_real = qd._unlearn(with_recovery(task, 0), env,  # pylint: disable=protected-access
                          trained._replace(extra=real)).params
   out["after SGA (distilled)"] = evaluate(
@@ -160,7 +172,9 @@ def probe(args, seed: int, pretrain_dir: str | None) -> dict:
     out[f"real subset@{rec}"] = evaluate(
         task, qd._unlearn(t, env, trained._replace(extra=real)).params,  # pylint: disable=protected-access
         forgotten)
-    out[f"oracle@{rec}"] = oracle(task, env, sga_real, rec, forgotten)
+    out[f"oracle@{rec}"] = oracle(task, env, sga_real, rec, forgotten)[0]
+    out[f"oracle SGA+recovery@{rec}"] = oracle(task, env, trained.params, rec, forgotten,
+                                               sga=True)[0]
     print(f"  seed {seed} recovery {rec}: " + ", ".join(
         f"{k} {100 * out[k]['retain_acc']:.1f}" for k in
         (f"distilled@{rec}", f"real subset@{rec}", f"oracle@{rec}")), flush=True)
