@@ -36,7 +36,7 @@ import json
 import os
 import sys
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,11 +128,12 @@ def oracle(task: base.Task, env, params, rounds: int, forgotten, *, sga: bool = 
   weights = np.asarray(task.client_weights, np.float32)
   drop = np.isin(np.asarray(task.y_true), forgotten)
   if sga:
-    fvalid = c.valid & drop
+    fvalid = jnp.asarray(np.asarray(c.valid) & drop)
     params = phases.run("oracle_sga", params, 1, real, fvalid, program="sga",
                         weights=fvalid.sum(axis=1).astype(np.float32) * weights,
                         num_sampled=len(weights), round_offset=cfg.fl.rounds)
-  params = phases.run("oracle", params, rounds, real, c.valid & ~drop, program="recovery",
+  keep = jnp.asarray(np.asarray(c.valid) & ~drop)
+  params = phases.run("oracle", params, rounds, real, keep, program="recovery",
                       weights=weights, num_sampled=base.num_sampled(cfg),
                       round_offset=cfg.fl.rounds + 1)
   return evaluate(task, params, forgotten), params
@@ -156,7 +157,7 @@ def probe(args, seed: int, pretrain_dir: str | None) -> dict:
                      "a different data or training config")
   out = {"trained": evaluate(task, trained.params, forgotten)}
   drop = np.isin(np.arange(task.num_classes), forgotten)
-  masked = lambda p, x: jax.numpy.where(drop, -1e9, task.apply_fn(p, x))
+  masked = lambda p, x: jnp.where(drop, -1e9, task.apply_fn(p, x))
   out["masked logits"] = evaluate(task, trained.params, forgotten, masked)
   out["oracle SGA"] = oracle(task, env, trained.params, 0, forgotten, sga=True)[0]
   sga_real = qd._unlearn(with_recovery(task, 0), env,  # pylint: disable=protected-access

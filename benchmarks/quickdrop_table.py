@@ -72,6 +72,8 @@ def make_config(name: str, args, method: str):
     c.eval_every = c.checkpoint_every = max(1, args.fmnist_rounds // 2)
     c.quickdrop.distill_every = args.fmnist_distill_every
     c.data.train_size = getattr(args, "train_size", 0)
+    if getattr(args, "source", ""):
+      c.data.source = args.source
   if getattr(args, "image_lr", 0):
     c.quickdrop.image_lr = args.image_lr
   c.mia.enabled = False
@@ -174,7 +176,12 @@ def sequence(args) -> dict:
 
 
 def _size_tag(name: str, args) -> str:
-  return f"_n{args.train_size}" if name != "digits" and args.train_size else ""
+  if name == "digits":
+    return ""
+  tag = f"_n{args.train_size}" if args.train_size else ""
+  if args.source:
+    tag += "_" + os.path.splitext(os.path.basename(args.source.split(":", 1)[-1]))[0]
+  return tag
 
 
 def _train_tag(name: str, args) -> str:
@@ -391,6 +398,8 @@ def main():
   p.add_argument("--train_size", type=int, default=0,
                  help="Fashion-MNIST: a seeded subsample of this many training images "
                       "(0 = all 60,000)")
+  p.add_argument("--source", default="",
+                 help="Fashion-MNIST: data.source override (e.g. npz:<file> of a fixed subsample)")
   p.add_argument("--image_lr", type=float, default=0.0,
                  help="quickdrop.image_lr (0 = the config's)")
   ARGS = args = p.parse_args()
