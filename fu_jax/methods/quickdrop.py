@@ -1,7 +1,8 @@
 """QuickDrop: federated unlearning with dataset distillation integrated into training.
 
 Dhasade, Ding, Guo, Kermarrec, de Vos and Wu, "QuickDrop: Efficient Federated Unlearning by
-Integrated Dataset Distillation", arXiv:2311.15603 (Middleware 2024). The distillation is
+Integrated Dataset Distillation", arXiv:2311.15603 (2023); published as "QuickDrop: Efficient
+Federated Unlearning via Synthetic Data Generation", Middleware 2024. The distillation is
 Zhao, Mopuri & Bilen's gradient matching ("Dataset Condensation with Gradient Matching",
 ICLR 2021), see `fu_jax.distill`.
 
