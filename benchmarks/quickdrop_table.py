@@ -55,7 +55,6 @@ xla_flags.use_defaults()  # before any JAX computation
 from experiments import run as run_lib  # pylint: disable=wrong-import-position
 from experiments.configs import digits as digits_cfg  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist as fmnist_cfg  # pylint: disable=wrong-import-position
-from fu_jax import data as data_lib  # pylint: disable=wrong-import-position
 from fu_jax import fl  # pylint: disable=wrong-import-position
 from fu_jax.methods import base  # pylint: disable=wrong-import-position
 from fu_jax.methods import quickdrop as qd  # pylint: disable=wrong-import-position
@@ -72,35 +71,15 @@ def make_config(name: str, args, method: str):
     c.fl.rounds = args.fmnist_rounds
     c.eval_every = c.checkpoint_every = max(1, args.fmnist_rounds // 2)
     c.quickdrop.distill_every = args.fmnist_distill_every
-    if getattr(args, "train_size", 0):
-      c.data.source = "npz:" + fmnist_subsample(args.workdir, args.train_size)
+    c.data.train_size = getattr(args, "train_size", 0)
+    if getattr(args, "source", ""):
+      c.data.source = args.source
   if getattr(args, "image_lr", 0):
     c.quickdrop.image_lr = args.image_lr
   c.mia.enabled = False
   c.unlearn.forget_class = args.forget_class
   c.method = method
   return c
-
-
-def fmnist_subsample(workdir: str, n: int) -> str:
-  """<workdir>/fmnist_train<n>.npz: n training images of Fashion-MNIST drawn uniformly
-  without replacement (numpy seed 0, kept in file order) and the whole test set, as uint8.
-  One subsample for every run seed, so seeds vary the training, not the data."""
-  path = os.path.join(workdir, f"fmnist_train{n}.npz")
-  if os.path.exists(path):
-    return path
-  src = fmnist_cfg.get_config().data.source.split(":", 1)[1]
-  find = data_lib._find_idx  # pylint: disable=protected-access
-  arrays = {k: data_lib.read_idx(find(src, stem)) for k, stem in data_lib.IDX_FILES.items()}
-  if not 0 < n <= len(arrays["y_train"]):
-    raise SystemExit(f"--train_size={n}: must be in 1..{len(arrays['y_train'])}")
-  keep = np.sort(np.random.default_rng(0).choice(len(arrays["y_train"]), n, replace=False))
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, x=arrays["x_train"][keep], y=arrays["y_train"][keep],
-           x_test=arrays["x_test"], y_test=arrays["y_test"])
-  os.replace(tmp, path)
-  return path
 
 
 def run_cached(config, workdir: str) -> dict:
@@ -197,7 +176,12 @@ def sequence(args) -> dict:
 
 
 def _size_tag(name: str, args) -> str:
-  return f"_n{args.train_size}" if name != "digits" and args.train_size else ""
+  if name == "digits":
+    return ""
+  tag = f"_n{args.train_size}" if args.train_size else ""
+  if args.source:
+    tag += "_" + os.path.splitext(os.path.basename(args.source.split(":", 1)[-1]))[0]
+  return tag
 
 
 def _train_tag(name: str, args) -> str:
@@ -414,6 +398,8 @@ def main():
   p.add_argument("--train_size", type=int, default=0,
                  help="Fashion-MNIST: a seeded subsample of this many training images "
                       "(0 = all 60,000)")
+  p.add_argument("--source", default="",
+                 help="Fashion-MNIST: data.source override (e.g. npz:<file> of a fixed subsample)")
   p.add_argument("--image_lr", type=float, default=0.0,
                  help="quickdrop.image_lr (0 = the config's)")
   ARGS = args = p.parse_args()

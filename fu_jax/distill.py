@@ -19,10 +19,11 @@ images of one class (a class with more than b images spans several chunks):
 
 A set of clients is the same pytree with one more leading axis; C and b are static and shared
 by the clients that are stacked (vmap needs static shapes): compute them host-side with
-`synthetic_layout`. Chunks instead of one row per class because class sizes are skewed: on
-Dirichlet(0.1) Fashion-MNIST one client holds 60 synthetic images of a class and 1 of
-others, and a [K, max size] array would make every image step work on 600 slots for ~70
-images. Chunk size b = max size (one chunk per present class) is the plain per-class layout.
+`synthetic_layout`. Chunks instead of one row per class because class sizes can be skewed
+(under a Dirichlet partition one class of a client may need dozens of synthetic images and
+the others one each), and a [K, max size] array would make every image step work on K x max
+size slots. Chunk size b = max size (one chunk per present class) is the plain per-class
+layout.
 `flatten` gives the [C*b, ...] view for training a model on the synthetic set;
 `class_masks` selects the images of given classes.
 
@@ -174,7 +175,7 @@ def _resolve_vectorize(vectorize, params):
     return vectorize
   # XLA:CPU lowers a vmapped convolution weight gradient to a grouped convolution, several
   # times slower than K separate ones; dense-only models batch well under vmap and compile
-  # faster (measured in benchmarks/distill_sanity.py).
+  # faster (benchmarks/distill_sanity.py times both).
   has_conv = any(jnp.ndim(p) > 2 for p in jax.tree.leaves(params))
   return 'unroll' if has_conv and jax.default_backend() == 'cpu' else 'vmap'
 
@@ -194,14 +195,14 @@ def per_class_grads(apply_fn: ApplyFn, params, x, y, mask, num_classes: int, *,
     params: parameter pytree.
     x: [B, ...] inputs. y: int [B] labels. mask: bool [B] (False on padding).
     num_classes: K (static).
-    method: how the K gradients are computed (same result up to float rounding). Costs in
-      units of one batch gradient, measured for a 2-conv CNN on 28x28, B=64, K=10, CPU:
+    method: how the K gradients are computed (same result up to float rounding; their
+      costs on CPU are in BUILD.md):
       'per_example' (default): per-example gradients (vmap over the batch) contracted with
-        the [B, K] class weights w_ic = mask_i [y_i = c] / n_c. 2.4x; memory B x |params|.
+        the [B, K] class weights w_ic = mask_i [y_i = c] / n_c; memory B x |params|.
         Needs a model that treats examples independently (no batch norm; fu_jax has none).
-      'vmap': one forward pass and a vmap of its VJP over the K weight vectors. 13x on CPU
-        (the vmapped weight gradient becomes a grouped convolution); memory K x |params|.
-      'unroll': the same VJP, a Python loop over the K classes. 6x.
+      'vmap': one forward pass and a vmap of its VJP over the K weight vectors; memory
+        K x |params| (on CPU the vmapped weight gradient becomes a grouped convolution).
+      'unroll': the same VJP, a Python loop over the K classes.
 
   Returns:
     pytree like params with a leading axis K on every leaf.
@@ -272,8 +273,7 @@ def synthetic_sizes(counts_per_class, scale: float = 0.01,
 
 
 # A chunk costs like this many extra images in the image step (its VJP and second-order pass
-# have a fixed per-op cost): 3.4 measured for Fashion-MNIST's CNN on CPU (chunks of 7-60
-# images). Only steers the automatic chunk size.
+# have a fixed per-op cost; fitted on CPU, BUILD.md). Only steers the automatic chunk size.
 CHUNK_OVERHEAD_IMAGES = 4
 
 
@@ -411,8 +411,8 @@ def chunk_grads(apply_fn: ApplyFn, params, syn_x, syn_y, syn_valid, *, vectorize
   valid images, sum_{s valid} CE(f(x[j, s]; theta), y[j, s]). Differentiable in syn_x.
 
   vectorize: 'vmap' over chunks; 'unroll' (a Python loop over the C chunks inside the trace:
-    C times the graph and ~2-3x the compile time, but for a small CNN on CPU ~7x faster per
-    step than vmap, whose weight gradients become grouped convolutions); 'auto': unroll for
+    C times the graph and a longer compile, but for a small CNN on CPU much faster per step
+    than vmap, whose weight gradients become grouped convolutions); 'auto': unroll for
     models with conv kernels on CPU, else vmap.
   """
   vectorize = _resolve_vectorize(vectorize, params)

@@ -243,14 +243,14 @@ def test_server_work_and_recovery_are_unlearning_time(tmp_path, monkeypatch):
   # Channel CE's effects (server work outside rounds) and QuickDrop's SGA and recovery
   # phases (rounds) count on both clocks; evaluation never does.
   from fu_jax.methods import channel
-  from fu_jax.methods import quickdrop
+  from fu_jax.methods import quickdrop_runner
   clock = _VirtualTime()
   monkeypatch.setattr(run_lib, "time", clock)
   monkeypatch.setattr(run_lib, "evaluate", _delayed(run_lib.evaluate, clock, 1000.0))
   monkeypatch.setattr(channel, "effects_and_selection",
                       _delayed(channel.effects_and_selection, clock, 100.0))
-  monkeypatch.setattr(quickdrop._SynPhases, "run",  # pylint: disable=protected-access
-                      _delayed(quickdrop._SynPhases.run, clock, 100.0))  # pylint: disable=protected-access
+  monkeypatch.setattr(quickdrop_runner.SetPhases, "run",
+                      _delayed(quickdrop_runner.SetPhases.run, clock, 100.0))
   kw = {"data.num_clients": 2, "fl.rounds": 2, "quickdrop.recovery_rounds": 1,
         "model.hidden": (32,), "quickdrop.artifacts": False}
   for method, at_least in (("channel_ce", 100.0), ("quickdrop", 200.0)):

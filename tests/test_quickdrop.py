@@ -17,6 +17,7 @@ from fu_jax import fl
 from fu_jax import losses
 from fu_jax import models
 from fu_jax.methods import quickdrop as qd
+from fu_jax.methods import quickdrop_runner as qr
 from tests.test_experiments import small_config
 
 K = 4
@@ -162,8 +163,8 @@ def test_used_chunks_runner_equals_the_uncut_run():
       seen.append(extra[0].x.shape[:2])
       return inner.run(server_params, data, valid, extra, keys)
 
-  cut = qd.UsedChunksRunner(Spy())
-  np.testing.assert_array_equal(qd.chunks_in_use(syn), used)
+  cut = qr.UsedChunksRunner(Spy())
+  np.testing.assert_array_equal(qr.chunks_in_use(syn), used)
   np.testing.assert_array_equal(cut.widths(syn), [2, 4, 6])
   want = inner.run(params, (x, y), valid, extra, keys)
   got = cut.run(params, (x, y), valid, extra, keys)
@@ -229,11 +230,11 @@ def test_synthetic_phases_clamp_the_batch_without_changing_the_step():
   task = types.SimpleNamespace(apply_fn=models.logits_fn(model), config=cfg)
   env = types.SimpleNamespace(runner=lambda p, e, b: fl.ClientRunner(
       p, kind="loop", epochs=e, batch_size=b))
-  phases = qd._SynPhases(task, env, qd.settings(cfg))  # pylint: disable=protected-access
-  assert phases.runner(True, 6).batch_size == 8
-  assert phases.runner(False, 13).batch_size == 16
-  assert phases.runner(False, 100).batch_size == 64
-  assert phases.runner(True, 5) is phases.runner(True, 8)  # built once per batch size
+  phases = qd.unlearning_phases(task, env, qd.settings(cfg))
+  assert phases.runner("sga", 6).batch_size == 8
+  assert phases.runner("recovery", 13).batch_size == 16
+  assert phases.runner("recovery", 100).batch_size == 64
+  assert phases.runner("sga", 5) is phases.runner("sga", 8)  # built once per batch size
   n, m = 3, 24  # 3 clients, 24 slots each, 5-7 valid images scattered among them
   x = jax.random.normal(jax.random.key(5), (n, m, 3, 3, 1))
   y = jax.random.randint(jax.random.key(6), (n, m), 0, K)
@@ -241,10 +242,10 @@ def test_synthetic_phases_clamp_the_batch_without_changing_the_step():
   for c, rows in enumerate(([0, 5, 9, 17, 23], [1, 2, 3, 12, 13, 20], [4, 6, 8, 10, 14, 16, 22])):
     valid[c, rows] = True
   keys = jax.random.split(jax.random.key(7), n)
-  for sga in (True, False):
-    full = env.runner(phases._programs[sga][0], 1, 64)  # pylint: disable=protected-access
+  for name in ("sga", "recovery"):
+    full = env.runner(phases.program(name), 1, 64)
     want = full.run(params, (x, y), jnp.asarray(valid), None, keys).params
-    got = phases.runner(sga, 7).run(params, (x, y), jnp.asarray(valid), None, keys).params
+    got = phases.runner(name, 7).run(params, (x, y), jnp.asarray(valid), None, keys).params
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in

@@ -1,93 +1,78 @@
-"""QuickDrop (Dhasade et al., "QuickDrop: Efficient Federated Unlearning by Integrated Dataset
-Distillation", arXiv:2311.15603; docs/design.md §5).
+"""QuickDrop: federated unlearning with dataset distillation integrated into training.
 
-Trainer `quickdrop` (Method.pretrain='quickdrop'): FedAvg in which every client also keeps a
-synthetic set per local class (distill.SyntheticSet, ceil(n_c * scale) images, >= 1 per
-present class, or a fixed images_per_class), initialised from its own real images. Each
-local step computes the per-class mean gradients g_c of the real batch once
-(distill.per_class_grads) and uses them twice:
+Dhasade, Ding, Guo, Kermarrec, de Vos and Wu, "QuickDrop: Efficient Federated Unlearning by
+Integrated Dataset Distillation", arXiv:2311.15603 (2023); published as "QuickDrop: Efficient
+Federated Unlearning via Synthetic Data Generation", Middleware 2024. The distillation is
+Zhao, Mopuri & Bilen's gradient matching ("Dataset Condensation with Gradient Matching",
+ICLR 2021), see `fu_jax.distill`.
 
-  model   theta <- opt(theta, sum_c n_c g_c / sum_c n_c)     model_update='real' (paper)
-          theta <- opt(theta, grad CE(S; theta))             model_update='synthetic'
-  images  S_c <- SGD_{lr 0.1, momentum 0.5}(S_c, grad_S sum_c D(g_c, grad CE(S_c; theta)))
+Training (trainer `quickdrop`). Client k keeps for each class c it holds a synthetic set
+S_kc of m_kc = ceil(scale * n_kc) images (or images_per_class), initialised with distinct
+real images of the class. A local step on a real mini-batch B (B_c its examples of class c)
+at parameters theta computes the per-class gradients once and uses them twice:
 
-D is DC's layer-wise, output-channel-wise cosine distance (distill.match_loss). The sets and
-their image-optimizer state stay on the clients across rounds: the trainer's round state
-is (ServerState, sets [N, ...], image opt states [N, ...]), checkpointed with the model.
-'real' takes the same model step as plain FedAvg (combine_class_grads is the batch mean
-gradient), so the trained model equals fedavg's up to float rounding.
+    g_c   = grad_theta (1 / |B_c|) sum_{(x, y) in B_c} CE(f(x; theta), y)
+    S_k   <- S_k - SGD_momentum(grad_S sum_{c in B} D(g_c, grad_theta CE(S_kc; theta)))
+    theta <- opt(theta, sum_c |B_c| g_c / |B|)          model_update='real' (the FedAvg step)
+          or opt(theta, grad_theta CE(S_k; theta))      model_update='synthetic'
 
-Method `quickdrop` (class, client_class; several classes at once via unlearn.also_classes):
-  1. SGA: one round in which every client holding distilled forget data runs
-     `unlearn_epochs` of stochastic gradient ASCENT on it; the server takes the FedAvg mean
-     of their models (weighted by their distilled forget counts).
-  2. Recovery: `recovery_rounds` FedAvg rounds on the distilled data of what is kept.
-  3. Optional `finetune_rounds` FedAvg rounds on the real retained data.
-`quickdrop.sequence = (c1, c2, ...)` forgets classes one after another (SGA + recovery per
-class), recording retain/forget accuracy after each step (results['sequence']).
+D is the layer-wise, output-channel-wise cosine distance sum_layers sum_o (1 - cos(r_o, s_o))
+(`distill.match_loss`). The server averages the client models as in FedAvg; the sets stay
+on the clients.
 
-Method `quickdrop_nodistill` (the ablation): the same steps 1-3 from the same trained model,
-on the sets as the trainer initialised them (a random real subset of the same size), so the
-distillation's contribution is the difference of the two (model_update='real' only).
+Unlearning the classes F (method `quickdrop`; class and client_class requests):
 
-Choices the paper / official code leave open, and ours:
-- Persistence: the official client re-initialises its synthetic set from real images at every
-  round (only the last round's set survives); the paper describes sets refined over the
-  whole training. We keep them (and their momentum) per client across rounds.
-- Matching target: the official code draws a separate real batch per class (batch_real 256)
-  for the target; we reuse the per-class gradients of the FL mini-batch itself (the
-  paper's point: no extra real-data gradient). Classes absent from a batch are frozen.
-- Layout: the sets are stored in one-class chunks (distill.SyntheticSet; chunk size from
-  distill.synthetic_layout), not one row per class padded to the largest class: on
-  Dirichlet(0.1) Fashion-MNIST the largest class set is 60 images and most are 1, so the
-  per-class rows made every image step work on 600 slots for 14-169 images. The loop runner
-  also cuts each client's set to the chunks it uses (UsedChunksRunner), so a small client
-  does not pay for the largest client's chunks.
-- Step granularity: the official code takes one image step per local epoch; we take one on
-  local steps 0, k, 2k, ... (k = distill_every; 1 = every mini-batch, the paper's "each
-  local step"), or with distill_every = 0 (the default) on each client's first local step
-  of a round only (= once per local epoch at local_epochs 1, the official schedule). k
-  trades distillation for training time: on XLA:CPU one image step (per-class real
-  gradients, then a second-order step over K classes x m images) costs ~9 plain steps on
-  Fashion-MNIST's CNN (per-class gradients 2.8, image step 6.3), so every-step distillation
-  cannot stay near the plain round's cost (4.2x a FedAvg round on digits); once a round it
-  adds ~9/steps-per-round: 1.11x on Fashion-MNIST (94 steps; benchmarks/quickdrop_table.py).
-- 'synthetic' mode: one model step on the masked-mean CE of the client's whole (updated)
-  synthetic set per local step (the official code runs local_epoch epochs of batch 256 on
-  it, i.e. the whole set per step when it is small). It needs a small lr and no momentum
-  (the official 0.01): with the digits config's 0.05/0.9 it diverges.
-- What the 'real' mode distils: at a trained model the per-class target is the gradient of
-  1-2 confidently classified examples; the scale-free cosine distance then drives the images
-  to "hard examples" whose gradient has the target's direction but a 20-100x larger norm and
-  which the model misclassifies (measured on digits). Hence two deviations, both switchable:
-  * SGA steps along g / ||g|| (unlearn_normalize, default on): unlearn_lr is then the L2
-    length of each ascent step, independent of how hard the distilled images became. A
-    fixed-lr ascent (unlearn_normalize=False, the paper's; lr ~0.01) forgets or not
-    depending on that norm: on digits the same lr left 70% or 0% forget accuracy for sets
-    distilled every step vs. once per epoch.
-  * Recovery clips each client gradient to clip_norm (default 1.0, about a real batch's
-    gradient norm): unclipped, recovery on the distilled sets degraded retain accuracy by
-    5-25 points; clipped it keeps it within ~1 point.
-  clip_images (off by default) projects the images onto the real data's [min, max] box.
-- SGA in FL: the official reproduction lets one client ascend and overwrites the global
-  model with its result; with several holders of the class (class requests) we average
-  their ascended models weighted by their distilled forget counts (= the official rule
-  when one client holds the data). A parallel request (several classes) shares one
-  normalised step between them, so forgets less per class than a single-class request.
-- Recovery uses the same client sampling as training (fl.clients_per_round); local steps
-  on the synthetic sets use fl.batch_size, recovery_lr (default fl.client_lr) and
-  fl.client_momentum.
-- Randomness: synthetic init keys fl.stream_key(seed, STREAM_INIT, 1, client); unlearning
-  rounds use STREAM_UNLEARN and round indices after fl.rounds (sampling never repeats a
-  training round's draw). The official code reseeds from the wall clock; we do not.
-- Cost: bytes = the model down and up per participating client and round (synthetic sets
-  never leave the clients); examples = synthetic (or real, in fine-tuning) images touched.
-- Backdoor requests: the planted samples carry flipped labels, so they are distilled into
-  the flipped class's set, not the forgotten class's; SGA on class c cannot target them.
+  1. SGA: one round in which every client holding synthetic images of F ascends
+         theta_k <- theta + eta_u g / ||g||,   g = grad_theta CE(S_kF; theta)
+     over S_kF for unlearn_epochs; the server takes sum_k |S_kF| theta_k / sum_k |S_kF|.
+  2. Recovery: recovery_rounds FedAvg rounds on the synthetic images of the kept classes,
+     each client gradient clipped to clip_norm.
+  3. Optionally finetune_rounds FedAvg rounds on the real retained data.
+
+`quickdrop.sequence = (c1, c2, ...)` forgets classes one after another (steps 1-2 per class)
+and records retain / forget accuracy after each. Method `quickdrop_nodistill` is the
+ablation: steps 1-3 from the same trained model on the sets as initialised (a random real
+subset of the same size), so the distillation's contribution is the difference.
+
+Choices the paper and its official code leave open, and ours:
+- Persistence: the official client re-initialises its set from real images every round; the
+  paper describes sets refined over the whole training. We keep the sets and their momentum
+  on each client across rounds (checkpointed with the model).
+- Matching target: the official code draws a separate real batch per class (up to 256
+  images) for g_c; we reuse the per-class gradients of the FL mini-batch (the paper's point:
+  no extra real-data gradient). Classes absent from a batch are frozen.
+- Step granularity: an image step on local steps 0, k, 2k, ... (k = distill_every; 1 = every
+  step, the paper's "each local step"), or with k = 0 on each client's first local step of a
+  round (once per local epoch at local_epochs 1, the official schedule). An image step is a
+  second-order gradient over every class's images, several plain steps' worth of compute, so
+  k trades distillation against training time (BUILD.md has the costs).
+- 'synthetic' mode: one model step on the masked-mean CE of the client's whole updated set per
+  local step (the official code runs epochs of batch 256 on it); it needs a small lr and no
+  momentum.
+- SGA step: along g / ||g|| (unlearn_normalize, default), so unlearn_lr is the length of each
+  ascent step whatever the gradient norm of the distilled images (cosine matching lets that
+  norm grow far beyond a real batch's); unlearn_normalize=False is the paper's fixed-lr ascent.
+- Recovery clips each client gradient to clip_norm for the same reason; clip_images (off by
+  default) keeps the synthetic pixels within the real data's [min, max].
+- SGA in FL: the official reproduction lets one client ascend and takes its model; with
+  several holders of F we average their ascended models weighted by their |S_kF| (the same
+  rule when one client holds the data). A parallel request (several classes) shares one
+  normalised step between them.
+- Recovery samples clients as training does (fl.clients_per_round) with fl.batch_size,
+  recovery_lr (default fl.client_lr) and fl.client_momentum.
+- Randomness: the sets' init keys are fl.stream_key(seed, STREAM_INIT, 1, client); the
+  unlearning rounds use STREAM_UNLEARN and round indices after fl.rounds. The official code
+  reseeds from the wall clock.
+- Cost: bytes = the model down and up per participating client and round (sets never leave
+  the clients); examples = synthetic (or real, when fine-tuning) images touched.
+- Backdoor requests: the planted samples carry flipped labels, so they are distilled into the
+  flipped class's set; SGA on class c cannot target them.
+
+Layout and runner plumbing (chunked sets, the loop runner cut to the chunks in use, set write-
+back, the SGA / recovery phase runners, artifacts) live in `quickdrop_runner`.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -103,7 +88,7 @@ from fu_jax import losses
 from fu_jax import models
 from fu_jax import tree as tu
 from fu_jax.methods import base
-from fu_jax.metrics import accuracy as acc_lib
+from fu_jax.methods import quickdrop_runner as qr
 
 MODEL_UPDATES = ("real", "synthetic")
 GRAD_METHODS = ("per_example", "vmap", "unroll")
@@ -171,7 +156,7 @@ def settings(config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Distilling local training (the trainer's local program).
+# 1. The distilling local step.
 
 
 class DistillState(NamedTuple):
@@ -213,7 +198,8 @@ def distill_program(model, num_classes: int, optimizer: optax.GradientTransforma
              or with grad CE(S; theta) of the updated set ('synthetic').
   Other batches take the same model step without the image step (plain batch gradient for
   'real'). The distilling step is the program's `scheduled_step`, chosen by the runner on
-  the host (fl.LocalProgram; lax.cond would slow every step ~19x on XLA:CPU).
+  the host (fl.LocalProgram): inside lax.cond, XLA:CPU runs the CNN's gradient many times
+  slower.
   Metrics: loss (real batch CE before the step), match_loss (sum over B's classes; 0 on
   steps that do not distill).
   """
@@ -277,10 +263,8 @@ def distill_program(model, num_classes: int, optimizer: optax.GradientTransforma
                          schedule=due)
 
 
-def pixel_range(task: base.Task):
-  """(min, max) of the real training inputs: the box synthetic images are kept in."""
-  x = np.asarray(task.dataset.x_train)
-  return float(x.min()), float(x.max())
+# ---------------------------------------------------------------------------------------
+# 2. Training: FedAvg whose clients distil.
 
 
 def class_counts_per_client(task: base.Task) -> np.ndarray:
@@ -312,78 +296,10 @@ def init_sets(task: base.Task, s: dict) -> distill.SyntheticSet:
   return build(images.materialize(c.x), c.y, c.valid, keys, jnp.asarray(sizes))
 
 
-def chunks_in_use(syn: distill.SyntheticSet) -> np.ndarray:
-  """int [N]: 1 + the index of each client's last chunk holding an image (at least 1)."""
-  used = np.asarray(jnp.any(syn.valid, axis=-1))  # [N, C]
-  return np.where(used.any(1), used.shape[1] - np.argmax(used[:, ::-1], 1), 1)
-
-
-class UsedChunksRunner:
-  """A loop ClientRunner that cuts each client's synthetic set to the chunks it uses.
-
-  The stacked sets share C chunks, the most any client needs; on Dirichlet(0.1) Fashion-MNIST
-  a client with 14 images would otherwise run the image step over the 169-image client's
-  chunks. Clients run in groups whose sets are cut to the same width, the chunks in use
-  rounded up to a multiple of ceil(C / 4) (at most 4 compiled shapes), and their final
-  states are padded back to C. The cut-off chunks hold no images and are never changed by
-  the step (`distill.synthetic_update`), so the result equals the uncut run up to float
-  rounding. Only for the loop runner: a vmap block must share one shape anyway.
-  """
-
-  def __init__(self, runner: fl.ClientRunner):
-    self.runner = runner
-
-  def widths(self, syn: distill.SyntheticSet) -> np.ndarray:
-    num_chunks = syn.valid.shape[1]
-    step = -(-num_chunks // 4)
-    return np.minimum(-(-chunks_in_use(syn) // step) * step, num_chunks)
-
-  def run(self, server_params, data, valid, extra, keys) -> fl.ClientResult:
-    syn = extra[0]
-    num_chunks, b = syn.valid.shape[1:]
-    widths = self.widths(syn)
-    parts, order = [], []
-    for w in np.unique(widths):
-      idx = np.flatnonzero(widths == w)
-      take = lambda a, idx=idx: jnp.take(a, jnp.asarray(idx), axis=0)
-      res = self.runner.run(server_params, jax.tree.map(take, data), take(valid),
-                            _resize_chunks(jax.tree.map(take, extra), num_chunks, w, b),
-                            take(keys))
-      st = res.state
-      parts.append(res._replace(state=st._replace(
-          syn=_resize_chunks(st.syn, w, num_chunks, b),
-          syn_opt=_resize_chunks(st.syn_opt, w, num_chunks, b))))
-      order.append(idx)
-    if len(parts) == 1:
-      return parts[0]
-    back = np.argsort(np.concatenate(order))
-    merge = lambda *a: jnp.take(jnp.concatenate(a), jnp.asarray(back), axis=0)
-    return fl.ClientResult(jax.tree.map(merge, *[p.params for p in parts]),
-                           jax.tree.map(merge, *[p.state for p in parts]),
-                           jax.tree.map(lambda *a: np.concatenate(a)[back],
-                                        *[p.metrics for p in parts]))
-
-
-def _resize_chunks(tree, old: int, new: int, b: int):
-  """Cuts or zero-pads the chunk axis (axis 1) of every leaf shaped [n, old, b, ...] (sets
-  and their image-optimizer state) to `new` chunks; other leaves are left alone."""
-  def resize(a):
-    if a.ndim < 3 or a.shape[1:3] != (old, b) or old == new:
-      return a
-    if new < old:
-      return a[:, :new]
-    return jnp.pad(a, [(0, 0), (0, new - old)] + [(0, 0)] * (a.ndim - 2))
-  return jax.tree.map(resize, tree)
-
-
-@jax.jit
-def _scatter(all_sets, idx, active, new_sets):
-  """Writes the sampled clients' updated sets back into the [N, ...] stacks (active only)."""
-  def put(a, n):
-    cur = jnp.take(a, idx, axis=0)
-    keep = active.reshape((-1,) + (1,) * (n.ndim - 1))
-    return a.at[idx].set(jnp.where(keep, n, cur))
-  return jax.tree.map(put, all_sets, new_sets)
+def pixel_range(task: base.Task):
+  """(min, max) of the real training inputs: the box synthetic images are kept in."""
+  x = np.asarray(task.dataset.x_train)
+  return float(x.min()), float(x.max())
 
 
 def training_rounds(task: base.Task, env: base.Env, s: dict):
@@ -399,7 +315,7 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
                             image_range=pixel_range(task) if s["clip_images"] else None)
   runner = env.runner(program, cfg.fl.local_epochs, cfg.fl.batch_size)
   if getattr(runner, "kind", None) == "loop":
-    runner = UsedChunksRunner(runner)
+    runner = qr.UsedChunksRunner(runner)
   server_opt = optax.sgd(cfg.fl.server_lr)
   weights = np.ones(c.count.shape[0], np.float32)
   k = base.num_sampled(cfg)
@@ -411,7 +327,7 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
                           (state.syn, state.syn_opt), seed=cfg.seed, round_idx=r,
                           client_weights=weights, num_sampled=k, server_opt=server_opt)
     active = weights[res.sampled] > 0
-    syn, syn_opt = _scatter((state.syn, state.syn_opt), jnp.asarray(res.sampled),
+    syn, syn_opt = qr.scatter_sets((state.syn, state.syn_opt), jnp.asarray(res.sampled),
                             jnp.asarray(active), (res.client.state.syn,
                                                   res.client.state.syn_opt))
     m = dict(res.metrics, **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes,
@@ -435,99 +351,14 @@ def train_quickdrop(task: base.Task, env: base.Env) -> base.Trained:
   state = env.rounds("train", init, task.config.fl.rounds, round_fn,
                      lambda st: st.server.params)
   if s["artifacts"]:
-    directory = _artifact_dir(env, "synthetic")
+    directory = qr.artifact_dir(env, "synthetic")
     if directory is not None:
-      write_synthetic(directory, state.syn, task.num_classes)
+      qr.write_synthetic(directory, state.syn, task.num_classes)
   return base.Trained(state.server.params, extra=state.syn)
 
 
 # ---------------------------------------------------------------------------------------
-# Artifacts.
-
-
-def _artifact_dir(env, name: str):
-  """env.artifact_dir(name) when the Env offers it (experiments.run.RunEnv does)."""
-  fn = getattr(env, "artifact_dir", None)
-  return fn(name) if fn is not None else None
-
-
-def _mosaic(images: list):
-  """[x_c [n_c, H, W, Ch] per class] -> one [K*(H+1)-1, m*(W+1)-1, Ch] grid in [0, 1]; rows =
-  classes, m = max n_c.
-
-  Each image is min-max scaled on its own (the sets live in standardised units); empty
-  slots are mid grey.
-  """
-  h, w, ch = images[0].shape[1:]  # an empty class is [0, H, W, Ch]
-  k, m = len(images), max(1, max(len(x) for x in images))
-  out = np.full((k * (h + 1) - 1, m * (w + 1) - 1, ch), 1.0, np.float32)
-  for i, xs in enumerate(images):
-    for j in range(m):
-      tile = np.full((h, w, ch), 0.5, np.float32)
-      if j < len(xs):
-        img = xs[j]
-        lo, hi = float(img.min()), float(img.max())
-        tile = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-      out[i * (h + 1):i * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = tile
-  return out
-
-
-def write_synthetic(directory: str, syn: distill.SyntheticSet, num_classes: int):
-  """client_<k>.npz (x [n, H, W, Ch] and y [n]: the client's n synthetic images, in class
-  order; sizes [K]) and client_<k>.png (a row of images per class) per client.
-
-  Files are written through a temporary name and renamed, and skipped when present (the
-  pretraining directory is keyed by the training config, so they cannot be stale).
-  """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory, exist_ok=True)
-  host = jax.tree.map(np.asarray, syn)  # one device-to-host copy for all clients
-  for k in range(host.valid.shape[0]):
-    npz = os.path.join(directory, f"client_{k}.npz")
-    png = os.path.join(directory, f"client_{k}.png")
-    if os.path.exists(npz) and os.path.exists(png):
-      continue
-    images = distill.images_by_class(jax.tree.map(lambda a, k=k: a[k], host), num_classes)
-    sizes = np.array([len(x) for x in images])
-    if not os.path.exists(npz):
-      tmp = npz + ".tmp.npz"
-      np.savez_compressed(tmp, x=np.concatenate(images),
-                          y=np.repeat(np.arange(num_classes), sizes), sizes=sizes)
-      os.replace(tmp, npz)
-    if not os.path.exists(png):
-      grid = _mosaic(images)
-      m = max(1, int(sizes.max()))
-      h = host.x.shape[3]  # x is [N, C, b, H, W, Ch]
-      fig = Figure(figsize=(1.5 + 0.4 * m, 0.8 + 0.4 * num_classes), dpi=100)
-      FigureCanvasAgg(fig)
-      ax = fig.add_subplot(1, 1, 1)
-      ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray",
-                interpolation="nearest", vmin=0.0, vmax=1.0)
-      ax.set_yticks([i * (h + 1) + h / 2 for i in range(num_classes)])
-      ax.set_yticklabels([f"{i} ({n})" for i, n in enumerate(sizes)], fontsize=6)
-      ax.set_xticks([])
-      ax.set_title(f"client {k}: synthetic images per class", fontsize=8)
-      tmp = png + ".tmp.png"
-      fig.savefig(tmp, bbox_inches="tight")
-      os.replace(tmp, png)
-
-
-# ---------------------------------------------------------------------------------------
-# Unlearning.
-
-
-def synthetic_masks(syn: distill.SyntheticSet, classes, client: int = -1):
-  """bool [N, C, b]: the synthetic images of `classes` (on `client` only if >= 0)."""
-  sel = distill.class_masks(syn, classes)
-  if client >= 0:
-    sel = sel & (jnp.arange(sel.shape[0]) == client)[:, None, None]
-  return sel
-
-
-def _flat_data(syn: distill.SyntheticSet, mask):
-  x, y, _ = distill.flatten(syn)
-  return (x, y), mask.reshape(y.shape)
+# 3. Unlearning: SGA on the forgotten classes' sets, recovery on the others'.
 
 
 def normalized_updates(eps: float = 1e-12) -> optax.GradientTransformation:
@@ -552,57 +383,34 @@ def sga_optimizer(s: dict) -> optax.GradientTransformation:
   return optax.chain(*norm, ascent.gradient_ascent(), optax.sgd(s["unlearn_lr"]))
 
 
-class _SynPhases:
-  """FedAvg-style rounds over the clients' synthetic sets; runners built once per batch size.
+def recovery_optimizer(s: dict, momentum: float) -> optax.GradientTransformation:
+  """Descent on the kept classes' sets: client gradient clipped to clip_norm, then SGD."""
+  clip = [optax.clip_by_global_norm(s["clip_norm"])] if s["clip_norm"] > 0 else []
+  return optax.chain(*clip, optax.sgd(s["recovery_lr"], momentum=momentum or None))
 
-  A client's synthetic set of one class holds a handful of images (6 on Fashion-MNIST at
-  scale 0.01), so the configured batch (64) would be mostly padding: a phase runs with the
-  batch clamped to its largest client's image count (rounded up to a multiple of 8 to
-  bound the compiled shapes). Every client then still takes one step over all its images
-  per epoch, the same masked-mean gradient, at a tenth of the SGA round's compute.
-  """
 
-  def __init__(self, task: base.Task, env: base.Env, s: dict):
-    cfg = task.config
-    self.task, self.env, self.s = task, env, s
-    clip = [optax.clip_by_global_norm(s["clip_norm"])] if s["clip_norm"] > 0 else []
-    descend = optax.chain(*clip, optax.sgd(s["recovery_lr"],
-                                           momentum=cfg.fl.client_momentum or None))
-    self._programs = {True: (fl.sgd_program(task.apply_fn, sga_optimizer(s)),
-                             s["unlearn_epochs"], s["unlearn_batch_size"]),
-                      False: (fl.sgd_program(task.apply_fn, descend), s["recovery_epochs"],
-                              cfg.fl.batch_size)}
-    self._runners = {}
-    self.server_opt = optax.sgd(cfg.fl.server_lr)
+def unlearning_phases(task: base.Task, env: base.Env, s: dict) -> qr.SetPhases:
+  """The two local programs of unlearning, 'sga' and 'recovery', ready to run in rounds."""
+  cfg = task.config
+  return qr.SetPhases(task, env, {
+      "sga": (fl.sgd_program(task.apply_fn, sga_optimizer(s)), s["unlearn_epochs"],
+              s["unlearn_batch_size"]),
+      "recovery": (fl.sgd_program(task.apply_fn,
+                                  recovery_optimizer(s, cfg.fl.client_momentum)),
+                   s["recovery_epochs"], cfg.fl.batch_size)})
 
-  def runner(self, sga: bool, max_count: int) -> fl.ClientRunner:
-    program, epochs, batch_size = self._programs[sga]
-    batch = min(batch_size, max(8, -(-max_count // 8) * 8))
-    if (sga, batch) not in self._runners:
-      self._runners[sga, batch] = self.env.runner(program, epochs, batch)
-    return self._runners[sga, batch]
 
-  def run(self, phase, params, num_rounds, data, valid, *, sga: bool, weights, num_sampled,
-          round_offset):
-    """num_rounds rounds of SGA (sga=True) or recovery over (data, valid) [N, n, ...]."""
-    cfg = self.task.config
-    model_bytes = tu.tree_num_bytes(params)
-    counts = np.asarray(jnp.sum(valid, axis=1))
-    runner = self.runner(sga, int(counts.max(initial=0)))
-    epochs = runner.epochs
+def synthetic_masks(syn: distill.SyntheticSet, classes, client: int = -1):
+  """bool [N, C, b]: the synthetic images of `classes` (on `client` only if >= 0)."""
+  sel = distill.class_masks(syn, classes)
+  if client >= 0:
+    sel = sel & (jnp.arange(sel.shape[0]) == client)[:, None, None]
+  return sel
 
-    def round_fn(server, r):
-      res = fl.fedavg_round(server, runner, data, valid, None, seed=cfg.seed,
-                            round_idx=round_offset + r, client_weights=weights,
-                            num_sampled=num_sampled, server_opt=self.server_opt,
-                            stream=fl.STREAM_UNLEARN)
-      m = dict(res.metrics, **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes,
-                                            epochs=epochs))
-      return res.server, m
 
-    server = fl.server_init(params, self.server_opt)
-    server = self.env.rounds(phase, server, num_rounds, round_fn, lambda st: st.params)
-    return server.params
+def _flat_data(syn: distill.SyntheticSet, mask):
+  x, y, _ = distill.flatten(syn)
+  return (x, y), mask.reshape(y.shape)
 
 
 def _steps(task: base.Task, s: dict) -> list:
@@ -623,16 +431,6 @@ def _steps(task: base.Task, s: dict) -> list:
   return [(c,) for c in s["sequence"]]
 
 
-def _record(task: base.Task, params, step: int, classes, forgotten) -> dict:
-  ds = task.dataset
-  ev = acc_lib.evaluate(task.apply_fn, params, ds.x_test, ds.y_test, task.num_classes,
-                        forgotten)
-  return {"step": step, "classes": list(classes), "forgotten": list(forgotten),
-          "test_acc": ev["test_acc"], "retain_acc": ev["retain_acc"],
-          "forget_acc": ev["forget_acc"],
-          "class_acc": [ev["per_class_acc"][c] for c in classes]}
-
-
 def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   cfg = task.config
   s = settings(cfg)
@@ -645,14 +443,14 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
     raise ValueError(f"quickdrop serves class and client_class requests, got {req.kind!r}")
   client = req.client if req.kind == "client_class" else -1
   steps = _steps(task, s)
-  phases = _SynPhases(task, env, s)
+  phases = unlearning_phases(task, env, s)
   n = syn.valid.shape[0]
   weights = np.asarray(task.client_weights, np.float32)
   k = base.num_sampled(cfg)
   params = trained.params
   offset = cfg.fl.rounds
   forgotten = ()
-  records = [_record(task, params, 0, (), ())] if s["sequence"] else []
+  records = [qr.record(task, params, 0, (), ())] if s["sequence"] else []
   totals = {"forget_synthetic": 0, "retain_synthetic": 0}
   for i, classes in enumerate(steps):
     tag = f"_{i + 1}" if s["sequence"] else ""
@@ -660,14 +458,15 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
     forget_mask = synthetic_masks(syn, classes, client)
     data, fvalid = _flat_data(syn, forget_mask)
     holders = (np.asarray(jnp.sum(fvalid, axis=1)) > 0).astype(np.float32) * weights
-    params = phases.run("sga" + tag, params, 1, data, fvalid, sga=True, weights=holders,
-                        num_sampled=n, round_offset=offset)
+    params = phases.run("sga" + tag, params, 1, data, fvalid, program="sga",
+                        weights=holders, num_sampled=n, round_offset=offset)
     offset += 1
     keep = syn.valid & ~synthetic_masks(syn, forgotten, client)
     _, rvalid = _flat_data(syn, keep)
     if s["recovery_rounds"]:
       params = phases.run("recovery" + tag, params, s["recovery_rounds"], data, rvalid,
-                          sga=False, weights=weights, num_sampled=k, round_offset=offset)
+                          program="recovery", weights=weights, num_sampled=k,
+                          round_offset=offset)
       offset += s["recovery_rounds"]
     if s["finetune_rounds"]:
       real_keep = task.retain_valid if client >= 0 else (
@@ -679,7 +478,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
     totals["forget_synthetic"] += int(jnp.sum(forget_mask))
     totals["retain_synthetic"] = int(jnp.sum(keep))
     if s["sequence"]:
-      records.append(_record(task, params, i + 1, classes, forgotten))
+      records.append(qr.record(task, params, i + 1, classes, forgotten))
   results = {
       "synthetic_images": int(jnp.sum(syn.valid)),
       "synthetic_bytes": int(np.asarray(syn.valid).sum() * np.prod(syn.x.shape[3:]) * 4),
