@@ -171,6 +171,8 @@ def get_config():
   c.frr.beta1 = 0.9              # momentum of the gradient (paper 0.9)
   c.frr.beta2 = 0.999            # momentum of the squared diagonal Fisher (paper 0.999)
   c.frr.eps = 1e-4               # damping added to the Fisher before dividing (not in the paper)
+  c.frr.conv_impl = "im2col"     # per-example gradients: im2col (fast on CPU) | model (the
+  #                                model's own convolution, e.g. to time FRR like retrain)
 
   # Evaluation extras (after the final evaluation; not counted in unlearn_seconds).
   c.eval = ml_collections.ConfigDict()

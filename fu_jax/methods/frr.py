@@ -34,7 +34,10 @@ Choices the paper leaves open, and ours:
   * The momentum state is local to a client and round (reset every round, as the other
     local optimizers here).
   * Per-example gradients use the model with conv_impl='im2col' (same parameters and
-    outputs; vmapped per-example conv gradients run far faster as matmuls on XLA:CPU).
+    outputs; vmapped per-example conv gradients run far faster as matmuls on XLA:CPU);
+    `frr.conv_impl='model'` keeps the model's own convolution instead, so FRR can be timed
+    on the same convolution as the retraining it is compared with (or run retrain with
+    `model.conv_impl='im2col'`: then both use im2col).
 
 Serves every request kind in FRR_KINDS that the experiment defines (base.REQUEST_KINDS):
 it only needs the retained data.
@@ -54,6 +57,7 @@ from fu_jax import models
 from fu_jax.methods import base
 
 INITS = ("trained", "scratch")
+CONV_IMPLS = ("im2col", "model")
 FRR_KINDS = ("class", "client_class", "client", "samples")
 
 
@@ -63,7 +67,7 @@ def settings(config) -> dict:
   out = {"init": str(s.init), "rounds": int(s.rounds),
          "local_epochs": int(s.local_epochs) or int(config.fl.local_epochs),
          "lr": float(s.lr), "beta1": float(s.beta1), "beta2": float(s.beta2),
-         "eps": float(s.eps)}
+         "eps": float(s.eps), "conv_impl": str(s.conv_impl)}
   checks = [
       (out["init"] in INITS, f"frr.init={s.init!r}: allowed {INITS}"),
       (out["rounds"] >= 1, f"frr.rounds={s.rounds!r}: must be >= 1"),
@@ -73,6 +77,7 @@ def settings(config) -> dict:
       (0 <= out["beta1"] < 1, f"frr.beta1={s.beta1!r}: must be in [0, 1)"),
       (0 <= out["beta2"] < 1, f"frr.beta2={s.beta2!r}: must be in [0, 1)"),
       (out["eps"] > 0, f"frr.eps={s.eps!r}: must be > 0"),
+      (out["conv_impl"] in CONV_IMPLS, f"frr.conv_impl={s.conv_impl!r}: allowed {CONV_IMPLS}"),
   ]
   for ok, msg in checks:
     if not ok:
@@ -98,14 +103,18 @@ def frr_direction(grads, fisher, state_m, state_v, t, *, beta1: float, beta2: fl
   return d, m, v
 
 
-def frr_program(model, *, lr: float, beta1: float, beta2: float,
-                eps: float) -> fl.LocalProgram:
+def frr_program(model, *, lr: float, beta1: float, beta2: float, eps: float,
+                conv_impl: str = "im2col") -> fl.LocalProgram:
   """Local rapid-retraining steps (see the module docstring) as a LocalProgram.
 
-  model: the flax module (its per-example gradients are taken with conv_impl='im2col').
+  model: the flax module; its per-example gradients are taken with conv_impl='im2col', or
+    with the module as given when conv_impl='model'.
   Metrics: 'loss' (masked CE of the batch before the step).
   """
-  loss_fn = ewc.example_ce_loss(models.logits_fn(models.with_conv_impl(model, "im2col")))
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={conv_impl!r}: allowed {CONV_IMPLS}")
+  grad_model = model if conv_impl == "model" else models.with_conv_impl(model, "im2col")
+  loss_fn = ewc.example_ce_loss(models.logits_fn(grad_model))
   value_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))
 
   def init(server_params, extra, key):
@@ -134,7 +143,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   cfg = task.config
   s = settings(cfg)
   program = frr_program(task.model, lr=s["lr"], beta1=s["beta1"], beta2=s["beta2"],
-                        eps=s["eps"])
+                        eps=s["eps"], conv_impl=s["conv_impl"])
   if s["init"] == "trained":
     params, offset = trained.params, cfg.fl.rounds
   else:
