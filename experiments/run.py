@@ -120,6 +120,9 @@ def validate(config, method_name: str, num_classes: int | None = None,
   r = config.eval.relearn_steps
   _require(isinstance(r, int) and r >= 0, f"eval.relearn_steps={r!r}: must be an int >= 0 "
            "(0 = off)")
+  m = config.eval.relearn_retained
+  _require(isinstance(m, (int, float)) and m >= 0,
+           f"eval.relearn_retained={m!r}: must be a number >= 0 (0 = forgotten samples only)")
   if method.validate is not None:
     method.validate(config)
   why = f" ({method.why})" if method.why else ""
@@ -588,27 +591,50 @@ def membership_scores(task: base.Task, params) -> dict:
   return out
 
 
-RELEARN_ID = 1  # fold_in id under fl.STREAM_EVAL
+RELEARN_ID = 1  # fold_in ids under fl.STREAM_EVAL
+RELEARN_MIX_ID = 2
 
 
 def relearn_fields(task: base.Task, original_forget_acc: float, params) -> dict:
   """relearn_steps_to_recover when eval.relearn_steps > 0: central SGD steps (client lr,
   momentum and batch size) on the forgotten training samples, with the labels they were
   trained with, until their accuracy reaches half the original model's on the same samples;
-  capped at the budget (relearn_capped = True)."""
+  capped at the budget (relearn_capped = True).
+
+  eval.relearn_retained = r > 0 mixes round(r * n) retained training samples (drawn without
+  replacement, key RELEARN_MIX_ID) into the n forgotten ones; accuracy is still measured on
+  the forgotten ones. A class request's forgotten samples share one label, so fine-tuning on
+  them alone recovers in one step for every model that forgot (BUILD.md); with the retained
+  samples mixed in the class must be told apart again. The forgotten-only count is then
+  reported too (relearn_forgotten_only_steps, relearn_forgotten_only_capped)."""
   cfg = task.config
   budget = int(cfg.eval.relearn_steps)
   if budget <= 0:
     return {}
   # The original model's accuracy on these records is its evaluation's forget_train_acc.
   x, y, _ = forgotten_records(task)
-  r = relearn_lib.relearn_steps(task.apply_fn, params, x, y, target=0.5 * original_forget_acc,
-                                max_steps=budget, lr=cfg.fl.client_lr,
-                                momentum=cfg.fl.client_momentum,
-                                batch_size=cfg.fl.batch_size,
-                                key=fl.stream_key(cfg.seed, fl.STREAM_EVAL, RELEARN_ID))
+  kw = dict(target=0.5 * original_forget_acc, max_steps=budget, lr=cfg.fl.client_lr,
+            momentum=cfg.fl.client_momentum, batch_size=cfg.fl.batch_size,
+            key=fl.stream_key(cfg.seed, fl.STREAM_EVAL, RELEARN_ID))
+  only = relearn_lib.relearn_steps(task.apply_fn, params, x, y, **kw)
+  out = {}
+  ratio = float(cfg.eval.relearn_retained)
+  if ratio > 0:
+    rows, cols = np.nonzero(np.asarray(task.retain_valid))
+    m = min(len(rows), int(round(ratio * len(y))))
+    pick = np.sort(np.asarray(jax.random.permutation(
+        fl.stream_key(cfg.seed, fl.STREAM_EVAL, RELEARN_MIX_ID), len(rows)))[:m])
+    xr = np.asarray(task.clients.x[rows[pick], cols[pick]])
+    yr = np.asarray(task.clients.y)[rows[pick], cols[pick]]
+    score = np.concatenate([np.ones(len(y), bool), np.zeros(m, bool)])
+    r = relearn_lib.relearn_steps(task.apply_fn, params, np.concatenate([x, xr]),
+                                  np.concatenate([y, yr]), score=score, **kw)
+    out = {"relearn_forgotten_only_steps": only.steps,
+           "relearn_forgotten_only_capped": not only.reached, "relearn_retained_rows": m}
+  else:
+    r = only
   return {"relearn_steps_to_recover": r.steps, "relearn_capped": not r.reached,
-          "relearn_target_acc": r.target, "relearn_start_acc": r.start_acc}
+          "relearn_target_acc": r.target, "relearn_start_acc": r.start_acc, **out}
 
 
 def original_evaluation(task: base.Task, params, pretrain_dir: str) -> dict:

@@ -77,6 +77,32 @@ def test_local_steps_match_numpy(b1, b2):
   assert int(state.t) == 3 and np.isfinite(float(metrics["loss"]))
 
 
+def test_conv_impl_model_equals_im2col_steps():
+  # frr.conv_impl='model' (XLA's convolution) and the default im2col take the same steps on
+  # a conv net: only the implementation of the per-example gradients differs.
+  module = models.create("cnn", 3)
+  rng = np.random.RandomState(1)
+  x = jnp.asarray(rng.randn(5, 8, 8, 1).astype(np.float32))
+  y = jnp.asarray(rng.randint(0, 3, 5).astype(np.int32))
+  batch = fl.Batch(x, y, jnp.asarray([1, 1, 0, 1, 1], bool))
+  params = module.init(jax.random.key(0), x[:1])["params"]
+  out = {}
+  for impl in ("im2col", "model"):
+    prog = frr.frr_program(module, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-4, conv_impl=impl)
+    state = prog.init(params, None, None)
+    for _ in range(2):
+      state, _ = jax.jit(prog.step)(state, batch, jax.random.key(0))
+    out[impl] = state.params
+  # Dividing by the Fisher amplifies float rounding where it is tiny: compare the moves
+  # against the largest move, per leaf.
+  for a, b, p in zip(*(jax.tree.leaves(t) for t in (out["model"], out["im2col"], params))):
+    move = float(jnp.max(jnp.abs(a - p)))
+    assert move > 1e-3  # the steps did something
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-3 * move
+  with pytest.raises(ValueError, match=r"conv_impl='xla': allowed \('im2col', 'model'\)"):
+    frr.frr_program(module, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-4, conv_impl="xla")
+
+
 def test_plain_step_is_gradient_over_fisher():
   g = {"a": jnp.asarray([0.5, -0.2, 0.0])}
   f = {"a": jnp.asarray([0.5, 0.04, 0.0])}
@@ -98,6 +124,10 @@ def test_bad_settings_name_the_key():
   c = digits.get_config()
   c.frr.beta2 = 1.0
   with pytest.raises(ValueError, match=r"frr.beta2=1.0: must be in \[0, 1\)"):
+    frr.validate(c)
+  c = digits.get_config()
+  c.frr.conv_impl = "xla"
+  with pytest.raises(ValueError, match=r"frr.conv_impl='xla': allowed \('im2col', 'model'\)"):
     frr.validate(c)
 
 

@@ -36,8 +36,10 @@ def _problem():
   return x, y, jax.tree.map(jnp.asarray, params)
 
 
-def _numpy_steps(x, y, params, target, budget):
-  """Full-batch SGD with momentum (optax.sgd's trace: t = g + mu t; w -= lr t) in numpy."""
+def _numpy_steps(x, y, params, target, budget, score=None):
+  """Full-batch SGD with momentum (optax.sgd's trace: t = g + mu t; w -= lr t) in numpy;
+  accuracy on the rows marked by score (all when None)."""
+  score = np.ones(len(y), bool) if score is None else score
   w = np.array(params["Dense_0"]["kernel"], np.float64)
   b = np.array(params["Dense_0"]["bias"], np.float64)
   tw, tb = np.zeros_like(w), np.zeros_like(b)
@@ -45,7 +47,7 @@ def _numpy_steps(x, y, params, target, budget):
   accs = []
   for s in range(budget + 1):
     logits = x @ w + b
-    accs.append(float(np.mean(np.argmax(logits, 1) == y)))
+    accs.append(float(np.mean((np.argmax(logits, 1) == y)[score])))
     if accs[-1] >= target:
       return s, accs
     if s == budget:
@@ -102,6 +104,23 @@ def test_minibatches_cycle_through_epochs():
   assert a.reached and a.steps > 3 and a == b
 
 
+def test_score_mask_trains_on_all_rows_and_scores_the_marked_ones():
+  # Train on all 8 rows, measure the 4 positive ones only (the "forgotten" rows of a mixed
+  # relearning set): each intermediate target's step count equals the numpy loop's.
+  x, y, params = _problem()
+  score = y == 1
+  _, accs = _numpy_steps(x, y, params, 1.01, 60, score)
+  _, accs_all = _numpy_steps(x, y, params, 1.01, 60)
+  assert accs != accs_all and len(set(accs)) >= 3  # the mask changes what is measured
+  for target in sorted(set(accs)):
+    got = relearn.relearn_steps(APPLY, params, x, y, target=target, max_steps=60, lr=LR,
+                                momentum=MOMENTUM, batch_size=8, key=jax.random.key(0),
+                                score=score)
+    assert (got.steps, got.reached) == (next(s for s, a in enumerate(accs) if a >= target),
+                                        True)
+    assert got.start_acc == accs[0]
+
+
 def test_bad_arguments():
   x, y, params = _problem()
   with pytest.raises(ValueError, match="max_steps"):
@@ -110,6 +129,10 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="no forgotten samples"):
     relearn.relearn_steps(APPLY, params, x[:0], y[:0], target=1.0, max_steps=1, lr=LR,
                           momentum=0.0, batch_size=8, key=jax.random.key(0))
+  for bad in (np.zeros(8, bool), np.ones(7, bool)):
+    with pytest.raises(ValueError, match="score: a bool mask of shape"):
+      relearn.relearn_steps(APPLY, params, x, y, target=1.0, max_steps=1, lr=LR,
+                            momentum=0.0, batch_size=8, key=jax.random.key(0), score=bad)
 
 
 def _config(method, **overrides):
@@ -131,4 +154,25 @@ def test_bad_budget_is_one_line():
   c = _config("fedavg")
   c.eval.relearn_steps = -2
   with pytest.raises(run_lib.ConfigError, match=r"eval.relearn_steps=-2: must be an int >= 0"):
+    run_lib.validate(c, "fedavg")
+
+
+def test_retained_mix_on_a_class_request(tmp_path):
+  # Forgotten samples alone (one label): retrain relearns in very few steps. With 9 retained
+  # samples per forgotten one it must tell the class apart again: more steps. The
+  # forgotten-only count is the unmixed run's, exactly (same key).
+  alone = run_lib.run(_config("retrain"), str(tmp_path / "alone"))
+  mixed = run_lib.run(_config("retrain", **{"eval.relearn_retained": 9.0}),
+                      str(tmp_path / "mixed"))
+  assert "relearn_forgotten_only_steps" not in alone
+  assert mixed["relearn_forgotten_only_steps"] == alone["relearn_steps_to_recover"]
+  assert mixed["relearn_forgotten_only_capped"] == alone["relearn_capped"]
+  assert mixed["relearn_target_acc"] == alone["relearn_target_acc"]
+  assert mixed["relearn_start_acc"] == alone["relearn_start_acc"] == 0.0
+  assert mixed["relearn_steps_to_recover"] > alone["relearn_steps_to_recover"]
+
+
+def test_bad_retained_ratio_is_one_line():
+  c = _config("fedavg", **{"eval.relearn_retained": -1.0})
+  with pytest.raises(run_lib.ConfigError, match=r"eval.relearn_retained=-1.0: must be a number"):
     run_lib.validate(c, "fedavg")

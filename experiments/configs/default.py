@@ -81,4 +81,6 @@ def get_config():
   c.eval = ml_collections.ConfigDict()
   c.eval.relearn_steps = 0       # budget of central fine-tuning steps on the forgotten data
   #                                for relearn_steps_to_recover (0 = off)
+  c.eval.relearn_retained = 0.0  # retained samples mixed in per forgotten sample (scored on
+  #                                the forgotten ones; class requests need it, BUILD.md)
   return c

@@ -5,7 +5,9 @@
       --workdir=/tmp/fu_fmnist
 
 Variants: `:dirichlet` (alpha 0.1), `:shards` (one class per client), `:fedaf` (the FedAF
-setting: 4 clients, unlearn class 0 of client 0 with a backdoor).
+setting: 4 clients, unlearn class 0 of client 0 with a backdoor), `:quickdrop5` (QuickDrop's
+5-round table: 10 IID clients, 5 rounds, forget class 9, no MIA;
+benchmarks/quickdrop_5round.py).
 BUILD.md has its FedAvg accuracy, timing and every method on it.
 """
 from experiments.configs import default
@@ -40,6 +42,12 @@ def get_config(variant: str = "iid"):
     c.fl.rounds = 5
     c.unlearn.kind = "client_class"
     c.backdoor.enabled = True
+  elif variant == "quickdrop5":
+    c.fl.rounds = 5
+    c.eval_every = c.checkpoint_every = 5
+    c.unlearn.forget_class = 9
+    c.mia.enabled = False
   elif variant != "iid":
-    raise ValueError(f"variant {variant!r}: allowed iid, dirichlet, shards, fedaf")
+    raise ValueError(
+        f"variant {variant!r}: allowed iid, dirichlet, shards, fedaf, quickdrop5")
   return c

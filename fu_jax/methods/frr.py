@@ -34,7 +34,10 @@ Choices the paper leaves open, and ours:
   * The momentum state is local to a client and round (reset every round, as the other
     local optimizers here).
   * Per-example gradients use the model with conv_impl='im2col' (same parameters and
-    outputs; vmapped per-example conv gradients run far faster as matmuls on XLA:CPU).
+    outputs; vmapped per-example conv gradients run far faster as matmuls on XLA:CPU);
+    `frr.conv_impl='model'` keeps the model's own convolution instead, so FRR can be timed
+    on the same convolution as the retraining it is compared with (or run retrain with
+    `model.conv_impl='im2col'`: then both use im2col).
 
 Serves every request kind in FRR_KINDS that the experiment defines (base.REQUEST_KINDS):
 it only needs the retained data.
@@ -54,6 +57,7 @@ from fu_jax import models
 from fu_jax.methods import base
 
 INITS = ("trained", "scratch")
+CONV_IMPLS = ("im2col", "model")
 FRR_KINDS = ("class", "client_class", "client", "samples")
 
 
@@ -67,6 +71,8 @@ def config_section(fl_cfg):
   s.beta1 = 0.9              # momentum of the gradient (paper 0.9)
   s.beta2 = 0.999            # momentum of the squared diagonal Fisher (paper 0.999)
   s.eps = 1e-4               # damping added to the Fisher before dividing (not in the paper)
+  s.conv_impl = "im2col"     # per-example gradients: im2col (fast on CPU) | model (the
+  #                            model's own convolution, e.g. to time FRR like retrain)
   return s
 
 
@@ -78,6 +84,7 @@ RULES = {
     "beta1": base.in_range(0, 1, high_open=True),
     "beta2": base.in_range(0, 1, high_open=True),
     "eps": base.positive(),
+    "conv_impl": base.one_of(CONV_IMPLS),
 }
 
 
@@ -103,14 +110,18 @@ def frr_direction(grads, fisher, state_m, state_v, t, *, beta1: float, beta2: fl
   return d, m, v
 
 
-def frr_program(model, *, lr: float, beta1: float, beta2: float,
-                eps: float) -> fl.LocalProgram:
+def frr_program(model, *, lr: float, beta1: float, beta2: float, eps: float,
+                conv_impl: str = "im2col") -> fl.LocalProgram:
   """Local rapid-retraining steps (see the module docstring) as a LocalProgram.
 
-  model: the flax module (its per-example gradients are taken with conv_impl='im2col').
+  model: the flax module; its per-example gradients are taken with conv_impl='im2col', or
+    with the module as given when conv_impl='model'.
   Metrics: 'loss' (masked CE of the batch before the step).
   """
-  loss_fn = ewc.example_ce_loss(models.logits_fn(models.with_conv_impl(model, "im2col")))
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={conv_impl!r}: allowed {CONV_IMPLS}")
+  grad_model = model if conv_impl == "model" else models.with_conv_impl(model, "im2col")
+  loss_fn = ewc.example_ce_loss(models.logits_fn(grad_model))
   value_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))
 
   def init(server_params, extra, key):
@@ -139,7 +150,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   cfg = task.config
   s = cfg.frr
   program = frr_program(task.model, lr=s.lr, beta1=s.beta1, beta2=s.beta2,
-                        eps=s.eps)
+                        eps=s.eps, conv_impl=s.conv_impl)
   if s.init == "trained":
     params, offset = trained.params, cfg.fl.rounds
   else:

@@ -9,8 +9,16 @@ learned the data (retrain) needs many steps; one that only suppresses it recover
 
 theta_0 the unlearned model, theta_{s+1} one SGD step (optax.sgd(lr, momentum)) on the
 s-th mini-batch of `batch_size` rows, in epochs of a fresh random order each (fl.epoch_order
-of fold_in(key, epoch)); accuracy on all of (x, y) after every step. Never reaching the
-target returns steps = max_steps with reached = False (the cap).
+of fold_in(key, epoch)); accuracy on all of (x, y) after every step, or on the rows marked
+by `score` only. Never reaching the target returns steps = max_steps with reached = False
+(the cap).
+
+Why `score`: when the forgotten samples share one label (a class request), a single step
+on them teaches any model to predict that label, retrain's included, so the count is 1 for
+every model that forgot. Mixing retained samples into the fine-tuning data (scored on the
+forgotten rows only) means the class has to be told apart again rather than predicted
+everywhere: the count then depends on what the model still knows (Golatkar et al., CVPR 2020,
+relearn on the whole training set).
 """
 from __future__ import annotations
 
@@ -34,8 +42,9 @@ class Relearn(NamedTuple):
 
 
 def relearn_steps(apply_fn: Callable, params: Any, x, y, *, target: float, max_steps: int,
-                  lr: float, momentum: float, batch_size: int, key) -> Relearn:
-  """Central fine-tuning steps on (x, y) until accuracy on (x, y) reaches `target`.
+                  lr: float, momentum: float, batch_size: int, key,
+                  score=None) -> Relearn:
+  """Central fine-tuning steps on (x, y) until accuracy on (x, y)[score] reaches `target`.
 
   Args:
     apply_fn: `apply_fn(params, x) -> logits` (e.g. `models.logits_fn(module)`; keep an
@@ -47,6 +56,8 @@ def relearn_steps(apply_fn: Callable, params: Any, x, y, *, target: float, max_s
     lr, momentum: SGD step size and momentum (0 = none), as the clients trained.
     batch_size: rows per step (the last batch of an epoch may be short).
     key: PRNG key for the batch orders.
+    score: optional bool [n]: the rows whose accuracy is measured (the forgotten ones when
+      retained samples are mixed in); None = all rows.
   """
   if max_steps < 0 or batch_size < 1:
     raise ValueError(f"max_steps={max_steps} must be >= 0 and batch_size={batch_size} >= 1")
@@ -54,10 +65,14 @@ def relearn_steps(apply_fn: Callable, params: Any, x, y, *, target: float, max_s
   n = int(x.shape[0])
   if n == 0:
     raise ValueError("relearn_steps got no forgotten samples (0 rows)")
+  rows = np.ones(n, bool) if score is None else np.asarray(score, bool)
+  if rows.shape != (n,) or not rows.any():
+    raise ValueError(f"score: a bool mask of shape ({n},) marking at least one row; got "
+                     f"shape {rows.shape} with {int(rows.sum())} rows marked")
   program = fl.sgd_program(apply_fn, optax.sgd(lr, momentum=momentum or None))
   step = _step_fn(program, batch_size)
-  y_np = np.asarray(y)
-  acc = lambda p: acc_lib.accuracy(acc_lib.predict_logits(apply_fn, p, x), y_np)
+  x_score, y_score = (x, np.asarray(y)) if score is None else (x[rows], np.asarray(y)[rows])
+  acc = lambda p: acc_lib.accuracy(acc_lib.predict_logits(apply_fn, p, x_score), y_score)
   valid = jnp.ones((n,), jnp.bool_)
   per_epoch = fl.steps_per_epoch(n, batch_size)
   state = program.init(params, None, None)
