@@ -11,7 +11,7 @@ is saved as one global array replicated over every device of every process, thro
 orbax's multi-process path (every process calls save and restore together; orbax writes
 each array once, from the replica on process 0, and synchronises the processes around each
 step); a restored state is gathered back to process-local arrays. The directory must be
-one every process sees (a shared filesystem or a bucket), as orbax requires.
+one every process sees (a shared filesystem), as orbax requires.
 """
 from __future__ import annotations
 
