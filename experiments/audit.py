@@ -165,7 +165,7 @@ def bank_kind(config, requested: str) -> str:
     raise run_lib.ConfigError(f"--bank={requested!r}: allowed {BANKS}")
   if requested != "auto":
     return requested
-  return "vmap" if fl.choose_runner(config.model.name) == "vmap" else "sequential"
+  return "sequential" if fl.choose_runner(config.model.name) == "loop" else "vmap"
 
 
 def _trained_bank(workdir: str, cfgs: list, like, train):

@@ -8,6 +8,14 @@ results.json written with the same config) is not recomputed unless --rerun is g
 interrupted one (Ctrl-C, kill) resumes from its last checkpoint when the command is rerun.
 Bad input (an unknown flag or config key, a value out of range) exits with one line on
 stderr and status 2; Ctrl-C with one line and status 130.
+
+Several processes, one run: start the same command once per process, adding
+  --coordinator_address=<host:port of process 0> --num_processes=<n> --process_id=<i>
+(i = 0..n-1). The `shard` runner (what fl.runner=auto picks then) splits each round's
+clients over every device of every process; process 0 alone writes results.json,
+TensorBoard events and comparisons; checkpoints are written by all together (orbax), so
+rerunning the same n commands resumes. The workdir must be on a filesystem every process
+sees. See README.md, "Several processes".
 """
 import difflib
 import os
@@ -19,6 +27,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from fu_jax import compilation_cache
+from fu_jax import multihost
 from fu_jax import xla_flags
 
 xla_flags.use_defaults()  # before any JAX computation: XLA reads its flags once
@@ -42,12 +51,22 @@ flags.DEFINE_bool("rerun", False, "Recompute runs that already finished (by defa
                   "run is left as it is and only its results path is printed).")
 flags.DEFINE_bool("compilation_cache", True, "Use the persistent compilation cache "
                   "(--nocompilation_cache: compile everything in this process).")
+flags.DEFINE_string("coordinator_address", None, "Several processes, one run: host:port of "
+                    "process 0, the same for every process (absent: one process).")
+flags.DEFINE_integer("num_processes", None, "Several processes: how many run this command.")
+flags.DEFINE_integer("process_id", None, "Several processes: this process's index, "
+                     "0..num_processes-1 (0 writes the results).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  try:  # before the first JAX computation
+    multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   cache_dir = compilation_cache.enable(compilation_cache.resolve_dir(
       FLAGS.compilation_cache_dir, FLAGS.compilation_cache))
   cache_stats = compilation_cache.stats()
@@ -72,7 +91,7 @@ def main(argv):
           if FLAGS.method != "all":
             raise
           print(f"--method=all: {name} skipped: {e}", flush=True)
-    if len(names) > 1 or len(seeds) > 1:
+    if (len(names) > 1 or len(seeds) > 1) and multihost.is_primary():
       from experiments import compare
       compare.compare(FLAGS.workdir)
       print(open(os.path.join(FLAGS.workdir, "comparison.md")).read())

@@ -33,6 +33,7 @@ from fu_jax import logging as log_lib
 from fu_jax import losses as losses_lib
 from fu_jax import methods as methods_lib
 from fu_jax import models
+from fu_jax import multihost
 from fu_jax.methods import base
 from fu_jax.metrics import accuracy as acc_lib
 from fu_jax.metrics import backdoor as bd_lib
@@ -103,6 +104,10 @@ def validate(config, method_name: str, num_classes: int | None = None,
   _require(f.batch_size >= 1, f"fl.batch_size={f.batch_size!r}: must be >= 1")
   _require(f.client_lr > 0, f"fl.client_lr={f.client_lr!r}: must be > 0")
   _require(f.runner in fl.RUNNERS, f"fl.runner={f.runner!r}: allowed {fl.RUNNERS}")
+  _require(multihost.process_count() == 1 or f.runner in ("auto", "shard"),
+           f"fl.runner={f.runner!r} would run every client in each of the "
+           f"{multihost.process_count()} processes; with several processes allowed: "
+           "'shard' or 'auto' (which picks it)")
   _require(config.model.name in models.MODEL_NAMES,
            f"model.name={config.model.name!r}: allowed {models.MODEL_NAMES}")
   fl.num_sampled_clients(f.clients_per_round, d.num_clients)
@@ -371,6 +376,27 @@ def training_config(config, trainer: base.Trainer | str) -> dict:
   return key
 
 
+def runner_kind(config) -> str:
+  """The client runner a config runs with: fl.runner, or for 'auto' fl.choose_runner's
+  pick for the backend and model; with several processes 'auto' is 'shard', the one
+  runner whose client axis spans processes."""
+  kind = config.fl.runner
+  if kind != "auto":
+    return kind
+  return "shard" if multihost.process_count() > 1 else fl.choose_runner(config.model.name)
+
+
+def _write_json(path: str, obj):
+  """checkpoint.write_json_atomic in process 0 only (the one process that writes files)."""
+  if multihost.is_primary():
+    checkpoint.write_json_atomic(path, obj)
+
+
+def _json_roundtrip(obj):
+  """obj as it reads back from its JSON file (NaN as null, tuples as lists)."""
+  return checkpoint.json_value(_nan_to_none(obj))
+
+
 def _compiled_now() -> float:
   """Wall seconds minus the compilation seconds so far: differences of it are compiled run
   time (the clock the loop runner's per-client times are read from)."""
@@ -390,7 +416,8 @@ class RunEnv:
   def __init__(self, task: base.Task, directory: str, config_dict: dict):
     self.task, self.dir, self.config_dict = task, directory, config_dict
     cfg = task.config
-    self.logger = log_lib.RunLogger(directory)
+    # Process 0 alone writes TensorBoard events and progress lines (fu_jax/multihost.py).
+    self.logger = log_lib.RunLogger(directory, write=multihost.is_primary())
     self.cost = {"bytes_up": 0, "bytes_down": 0, "examples": 0, "rounds": 0}
     self.seconds = {"wall": 0.0, "compile": 0.0, "eval": 0.0, "parallel": 0.0}
     # This process only; 'serial' / 'critical': fl.ClientClock totals inside rounds.
@@ -398,8 +425,7 @@ class RunEnv:
     self.step = 0  # TensorBoard step across this directory's phases
     self.clock = fl.ClientClock(_compiled_now)
     self._eval_fn = lambda p: evaluate(task, p)
-    kind = cfg.fl.runner
-    self.runner_kind = fl.choose_runner(cfg.model.name) if kind == "auto" else kind
+    self.runner_kind = runner_kind(cfg)
 
   def runner(self, program, epochs, batch_size):
     return fl.ClientRunner(program, kind=self.runner_kind, epochs=epochs,
@@ -409,8 +435,11 @@ class RunEnv:
   def evaluate(self, params):
     return self._eval_fn(params)
 
-  def artifact_dir(self, name: str) -> str:
-    """<this directory>/<name>, created: where a trainer or method writes its files."""
+  def artifact_dir(self, name: str) -> str | None:
+    """<this directory>/<name>, created: where a trainer or method writes its files (None
+    in every process but process 0, which alone writes files)."""
+    if not multihost.is_primary():
+      return None
     path = os.path.join(self.dir, name)
     os.makedirs(path, exist_ok=True)
     return path
@@ -644,13 +673,15 @@ def original_evaluation(task: base.Task, params, pretrain_dir: str) -> dict:
   d = _to_dict(task.config)
   key = {"seed": d["seed"], "unlearn": d["unlearn"]}  # the rest is in the pretrain key
   path = os.path.join(pretrain_dir, f"eval-{_hash(key)}.json")
-  if not os.path.exists(path):
-    ev = evaluate(task, params)
-    if task.request.kind == "samples":
-      ev.update(sample_metrics(task, params))
-    checkpoint.write_json_atomic(path, _nan_to_none(ev))
-  with open(path) as f:  # read back either way: the same values for every method
-    return json.load(f)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  ev = evaluate(task, params)
+  if task.request.kind == "samples":
+    ev.update(sample_metrics(task, params))
+  ev = _json_roundtrip(ev)  # as read back: the same values for every method
+  _write_json(path, ev)
+  return ev
 
 
 def original_membership_scores(task: base.Task, params, pretrain_dir: str) -> dict:
@@ -666,7 +697,7 @@ def original_membership_scores(task: base.Task, params, pretrain_dir: str) -> di
     with open(path) as f:
       return json.load(f)
   scores = membership_scores(task, params)
-  checkpoint.write_json_atomic(path, _nan_to_none(scores))
+  _write_json(path, _nan_to_none(scores))
   return scores
 
 
@@ -675,7 +706,7 @@ MIA_MEMBERS = "as_trained"  # see forgotten_records
 
 def _vectorize_shadows(cfg) -> bool:
   # Same trade-off as the client runners: vmapped conv training is slow on XLA:CPU.
-  return fl.choose_runner(cfg.model.name) == "vmap"
+  return fl.choose_runner(cfg.model.name) != "loop"
 
 
 def _shadow_train_fn(task: base.Task):
@@ -725,7 +756,7 @@ def pretrained(task: base.Task, workdir: str, trainer: base.Trainer | str):
   env = RunEnv(task, directory, key)
   trained = trainer.train(task, env)
   env.logger.close()
-  checkpoint.write_json_atomic(os.path.join(directory, TRAIN_TIMING), {
+  _write_json(os.path.join(directory, TRAIN_TIMING), {
       "train_seconds": env.seconds["wall"] - env.seconds["compile"],
       "compile_seconds": env.seconds["compile"]})
   return trained, env
@@ -807,9 +838,12 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
   task = build_task(config)
   if method.check is not None:
     method.check(task)  # base.Unservable before anything is trained or written
+  # Every process has decided (from the same files) to compute this run before process 0
+  # changes them.
+  multihost.barrier(f"run {out_dir}")
   os.makedirs(out_dir, exist_ok=True)
-  checkpoint.write_json_atomic(cfg_path, cfg_dict)
-  if os.path.exists(results_path):
+  _write_json(cfg_path, cfg_dict)
+  if os.path.exists(results_path) and multihost.is_primary():
     os.remove(results_path)  # a rerun rewrites it; never leave a stale one next to new logs
 
   trained, train_env = pretrained(task, workdir, method.trainer)
@@ -880,12 +914,15 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
   results = _nan_to_none(results)
   env.logger.summary(env.step + 1, _to_dict(config), results)
   env.logger.close()
-  checkpoint.write_json_atomic(results_path, results)
-  print(f"[{method.name}] " + " ".join(
-      f"{k}={results[k]:.4f}" for k in ("test_acc", utility_metric, forgetting_metric,
-                                         "unlearn_seconds", "unlearn_parallel_seconds")
-      if isinstance(results.get(k), float)), flush=True)
-  print(f"results: {results_path}", flush=True)
+  _write_json(results_path, results)
+  # No process starts the next run (or reads these results) before they are written.
+  multihost.barrier(f"results {out_dir}")
+  if multihost.is_primary():
+    print(f"[{method.name}] " + " ".join(
+        f"{k}={results[k]:.4f}" for k in ("test_acc", utility_metric, forgetting_metric,
+                                           "unlearn_seconds", "unlearn_parallel_seconds")
+        if isinstance(results.get(k), float)), flush=True)
+    print(f"results: {results_path}", flush=True)
   return results
 
 

@@ -5,6 +5,13 @@ process killed at any moment leaves either the previous complete step or the new
 never a half-written checkpoint; incomplete temporaries are cleaned up on the next start.
 Next to the steps sits `config.json`, the configuration the checkpoints were made with;
 resuming with a different one is refused, naming the keys that differ.
+
+Several processes (fu_jax/multihost.py): every process holds the same state, so each array
+is saved as one global array replicated over every device of every process, through
+orbax's multi-process path (every process calls save and restore together; orbax writes
+each array once, from the replica on process 0, and synchronises the processes around each
+step); a restored state is gathered back to process-local arrays. The directory must be
+one every process sees (a shared filesystem), as orbax requires.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from fu_jax import multihost
 
 
 class ConfigMismatchError(ValueError):
@@ -47,6 +56,12 @@ def write_json_atomic(path: str, obj: Any):
   os.replace(tmp, path)
 
 
+def json_value(obj: Any):
+  """`obj` as it reads back from the file write_json_atomic writes (tuples as lists,
+  numpy scalars and arrays as Python values)."""
+  return json.loads(json.dumps(obj, default=_json_default))
+
+
 def _json_default(o):
   if isinstance(o, (np.floating, np.integer, np.bool_)):
     return o.item()
@@ -77,7 +92,7 @@ class Checkpointer:
         raise ConfigMismatchError(
             f"{self.directory} holds checkpoints made with a different config ({details}); "
             "use another --workdir or the original config.")
-    else:
+    elif multihost.is_primary():
       write_json_atomic(cfg_path, config)
     self.every = max(1, int(every))
     self._manager = ocp.CheckpointManager(
@@ -97,18 +112,31 @@ class Checkpointer:
     step = self.latest_step()
     if step is None:
       return init_state, 0, None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _global(init_state))
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return restored.state, step, restored.meta
+    state = restored.state
+    if multihost.process_count() > 1:
+      state = multihost.gather(state)
+    return state, step, restored.meta
 
   def maybe_save(self, step: int, state, *, meta=None, force: bool = False):
     """Saves after step `step` (steps count completed rounds) when due or forced."""
     if force or step % self.every == 0:
       if self._manager.latest_step() != step:
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})), force=True)
+            state=ocp.args.StandardSave(_global(state)), meta=ocp.args.JsonSave(meta or {})),
+            force=True)
         self._manager.wait_until_finished()
 
   def close(self):
     self._manager.close()
+
+
+def _global(state):
+  """With several processes, every array of `state` (the same in every process) as a
+  global array replicated over all devices; with one process, `state` itself."""
+  if multihost.process_count() == 1:
+    return state
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("replica",))
+  return multihost.put_replicated(state, mesh)

@@ -8,7 +8,9 @@ the sampled clients:
          to bound memory;
   loop   one client at a time, each step one jitted call, stopping at the client's own
          number of non-empty batches;
-  shard  like vmap, with the client axis split over a device mesh (jax.sharding);
+  shard  like vmap, with the client axis split over a mesh of every device of every
+         process (jax.sharding; fu_jax/multihost.py); the clients' results are gathered
+         back whole into every process;
   auto   picks per backend and model (see `choose_runner`).
 
 Every runner drives the steps from the host: on XLA:CPU a conv train step inside
@@ -44,6 +46,7 @@ import optax
 
 from fu_jax import images
 from fu_jax import losses
+from fu_jax import multihost
 from fu_jax import tree as tu
 
 RUNNERS = ("auto", "vmap", "loop", "shard")
@@ -272,8 +275,9 @@ class ClientRunner:
       self._order = jax.jit(jax.vmap(epoch_order))
       self._finish = jax.jit(jax.vmap(program.finish))
     self.mesh = mesh
+    self._tables = None
     if kind == "shard":
-      if mesh is None:
+      if mesh is None:  # every device of every process
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("clients",))
       self.mesh = mesh
       self._client_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
@@ -333,11 +337,15 @@ class ClientRunner:
 
   # -- vmap / shard: a block of clients per call.
   def _run_block(self, server_params, data, valid, extra, keys, tables):
-    if self.kind == "shard":
-      put = lambda a: jax.device_put(a, self._client_sharding)
-      data, valid, extra, keys = jax.tree.map(put, (data, valid, extra, keys))
-    state = self._init(server_params, extra, keys)
     counts = np.asarray(jnp.sum(valid, axis=1))
+    if self.kind == "shard":
+      # Each process places only its own devices' clients; what every client reads (the
+      # server model, the image tables) is replicated over the mesh.
+      put = lambda a: multihost.put_sharded(a, self._client_sharding)
+      data, valid, extra, keys = jax.tree.map(put, (data, valid, extra, keys))
+      server_params = multihost.put_replicated(server_params, self.mesh)
+      tables = self._replicated_tables(tables)
+    state = self._init(server_params, extra, keys)
     n_steps = min(steps_per_epoch(valid.shape[1], self.batch_size),
                   math.ceil(int(counts.max(initial=0)) / self.batch_size))
     sums = self._metric_zeros(server_params, data, valid, extra, keys, tables)
@@ -348,8 +356,20 @@ class ClientRunner:
         state, m, _ = self._step_fn(epoch * n_steps + s)(state, data, valid, order, s, eks,
                                                          tables)
         sums = jax.tree.map(jnp.add, sums, m)
+    if self.kind == "shard":
+      # The clients' results whole in every process (an all-gather across processes), so
+      # aggregation and everything after it run on one device, as with one process.
+      state, sums = multihost.gather((state, sums))
     metrics = _mean_metrics(jax.tree.map(np.asarray, sums), counts * self.epochs)
     return ClientResult(self._finish(state), state, metrics)
+
+  def _replicated_tables(self, tables):
+    # The tables hold the same arrays in every round: replicate them over the mesh once.
+    leaves = jax.tree.leaves(tables)
+    if self._tables is None or len(leaves) != len(self._tables[0]) or any(
+        a is not b for a, b in zip(leaves, self._tables[0])):
+      self._tables = (leaves, multihost.put_replicated(tables, self.mesh))
+    return self._tables[1]
 
   def run(self, server_params, data, valid, extra, keys) -> ClientResult:
     data, tables = images.detach(data)
@@ -380,14 +400,15 @@ class ClientRunner:
 
 # `auto`, per backend and model family: the runner benchmarks/fl_round.py measured fastest.
 # On XLA:CPU a vmapped conv step becomes a grouped convolution that runs 2-3x slower than
-# per-client steps (BUILD.md), while dense-only models gain from vmap. On accelerators vmap
-# batches all sampled clients into one kernel launch per step; `shard` (the same program
-# split over a device mesh) is chosen explicitly for multi-device hosts. A backend not
-# listed is treated as an accelerator.
+# per-client steps (BUILD.md), while dense-only models gain from vmap. On accelerators the
+# sampled clients go into one vmapped kernel launch per step, split over every device
+# (`shard`: on one device the same program as vmap). A backend not listed is treated as an
+# accelerator. With several processes experiments.run picks `shard` on every backend: it
+# is the one runner whose client axis spans processes.
 AUTO_RUNNER = {
     "cpu": {"conv": "loop", "dense": "vmap"},
-    "gpu": {"conv": "vmap", "dense": "vmap"},
-    "tpu": {"conv": "vmap", "dense": "vmap"},
+    "gpu": {"conv": "shard", "dense": "shard"},
+    "tpu": {"conv": "shard", "dense": "shard"},
 }
 DENSE_MODELS = ("mlp",)
 

@@ -200,3 +200,26 @@ def dataset_table(ds) -> ImageTable:
   if getattr(ds, 'train_codes', None) is not None:
     return ImageTable(ds.train_codes, ds.train_lut)
   return ImageTable(np.asarray(ds.x_train, np.float32))
+
+
+def map_client_blocks(fn, data, *args, block: int = 256):
+  """fn(materialize(data), *args) computed over consecutive blocks of `block` clients and
+  concatenated: only one block's images exist at a time.
+
+  data: a pytree with a leading client axis (ClientImages or arrays); args: arrays or
+  pytrees with the same leading axis. fn must treat clients independently (e.g. a vmap over
+  them) and return a pytree with a leading client axis. With at most `block` clients it is
+  one call on everything; otherwise the last block is filled up with copies of the last
+  client (cut off again), so fn sees one shape and compiles once. Memory: block x max_n
+  images instead of the padded block's clients x max_n.
+  """
+  n = jax.tree.leaves(data)[0].shape[0]
+  if n <= block:
+    return fn(materialize(data), *args)
+  outs = []
+  for start in range(0, n, block):
+    idx = jnp.asarray(np.minimum(np.arange(start, start + block), n - 1))
+    take = lambda a: jnp.take(a, idx, axis=0)
+    out = fn(materialize(jax.tree.map(take, data)), *jax.tree.map(take, args))
+    outs.append(jax.tree.map(lambda a: a[:min(block, n - start)], out))
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)

@@ -46,13 +46,18 @@ def _number(v) -> bool:
 class RunLogger:
   """Writes scalars to TensorBoard and prints progress with an ETA."""
 
-  def __init__(self, logdir: str, *, stream=sys.stdout):
+  def __init__(self, logdir: str, *, stream=sys.stdout, write: bool = True):
+    """write=False: a logger that writes and prints nothing (a run's processes other than
+    the first, which alone logs)."""
     self._logdir = logdir
+    self._enabled = write
     self._events = None  # opened at the first write (see the module doc)
     self._stream = stream
     self._t0 = {}
 
   def _write(self, step: int, summary):
+    if not self._enabled:
+      return
     if self._events is None:
       os.makedirs(self._logdir, exist_ok=True)
       # The pid keeps two processes started within one second apart (names hold seconds).
@@ -82,6 +87,8 @@ class RunLogger:
       self._scalar(k, float(v), step)
 
   def progress(self, phase: str, done: int, total: int, metrics: dict, started: float):
+    if not self._enabled:
+      return
     elapsed = time.perf_counter() - started
     eta = elapsed / max(done, 1) * (total - done)
     shown = " ".join(f"{k}={v:.4f}" for k, v in _flat(metrics, sep=".").items()

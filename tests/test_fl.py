@@ -159,9 +159,9 @@ def test_auto_runner_per_backend():
   from fu_jax import models
   assert fl.choose_runner("cnn", "cpu") == "loop"
   assert fl.choose_runner("mlp", "cpu") == "vmap"
-  for backend in ("gpu", "tpu", "some_new_accelerator"):
+  for backend in ("gpu", "tpu", "some_new_accelerator"):  # vmap split over every device
     for name in models.MODEL_NAMES:
-      assert fl.choose_runner(name, backend) == "vmap"
+      assert fl.choose_runner(name, backend) == "shard"
   for name in models.MODEL_NAMES:
     assert fl.choose_runner(name, "cpu") == ("vmap" if name == "mlp" else "loop")
   assert all(r in fl.RUNNERS[1:] for b in fl.AUTO_RUNNER.values() for r in b.values())

@@ -89,6 +89,39 @@ def test_detach_attach_round_trip_and_shared_tables():
   np.testing.assert_array_equal(np.asarray(back['b'][0]), np.asarray(b))
 
 
+def test_map_client_blocks_equals_one_call_on_the_padded_block():
+  from fu_jax import distill  # pylint: disable=g-import-not-at-top
+  ds = data.load_dataset('digits')
+  parts = data.partition(ds.y_train, 7, kind='client_dirichlet', seed=1, alpha=0.3,
+                         size_sigma=1.0, min_size=1)
+  c = data.index_clients(ds.y_train, parts)
+  x = images.ClientImages(jnp.asarray(c.index), images.dataset_table(ds))
+  keys = jax.vmap(jax.random.key)(jnp.arange(7))
+  counts = np.stack([np.bincount(c.y[k][c.valid[k]], minlength=10) for k in range(7)])
+  sizes = distill.synthetic_sizes(counts, 0.05, None)
+  b, nc = distill.synthetic_layout(sizes)
+  seen = []
+
+  @jax.jit
+  def build(x, y, valid, keys, sizes):  # QuickDrop's init_sets: every client's synthetic set
+    return jax.vmap(lambda *a: distill.init_synthetic(*a[:3], 10, key=a[3], chunk_size=b,
+                                                      num_chunks=nc, sizes=a[4]))(
+        x, y, valid, keys, sizes)
+
+  def fn(imgs, *args):
+    seen.append(imgs.shape[0])
+    return build(imgs, *args)
+
+  args = (jnp.asarray(c.y), jnp.asarray(c.valid), keys, jnp.asarray(sizes))
+  whole = build(jnp.asarray(np.asarray(x)), *args)  # the padded block, one call
+  blocks = images.map_client_blocks(fn, x, *args, block=3)
+  assert seen == [3, 3, 3]  # the last block (one client) filled up to one shape
+  chex.assert_trees_all_equal(blocks, whole)
+  seen.clear()
+  chex.assert_trees_all_equal(images.map_client_blocks(fn, x, *args, block=7), whole)
+  assert seen == [7]
+
+
 class TinyCNN(nn.Module):
   @nn.compact
   def __call__(self, x):

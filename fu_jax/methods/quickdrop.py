@@ -292,8 +292,8 @@ def init_sets(task: base.Task, s: dict) -> distill.SyntheticSet:
         sizes=sz)
     return jax.vmap(one)(x, y, valid, keys, sizes)
 
-  # The real images are needed whole here, once: materialised outside the jitted build.
-  return build(images.materialize(c.x), c.y, c.valid, keys, jnp.asarray(sizes))
+  # The real images are materialised outside the jitted build, a block of clients at a time.
+  return images.map_client_blocks(build, c.x, c.y, c.valid, keys, jnp.asarray(sizes))
 
 
 def pixel_range(task: base.Task):
