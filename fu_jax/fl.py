@@ -231,12 +231,13 @@ def parallel_seconds(seconds: float, before: tuple[float, float],
   return max(0.0, seconds - serial + critical)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _compiled_program(program: LocalProgram, kind: str, batch_size: int):
   """The jitted (step, scheduled_step, init, order, finish) of a program, shared by every
   runner of an equal program (its functions compare by identity: a factory that returns the
   same LocalProgram for the same settings, e.g. one under functools.lru_cache, gets them
-  compiled once per process; an audit builds K runners per method).
+  compiled once per process; an audit builds K runners per method). Bounded: the entries
+  keep their executables alive.
   """
   def compile_step(step_fn):
     def step(state, data, valid, order, s, key, tables):
