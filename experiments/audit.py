@@ -22,7 +22,9 @@ against the same reference too ("original").
 (any method, any model); `vmap` runs each side's FedAvg phases (training, retrain, finetune)
 for all K models as one vmapped program (fu_jax.bank; equal to the sequential models to float
 tolerance), then a method with its own unlearning (sga, fedaf, ...) runs it per model from
-its bank-trained model; `auto` (default) picks vmap where the client runner vmaps (dense
+its bank-trained model, the K runs sharing one set of compiled programs (per-model values
+such as SGA's ball radius or FedAF's Fisher are runtime arguments; tests/test_audit.py
+checks that the second model compiles nothing); `auto` (default) picks vmap where the client runner vmaps (dense
 models on CPU; any model on accelerators), since a vmapped conv net is slow on XLA:CPU.
 
 Writes <workdir>/audit/<method>/audit.json and epsilons.png. Models live in

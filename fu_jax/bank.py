@@ -56,6 +56,11 @@ def _sample(seeds, round_idx, weights, num_sampled, stream):
   return idx, active, keys
 
 
+@functools.lru_cache(maxsize=8)
+def _server_opt(lr: float) -> optax.GradientTransformation:
+  return optax.sgd(lr)  # one object per lr: a static argument of _server_update
+
+
 @functools.partial(jax.jit, static_argnums=(3,))
 def _server_update(server, client_params, w, server_opt):
   return jax.vmap(lambda s, c, ww: fl.server_apply(s, fl.aggregate(s.params, c, ww), server_opt)
@@ -79,7 +84,7 @@ def fedavg_bank(runner: BankRunner, params, data, valid, *, seeds, num_rounds: i
     # one padded block for the run (audits use small data sets).
     x = jnp.asarray(np.asarray(x))
   valid = jnp.asarray(valid)
-  server_opt = optax.sgd(server_lr)
+  server_opt = _server_opt(float(server_lr))
   server = jax.vmap(lambda p: fl.server_init(p, server_opt))(params)
   bs = runner.batch_size
   for r in range(num_rounds):

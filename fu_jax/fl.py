@@ -234,6 +234,33 @@ def parallel_seconds(seconds: float, before: tuple[float, float],
   return max(0.0, seconds - serial + critical)
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_program(program: LocalProgram, kind: str, batch_size: int):
+  """The jitted (step, scheduled_step, init, order, finish) of a program, shared by every
+  runner of an equal program (its functions compare by identity: a factory that returns the
+  same LocalProgram for the same settings, e.g. one under functools.lru_cache, gets them
+  compiled once per process; an audit builds K runners per method). Bounded: the entries
+  keep their executables alive.
+  """
+  def compile_step(step_fn):
+    def step(state, data, valid, order, s, key, tables):
+      # The image tables arrive as arguments (see images.detach), shared by all clients.
+      data = images.attach(data, tables)
+      return _guarded_step(step_fn, batch_size, state, data, valid, order, s, key)
+    if kind != "loop":
+      step = jax.vmap(step, in_axes=(0, 0, 0, 0, None, 0, None))
+    return jax.jit(step, donate_argnums=(0,))
+
+  scheduled = (compile_step(program.scheduled_step)
+               if program.scheduled_step is not None else None)
+  if kind == "loop":
+    return (compile_step(program.step), scheduled, jax.jit(program.init),
+            jax.jit(epoch_order), jax.jit(program.finish))
+  return (compile_step(program.step), scheduled,
+          jax.jit(jax.vmap(program.init, in_axes=(None, 0, 0))),
+          jax.jit(jax.vmap(epoch_order)), jax.jit(jax.vmap(program.finish)))
+
+
 class ClientRunner:
   """Runs a LocalProgram for a block of clients; jitted functions are built once.
 
@@ -254,26 +281,8 @@ class ClientRunner:
     self.program, self.kind, self.epochs, self.batch_size = program, kind, epochs, batch_size
     self.chunk_size = chunk_size
     self.clock = clock
-    def compile_step(step_fn):
-      def step(state, data, valid, order, s, key, tables):
-        # The image tables arrive as arguments (see images.detach), shared by all clients.
-        data = images.attach(data, tables)
-        return _guarded_step(step_fn, batch_size, state, data, valid, order, s, key)
-      if kind != "loop":
-        step = jax.vmap(step, in_axes=(0, 0, 0, 0, None, 0, None))
-      return jax.jit(step, donate_argnums=(0,))
-
-    self._step = compile_step(program.step)
-    self._scheduled = (compile_step(program.scheduled_step)
-                       if program.scheduled_step is not None else None)
-    if kind == "loop":
-      self._init = jax.jit(program.init)
-      self._order = jax.jit(epoch_order)
-      self._finish = jax.jit(program.finish)
-    else:
-      self._init = jax.jit(jax.vmap(program.init, in_axes=(None, 0, 0)))
-      self._order = jax.jit(jax.vmap(epoch_order))
-      self._finish = jax.jit(jax.vmap(program.finish))
+    (self._step, self._scheduled, self._init, self._order,
+     self._finish) = _compiled_program(program, kind, batch_size)
     self.mesh = mesh
     self._tables = None
     if kind == "shard":

@@ -433,6 +433,13 @@ def with_conv_impl(module: nn.Module, impl: str) -> nn.Module:
   return module
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init(module: nn.Module, key, x):
+  # module static (equal modules hash equally): one compile per architecture and shape,
+  # where jax.jit(module.init) per call compiled again for every new module object.
+  return module.init(key, x)
+
+
 def init_params(module: nn.Module, key, input_shape: tuple[int, int, int]):
   """Parameters of `module` for inputs of shape `input_shape` = (H, W, C).
 
@@ -441,7 +448,7 @@ def init_params(module: nn.Module, key, input_shape: tuple[int, int, int]):
   """
   if len(input_shape) != 3 or min(input_shape) < 1:
     raise ValueError(f'input_shape must be (H, W, C) with positive sizes, got {input_shape}')
-  variables = jax.jit(module.init)(key, jnp.zeros((1,) + tuple(input_shape), jnp.float32))
+  variables = _init(module, key, jnp.zeros((1,) + tuple(input_shape), jnp.float32))
   extra = set(variables) - {'params'}
   if extra:
     raise ValueError(f'model has non-param collections {sorted(extra)}; fu_jax models must be '

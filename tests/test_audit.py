@@ -68,3 +68,38 @@ def test_bank_refuses_a_method_with_its_own_trainer(tmp_path):
   c = tiny(**{"unlearn.kind": "class"})
   with pytest.raises(run_lib.ConfigError, match="use --bank=sequential"):
     audit_exp.audit(c, str(tmp_path), "quickdrop", 3, "vmap")
+
+
+@pytest.mark.parametrize("method", ["sga", "fedaf"])
+def test_per_model_unlearning_compiles_once(tmp_path, method):
+  # The audit runs these methods' unlearning once per bank model, each from its own trained
+  # model (its own SGA ball radius, Fisher, anchor). Nothing per model may be compiled in:
+  # the second model lowers no new program (each lowering is a cache miss:
+  # a per-model constant or a new function object per call; they cost 20 s per model).
+  import jax
+  from fu_jax import methods as methods_lib
+  from fu_jax.methods import base
+  lowered = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, duration, **kw: lowered.append(event)
+      if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
+  c = tiny(**{"fedaf.teachers": 2, "sga.radius_frac": 0.05})
+  counts = []
+  for k in range(2):
+    cfg = audit_exp.model_config(c, method, audit_exp.bank_seed(c.seed, 0, k))
+    task = run_lib.build_task(cfg)
+    env = run_lib.RunEnv(task, str(tmp_path / str(k)), {"k": k})
+    before = len(lowered)
+    out = methods_lib.get(method).unlearn(task, env, base.Trained(base.init_params(task)))
+    jax.block_until_ready(out.params)
+    env.logger.close()
+    counts.append(len(lowered) - before)
+    if method == "sga":  # the radii differ per model (each from its own theta*)
+      counts[-1] = (counts[-1], out.results["sga_radius"])
+  if method == "sga":
+    assert counts[0][1] != counts[1][1]
+    counts = [n for n, _ in counts]
+  assert counts[1] == 0, counts
+  before = len(lowered)
+  jax.jit(lambda x: x * 3.0 + k)(1.0)  # a new function: the listener does see lowerings
+  assert len(lowered) == before + 1

@@ -53,9 +53,10 @@ def test_program_equals_ascent_sga_epoch_full_batch(radius, max_loss):
   # program must equal 4 calls of ascent.sga_epoch (its lax.scan implementation).
   params, x, y, valid, keys = _setup()
   lr = 0.5
-  prog = sga.sga_program(APPLY, lr, radius=radius, max_loss=max_loss)
+  prog = sga.sga_program(APPLY, lr, project=radius is not None, max_loss=max_loss)
+  extra = None if radius is None else jnp.full((2,), radius, jnp.float32)
   got = fl.ClientRunner(prog, kind="vmap", epochs=4, batch_size=8).run(
-      params, (x, y), valid, None, keys).params
+      params, (x, y), valid, extra, keys).params
   step = jax.jit(functools.partial(ascent.sga_epoch, APPLY, lr=lr, batch_size=8,
                                    max_loss=max_loss))
   for c in range(2):

@@ -27,6 +27,7 @@ TensorBoard and flags.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -204,6 +205,27 @@ def client_optimizer(config, lr=None) -> optax.GradientTransformation:
   return optax.sgd(lr, momentum=config.fl.client_momentum or None)
 
 
+@functools.lru_cache(maxsize=32)
+def _sgd_program(apply_fn, lr: float, momentum: float) -> fl.LocalProgram:
+  return fl.sgd_program(apply_fn, optax.sgd(lr, momentum=momentum or None))
+
+
+def client_program(task: Task) -> fl.LocalProgram:
+  """Local training with `client_optimizer`: one LocalProgram object per (model, lr,
+  momentum), so every runner built from it shares compiled steps (fl.ClientRunner) where a
+  fresh program per phase would recompile them, e.g. once per model of an audit's bank."""
+  cfg = task.config
+  return _sgd_program(task.apply_fn, float(cfg.fl.client_lr),
+                      float(cfg.fl.client_momentum or 0.0))
+
+
+@functools.lru_cache(maxsize=32)
+def server_optimizer(lr: float) -> optax.GradientTransformation:
+  """optax.sgd(lr), one object per lr: it is a static argument of the jitted server update,
+  compared by identity."""
+  return optax.sgd(lr)
+
+
 def num_sampled(config) -> int:
   return fl.num_sampled_clients(config.fl.clients_per_round, config.data.num_clients)
 
@@ -224,9 +246,9 @@ def fedavg_phase(task: Task, env: Env, phase: str, params, num_rounds: int, *,
   y = c.y if y is None else y
   weights = np.ones(c.count.shape[0]) if client_weights is None else client_weights
   if program is None:
-    program = fl.sgd_program(task.apply_fn, client_optimizer(cfg))
+    program = client_program(task)
   runner = env.runner(program, epochs or cfg.fl.local_epochs, cfg.fl.batch_size)
-  server_opt = optax.sgd(cfg.fl.server_lr)
+  server_opt = server_optimizer(float(cfg.fl.server_lr))
   model_bytes = tu.tree_num_bytes(params)
   k = num_sampled(cfg)
 

@@ -271,16 +271,22 @@ def _uniform(key, n):
   return jax.random.uniform(key, (n,))
 
 
+@functools.lru_cache(maxsize=16)
+def _client_fisher_program(apply_fn, kind: str, width: int, model_labels: bool):
+  # One program object per setting: runners of equal programs share compiled steps
+  # (fl.ClientRunner), so K models (an audit's bank) compile the Fisher pass once.
+  label_fn = functools.partial(ewc.model_labels, apply_fn) if model_labels else None
+  return fisher_program(ewc.example_ce_loss(apply_fn), kind, width, label_fn)
+
+
 def client_fisher(task: base.Task, env: base.Env, s, params, clients, y_old):
   """Per-target-client EWC curvature at theta* = params, stacked on a leading [T] axis:
   the diagonal Fisher (pytree like params) or (S J, n). Returns (curvature, examples)."""
   # im2col: vmapped per-example conv gradients become batched matmuls, not grouped convs.
   model = models.with_conv_impl(task.model, "im2col")
   apply_fn = models.logits_fn(model)
-  loss_fn = ewc.example_ce_loss(apply_fn)
-  label_fn = (functools.partial(ewc.model_labels, apply_fn)
-              if s["fisher_labels"] == "model" else None)
-  program = fisher_program(loss_fn, s["fisher"], s["sketch_width"], label_fn)
+  program = _client_fisher_program(apply_fn, s["fisher"], s["sketch_width"],
+                                   s["fisher_labels"] == "model")
   valid = fisher_mask(task, s, clients)
   idx = np.asarray(clients)
   data = (task.clients.x[idx], np.asarray(y_old)[idx])  # only the targets' images
@@ -357,6 +363,16 @@ def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation,
   return fl.LocalProgram(init, step, lambda s: s.params)
 
 
+@functools.lru_cache(maxsize=16)
+def _unlearn_program(apply_fn, lr: float, momentum: float, ewc_kind: str | None, lam: float,
+                     width: int, true_weight: float, max_old_loss: float | None):
+  # One program object per setting (see _client_fisher_program): the client's Fisher and
+  # anchor arrive as runtime state, so nothing per model is compiled in.
+  optimizer = optax.sgd(lr, momentum=momentum or None)
+  return unlearn_program(apply_fn, optimizer, ewc_kind=ewc_kind, lam=lam, width=width,
+                         true_weight=true_weight, max_old_loss=max_old_loss)
+
+
 def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
              use_ewc: bool) -> base.Outcome:
   cfg = task.config
@@ -372,10 +388,8 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
     max_old_loss = math.log(task.num_classes)
   else:
     max_old_loss = None if s["max_old_loss"] < 0 else s["max_old_loss"]
-  optimizer = optax.sgd(s["lr"], momentum=s["momentum"] or None)
-  program = unlearn_program(task.apply_fn, optimizer, ewc_kind=ewc_kind, lam=s["lam"],
-                            width=s["sketch_width"], true_weight=s["true_weight"],
-                            max_old_loss=max_old_loss)
+  program = _unlearn_program(task.apply_fn, s["lr"], s["momentum"], ewc_kind, s["lam"],
+                             s["sketch_width"], s["true_weight"], max_old_loss)
   keys = base.client_keys(cfg.seed, FEDAF_ID, _PART_UNLEARN, targets)
   epochs = base.budget_epochs(task, targets, s["epochs"], s["min_steps"], s["batch_size"])
   info = {}

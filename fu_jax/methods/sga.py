@@ -37,6 +37,7 @@ The target clients, their unlearning round and the recovery rounds are base's
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -60,23 +61,30 @@ SGA_ID = 21
 class SgaState(NamedTuple):
   params: Any
   anchor: Any    # theta*: centre of the L2 ball
+  radius: Any    # the ball's radius (float32 scalar; +inf = no projection)
   stopped: Any   # bool: a batch loss exceeded max_loss; no further step
 
 
-def sga_program(apply_fn: Callable, lr: float, *, radius: float | None = None,
+@functools.lru_cache(maxsize=32)
+def sga_program(apply_fn: Callable, lr: float, *, project: bool = False,
                 max_loss: float | None = None) -> fl.LocalProgram:
   """Bounded ascent as a LocalProgram (same steps as `ascent.sga_epoch`).
 
   step: L_b = masked CE; stopped |= L_b > max_loss; theta' = theta + lr grad L_b,
-  projected on the ball ||theta' - theta*|| <= radius; kept unless stopped.
+  projected on the ball ||theta' - theta*|| <= radius when `project`; kept unless stopped.
+  With `project`, each client's `extra` is its radius (a scalar): a runtime value, so one
+  compiled program serves every radius (an audit's K models each have their own, from
+  their own theta*). Equal arguments return the same program object, whose runners share
+  compiled steps (fl.ClientRunner).
   Metrics: 'loss' (L_b, measured before the step) and 'stopped'.
   """
   def loss_fn(p, batch):
     return losses.masked_ce(apply_fn(p, batch.x), batch.y, batch.mask)
 
   def init(server_params, extra, key):
-    del extra, key
-    return SgaState(server_params, server_params, jnp.zeros((), jnp.bool_))
+    del key
+    radius = jnp.asarray(extra if project else jnp.inf, jnp.float32)
+    return SgaState(server_params, server_params, radius, jnp.zeros((), jnp.bool_))
 
   def step(state, batch, key):
     del key
@@ -85,11 +93,11 @@ def sga_program(apply_fn: Callable, lr: float, *, radius: float | None = None,
     if max_loss is not None:
       stopped = stopped | (loss > max_loss)
     new = ascent.sga_step(state.params, g, lr)
-    if radius is not None:
-      new = ascent.project_l2_ball(new, state.anchor, radius)
+    if project:
+      new = ascent.project_l2_ball(new, state.anchor, state.radius)
     p = jax.tree.map(lambda a, b: jnp.where(stopped, b, a), new, state.params)
-    return SgaState(p, state.anchor, stopped), {"loss": loss,
-                                                "stopped": stopped.astype(jnp.float32)}
+    return SgaState(p, state.anchor, state.radius, stopped), {
+        "loss": loss, "stopped": stopped.astype(jnp.float32)}
 
   return fl.LocalProgram(init, step, lambda s: s.params)
 
@@ -141,8 +149,9 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
     max_loss = math.log(task.num_classes)
   else:
     max_loss = None if s.max_loss < 0 else float(s.max_loss)
-  program = sga_program(task.apply_fn, s.lr, radius=radius, max_loss=max_loss)
+  program = sga_program(task.apply_fn, s.lr, project=radius is not None, max_loss=max_loss)
   targets = base.target_clients(task)
+  extra = None if radius is None else jnp.full((len(targets),), radius, jnp.float32)
   y = base.old_labels(task, s.old_labels)
   keys = base.client_keys(cfg.seed, SGA_ID, 1, targets)
   epochs = base.budget_epochs(task, targets, s.epochs, s.min_steps, s.batch_size)
@@ -151,7 +160,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   def round_fn(p, r):
     del r
     out = base.run_on_targets(task, env, program, p, y=y, epochs=epochs,
-                              batch_size=s.batch_size, keys=keys, clients=targets)
+                              batch_size=s.batch_size, keys=keys, extra=extra, clients=targets)
     info.update(out.metrics)
     return out.params, dict(out.cost, loss=out.metrics["loss"])
 
