@@ -18,6 +18,7 @@ from fu_jax import fl
 from fu_jax import masking
 from fu_jax import tree as tu
 from fu_jax.methods import channel
+from tests import pretrain_cache
 
 
 def small_config(method, **overrides):
@@ -39,7 +40,7 @@ def workdir(tmp_path_factory):
 
 def _run(workdir, method, **overrides):
   cfg = small_config(method, **overrides)
-  return cfg, run_lib.run(cfg, workdir)
+  return cfg, pretrain_cache.run(cfg, workdir)
 
 
 def _restore(workdir, cfg, phase, template):

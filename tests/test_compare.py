@@ -5,9 +5,13 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from experiments import compare
+from experiments.configs import digits
+from tests import pretrain_cache
+from tests.test_experiments import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,15 +104,34 @@ def test_no_retrain_is_a_clear_error(tmp_path):
   assert "no retrain run" in out.stderr
 
 
+# test_experiments' small digits setup (its trained model is the session's: see
+# tests/pretrain_cache.py), one fine-tuning round, checkpoints and evaluations at the end.
+METHOD_ALL = {"finetune.rounds": 1, "checkpoint_every": 100, "eval_every": 100}
+
+
+def _changed(cfg, base, prefix=""):
+  """(dotted key, value) of every leaf where cfg differs from base."""
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _changed(v, base[k], f"{prefix}{k}.")
+    elif v != base[k]:
+      yield f"{prefix}{k}", v
+
+
 def test_method_all_runs_every_method_and_compares(tmp_path):
+  wd = str(tmp_path)
+  cfg = small_config(**METHOD_ALL)
+  # The CLI's overrides below give this config, so the run trains only the distilling
+  # trainer's model and takes FedAvg's from the session's cache (checked after the run).
+  seeded = pretrain_cache.pretrain(cfg, wd, "fedavg")
+  flags = [f"--config.{k}={v}" for k, v in _changed(cfg, digits.get_config()) if k != "method"]
   cmd = [sys.executable, "-m", "experiments.main", "--method=all",
-         "--config=experiments/configs/digits.py", f"--workdir={tmp_path}",
-         "--config.fl.rounds=3", "--config.data.num_clients=5", "--config.model.name=mlp",
-         "--config.finetune.rounds=1", "--config.mia.shadows=2", "--config.mia.shadow_epochs=3"]
+         "--config=experiments/configs/digits.py", f"--workdir={tmp_path}", *flags]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(wd, "pretrain"))) == [
+      os.path.basename(seeded), pretrain_cache.name(cfg, "quickdrop")]
   from fu_jax import methods
-  wd = str(tmp_path)
   with open(os.path.join(wd, "comparison.csv")) as f:
     csv_rows = {r["method"]: r for r in csv.DictReader(f)}
   # federaser serves a class only when one client holds it; these IID clients all do.

@@ -15,6 +15,7 @@ from experiments import run as run_lib
 from fu_jax import fl
 from fu_jax import tree as tu
 from fu_jax.methods import fedaf
+from tests import pretrain_cache
 from tests.test_sga import small_config as _small_config
 
 
@@ -34,7 +35,7 @@ def backdoor_runs(tmp_path_factory):
   """retrain then fedavg (the trained model) on a client_class request with a backdoor:
   client 0's ~70 class-0 samples carry the trigger and label 1."""
   wd = str(tmp_path_factory.mktemp("backdoor"))
-  return wd, {m: run_lib.run(small_config(m, **BACKDOOR), wd) for m in ("retrain", "fedavg")}
+  return wd, {m: pretrain_cache.run(small_config(m, **BACKDOOR), wd) for m in ("retrain", "fedavg")}
 
 
 def test_mia_under_a_backdoor_compares_like_with_like(backdoor_runs):
@@ -146,7 +147,7 @@ def shards_runs(tmp_path_factory):
   out = {}
   for m in ("retrain", "finetune", "sga"):
     cfg = small_config(m, **kw)
-    out[m] = run_lib.run(cfg, wd)
+    out[m] = pretrain_cache.run(cfg, wd)
   task = run_lib.build_task(cfg)
   return task, out
 
@@ -226,7 +227,7 @@ def test_timers_hold_unlearning_and_not_evaluation(backdoor_runs, monkeypatch):
   # FedAF's teacher labels and Fisher (one target client): on both unlearning clocks.
   monkeypatch.setattr(fedaf, "new_labels", _delayed(fedaf.new_labels, clock, 100.0))
   monkeypatch.setattr(fedaf, "client_fisher", _delayed(fedaf.client_fisher, clock, 100.0))
-  res = run_lib.run(small_config("fedaf", **BACKDOOR), wd)
+  res = pretrain_cache.run(small_config("fedaf", **BACKDOOR), wd)
   assert 200.0 <= res["unlearn_parallel_seconds"] <= res["unlearn_seconds"] < 1000.0
   assert res["eval_seconds"] >= 2000.0
   # Against retrain's results in the same workdir (real seconds, no virtual ones).
@@ -254,14 +255,14 @@ def test_server_work_and_recovery_are_unlearning_time(tmp_path, monkeypatch):
   kw = {"data.num_clients": 2, "fl.rounds": 2, "quickdrop.recovery_rounds": 1,
         "model.hidden": (32,), "quickdrop.artifacts": False}
   for method, at_least in (("channel_ce", 100.0), ("quickdrop", 200.0)):
-    res = run_lib.run(small_config(method, **kw), str(tmp_path))
+    res = pretrain_cache.run(small_config(method, **kw), str(tmp_path))
     assert at_least <= res["unlearn_parallel_seconds"] <= res["unlearn_seconds"] < 1000.0
     assert res["eval_seconds"] >= 2000.0
 
 
 @pytest.mark.parametrize("per_round, strictly_less", [(0.5, False), (1.0, True)])
 def test_parallel_clock_is_the_slowest_client(tmp_path, per_round, strictly_less):
-  res = run_lib.run(small_config("retrain", **{"fl.runner": "loop", "data.num_clients": 2,
+  res = pretrain_cache.run(small_config("retrain", **{"fl.runner": "loop", "data.num_clients": 2,
                                                "fl.rounds": 2,
                                                "fl.clients_per_round": per_round}),
                     str(tmp_path))
@@ -289,7 +290,7 @@ def client_runs(tmp_path_factory):
   kw = {"unlearn.kind": "client", "backdoor.enabled": True, "fl.rounds": 5, "fedaf.lr": 0.02}
   names = run_lib.methods_for("all", "client")
   assert set(names) == {n for n, m in methods.REGISTRY.items() if "client" in m.kinds}
-  return {m: run_lib.run(small_config(m, **kw), wd) for m in names}
+  return {m: pretrain_cache.run(small_config(m, **kw), wd) for m in names}
 
 
 # How far above retrain's forget_train_acc each method may stay (measured on this setup,

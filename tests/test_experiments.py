@@ -15,20 +15,25 @@ import pytest
 
 from experiments import run as run_lib
 from experiments.configs import digits
+from tests import pretrain_cache
 from tests import tb_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A small but real digits run: 4 rounds of FedAvg over 5 clients.
+# A small but real digits run: 4 rounds of FedAvg over 5 clients, membership inference
+# with 2 shadow models of 3 epochs.
 SMALL = ["--config.fl.rounds=4", "--config.data.num_clients=5", "--config.checkpoint_every=1",
-         "--config.eval_every=2", "--config.finetune.rounds=2", "--config.model.name=mlp"]
+         "--config.eval_every=2", "--config.finetune.rounds=2", "--config.model.name=mlp",
+         "--config.mia.shadows=2", "--config.mia.shadow_epochs=3"]
 
 
 def small_config(**overrides):
+  """SMALL as a config (the same trained model: tests/pretrain_cache.py shares it)."""
   c = digits.get_config()
   c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 5, 1, 2
   c.finetune.rounds = 2
   c.model.name = "mlp"
+  c.mia.shadows, c.mia.shadow_epochs = 2, 3
   c.update_from_flattened_dict(overrides)
   return c
 
@@ -89,6 +94,7 @@ def test_retrain_and_finetune_share_the_trained_model(tmp_path, monkeypatch):
 def finished(tmp_path_factory):
   """(workdir, stdout) of a finished small retrain run; tests only read it."""
   wd = str(tmp_path_factory.mktemp("finished"))
+  pretrain_cache.pretrain(small_config(method="retrain"), wd)
   return wd, _main(wd, "retrain").stdout
 
 
@@ -115,7 +121,9 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, finished):
   ref_dir, kill_dir = finished[0], str(tmp_path)
   ref = json.load(open(os.path.join(ref_dir, "retrain", "results.json")))
   # Ctrl-C after round 2: one line, status 130. Then SIGKILL after round 3 of the resumed
-  # run, and a third run completes from round 3.
+  # run, and a third run completes from round 3. (The model trained before unlearning is
+  # the session's: what is interrupted and resumed is retrain's own training.)
+  pretrain_cache.pretrain(small_config(method="retrain"), kill_dir)
   proc = _popen(kill_dir)
   _, err = _signal_after_checkpoint(proc, kill_dir, 2, signal.SIGINT)
   assert proc.returncode == 130

@@ -12,7 +12,6 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from experiments import run as run_lib
 from experiments.configs import digits
 from fu_jax import ewc
 from fu_jax import fl
@@ -20,6 +19,7 @@ from fu_jax import labels
 from fu_jax import models
 from fu_jax.methods import base
 from fu_jax.methods import fedaf
+from tests import pretrain_cache
 from tests.test_sga import small_config as _small_config
 
 
@@ -260,12 +260,12 @@ PRESERVER = {"fedaf.epochs": 3, "fedaf.lam": 1000.0, "fedaf.fisher_labels": "mod
 def backdoor_runs(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("fedaf_bd"))
   kw = {"unlearn.kind": "client_class", "unlearn.forget_client": 0, "backdoor.enabled": True}
-  runs = {"fedaf": run_lib.run(small_config("fedaf", **kw), wd)}
+  runs = {"fedaf": pretrain_cache.run(small_config("fedaf", **kw), wd)}
   # The preserver setting, from the same trained model (the pretraining cache is shared).
   wd2 = str(tmp_path_factory.mktemp("fedaf_preserver"))
   os.symlink(os.path.join(wd, "pretrain"), os.path.join(wd2, "pretrain"))
   for m in ("fedaf", "fedaf_c"):
-    runs[m + "_preserver"] = run_lib.run(small_config(m, **kw, **PRESERVER), wd2)
+    runs[m + "_preserver"] = pretrain_cache.run(small_config(m, **kw, **PRESERVER), wd2)
   return runs
 
 
@@ -301,7 +301,7 @@ def test_the_knowledge_preserver_preserves(backdoor_runs):
 
 def test_fedaf_class_wide_with_sketch(tmp_path):
   # Every client holds class 0: all five run the unlearning loop; their models are averaged.
-  res = run_lib.run(small_config("fedaf", **{"unlearn.kind": "class",
+  res = pretrain_cache.run(small_config("fedaf", **{"unlearn.kind": "class",
                                              "fedaf.fisher": "sketch"}), str(tmp_path))
   assert res["fedaf_target_clients"] == [0, 1, 2, 3, 4]
   assert res["original"]["forget_acc"] >= 0.8

@@ -9,6 +9,7 @@ from jax.flatten_util import ravel_pytree
 from experiments import run as run_lib
 from fu_jax import tree as tu
 from fu_jax.methods import federaser
+from tests import pretrain_cache
 from tests.test_sga import small_config as _small_config
 
 
@@ -110,7 +111,7 @@ def test_refusals_are_one_line(tmp_path):
 
 
 def test_class_in_one_class_per_client_setting(tmp_path):
-  runs = {m: run_lib.run(one_class_per_client(m), str(tmp_path))
+  runs = {m: pretrain_cache.run(one_class_per_client(m), str(tmp_path))
           for m in ("retrain", "fedavg", "federaser")}
   fe, noop, ref = runs["federaser"], runs["fedavg"], runs["retrain"]
   assert noop["forget_acc"] >= 0.5

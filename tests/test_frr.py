@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import run as run_lib
 from experiments.configs import digits
 from fu_jax import fl
 from fu_jax import models
 from fu_jax import tree as tu
 from fu_jax.methods import base
 from fu_jax.methods import frr
+from tests import pretrain_cache
 from tests.test_sga import small_config as _small_config
 
 K = 3
@@ -136,7 +136,8 @@ def small_config(method, **overrides):
 
 
 def test_class_forgets_beyond_a_no_op_and_keeps_utility(tmp_path):
-  runs = {m: run_lib.run(small_config(m), str(tmp_path)) for m in ("retrain", "fedavg", "frr")}
+  runs = {m: pretrain_cache.run(small_config(m), str(tmp_path))
+          for m in ("retrain", "fedavg", "frr")}
   fr, noop, ref = runs["frr"], runs["fedavg"], runs["retrain"]
   assert noop["forget_acc"] >= 0.9
   assert fr["forget_acc"] <= noop["forget_acc"] - 0.5        # beyond the no-op

@@ -18,6 +18,7 @@ from fu_jax import losses
 from fu_jax import models
 from fu_jax.methods import quickdrop as qd
 from fu_jax.methods import quickdrop_runner as qr
+from tests import pretrain_cache
 from tests.test_experiments import small_config
 
 K = 4
@@ -290,9 +291,9 @@ def _digits(**overrides):
 
 def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
   wd = str(tmp_path)
-  ref = run_lib.run(_digits(method="retrain"), wd)
+  ref = pretrain_cache.run(_digits(method="retrain"), wd)
   cfg = _digits()
-  res = run_lib.run(cfg, wd)
+  res = pretrain_cache.run(cfg, wd)
   orig = res["original"]
   assert orig["forget_acc"] > 0.8
   # Against retrain on the same data: the class is forgotten, the others kept.
@@ -332,7 +333,7 @@ def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
   # Parallel request (classes 0 and 1 at once) reuses the cached model: unlearning keys
   # are not part of the training key.
   shutil.rmtree(os.path.join(wd, "quickdrop"))
-  res2 = run_lib.run(_digits(**{"unlearn.also_classes": (1,)}), wd)
+  res2 = pretrain_cache.run(_digits(**{"unlearn.also_classes": (1,)}), wd)
   assert len(glob.glob(os.path.join(wd, "pretrain", "*"))) == 2  # retrain's fedavg + this one
   assert res2["original"]["forget_acc"] > 0.8
   # Two classes share one normalised ascent step: less forgetting per class than above.
@@ -342,7 +343,7 @@ def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
 
   # Sequential requests: class 0, then class 1; the curve has a start point plus 2 steps.
   shutil.rmtree(os.path.join(wd, "quickdrop"))
-  res3 = run_lib.run(_digits(**{"quickdrop.sequence": (0, 1),
+  res3 = pretrain_cache.run(_digits(**{"quickdrop.sequence": (0, 1),
                                 "quickdrop.recovery_rounds": 1}), wd)
   seq = res3["sequence"]
   assert [s["forgotten"] for s in seq] == [[], [0], [0, 1]]
@@ -360,7 +361,7 @@ def test_quickdrop_synthetic_model_update_runs(tmp_path):
   cfg = _digits(**{"quickdrop.model_update": "synthetic", "fl.rounds": 2,
                    "fl.client_lr": 0.01, "fl.client_momentum": 0.0,
                    "quickdrop.artifacts": False, "quickdrop.recovery_rounds": 1})
-  res = run_lib.run(cfg, str(tmp_path))
+  res = pretrain_cache.run(cfg, str(tmp_path))
   assert res["model_update"] == "synthetic"
   assert math.isfinite(res["test_acc"]) and res["rounds"] == 2
   # Two rounds on the sets train a weak model (test ~20%, class 0 ~40%); SGA on the

@@ -8,6 +8,7 @@ from jax.flatten_util import ravel_pytree
 
 from experiments import run as run_lib
 from fu_jax.methods import quickdrop as qd
+from tests import pretrain_cache
 from tests.test_quickdrop import _digits
 
 
@@ -22,6 +23,7 @@ def test_real_mode_model_does_not_depend_on_the_image_steps(tmp_path):
   cfg = _digits(**{"quickdrop.distill_every": 1, "quickdrop.artifacts": False})
   task = run_lib.build_task(cfg)
   wd = str(tmp_path)
+  pretrain_cache.pretrain(cfg, wd, "fedavg")  # the same FedAvg model as test_quickdrop's
   distilled, _ = run_lib.pretrained(task, wd, "quickdrop")
   plain, _ = run_lib.pretrained(task, wd, "fedavg")
   a, b = _flat(distilled.params), _flat(plain.params)
@@ -35,7 +37,7 @@ def test_real_mode_model_does_not_depend_on_the_image_steps(tmp_path):
 
 def test_nodistill_runs_the_pipeline_on_the_initial_sets(tmp_path):
   wd = str(tmp_path)
-  res = {m: run_lib.run(_digits(method=m), wd) for m in ("quickdrop", "quickdrop_nodistill")}
+  res = {m: pretrain_cache.run(_digits(method=m), wd) for m in ("quickdrop", "quickdrop_nodistill")}
   q, n = res["quickdrop"], res["quickdrop_nodistill"]
   assert q["synthetic"] == "distilled" and n["synthetic"] == "real_init"
   # One trained model for both (the trainer's cache), the same set sizes and phases.

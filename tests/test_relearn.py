@@ -9,6 +9,7 @@ import pytest
 from experiments import run as run_lib
 from fu_jax import models
 from fu_jax.metrics import relearn
+from tests import pretrain_cache
 from tests.test_sga import small_config as _small_config
 
 LR, MOMENTUM = 0.2, 0.5
@@ -141,8 +142,8 @@ def _config(method, **overrides):
 
 
 def test_retrain_relearns_slower_than_a_no_op(tmp_path):
-  noop = run_lib.run(_config("fedavg"), str(tmp_path))
-  ref = run_lib.run(_config("retrain"), str(tmp_path))
+  noop = pretrain_cache.run(_config("fedavg"), str(tmp_path))
+  ref = pretrain_cache.run(_config("retrain"), str(tmp_path))
   # The untouched model already has its full accuracy on the class: 0 steps.
   assert noop["relearn_steps_to_recover"] == 0 and not noop["relearn_capped"]
   assert noop["relearn_target_acc"] == pytest.approx(0.5 * noop["relearn_start_acc"])

@@ -7,6 +7,7 @@ import pytest
 from experiments import run as run_lib
 from experiments.configs import digits
 from fu_jax import data as data_lib
+from tests import pretrain_cache
 
 
 def config(**overrides):
@@ -112,7 +113,7 @@ def test_class_level_methods_refuse_samples_saying_why(method, why):
 @pytest.mark.parametrize("method", ["retrain", "finetune", "sga", "fedaf", "fedavg"])
 def test_samples_end_to_end(tmp_path, method):
   cfg = config(method=method)
-  res = run_lib.run(cfg, str(tmp_path))
+  res = pretrain_cache.run(cfg, str(tmp_path))
   assert res["request"] == {"kind": "samples", "classes": [], "client": 1}
   for key in ("forget_train_acc", "forget_train_loss", "heldout_acc", "heldout_loss"):
     assert math.isfinite(res[key]) and math.isfinite(res["original"][key]), key

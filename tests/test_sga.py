@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from experiments import run as run_lib
 from experiments.configs import digits
 from fu_jax import ascent
 from fu_jax import fl
 from fu_jax import models
 from fu_jax.methods import sga
+from tests import pretrain_cache
 
 K = 3
 
@@ -113,7 +113,7 @@ def small_config(method, **overrides):
 
 
 def test_sga_client_class_with_backdoor(tmp_path):
-  res = run_lib.run(small_config("sga", **{"unlearn.kind": "client_class",
+  res = pretrain_cache.run(small_config("sga", **{"unlearn.kind": "client_class",
                                            "backdoor.enabled": True}), str(tmp_path))
   # The ascent on client 0's triggered class-0 samples (flipped labels) breaks the backdoor:
   # those samples (scored as trained: trigger, flipped label) no longer get the flipped label.
@@ -127,7 +127,7 @@ def test_sga_client_class_with_backdoor(tmp_path):
 
 
 def test_sga_class_wide_lowers_forget_accuracy(tmp_path):
-  res = run_lib.run(small_config("sga", **{"unlearn.kind": "class"}), str(tmp_path))
+  res = pretrain_cache.run(small_config("sga", **{"unlearn.kind": "class"}), str(tmp_path))
   assert res["sga_target_clients"] == [0, 1, 2, 3, 4]
   assert res["original"]["forget_train_acc"] >= 0.9
   assert res["forget_train_acc"] <= 0.2

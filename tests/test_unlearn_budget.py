@@ -12,6 +12,7 @@ from experiments import run as run_lib
 from fu_jax import fl
 from fu_jax.methods import base
 from fu_jax.methods import sga as sga_lib
+from tests import pretrain_cache
 from tests.test_fedaf import small_config
 
 
@@ -72,7 +73,7 @@ def test_fedaf_end_to_end_uses_the_step_budget(tmp_path):
   # an epoch; the default min_steps (10) needs 5 epochs (at lr 0.005 on this MLP).
   cfg = small_config("fedaf", **{"unlearn.kind": "class"})
   assert cfg.fedaf.epochs == 1 and cfg.fedaf.min_steps == 10
-  res = run_lib.run(cfg, str(tmp_path))
+  res = pretrain_cache.run(cfg, str(tmp_path))
   task = run_lib.build_task(cfg)
   counts = np.asarray(task.forget).sum(axis=1)
   s_min = math.ceil(int(counts[counts > 0].min()) / cfg.fl.batch_size)
