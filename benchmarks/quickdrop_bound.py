@@ -128,9 +128,9 @@ def oracle(task: base.Task, env, params, rounds: int, forgotten, *, sga: bool = 
   weights = np.asarray(task.client_weights, np.float32)
   drop = np.isin(np.asarray(task.y_true), forgotten)
   if sga:
-    fvalid = jnp.asarray(np.asarray(c.valid) & drop)
-    params = phases.run("oracle_sga", params, 1, real, fvalid, program="sga",
-                        weights=fvalid.sum(axis=1).astype(np.float32) * weights,
+    fvalid = np.asarray(c.valid) & drop
+    params = phases.run("oracle_sga", params, 1, real, jnp.asarray(fvalid), program="sga",
+                        weights=(fvalid.sum(axis=1) > 0).astype(np.float32) * weights,
                         num_sampled=len(weights), round_offset=cfg.fl.rounds)
   keep = jnp.asarray(np.asarray(c.valid) & ~drop)
   params = phases.run("oracle", params, rounds, real, keep, program="recovery",

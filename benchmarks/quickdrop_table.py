@@ -23,9 +23,10 @@
    real-image initialisation, from the same trained model) after SGA (recovery_rounds=0)
    and after the recovery (--ablation_recovery lists the values); mean +- sample std over
    --seeds and the paired difference; --ablation_retrain adds retrain, --ablation_overhead
-   the per-round overhead (part 1). --train_size=n trains on a seeded subsample of n
-   Fashion-MNIST training images (the whole test set), --image_lr / --fmnist_distill_every
-   change the distillation.
+   the per-round overhead (part 1). --train_size=n trains on data.train_size = n (a seeded,
+   class-stratified subsample of the Fashion-MNIST training images; the whole test set);
+   --source=npz:<file> reads a fixed subsample file instead, so runs of different variants
+   see the same images; --image_lr / --fmnist_distill_every change the distillation.
 
     PYTHONPATH=. python benchmarks/quickdrop_table.py --ablation \
         --datasets=fmnist_iid,fmnist_dir --seeds=0,1,2 --fmnist_rounds=5 --train_size=12000
