@@ -1,6 +1,6 @@
 """Several processes, one run: two local processes of one CPU device each run the `shard`
-runner over one global mesh and end bit-identical to one process with two devices; a run
-whose checkpoints are cut back resumes across both processes to the same results."""
+runner over one global mesh, resume from a checkpoint, and end bit-identical (results and
+checkpoints) to one process with two devices."""
 import glob
 import json
 import os
@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from experiments import run as run_lib
@@ -66,38 +68,54 @@ def _results(workdir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """The same run in this process: one process, two devices (conftest.py)."""
+  """(workdir, results) of the same run in this process: one process, two devices
+  (conftest.py)."""
   assert jax.device_count() == 2 and multihost.process_count() == 1
   wd = str(tmp_path_factory.mktemp("one_process"))
   c = digits.get_config()
   c.update_from_flattened_dict(dict(OVERRIDES, method=METHOD))
   run_lib.run(c, wd)
-  return _results(wd)
+  return wd, _results(wd)
 
 
-def test_two_processes_equal_one_process_with_as_many_devices(tmp_path, reference):
+def _checkpoint_arrays(step_dir: str) -> list:
+  """The state arrays of an orbax step directory, read as numpy (whatever wrote it)."""
+  path = os.path.join(step_dir, "state")
+  ckpt = ocp.PyTreeCheckpointer()
+  tree = ckpt.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return jax.tree.leaves(ckpt.restore(path, restore_args=args))
+
+
+def test_two_processes_resume_and_equal_one_process_with_as_many_devices(tmp_path,
+                                                                         reference):
+  ref_dir, ref = reference
   wd = str(tmp_path)
+  # Resume: the trained model's directory as the reference left it after round 1 (its
+  # round-2 checkpoint, evaluation and timing removed). Both processes restore round 1
+  # through orbax, then train round 2 and fine-tune across the two processes.
+  shutil.copytree(os.path.join(ref_dir, "pretrain"), os.path.join(wd, "pretrain"))
+  (pre,) = glob.glob(os.path.join(wd, "pretrain", "*"))
+  shutil.rmtree(os.path.join(pre, "ckpt", "train", "steps", "2"))
+  for f in glob.glob(os.path.join(pre, "*.json")) + glob.glob(os.path.join(pre, "events.*")):
+    os.remove(f)
   outs = _two_processes(wd)
+  assert "[train] resumed after round 1/2" in outs[0]
   got = _results(wd)
   # Each device trains the same clients in both layouts and the gathered results are
   # aggregated and evaluated on one device: nothing is summed in another order.
-  assert got == reference
+  assert got == ref
   assert got["runner"] == "shard" and got["rounds"] == 1
   assert got["test_acc"] > 0.5 and got["forget_acc"] < got["original"]["forget_acc"]
+  # The checkpoints the two processes wrote together hold the one-process run's arrays.
+  for phase in (os.path.join("pretrain", os.path.basename(pre), "ckpt", "train", "steps", "2"),
+                os.path.join(METHOD, "ckpt", METHOD, "steps", "1")):
+    a, b = (_checkpoint_arrays(os.path.join(d, phase)) for d in (wd, ref_dir))
+    assert len(a) == len(b) > 0 and all(x.shape == y.shape and (x == y).all()
+                                        for x, y in zip(a, b)), phase
   # Process 0 alone writes results and TensorBoard events; process 1 prints no progress.
   assert len(glob.glob(os.path.join(wd, METHOD, "events.out.tfevents.*"))) == 1
-  assert "[finetune] round 1/1" in outs[0] and "round" not in outs[1]
-
-  # Resume across both processes: drop the results, the unlearning phases' checkpoints and
-  # the trained model's last round; the same command restores round 1 of training
-  # (orbax, in both processes) and recomputes the rest to the same results.
-  os.remove(os.path.join(wd, METHOD, "results.json"))
-  shutil.rmtree(os.path.join(wd, METHOD, "ckpt"))
-  (last,) = glob.glob(os.path.join(wd, "pretrain", "*", "ckpt", "train", "steps", "2"))
-  shutil.rmtree(last)
-  outs = _two_processes(wd)
-  assert "[train] resumed after round 1/2" in outs[0]
-  assert _results(wd) == reference
+  assert "[finetune] round 1/1" in outs[0] and "[finetune] round" not in outs[1]
 
 
 def test_bad_process_flags_are_one_line(tmp_path):
