@@ -24,21 +24,6 @@ from tests.test_experiments import small_config
 K = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """Persistent XLA cache for this module: every run.run builds fresh runners (new jit
-  objects) for identical programs; the cache turns their recompilation into a lookup."""
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(keys[1], 0.0)
-  jax.config.update(keys[2], 0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-
-
 def _tiny():
   model = models.create("mlp", K, hidden=(8,))
   params = models.init_params(model, jax.random.key(0), (3, 3, 1))
