@@ -125,6 +125,13 @@ def get_config():
   #                                10 = one epoch of full Fashion-MNIST's class-wide request
   #                                (600 images at batch 64), so lr 0.002 holds on digits and a
   #                                4,000-image subset (24 steps at lr 0.02 diverge on digits)
+  c.fedaf.max_steps = 200        # forgetting rule: past min_steps, keep taking epochs (up to
+  #                                this many steps for the smallest target client) until an
+  #                                epoch in which at most stop_acc of a client's target samples
+  #                                got their old label; the client then stops. Class requests
+  #                                and backdoors only (retraining would not predict those
+  #                                labels); 0 = off (min_steps / epochs alone)
+  c.fedaf.stop_acc = 0.02        # the rule's tolerance (argmax = old label, before each step)
   c.fedaf.fisher = "diag"        # H: diag (empirical Fisher diagonal) | sketch (CountSketch S J)
   c.fedaf.sketch_width = 50      # t, rows of the CountSketch (memory t * d per client)
   c.fedaf.fisher_labels = "empirical"  # labels of the Fisher's gradients: empirical (held,
