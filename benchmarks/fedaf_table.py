@@ -272,7 +272,7 @@ def penalty_cost(dataset: str, width: int = 50, batch: int = 64) -> str:
     prog = fedaf.unlearn_program(models.logits_fn(model), optax.sgd(0.002), ewc_kind=kind, lam=10.0,
                                  width=width)
     extra = state.fisher if kind == "diag" else (state.sketch, state.n)
-    st = prog.init(params, extra, None)
+    st = prog.init(params, (extra, batch, None), None)
     step = jax.jit(lambda s, b: prog.step(s, b, None)[0])
     t_pen = _time(grad_fn, params, state)
     t_step = _time(step, st, batch_)
@@ -282,7 +282,7 @@ def penalty_cost(dataset: str, width: int = 50, batch: int = 64) -> str:
     prog = fedaf.unlearn_program(models.logits_fn(model), optax.sgd(0.002), ewc_kind=None, lam=0.0,
                                  width=1)
     step = jax.jit(lambda s, b: prog.step(s, b, None)[0])
-    base_step = _time(step, prog.init(params, None, None), batch_)
+    base_step = _time(step, prog.init(params, (None, batch, None), None), batch_)
   diag = rows[0]
   out = [f"== EWC penalty cost, {cfg.model.name} on {shape}, d={d} params, batch {batch} ==",
          f"{'curvature':<14}{'penalty grad ms':>17}{'x diag':>8}{'unlearn step ms':>17}"

@@ -25,9 +25,9 @@ def name(config, trainer: str | None = None) -> str:
   # Imported here: conftest.py imports this module before it sets XLA's flags.
   from experiments import run as run_lib  # pylint: disable=import-outside-toplevel
   from fu_jax import methods as methods_lib  # pylint: disable=import-outside-toplevel
-  trainer = trainer or methods_lib.get(config.method).pretrain
+  trainer = methods_lib.trainer(trainer or methods_lib.get(config.method).trainer)
   key = run_lib.training_config(config, trainer)
-  return f"{trainer}-{run_lib._hash(key)}"  # pylint: disable=protected-access
+  return f"{trainer.name}-{run_lib._hash(key)}"  # pylint: disable=protected-access
 
 
 def pretrain(config, workdir: str, trainer: str | None = None) -> str:
@@ -35,7 +35,7 @@ def pretrain(config, workdir: str, trainer: str | None = None) -> str:
   trained at most once per session; returns its directory."""
   from experiments import run as run_lib  # pylint: disable=import-outside-toplevel
   from fu_jax import methods as methods_lib  # pylint: disable=import-outside-toplevel
-  trainer = trainer or methods_lib.get(config.method).pretrain
+  trainer = methods_lib.trainer(trainer or methods_lib.get(config.method).trainer)
   sub = name(config, trainer)
   dest = os.path.join(workdir, "pretrain", sub)
   root = os.environ.get(ENV_VAR)

@@ -162,7 +162,8 @@ def test_unlearn_program_equals_hand_written_ewc_sgd():
                         params)
   prog = fedaf.unlearn_program(APPLY, optax.sgd(lr), ewc_kind="diag", lam=lam, width=1)
   runner = fl.ClientRunner(prog, kind="loop", epochs=3, batch_size=9)
-  got = runner.run(params, (x, (y_new, y)), valid, fisher, keys).params
+  counts = jnp.sum(valid, axis=1).astype(jnp.float32)
+  got = runner.run(params, (x, (y_new, y)), valid, (fisher, counts, None), keys).params
 
   @jax.jit
   def reference(xc, yc, ync, mc, fc):

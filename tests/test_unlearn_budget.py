@@ -4,16 +4,20 @@ exactly by a program whose state counts the non-empty batches it steps on)."""
 import math
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from experiments import run as run_lib
 from fu_jax import fl
 from fu_jax.methods import base
+from fu_jax.methods import fedaf
 from fu_jax.methods import sga as sga_lib
 from tests import pretrain_cache
-from tests.test_fedaf import small_config
+from tests.test_fedaf import APPLY, K, MODULE, _clients, small_config
 
 
 def _counting_program():
@@ -77,5 +81,88 @@ def test_fedaf_end_to_end_uses_the_step_budget(tmp_path):
   task = run_lib.build_task(cfg)
   counts = np.asarray(task.forget).sum(axis=1)
   s_min = math.ceil(int(counts[counts > 0].min()) / cfg.fl.batch_size)
-  assert res["fedaf_epochs"] == math.ceil(10 / s_min) > 1
+  assert res["fedaf_min_epochs"] == math.ceil(10 / s_min) > 1
+  # The forgetting rule may add epochs past the floor, up to max_steps (200) of s_min each.
+  assert res["fedaf_epochs"] == math.ceil(200 / s_min)
+  assert res["fedaf_min_epochs"] <= res["fedaf_epochs_run"] <= res["fedaf_epochs"]
   assert res["forget_acc"] <= 0.1
+
+
+# ---------------------------------------------------------------------------------------
+# fedaf's forgetting rule (fedaf.max_steps, fedaf.stop_acc).
+
+
+def _rule_reference(params, x, y_new, y_old, lr, min_epochs, acc, epochs):
+  """Full-batch epochs of Eq. 13 without EWC, written out: per epoch, count the rows whose
+  argmax is the old label (before the step), step, and stop after the first epoch >=
+  min_epochs whose count is <= acc * n. Returns (params, epochs stepped, whether it stopped)."""
+  def loss(p):
+    logp = jax.nn.log_softmax(MODULE.apply({"params": p}, x))
+    return jnp.mean(-jnp.sum(y_new * logp, -1)) + jnp.mean(
+        jnp.take_along_axis(logp, y_old[:, None], 1))
+
+  p = params
+  for e in range(1, epochs + 1):
+    kept = int(np.sum(np.argmax(MODULE.apply({"params": p}, x), -1) == np.asarray(y_old)))
+    p = jax.tree.map(lambda a, g: a - lr * g, p, jax.grad(loss)(p))
+    if e >= min_epochs and kept <= acc * x.shape[0]:
+      return p, e, True
+  return p, epochs, False
+
+
+@pytest.mark.parametrize("min_epochs,acc", [(1, 0.5), (2, 0.3), (1, 0.0)])
+def test_stop_rule_stops_after_the_first_forgotten_epoch(min_epochs, acc):
+  params, x, y, valid, keys = _clients()
+  y_new = jax.nn.softmax(jnp.asarray(np.random.RandomState(4).randn(2, 9, K), jnp.float32))
+  lr, epochs = 2.0, 12
+  prog = fedaf.unlearn_program(APPLY, optax.sgd(lr), ewc_kind=None, lam=0.0, width=1,
+                               stop=fedaf.StopRule(min_epochs, acc))
+  counts = jnp.sum(valid, axis=1).astype(jnp.float32)
+  runner = fl.ClientRunner(prog, kind="loop", epochs=epochs, batch_size=9)  # 1 step an epoch
+  res = runner.run(params, (x, (y_new, y)), valid, (None, counts, None), keys)
+  stopped_at = []
+  for c in range(2):
+    n = int(counts[c])
+    want, e, fired = _rule_reference(params, x[c, :n], y_new[c, :n], y[c, :n], lr, min_epochs, acc,
+                              epochs)
+    got = jax.tree.map(lambda a: a[c], res.params)
+    np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(want)[0], rtol=1e-5,
+                               atol=1e-6)
+    assert bool(res.state.stopped[c]) == fired
+    stopped_at.append(e)
+  if acc == 0.5:  # the setting is informative: the rule fires before the last epoch
+    assert min(stopped_at) < epochs
+
+
+def test_run_until_forgotten_resumes_and_ends_when_every_client_stopped():
+  params, x, y, valid, keys = _clients()
+  y_new = jax.nn.softmax(jnp.asarray(np.random.RandomState(4).randn(2, 9, K), jnp.float32))
+  counts = np.asarray(jnp.sum(valid, axis=1), np.float32)
+  calls = []
+
+  class Env:
+    def runner(self, program, epochs, batch_size):
+      r = fl.ClientRunner(program, kind="loop", epochs=epochs, batch_size=batch_size)
+      run = r.run
+      r.run = lambda *a: calls.append(epochs) or run(*a)
+      return r
+
+  task = types.SimpleNamespace(forget=valid, clients=types.SimpleNamespace(x=x))
+  prog = fedaf.unlearn_program(APPLY, optax.sgd(2.0), ewc_kind=None, lam=0.0, width=1,
+                               stop=fedaf.StopRule(1, 0.5))
+  kw = dict(y=(y_new, y), targets=np.array([0, 1]), counts=counts, curv=None, keys=keys,
+            batch_size=9)
+  _, _, done = fedaf.run_until_forgotten(task, Env(), prog, params, chunk_epochs=2,
+                                         max_epochs=40, **kw)
+  assert calls == [2] * len(calls) and done == 2 * len(calls) < 40  # ended early
+  # Without a rule every chunk runs; resumed chunks continue the same trajectory as one
+  # call would (plain SGD, full batches: the epoch order does not matter).
+  nostop = fedaf.unlearn_program(APPLY, optax.sgd(0.5), ewc_kind=None, lam=0.0, width=1)
+  calls.clear()
+  chunked, _, done = fedaf.run_until_forgotten(task, Env(), nostop, params, chunk_epochs=2,
+                                               max_epochs=6, **kw)
+  assert calls == [2, 2, 2] and done == 6
+  whole, _, _ = fedaf.run_until_forgotten(task, Env(), nostop, params, chunk_epochs=6,
+                                          max_epochs=6, **kw)
+  np.testing.assert_allclose(ravel_pytree(chunked)[0], ravel_pytree(whole)[0], rtol=1e-5,
+                             atol=1e-6)
