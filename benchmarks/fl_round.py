@@ -17,10 +17,10 @@ what experiments.main uses); both columns come from the same invocation.
 
 A last pair of rows (`--two_cores`, on by default) tries two clients at once on separate
 cores instead of one client on both: a third child process simulates 2 host devices with
-one intra-op thread each (`TWO_CORE_FLAGS`), places client 2k on device 0 and client 2k+1
-on device 1, and dispatches their jitted steps alternately (JAX dispatch is asynchronous,
-so both devices compute at once); next to it the same steps one client at a time on one
-device with that single thread.
+one intra-op thread each (`xla_flags.per_core_devices(2)`) and runs the loop runner with
+`devices=` both of them (client 2k on device 0, 2k+1 on device 1, their jitted steps
+dispatched alternately; JAX dispatch is asynchronous, so both devices compute at once);
+next to it the same runner one client at a time on one device with that single thread.
 """
 import argparse
 import json
@@ -45,8 +45,7 @@ from fu_jax import models  # noqa: E402
 from fu_jax import xla_flags  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
-TWO_CORE_FLAGS = ("--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false "
-                  "intra_op_parallelism_threads=1")
+TWO_CORE_FLAGS = xla_flags.per_core_devices(2)
 
 
 def load(num_clients, per_client, seed=0):
@@ -90,7 +89,7 @@ def step_flops_per_image(model, params, batch_size):
   return float(cost["flops"]) / batch_size
 
 
-def runner_timer(kind, impl, clients, batch_size, budget_s):
+def runner_timer(kind, impl, clients, batch_size, budget_s, devices=None):
   """A callable timing one round of `kind`/`impl` local training -> (images, seconds).
 
   A round on fewer examples per client runs the same compiled step (only the valid mask
@@ -100,7 +99,8 @@ def runner_timer(kind, impl, clients, batch_size, budget_s):
   model = models.create("cnn", 10, conv_impl=impl)
   params = models.init_params(model, jax.random.key(0), (28, 28, 1))
   program = fl.sgd_program(models.logits_fn(model), optax.sgd(0.05, momentum=0.9))
-  runner = fl.ClientRunner(program, kind=kind, epochs=1, batch_size=batch_size)
+  runner = fl.ClientRunner(program, kind=kind, epochs=1, batch_size=batch_size,
+                           devices=devices)
   x, y, valid = (jnp.asarray(clients.x), jnp.asarray(clients.y), jnp.asarray(clients.valid))
   n = valid.shape[0]
   keys = jax.vmap(lambda c: fl.stream_key(0, fl.STREAM_CLIENT, 0, c))(jnp.arange(n))
@@ -157,44 +157,14 @@ def plain_step_timer(clients, batch_size):
   return timed, len(xs)
 
 
-def two_core_timers(clients, batch_size):
-  """[(name, timer)]: plain jitted steps over every client, one at a time on one device,
-  and two at a time on two devices (see the module doc)."""
-  params, opt, step = cnn_sgd_step()
-
+def two_core_timers(clients, batch_size, budget_s):
+  """[(name, timer, steps)]: the loop runner one client at a time on one single-threaded
+  device, and over both devices, two clients at once (`devices=`, see the module doc)."""
   devs = jax.devices()[:2]
-  num = clients.x.shape[0]
-  x, y, count = np.asarray(clients.x), np.asarray(clients.y), np.asarray(clients.count)
-
-  def batches(c, dev):
-    return [(jax.device_put(x[c, s:s + batch_size], dev),
-             jax.device_put(y[c, s:s + batch_size], dev))
-            for s in range(0, int(count[c]) - batch_size + 1, batch_size)]
-
-  images = sum(len(batches(c, devs[0])) for c in range(num)) * batch_size
-
-  def timer(ndev):
-    data = [batches(c, devs[c % ndev]) for c in range(num)]
-    starts = [(jax.device_put(params, d), jax.device_put(opt.init(params), d))
-              for d in devs[:ndev]]
-
-    def one_round():
-      t = time.perf_counter()
-      for c0 in range(0, num, ndev):  # clients c0 .. c0+ndev-1 at once, one per device
-        group = list(range(c0, min(c0 + ndev, num)))
-        states = [starts[c % ndev] for c in group]
-        for s in range(max(len(data[c]) for c in group)):
-          for i, c in enumerate(group):
-            if s < len(data[c]):
-              states[i] = step(*states[i], *data[c][s])
-        jax.block_until_ready(states)
-      return images, time.perf_counter() - t
-
-    one_round()  # compile (per device)
-    return one_round
-
-  return [("1 client at a time, 1 thread", timer(1)),
-          ("2 clients at once, 2 x 1 thread", timer(min(2, len(devs))))]
+  return [("loop, 1 client at a time, 1 thread",) + runner_timer(
+              "loop", "xla", clients, batch_size, budget_s, devices=devs[:1]),
+          ("loop, 2 clients at once, 2 x 1 thread",) + runner_timer(
+              "loop", "xla", clients, batch_size, budget_s, devices=devs)]
 
 
 def jax_rows(clients, batch_size, budget_s, reps):
@@ -274,13 +244,14 @@ def main():
     print(json.dumps(jax_rows(clients, args.batch_size, args.budget, args.reps)))
     return
   if args.two_core_child:
-    timers = two_core_timers(clients, args.batch_size)
-    rates = {name: [] for name, _ in timers}
+    timers = two_core_timers(clients, args.batch_size, args.budget)
+    rates = {name: [] for name, _, _ in timers}
     for _ in range(args.reps):
-      for name, timed in timers:
+      for name, timed, _ in timers:
         images, secs = timed()
         rates[name].append(images / secs)
-    print(json.dumps([(name, statistics.median(r)) for name, r in rates.items()]))
+    print(json.dumps([(name, statistics.median(rates[name]), steps)
+                      for name, _, steps in timers]))
     return
 
   def child_rows(flag, extra_flags=""):
@@ -327,8 +298,11 @@ def main():
   runners = [r for r in fu_rows if "/" in r[0]]
   best = max(runners, key=lambda r: r[1])
   auto_ips = dict((r[0], r[1]) for r in runners)[auto]
-  for name, ips in two_rows:
-    print(f"{name:26s} {'':24s}   {cols(ips)}  (plain steps; {TWO_CORE_FLAGS.split()[0]} ...)")
+  for name, ips, steps in two_rows:
+    print(f"{name:38s} {cols(ips)}  {steps}/{full_steps}")
+  if two_rows:
+    print(f"  (the last {len(two_rows)} rows: a child with XLA_FLAGS={TWO_CORE_FLAGS} and "
+          "fu_jax's flags; columns img/s, /torch, matmul)")
   print(f"auto = {auto}; best fixed (fu_jax flags) = {best[0]}; auto / best = "
         f"{auto_ips / best[1]:.2f}" + (f"; auto / torch = {auto_ips / torch_ips:.2f}"
                                        if torch_ips else ""))

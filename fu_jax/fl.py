@@ -267,10 +267,20 @@ class ClientRunner:
   run(server_params, data, valid, extra, keys) with leading client axes on data (x, y),
   valid, extra and keys returns a ClientResult. All runners agree to float tolerance.
   clock: an optional ClientClock the loop runner reports its per-client times to.
+  devices: loop runner only; None or one device = one client at a time (the default). With
+    D devices, clients c0..c0+D-1 train at once, client c0+i on devices[i]: their jitted
+    steps are dispatched alternately and run concurrently (JAX dispatch is asynchronous).
+    Meant for D host CPU devices with one intra-op thread each
+    (`xla_flags.per_core_devices`), so
+    each core trains its own client instead of two cores sharing one small batch. Each
+    client's computation is the same program as with one device (results agree to float
+    tolerance; bit-identical when the one-device run is single-threaded too). The clock
+    then records each group's wall time as one entry (clients of a group overlap).
   """
 
   def __init__(self, program: LocalProgram, *, kind: str, epochs: int, batch_size: int,
-               chunk_size: int = 0, mesh=None, clock: ClientClock | None = None):
+               chunk_size: int = 0, mesh=None, clock: ClientClock | None = None,
+               devices: Sequence | None = None):
     if kind not in RUNNERS[1:]:
       raise ValueError(f"runner {kind!r} is not one of {RUNNERS}")
     if epochs < 1 or batch_size < 1:
@@ -278,6 +288,12 @@ class ClientRunner:
     if (program.scheduled_step is None) != (program.schedule is None):
       raise ValueError("LocalProgram.scheduled_step and .schedule go together: got only "
                        f"{'schedule' if program.scheduled_step is None else 'scheduled_step'}")
+    if devices is not None and kind != "loop" and len(devices) > 1:
+      raise ValueError(f"devices= is for the loop runner (kind={kind!r}: use mesh= for "
+                       "shard)")
+    if devices is not None and len(devices) == 0:
+      raise ValueError("devices= must name at least one device, got an empty sequence")
+    self.devices = list(devices) if devices is not None and len(devices) > 1 else None
     self.program, self.kind, self.epochs, self.batch_size = program, kind, epochs, batch_size
     self.chunk_size = chunk_size
     self.clock = clock
@@ -310,6 +326,52 @@ class ClientRunner:
     order = jax.ShapeDtypeStruct(valid.shape[1:], jnp.int32)
     _, m, _ = jax.eval_shape(self._step, state, one[0], one[1], order, 0, one[3], tables)
     return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), m)
+
+  # -- loop over devices: a group of clients at once, one per device.
+  def _run_loop_devices(self, server_params, data, valid, extra, keys, tables):
+    counts = np.asarray(jnp.sum(valid, axis=1))
+    max_n = valid.shape[1]
+    zeros = self._metric_zeros(server_params, data, valid, extra, keys, tables)
+    devs = self.devices
+    home = devs[0]
+    # The server model and the image tables, once per device per call.
+    per_dev = [jax.device_put((server_params, tables), d) for d in devs]
+    num = valid.shape[0]
+    params_out, states_out, sums_out, seconds = [None] * num, [None] * num, [None] * num, []
+    for c0 in range(0, num, len(devs)):
+      t0 = self.clock.now() if self.clock is not None else 0.0
+      group = list(range(c0, min(c0 + len(devs), num)))
+      run = []  # per client: [device index, state, sums, (d, v, k) on device, n_steps]
+      for i, c in enumerate(group):
+        local = jax.device_put(jax.tree.map(lambda a: a[c], (data, valid, extra, keys)),
+                               devs[i])
+        d_c, v_c, e_c, k_c = local
+        n_steps = min(steps_per_epoch(max_n, self.batch_size),
+                      math.ceil(int(counts[c]) / self.batch_size))
+        run.append([i, self._init(per_dev[i][0], e_c, k_c), zeros, local, n_steps])
+      for epoch in range(self.epochs):
+        eks = [jax.random.fold_in(r[3][3], epoch) for r in run]
+        orders = [self._order(ek, r[3][1]) for r, ek in zip(run, eks)]
+        for s in range(max(r[4] for r in run)):
+          for r, order, ek in zip(run, orders, eks):  # alternate: each device gets a step
+            if s < r[4]:
+              i, (d_c, v_c, _, _) = r[0], r[3]
+              r[1], m, _ = self._step_fn(epoch * r[4] + s)(r[1], d_c, v_c, order, s, ek,
+                                                            per_dev[i][1])
+              r[2] = jax.tree.map(jnp.add, r[2], m)
+      for c, r in zip(group, run):
+        params_out[c] = jax.device_put(self._finish(r[1]), home)
+        states_out[c] = jax.device_put(r[1], home)
+        sums_out[c] = jax.tree.map(np.asarray, r[2])
+      if self.clock is not None:
+        jax.block_until_ready((params_out[c0:c0 + len(group)], states_out[c0:c0 + len(group)]))
+        seconds.append(self.clock.now() - t0)
+    if self.clock is not None:
+      self.clock.record(seconds)
+    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
+    metrics = _mean_metrics(jax.tree.map(lambda *a: np.stack(a), *sums_out),
+                            counts * self.epochs)
+    return ClientResult(stack(params_out), stack(states_out), metrics)
 
   # -- loop: one client at a time, only its non-empty batches.
   def _run_loop(self, server_params, data, valid, extra, keys, tables):
@@ -383,7 +445,8 @@ class ClientRunner:
   def run(self, server_params, data, valid, extra, keys) -> ClientResult:
     data, tables = images.detach(data)
     if self.kind == "loop":
-      return self._run_loop(server_params, data, valid, extra, keys, tables)
+      loop = self._run_loop_devices if self.devices else self._run_loop
+      return loop(server_params, data, valid, extra, keys, tables)
     num = valid.shape[0]
     chunk = self.chunk_size or num
     if self.kind == "shard":

@@ -19,6 +19,16 @@ from typing import MutableMapping
 DEFAULT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
 
+def per_core_devices(n: int) -> str:
+  """XLA_FLAGS for `n` host CPU devices with one intra-op thread each: with
+  `fl.ClientRunner(kind='loop', devices=jax.local_devices())` each core trains its own
+  client (opt-in; every other computation of the process then runs on one thread)."""
+  if n < 1:
+    raise ValueError(f"per_core_devices: n must be >= 1, got {n}")
+  return (f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false "
+          "intra_op_parallelism_threads=1")
+
+
 def flag_name(flag: str) -> str:
   """'--name=value' -> 'name'."""
   return flag.lstrip("-").split("=", 1)[0]

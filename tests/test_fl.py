@@ -50,6 +50,29 @@ def test_runners_agree_with_loop(kind):
   np.testing.assert_allclose(out.metrics["loss"], ref.metrics["loss"], rtol=1e-5)
 
 
+def test_loop_over_devices_equals_one_client_at_a_time():
+  # 5 clients over 2 devices: groups (0, 1), (2, 3), (4,) with unequal step counts.
+  assert jax.device_count() == 2  # conftest simulates two CPU devices
+  model, params, x, y, valid = _setup(num_clients=5)
+  ref = _runner(model, "loop").run(params, (x, y), valid, None, _keys(5))
+  clock = fl.ClientClock()
+  out = _runner(model, "loop", devices=jax.devices(), clock=clock).run(
+      params, (x, y), valid, None, _keys(5))
+  chex.assert_trees_all_close(out.params, ref.params, atol=1e-6)
+  np.testing.assert_allclose(out.metrics["loss"], ref.metrics["loss"], rtol=1e-6)
+  assert out.params["Dense_0"]["kernel"].shape[0] == 5
+  serial, critical = clock.totals()  # one entry per group of clients trained at once
+  assert 0 < critical <= serial
+
+
+def test_devices_are_for_the_loop_runner():
+  model = TinyMLP()
+  with pytest.raises(ValueError, match="loop runner"):
+    _runner(model, "vmap", devices=jax.devices())
+  with pytest.raises(ValueError, match="at least one device"):
+    _runner(model, "loop", devices=[])
+
+
 def test_padding_never_changes_a_result():
   model, params, x, y, valid = _setup()
   pad = lambda a: jnp.concatenate([a, jnp.zeros((a.shape[0], 9) + a.shape[2:], a.dtype)], 1)
