@@ -810,6 +810,29 @@ def speedups(config, workdir: str, method: str, seconds: float, parallel: float)
 # ---------------------------------------------------------------------------------------
 # One run.
 
+# Method keys that defaulted to 0 meaning "fl.<key>" before they became linked defaults
+# (base.linked): a config.json written then holds 0 where one written now holds the fl value.
+FORMER_PLACEHOLDERS = {
+    "channel.local_epochs": "local_epochs", "channel.lr": "client_lr",
+    "channel.batch_size": "batch_size", "fedaf.batch_size": "batch_size",
+    "sga.batch_size": "batch_size", "frr.local_epochs": "local_epochs",
+    "quickdrop.unlearn_batch_size": "batch_size", "quickdrop.recovery_epochs": "local_epochs",
+    "quickdrop.recovery_lr": "client_lr"}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+  """checkpoint.config_diff(old, new) without the former placeholders that mean the same
+  run (0 in `old`, the fl value it stood for in `new`), so a workdir written before the
+  linked defaults is still resumed and recognised as finished."""
+  def same(path):
+    if path not in FORMER_PLACEHOLDERS:
+      return False
+    section, key = path.split(".")
+    fl_value = new.get("fl", {}).get(FORMER_PLACEHOLDERS[path])
+    return old.get(section, {}).get(key) == 0 and new[section].get(key) == fl_value
+  return [k for k in checkpoint.config_diff(old, new) if not same(k)]
+
+
 
 def run(config, workdir: str, *, rerun: bool = True) -> dict:
   """Train (or load the cached model), unlearn with config.method, evaluate, write results.
@@ -825,7 +848,7 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
   results_path = os.path.join(out_dir, "results.json")
   if os.path.exists(cfg_path):
     with open(cfg_path) as f:
-      diff = checkpoint.config_diff(json.load(f), cfg_dict)
+      diff = config_changes(json.load(f), cfg_dict)
     if diff:
       raise checkpoint.ConfigMismatchError(
           f"{out_dir} was run with a different config (keys differ: {', '.join(diff)}); "

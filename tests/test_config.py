@@ -139,3 +139,21 @@ def test_the_runner_checks_the_method_section_before_anything_runs(method, key, 
     run_lib.validate(c, method)
   assert expect in str(e.value) and len(str(e.value).splitlines()) == 1
   run_lib.validate(digits.get_config(), method)  # the defaults pass
+
+
+def test_a_config_json_from_before_the_linked_defaults_still_matches():
+  # Written when these keys defaulted to 0 ("use fl.<key>"): the same run, so a workdir
+  # from then is resumed (and a finished run recognised) rather than refused.
+  new = run_lib._to_dict(digits.get_config())  # pylint: disable=protected-access
+  old = {s: dict(v) if isinstance(v, dict) else v for s, v in new.items()}
+  for path in run_lib.FORMER_PLACEHOLDERS:
+    section, key = path.split(".")
+    old[section][key] = 0
+  assert sorted(run_lib.FORMER_PLACEHOLDERS) == sorted(LINKED)
+  assert run_lib.config_changes(old, new) == []
+  # A real difference is still reported: the value set differs from the fl value.
+  c = digits.get_config()
+  c.sga.batch_size = 8
+  assert run_lib.config_changes(old, run_lib._to_dict(c)) == ["sga.batch_size"]  # pylint: disable=protected-access
+  old["sga"]["lr"] = 0.5
+  assert "sga.lr" in run_lib.config_changes(old, new)
