@@ -36,8 +36,7 @@ Choices the paper leaves open, and ours:
   * Per-example gradients use the model with conv_impl='im2col' (same parameters and
     outputs; vmapped per-example conv gradients run far faster as matmuls on XLA:CPU);
     `frr.conv_impl='model'` keeps the model's own convolution instead, so FRR can be timed
-    on the same convolution as the retraining it is compared with (or run retrain with
-    `model.conv_impl='im2col'`: then both use im2col).
+    on the same convolution as the retraining it is compared with.
 
 Serves every request kind in FRR_KINDS that the experiment defines (base.REQUEST_KINDS):
 it only needs the retained data.
