@@ -103,55 +103,43 @@ SYNTH_INIT_ID = 1  # fl.stream_key(seed, STREAM_INIT, SYNTH_INIT_ID, client): th
 # Config.
 
 
+RULES = {
+    "images_per_class": base.at_least(0, "0 = use quickdrop.scale"),
+    "image_lr": base.positive(),
+    "image_momentum": base.in_range(0, 1, high_open=True),
+    "metric": base.one_of(distill.METRICS),
+    "model_update": base.one_of(MODEL_UPDATES),
+    "grads": base.one_of(GRAD_METHODS),
+    "distill_every": base.at_least(0, "0 = once per round, at the first local step"),
+    "chunk_size": base.at_least(0, "0 = automatic"),
+    "unlearn_epochs": base.at_least(1),
+    "unlearn_lr": base.positive(),
+    "unlearn_batch_size": base.at_least(1),
+    "recovery_rounds": base.at_least(0),
+    "recovery_epochs": base.at_least(1),
+    "recovery_lr": base.positive(),
+    "clip_norm": base.at_least(0, "0 = off"),
+    "finetune_rounds": base.at_least(0),
+}
+
+
+def validate(config):
+  """Checks config.quickdrop; raises ConfigError naming the first bad value."""
+  base.check_section(config, "quickdrop", RULES)
+  q = config.quickdrop
+  base.require(bool(q.images_per_class) or 0.0 < q.scale <= 1.0,
+               f"quickdrop.scale={q.scale!r}: must be in (0, 1]")
+  sequence = tuple(q.sequence or ())
+  base.require(len(set(sequence)) == len(sequence),
+               f"quickdrop.sequence={q.sequence!r}: classes must be distinct")
+
+
 def settings(config) -> dict:
-  """config.quickdrop with defaults resolved against fl.*; ValueError on bad values."""
-  q, f = config.quickdrop, config.fl
-  s = dict(scale=float(q.scale), images_per_class=int(q.images_per_class),
-           image_lr=float(q.image_lr), image_momentum=float(q.image_momentum),
-           metric=str(q.metric), model_update=str(q.model_update), grads=str(q.grads),
-           artifacts=bool(q.artifacts), clip_images=bool(q.clip_images),
-           distill_every=int(q.distill_every), chunk_size=int(q.chunk_size),
-           unlearn_epochs=int(q.unlearn_epochs), unlearn_lr=float(q.unlearn_lr),
-           unlearn_batch_size=int(q.unlearn_batch_size) or int(f.batch_size),
-           recovery_rounds=int(q.recovery_rounds),
-           recovery_epochs=int(q.recovery_epochs) or int(f.local_epochs),
-           recovery_lr=float(q.recovery_lr) or float(f.client_lr),
-           finetune_rounds=int(q.finetune_rounds), clip_norm=float(q.clip_norm),
-           unlearn_normalize=bool(q.unlearn_normalize),
-           sequence=tuple(int(c) for c in (q.sequence or ())))
-  if s["images_per_class"] < 0:
-    raise ValueError(f"quickdrop.images_per_class={q.images_per_class!r}: must be >= 0 "
-                     "(0 = use quickdrop.scale)")
-  if not s["images_per_class"] and not 0.0 < s["scale"] <= 1.0:
-    raise ValueError(f"quickdrop.scale={q.scale!r}: must be in (0, 1]")
-  if s["image_lr"] <= 0 or not 0.0 <= s["image_momentum"] < 1.0:
-    raise ValueError(f"quickdrop.image_lr={q.image_lr!r} / image_momentum="
-                     f"{q.image_momentum!r}: need lr > 0 and momentum in [0, 1)")
-  if s["metric"] not in distill.METRICS:
-    raise ValueError(f"quickdrop.metric={q.metric!r}: allowed {distill.METRICS}")
-  if s["model_update"] not in MODEL_UPDATES:
-    raise ValueError(f"quickdrop.model_update={q.model_update!r}: allowed {MODEL_UPDATES}")
-  if s["grads"] not in GRAD_METHODS:
-    raise ValueError(f"quickdrop.grads={q.grads!r}: allowed {GRAD_METHODS}")
-  for k in ("unlearn_epochs", "unlearn_batch_size", "recovery_epochs"):
-    if s[k] < 1:
-      raise ValueError(f"quickdrop.{k}={q[k]!r}: must be >= 1 (batch size/recovery epochs: "
-                       "0 = the fl.* value)")
-  if s["unlearn_lr"] <= 0 or s["recovery_lr"] <= 0:
-    raise ValueError(f"quickdrop.unlearn_lr={q.unlearn_lr!r} / recovery_lr="
-                     f"{q.recovery_lr!r}: must be > 0 (recovery_lr 0 = fl.client_lr)")
-  if s["distill_every"] < 0:
-    raise ValueError(f"quickdrop.distill_every={q.distill_every!r}: must be >= 0 "
-                     "(0 = once per round, at the first local step)")
-  if s["chunk_size"] < 0:
-    raise ValueError(f"quickdrop.chunk_size={q.chunk_size!r}: must be >= 0 (0 = automatic)")
-  if s["clip_norm"] < 0:
-    raise ValueError(f"quickdrop.clip_norm={q.clip_norm!r}: must be >= 0 (0 = off)")
-  for k in ("recovery_rounds", "finetune_rounds"):
-    if s[k] < 0:
-      raise ValueError(f"quickdrop.{k}={q[k]!r}: must be >= 0")
-  if len(set(s["sequence"])) != len(s["sequence"]):
-    raise ValueError(f"quickdrop.sequence={q.sequence!r}: classes must be distinct")
+  """config.quickdrop, checked, as a plain dict (linked defaults resolved, the sequence a
+  tuple of ints)."""
+  validate(config)
+  s = config.quickdrop.to_dict()
+  s["sequence"] = tuple(int(c) for c in (s["sequence"] or ()))
   return s
 
 
@@ -523,10 +511,6 @@ def _unlearn_nodistill(task: base.Task, env: base.Env, trained: base.Trained) ->
   return out._replace(results=dict(out.results, synthetic="real_init"))
 
 
-WHY_CLASS_ONLY = ("it unlearns by ascent on per-class distilled sets, which hold no "
-                  "individual sample or client to remove")
-
-
 # ---------------------------------------------------------------------------------------
 # Config section and registration.
 
@@ -565,11 +549,14 @@ def config_section(fl_cfg):
 
 TRAINER = base.Trainer("quickdrop", train_quickdrop, TRAIN_KEYS)
 
+WHY_CLASS_ONLY = ("it unlearns by ascent on per-class distilled sets, which hold no "
+                  "individual sample or client to remove")
+
 METHODS = {
     "quickdrop": base.Method("quickdrop", ("class", "client_class"), TRAINER, _unlearn,
-                             why=WHY_CLASS_ONLY, validate=settings),
+                             why=WHY_CLASS_ONLY, validate=validate),
     # Ablation: the same pipeline on the undistilled sets (their real-image initialisation).
     "quickdrop_nodistill": base.Method("quickdrop_nodistill", ("class", "client_class"),
                                        TRAINER, _unlearn_nodistill, why=WHY_CLASS_ONLY,
-                                       validate=settings),
+                                       validate=validate),
 }
