@@ -1,13 +1,16 @@
 """Forget / retain accuracy vs retrain at several training-set sizes (issue: defaults that
 work beyond the data they were tuned on).
 
-  python benchmarks/data_sizes.py --sizes 4000 --rounds 10 \
-      --methods retrain,fedaf,sga,quickdrop,channel_ce --workdir /tmp/fu_sizes \
-      [--variant name=--config.fedaf.min_steps=0 ...] [--table_only]
+  python benchmarks/data_sizes.py --sizes 4000,12000,60000 --workdir /tmp/fu_sizes \
+      [--methods retrain,fedaf,...] [--rounds N] \
+      [--variant name=--config.fedaf.max_steps=0 ...] [--table_only]
 
 Per size: Fashion-MNIST (`experiments/configs/fashion_mnist.py`, 10 IID clients, class-wide
-request for class 0) subsampled by `data.train_size` (seeded, class-stratified), MIA off,
-`fl.rounds` as given (the config's 20 when 0). Each method runs as its own
+request for class 0) subsampled by `data.train_size` (seeded, class-stratified; 60000 keeps
+every image, in file order, so it is the full data set), MIA off, `fl.rounds` as given (the
+config's 20 when 0). The default methods are every method serving a class-wide request
+here (federaser needs one class per client) and fedavg, the trained model itself, as the
+reference row. Each method runs as its own
 `python -m experiments.main --method=<m>` in <workdir>/n<size>/, so the methods trained on
 FedAvg share one model. A `--variant name=<overrides>` runs the fedavg-trained methods
 again in <workdir>/n<size>-<name>/ from a copy of that model (the same trained weights),
@@ -61,7 +64,8 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--sizes", default="4000")
   p.add_argument("--rounds", type=int, default=0)
-  p.add_argument("--methods", default="retrain,fedaf,sga,quickdrop,channel_ce")
+  p.add_argument("--methods", default="fedavg,retrain,finetune,sga,fedaf,quickdrop,channel_ce,"
+                                      "channel_de,cdp,frr")
   p.add_argument("--workdir", default="/tmp/fu_sizes")
   p.add_argument("--variant", action="append", default=[],
                  help="name=space-separated config overrides")
