@@ -252,9 +252,10 @@ def test_bad_settings_name_the_key():
 # Where the knowledge preserver matters: 3 unlearning epochs (6 steps at lr 0.02) let the
 # unbounded -CE(y_old) term erode the model; the true-Fisher EWC penalty at lambda 1000 holds
 # it back. At the defaults (1 epoch, lambda 10) fedaf and fedaf_c coincide.
-# The ablation's setting (BUILD.md, digits_small): lr 0.02 for 3 epochs, no step floor.
+# The ablation's setting (BUILD.md, digits_small): lr 0.02 for 3 epochs, no step floor and
+# no forgetting rule (a fixed budget, so both methods take the same steps).
 PRESERVER = {"fedaf.epochs": 3, "fedaf.lam": 1000.0, "fedaf.fisher_labels": "model",
-             "fedaf.lr": 0.02, "fedaf.min_steps": 0}
+             "fedaf.lr": 0.02, "fedaf.min_steps": 0, "fedaf.max_steps": 0}
 
 
 @pytest.fixture(scope="module")
