@@ -167,10 +167,10 @@ def two_core_timers(clients, batch_size, budget_s):
               "loop", "xla", clients, batch_size, budget_s, devices=devs)]
 
 
-def jax_rows(clients, batch_size, budget_s, reps):
+def jax_rows(clients, batch_size, budget_s, reps, kinds=("loop", "vmap", "shard")):
   """[(name, median images/s, steps timed per client)] for every runner x conv impl."""
   timers = [("jit step, no runner",) + plain_step_timer(clients, batch_size)]
-  for kind in ("loop", "vmap", "shard"):
+  for kind in kinds:
     for impl in ("xla", "canonical", "im2col"):
       timers.append((f"{kind} / {impl}",) + runner_timer(kind, impl, clients, batch_size,
                                                            budget_s))
@@ -236,12 +236,18 @@ def main():
                  help="seconds per timed round at most (slow runners see a data prefix)")
   p.add_argument("--two_cores", action=argparse.BooleanOptionalAction, default=True,
                  help="also time two clients at once on two single-threaded devices")
+  p.add_argument("--runners", default="loop,vmap,shard",
+                 help="runner rows to time (the default prints all three, e.g. for GPU/TPU)")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--two_core_child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
+  kinds = tuple(k for k in args.runners.split(",") if k)
+  bad = [k for k in kinds if k not in fl.RUNNERS[1:]]
+  if bad:
+    raise SystemExit(f"--runners: {bad[0]!r} is not one of {', '.join(fl.RUNNERS[1:])}")
   clients, src = load(args.clients, args.per_client)
   if args.child:  # fu_jax's flags are in XLA_FLAGS: print this process's rows only
-    print(json.dumps(jax_rows(clients, args.batch_size, args.budget, args.reps)))
+    print(json.dumps(jax_rows(clients, args.batch_size, args.budget, args.reps, kinds)))
     return
   if args.two_core_child:
     timers = two_core_timers(clients, args.batch_size, args.budget)
@@ -278,7 +284,7 @@ def main():
   torch_ips = None
   if torch_timed is not None:
     torch_ips = statistics.median(i / s for i, s in (torch_timed() for _ in range(args.reps)))
-  xla_rows = jax_rows(clients, args.batch_size, args.budget, args.reps)
+  xla_rows = jax_rows(clients, args.batch_size, args.budget, args.reps, kinds)
   full_steps = -(-args.per_client // args.batch_size)
 
   def cols(ips):
@@ -297,7 +303,7 @@ def main():
   auto = f"{fl.choose_runner('cnn')} / {models.create('cnn', 10).conv_impl}"
   runners = [r for r in fu_rows if "/" in r[0]]
   best = max(runners, key=lambda r: r[1])
-  auto_ips = dict((r[0], r[1]) for r in runners)[auto]
+  auto_ips = dict((r[0], r[1]) for r in runners).get(auto, float("nan"))
   for name, ips, steps in two_rows:
     print(f"{name:38s} {cols(ips)}  {steps}/{full_steps}")
   if two_rows:
