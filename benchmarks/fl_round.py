@@ -161,9 +161,9 @@ def two_core_timers(clients, batch_size, budget_s):
   """[(name, timer, steps)]: the loop runner one client at a time on one single-threaded
   device, and over both devices, two clients at once (`devices=`, see the module doc)."""
   devs = jax.devices()[:2]
-  return [("loop, 1 client at a time, 1 thread",) + runner_timer(
+  return [("loop, 1 device x 1 thread",) + runner_timer(
               "loop", "xla", clients, batch_size, budget_s, devices=devs[:1]),
-          ("loop, 2 clients at once, 2 x 1 thread",) + runner_timer(
+          ("loop, 2 devices x 1 thread",) + runner_timer(
               "loop", "xla", clients, batch_size, budget_s, devices=devs)]
 
 
@@ -305,10 +305,10 @@ def main():
   best = max(runners, key=lambda r: r[1])
   auto_ips = dict((r[0], r[1]) for r in runners).get(auto, float("nan"))
   for name, ips, steps in two_rows:
-    print(f"{name:38s} {cols(ips)}  {steps}/{full_steps}")
+    print(f"{name:26s} {'':24s}   {cols(ips)}  {steps}/{full_steps}")
   if two_rows:
     print(f"  (the last {len(two_rows)} rows: a child with XLA_FLAGS={TWO_CORE_FLAGS} and "
-          "fu_jax's flags; columns img/s, /torch, matmul)")
+          "fu_jax's flags)")
   print(f"auto = {auto}; best fixed (fu_jax flags) = {best[0]}; auto / best = "
         f"{auto_ips / best[1]:.2f}" + (f"; auto / torch = {auto_ips / torch_ips:.2f}"
                                        if torch_ips else ""))
