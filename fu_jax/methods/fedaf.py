@@ -371,7 +371,8 @@ def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation,
 
   def step(state, batch, key):
     del key
-    (loss, (old, batch_kept)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (old, batch_kept)), grads = grad_fn(state.params, batch)
     halt = state.stopped
     if max_old_loss is not None:
       halt = halt | (old > max_old_loss)
@@ -451,9 +452,10 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
   optimizer = optax.sgd(s["lr"], momentum=s["momentum"] or None)
   keys = sga_lib.client_keys(cfg.seed, FEDAF_ID, _PART_UNLEARN, targets)
   floor = sga_lib.budget_epochs(task, targets, s["epochs"], s["min_steps"], s["batch_size"])
-  epochs = floor
+  epochs = floor  # the cap, in whole chunks of `floor` epochs (run_until_forgotten)
   if forgets_labels(task):
-    epochs = max(floor, sga_lib.budget_epochs(task, targets, 1, s["max_steps"], s["batch_size"]))
+    cap = sga_lib.budget_epochs(task, targets, 1, s["max_steps"], s["batch_size"])
+    epochs = floor * max(1, math.ceil(cap / floor))
   stop = StopRule(floor, s["stop_acc"]) if epochs > floor else None
   program = unlearn_program(task.apply_fn, optimizer, ewc_kind=ewc_kind, lam=s["lam"],
                             width=s["sketch_width"], true_weight=s["true_weight"],
