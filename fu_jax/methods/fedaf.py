@@ -69,7 +69,9 @@ What the paper fixes, and what we chose where it does not:
     request or backdoor labels (`forgets_labels`); for a clean client or random samples a
     retrained model still predicts most of them, so there the floor alone is the budget.
     Epochs run in chunks of the floor's epoch count, each runner call resuming the clients'
-    states, and the loop ends once every client has stopped (`run_until_forgotten`).
+    states, and the loop ends once every client has stopped (`run_until_forgotten`). The
+    count lags: it is taken before each step, so the epoch that forgets still counts its
+    early batches and a client forgotten at the floor takes one more chunk.
   * Several target clients (class-wide request): each runs the loop on its own target
     samples in one runner call (vmapped or looped, as configured); their models are
     averaged weighted by target-sample counts.
