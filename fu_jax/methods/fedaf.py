@@ -69,7 +69,9 @@ What the paper fixes, and what we chose where it does not:
     (`forgets_labels`); for a clean client or random samples a retrained model still
     predicts most of them, so there the floor alone is the budget. Epochs run in chunks of
     the floor's epoch count, each runner call resuming the clients' states, and the loop
-    ends once every client has stopped (`run_until_forgotten`).
+    ends once every client has stopped (`run_until_forgotten`). The count lags: it is taken
+    before each step, so the epoch that forgets still counts its early batches and a client
+    forgotten at the floor takes one more chunk.
   * Several target clients (class-wide request): each runs the loop on its own target
     samples in one runner call (vmapped or looped, as configured); their models are
     averaged weighted by target-sample counts.
@@ -395,7 +397,8 @@ def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation,
 
   def step(state, batch, key):
     del key
-    (loss, (old, batch_kept)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (old, batch_kept)), grads = grad_fn(state.params, batch)
     halt = state.stopped
     if max_old_loss is not None:
       halt = halt | (old > max_old_loss)
@@ -485,9 +488,10 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
     max_old_loss = None if s["max_old_loss"] < 0 else s["max_old_loss"]
   keys = base.client_keys(cfg.seed, FEDAF_ID, _PART_UNLEARN, targets)
   floor = base.budget_epochs(task, targets, s["epochs"], s["min_steps"], s["batch_size"])
-  epochs = floor
+  epochs = floor  # the cap, in whole chunks of `floor` epochs (run_until_forgotten)
   if forgets_labels(task):
-    epochs = max(floor, base.budget_epochs(task, targets, 1, s["max_steps"], s["batch_size"]))
+    cap = base.budget_epochs(task, targets, 1, s["max_steps"], s["batch_size"])
+    epochs = floor * max(1, math.ceil(cap / floor))
   stop = StopRule(floor, s["stop_acc"]) if epochs > floor else None
   program = _unlearn_program(task.apply_fn, s["lr"], s["momentum"], ewc_kind, s["lam"],
                              s["sketch_width"], s["true_weight"], max_old_loss, stop)
