@@ -34,6 +34,10 @@ METRICS = (
     ("mia_shadow_recall", "MIA shadow recall", True),
 )
 
+# Reference rows that do no unlearning (the trained model as it is): a speed-up against
+# retrain would only measure how long a no-op takes.
+NO_UNLEARNING = ("fedavg",)
+
 
 class CompareError(ValueError):
   pass
@@ -80,7 +84,8 @@ def summarize(runs: dict) -> list[dict]:
       secs, ref_secs = _values(rs, key), _values(ref, key)
       row[key] = float(secs.mean()) if secs.size else None
       row[speedup] = (float(ref_secs.mean()) / row[key]
-                      if ref_secs.size and row[key] and row[key] > 0 else None)
+                      if method not in NO_UNLEARNING and ref_secs.size and row[key]
+                      and row[key] > 0 else None)
     row["bytes"] = float(np.mean(_values(rs, "bytes_up") + _values(rs, "bytes_down")))
     steps = _values(rs, "relearn_steps_to_recover")  # eval.relearn_steps > 0 runs only
     row["relearn_steps"] = float(steps.mean()) if steps.size else None

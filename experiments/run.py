@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import compare
+
 from fu_jax import checkpoint
 from fu_jax import data as data_lib
 from fu_jax import fl
@@ -786,11 +788,13 @@ _SHARED_SECTIONS = ("seed", "data", "fl", "model", "unlearn", "backdoor")
 
 def speedups(config, workdir: str, method: str, seconds: float, parallel: float) -> dict:
   """speedup_vs_retrain and speedup_parallel_vs_retrain from <workdir>/retrain's results
-  (1.0 for retrain itself; None when there is no finished retrain run of the same data,
-  training and request)."""
+  (1.0 for retrain itself; None for compare.NO_UNLEARNING and when there is no finished retrain run
+  of the same data, training and request)."""
   if method == "retrain":
     return {"speedup_vs_retrain": 1.0, "speedup_parallel_vs_retrain": 1.0}
   none = {"speedup_vs_retrain": None, "speedup_parallel_vs_retrain": None}
+  if method in compare.NO_UNLEARNING:
+    return none
   res_path = os.path.join(workdir, "retrain", "results.json")
   cfg_path = os.path.join(workdir, "retrain", "config.json")
   if not (os.path.exists(res_path) and os.path.exists(cfg_path)):

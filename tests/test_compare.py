@@ -37,7 +37,11 @@ def test_table_gaps_and_speedup(tmp_path):
          unlearn_parallel_seconds=30.0)
   _write(wd, "finetune", test_acc=0.8, forget_acc=0.3, unlearn_seconds=4.0,
          unlearn_parallel_seconds=2.0)
+  _write(wd, "fedavg", test_acc=0.9, forget_acc=0.9, unlearn_seconds=1e-4,
+         unlearn_parallel_seconds=1e-4)
   rows = {r["method"]: r for r in compare.compare(wd)}
+  assert rows["fedavg"]["speedup"] is None  # no unlearning: no speed-up to report
+  assert rows["fedavg"]["speedup_parallel"] is None
   assert rows["finetune"]["test_acc_gap"] == pytest.approx(-0.1)
   assert rows["finetune"]["forget_acc_gap"] == pytest.approx(0.3)
   assert rows["finetune"]["speedup"] == pytest.approx(25.0)
@@ -52,7 +56,7 @@ def test_table_gaps_and_speedup(tmp_path):
   assert table["finetune"]["bytes"] == "30.0 B"
   assert "Forgetting: forget acc" in md and "utility: retain acc" in md
   with open(os.path.join(wd, "comparison.csv")) as f:
-    assert [r["method"] for r in csv.DictReader(f)] == ["retrain", "finetune"]
+    assert [r["method"] for r in csv.DictReader(f)] == ["retrain", "fedavg", "finetune"]
   assert os.path.getsize(os.path.join(wd, "comparison.png")) > 10_000
 
 
