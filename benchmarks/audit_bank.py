@@ -9,14 +9,17 @@ model's run = fl.fedavg_round with the client runner the experiments would pick
 twice in this process: the first call includes compilation, the second is the compiled
 cost; the ratio of the second calls is the bank's cost in "runs".
 """
+
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import (
+  app,  # noqa: E402
+  flags,  # noqa: E402
+)
 
 from fu_jax import xla_flags  # noqa: E402
 
@@ -29,8 +32,10 @@ import optax  # noqa: E402
 
 from experiments import run as run_lib  # noqa: E402
 from experiments.configs import audit_digits  # noqa: E402
-from fu_jax import bank  # noqa: E402
-from fu_jax import fl  # noqa: E402
+from fu_jax import (
+  bank,  # noqa: E402
+  fl,  # noqa: E402
+)
 from fu_jax.methods import base  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,8 +55,7 @@ def main(argv):
   cl = task.clients
   program = fl.sgd_program(task.apply_fn, base.client_optimizer(c))
   kind = fl.choose_runner(c.model.name) if FLAGS.runner == "auto" else FLAGS.runner
-  runner = fl.ClientRunner(program, kind=kind, epochs=c.fl.local_epochs,
-                           batch_size=c.fl.batch_size)
+  runner = fl.ClientRunner(program, kind=kind, epochs=c.fl.local_epochs, batch_size=c.fl.batch_size)
   server_opt = optax.sgd(c.fl.server_lr)
   weights = np.ones(c.data.num_clients, np.float32)
   k_sampled = base.num_sampled(c)
@@ -59,21 +63,40 @@ def main(argv):
   def one_run():
     server = fl.server_init(base.init_params(task), server_opt)
     for r in range(c.fl.rounds):
-      server = fl.fedavg_round(server, runner, (cl.x, cl.y), cl.valid, None, seed=c.seed,
-                               round_idx=r, client_weights=weights, num_sampled=k_sampled,
-                               server_opt=server_opt).server
+      server = fl.fedavg_round(
+        server,
+        runner,
+        (cl.x, cl.y),
+        cl.valid,
+        None,
+        seed=c.seed,
+        round_idx=r,
+        client_weights=weights,
+        num_sampled=k_sampled,
+        server_opt=server_opt,
+      ).server
     return jax.block_until_ready(server.params)
 
   seeds = list(range(FLAGS.models))
-  init = jax.tree.map(lambda *a: jnp.stack(a), *[
-      base.init_params(task, fl.stream_key(s, fl.STREAM_INIT)) for s in seeds])
+  init = jax.tree.map(
+    lambda *a: jnp.stack(a),
+    *[base.init_params(task, fl.stream_key(s, fl.STREAM_INIT)) for s in seeds],
+  )
   brunner = bank.BankRunner(program, c.fl.batch_size)
 
   def bank_run():
-    p = bank.fedavg_bank(brunner, init, (cl.x, cl.y), cl.valid, seeds=seeds,
-                         num_rounds=c.fl.rounds, epochs=c.fl.local_epochs,
-                         client_weights=weights, num_sampled=k_sampled,
-                         server_lr=c.fl.server_lr)
+    p = bank.fedavg_bank(
+      brunner,
+      init,
+      (cl.x, cl.y),
+      cl.valid,
+      seeds=seeds,
+      num_rounds=c.fl.rounds,
+      epochs=c.fl.local_epochs,
+      client_weights=weights,
+      num_sampled=k_sampled,
+      server_lr=c.fl.server_lr,
+    )
     return jax.block_until_ready(p)
 
   times = {}
@@ -84,14 +107,20 @@ def main(argv):
       fn()
       t.append(time.perf_counter() - t0)
     times[name] = t
-  print(f"model={c.model.name} clients={c.data.num_clients} rounds={c.fl.rounds} local_epochs="
-        f"{c.fl.local_epochs} one-run runner={kind}")
+  print(
+    f"model={c.model.name} clients={c.data.num_clients} rounds={c.fl.rounds} local_epochs="
+    f"{c.fl.local_epochs} one-run runner={kind}"
+  )
   print(f"one model:      first call {times['one'][0]:.2f} s, compiled {times['one'][1]:.2f} s")
-  print(f"bank of {FLAGS.models:3d}:    first call {times['bank'][0]:.2f} s, compiled "
-        f"{times['bank'][1]:.2f} s")
-  print(f"bank / one run (compiled): {times['bank'][1] / times['one'][1]:.2f}x for "
-        f"{FLAGS.models} models ({times['bank'][1] / times['one'][1] / FLAGS.models:.3f}x per "
-        f"model); with compilation: {times['bank'][0] / times['one'][0]:.2f}x")
+  print(
+    f"bank of {FLAGS.models:3d}:    first call {times['bank'][0]:.2f} s, compiled "
+    f"{times['bank'][1]:.2f} s"
+  )
+  print(
+    f"bank / one run (compiled): {times['bank'][1] / times['one'][1]:.2f}x for "
+    f"{FLAGS.models} models ({times['bank'][1] / times['one'][1] / FLAGS.models:.3f}x per "
+    f"model); with compilation: {times['bank'][0] / times['one'][0]:.2f}x"
+  )
 
 
 if __name__ == "__main__":

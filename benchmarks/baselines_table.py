@@ -25,6 +25,7 @@ with the overrides printed above each table):
 Seconds: `unlearn_seconds` is compiled compute without evaluation or compilation;
 `parallel` the critical path (per round the slowest client plus the server).
 """
+
 import argparse
 import json
 import os
@@ -42,11 +43,22 @@ from experiments import run as run_lib  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist  # pylint: disable=wrong-import-position
 from fu_jax.methods import base  # pylint: disable=wrong-import-position
 
-CLIENT_METHODS = ("retrain", "fedavg", "federaser", "frr", "finetune", "sga", "fedaf",
-                  "fedaf_c")
-CLASS_METHODS = ("retrain", "fedavg", "finetune", "sga", "fedaf", "fedaf_c", "cdp",
-                 "channel_de", "channel_ce", "channel_de_random", "quickdrop",
-                 "quickdrop_nodistill", "frr")
+CLIENT_METHODS = ("retrain", "fedavg", "federaser", "frr", "finetune", "sga", "fedaf", "fedaf_c")
+CLASS_METHODS = (
+  "retrain",
+  "fedavg",
+  "finetune",
+  "sga",
+  "fedaf",
+  "fedaf_c",
+  "cdp",
+  "channel_de",
+  "channel_ce",
+  "channel_de_random",
+  "quickdrop",
+  "quickdrop_nodistill",
+  "frr",
+)
 
 
 def tables(args) -> dict:
@@ -54,30 +66,63 @@ def tables(args) -> dict:
   n = {"data.train_size": args.train_size, "mia.enabled": False}
   im2col = {"model.conv_impl": "im2col"}
   return {
-      "shards": ("shards", {**n, "eval.relearn_steps": 100},
-                 [(m, m, {}, "") for m in ("retrain", "fedavg", "federaser", "channel_de",
-                                           "channel_ce")]),
-      "backdoor": ("iid", {**n, "fl.rounds": 10, "unlearn.kind": "client",
-                           "backdoor.enabled": True, "eval.relearn_steps": 200},
-                   [(m, m, {}, "") for m in CLIENT_METHODS]),
-      "fedaf": ("fedaf", {**n, "data.train_size": args.fedaf_train_size,
-                          "eval.relearn_steps": 100},
-                [("retrain", "retrain", {}, ""),
-                 ("fedavg", "fedavg", {}, ""),
-                 ("fedaf", "fedaf", {}, ""),
-                 ("frr, per-example grads on XLA's conv (as retrain)", "frr",
-                  {"frr.conv_impl": "model"}, "frr_xla"),
-                 ("frr, per-example grads on im2col (default)", "frr", {}, ""),
-                 ("sga", "sga", {}, "")]
-                + ([("frr, scratch", "frr", {"frr.init": "scratch"}, "frr_scratch")]
-                   if args.fedaf_scratch else [])
-                + ([("retrain, im2col model", "retrain", im2col, "im2col"),
-                    ("fedavg, im2col model", "fedavg", im2col, "im2col"),
-                    ("frr, im2col model", "frr", im2col, "im2col")]
-                   if args.fedaf_im2col else [])),
-      "relearn": ("iid", {**n, "data.train_size": args.relearn_train_size,
-                          "eval.relearn_steps": 200, "eval.relearn_retained": 9.0},
-                  [(m, m, {}, "") for m in CLASS_METHODS]),
+    "shards": (
+      "shards",
+      {**n, "eval.relearn_steps": 100},
+      [(m, m, {}, "") for m in ("retrain", "fedavg", "federaser", "channel_de", "channel_ce")],
+    ),
+    "backdoor": (
+      "iid",
+      {
+        **n,
+        "fl.rounds": 10,
+        "unlearn.kind": "client",
+        "backdoor.enabled": True,
+        "eval.relearn_steps": 200,
+      },
+      [(m, m, {}, "") for m in CLIENT_METHODS],
+    ),
+    "fedaf": (
+      "fedaf",
+      {**n, "data.train_size": args.fedaf_train_size, "eval.relearn_steps": 100},
+      [
+        ("retrain", "retrain", {}, ""),
+        ("fedavg", "fedavg", {}, ""),
+        ("fedaf", "fedaf", {}, ""),
+        (
+          "frr, per-example grads on XLA's conv (as retrain)",
+          "frr",
+          {"frr.conv_impl": "model"},
+          "frr_xla",
+        ),
+        ("frr, per-example grads on im2col (default)", "frr", {}, ""),
+        ("sga", "sga", {}, ""),
+      ]
+      + (
+        [("frr, scratch", "frr", {"frr.init": "scratch"}, "frr_scratch")]
+        if args.fedaf_scratch
+        else []
+      )
+      + (
+        [
+          ("retrain, im2col model", "retrain", im2col, "im2col"),
+          ("fedavg, im2col model", "fedavg", im2col, "im2col"),
+          ("frr, im2col model", "frr", im2col, "im2col"),
+        ]
+        if args.fedaf_im2col
+        else []
+      ),
+    ),
+    "relearn": (
+      "iid",
+      {
+        **n,
+        "data.train_size": args.relearn_train_size,
+        "eval.relearn_steps": 200,
+        "eval.relearn_retained": 9.0,
+      },
+      [(m, m, {}, "") for m in CLASS_METHODS],
+    ),
   }
 
 
@@ -105,8 +150,10 @@ def run_cached(config, workdir: str) -> dict | None:
   except base.Unservable as e:
     print(f"  {config.method}: skipped: {e}", flush=True)
     return None
-  print(f"  {config.method} in {workdir}: {time.perf_counter() - t:.0f}s wall, "
-        f"load {os.getloadavg()}", flush=True)
+  print(
+    f"  {config.method} in {workdir}: {time.perf_counter() - t:.0f}s wall, load {os.getloadavg()}",
+    flush=True,
+  )
   return out
 
 
@@ -121,12 +168,27 @@ def _mb(v):
 def print_table(name: str, spec, rows: list, args):
   variant, overrides, _ = spec
   ref = next((d for label, m, _, _, d in rows if m == "retrain" and d), None)
-  print(f"\n== {name}: fashion_mnist.py:{variant} "
-        + " ".join(f"--config.{k}={v}" for k, v in overrides.items())
-        + f" --config.seed={args.seed}")
-  head = ["method", "test", "retain", "forget", "forget train", "backdoor", "unlearn s",
-          "parallel s", "speed-up", "par. speed-up", "rounds", "bytes up+down", "storage",
-          "relearn"]
+  print(
+    f"\n== {name}: fashion_mnist.py:{variant} "
+    + " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+    + f" --config.seed={args.seed}"
+  )
+  head = [
+    "method",
+    "test",
+    "retain",
+    "forget",
+    "forget train",
+    "backdoor",
+    "unlearn s",
+    "parallel s",
+    "speed-up",
+    "par. speed-up",
+    "rounds",
+    "bytes up+down",
+    "storage",
+    "relearn",
+  ]
   if name == "relearn":
     head.append("relearn (forgotten only)")
   print("| " + " | ".join(head) + " |")
@@ -134,9 +196,14 @@ def print_table(name: str, spec, rows: list, args):
   first = next((d for _, _, _, _, d in rows if d), None)
   if first is not None:
     o = first["original"]
-    cells = ["trained (FedAvg)", _pct(o["test_acc"]), _pct(o["retain_acc"]),
-             _pct(o.get("forget_acc")), _pct(o.get("forget_train_acc")),
-             _pct(o.get("bd_acc"))] + [""] * (len(head) - 6)
+    cells = [
+      "trained (FedAvg)",
+      _pct(o["test_acc"]),
+      _pct(o["retain_acc"]),
+      _pct(o.get("forget_acc")),
+      _pct(o.get("forget_train_acc")),
+      _pct(o.get("bd_acc")),
+    ] + [""] * (len(head) - 6)
     print("| " + " | ".join(cells) + " |")
   for label, method, _, _, d in rows:
     if d is None:
@@ -151,18 +218,34 @@ def print_table(name: str, spec, rows: list, args):
     else:
       sp = spp = "n/a"
     store = d.get("stored_update_bytes")
-    storage = "0" if store is None else (f"{_mb(store)} updates + "
-                                         f"{_mb(d.get('stored_model_bytes', 0))} models")
+    storage = (
+      "0"
+      if store is None
+      else (f"{_mb(store)} updates + {_mb(d.get('stored_model_bytes', 0))} models")
+    )
     rl = d.get("relearn_steps_to_recover")
     rl = "—" if rl is None else (">=" if d.get("relearn_capped") else "") + str(rl)
-    cells = [label, _pct(d["test_acc"]), _pct(d["retain_acc"]), _pct(d.get("forget_acc")),
-             _pct(d.get("forget_train_acc")), _pct(d.get("bd_acc")), f"{unl:.2f}",
-             f"{par:.2f}", sp, spp, str(d["rounds"]),
-             _mb(d["bytes_up"] + d["bytes_down"]), storage, rl]
+    cells = [
+      label,
+      _pct(d["test_acc"]),
+      _pct(d["retain_acc"]),
+      _pct(d.get("forget_acc")),
+      _pct(d.get("forget_train_acc")),
+      _pct(d.get("bd_acc")),
+      f"{unl:.2f}",
+      f"{par:.2f}",
+      sp,
+      spp,
+      str(d["rounds"]),
+      _mb(d["bytes_up"] + d["bytes_down"]),
+      storage,
+      rl,
+    ]
     if name == "relearn":
       r0 = d.get("relearn_forgotten_only_steps")
-      cells.append("—" if r0 is None else
-                   (">=" if d.get("relearn_forgotten_only_capped") else "") + str(r0))
+      cells.append(
+        "—" if r0 is None else (">=" if d.get("relearn_forgotten_only_capped") else "") + str(r0)
+      )
     print("| " + " | ".join(cells) + " |")
   ts = [d["train_seconds"] for _, _, _, _, d in rows if d]
   if ts:
@@ -173,15 +256,22 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--tables", default="shards,backdoor,fedaf,relearn")
   p.add_argument("--workdir", default="/tmp/baselines_table")
-  p.add_argument("--train_size", type=int, default=6000,
-                 help="data.train_size of shards and backdoor (0 = all 60,000)")
+  p.add_argument(
+    "--train_size",
+    type=int,
+    default=6000,
+    help="data.train_size of shards and backdoor (0 = all 60,000)",
+  )
   p.add_argument("--fedaf_train_size", type=int, default=12000)
   p.add_argument("--relearn_train_size", type=int, default=4000)
-  p.add_argument("--fedaf_scratch", action="store_true",
-                 help="fedaf table: also FRR from a fresh initialisation")
-  p.add_argument("--fedaf_im2col", action="store_true",
-                 help="fedaf table: also retrain, fedavg and frr on an im2col model (its own "
-                      "training)")
+  p.add_argument(
+    "--fedaf_scratch", action="store_true", help="fedaf table: also FRR from a fresh initialisation"
+  )
+  p.add_argument(
+    "--fedaf_im2col",
+    action="store_true",
+    help="fedaf table: also retrain, fedavg and frr on an im2col model (its own training)",
+  )
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
   specs = tables(args)

@@ -19,6 +19,7 @@ samples of the forgotten class and of the retained classes.
 
 Runs are resumable: rerunning with the same flags reuses finished runs' results.
 """
+
 import argparse
 import json
 import os
@@ -39,8 +40,10 @@ xla_flags.use_defaults()  # before any JAX computation
 from experiments import run as run_lib  # pylint: disable=wrong-import-position
 from experiments.configs import digits as digits_cfg  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist as fmnist_cfg  # pylint: disable=wrong-import-position
-from fu_jax import fl  # pylint: disable=wrong-import-position
-from fu_jax import masking  # pylint: disable=wrong-import-position
+from fu_jax import (
+  fl,  # pylint: disable=wrong-import-position
+  masking,  # pylint: disable=wrong-import-position
+)
 from fu_jax.methods import channel  # pylint: disable=wrong-import-position
 from fu_jax.metrics import accuracy as acc_lib  # pylint: disable=wrong-import-position
 
@@ -61,10 +64,13 @@ def make_config(args, method):
     c.fl.rounds = args.rounds
   c.eval_every = c.fl.rounds  # evaluate at the end of each phase only
   # Flags left at 0 keep the config's defaults (experiments/configs/default.py).
-  for key, value in (("channel.epochs", args.epochs), ("channel.delta", args.delta),
-                     ("channel.server_samples", args.server_samples),
-                     ("cdp.sparsity", args.cdp_sparsity),
-                     ("cdp.finetune_rounds", args.cdp_rounds)):
+  for key, value in (
+    ("channel.epochs", args.epochs),
+    ("channel.delta", args.delta),
+    ("channel.server_samples", args.server_samples),
+    ("cdp.sparsity", args.cdp_sparsity),
+    ("cdp.finetune_rounds", args.cdp_rounds),
+  ):
     if value:
       _set(c, key, value)
   return c
@@ -123,11 +129,15 @@ def _fmt_bytes(b):
 def print_table(results):
   rt = results["retrain"]
   o = rt["original"]
-  print(f"original model: forget {o['forget_acc']:.4f}  retain {o['retain_acc']:.4f}  "
-        f"test {o['test_acc']:.4f}")
-  head = (f"{'method':<30}{'forget':>8}{'retain':>8}{'d_ret':>8}{'test':>8}{'bytes_up':>11}"
-          f"{'bytes_dn':>11}{'examples':>10}{'rounds':>7}{'unlearn_s':>10}{'select_s':>9}"
-          f"{'speedup':>9}{'sp_ft':>9}")
+  print(
+    f"original model: forget {o['forget_acc']:.4f}  retain {o['retain_acc']:.4f}  "
+    f"test {o['test_acc']:.4f}"
+  )
+  head = (
+    f"{'method':<30}{'forget':>8}{'retain':>8}{'d_ret':>8}{'test':>8}{'bytes_up':>11}"
+    f"{'bytes_dn':>11}{'examples':>10}{'rounds':>7}{'unlearn_s':>10}{'select_s':>9}"
+    f"{'speedup':>9}{'sp_ft':>9}"
+  )
   print(head)
   print("-" * len(head))
   for m, r in results.items():
@@ -136,29 +146,37 @@ def print_table(results):
     # Xu et al. (Sec. 4.3): the selection "can be performed at any time during the inference
     # phase"; sp_ft is the speed-up of the rest (fine-tuning, or pruning + fine-tuning).
     sp_ft = rt["unlearn_seconds"] / max(r["unlearn_seconds"] - (sel or 0.0), 1e-9)
-    print(f"{m:<30}{r['forget_acc']:>8.4f}{r['retain_acc']:>8.4f}"
-          f"{r['retain_acc'] - o['retain_acc']:>+8.4f}{r['test_acc']:>8.4f}"
-          f"{_fmt_bytes(r['bytes_up']):>11}{_fmt_bytes(r['bytes_down']):>11}"
-          f"{r['examples']:>10}{r['rounds']:>7}{r['unlearn_seconds']:>10.2f}"
-          f"{'' if sel is None else f'{sel:.2f}':>9}{sp:>8.1f}x{sp_ft:>8.1f}x")
+    print(
+      f"{m:<30}{r['forget_acc']:>8.4f}{r['retain_acc']:>8.4f}"
+      f"{r['retain_acc'] - o['retain_acc']:>+8.4f}{r['test_acc']:>8.4f}"
+      f"{_fmt_bytes(r['bytes_up']):>11}{_fmt_bytes(r['bytes_down']):>11}"
+      f"{r['examples']:>10}{r['rounds']:>7}{r['unlearn_seconds']:>10.2f}"
+      f"{'' if sel is None else f'{sel:.2f}':>9}{sp:>8.1f}x{sp_ft:>8.1f}x"
+    )
   de = results.get("channel_de")
   if de:
-    print(f"channel_de: {de['selected_channels']}/{de['model_channels']} channels "
-          f"({de['selected_channel_fraction']:.3f}), {de['selected_param_fraction']:.3f} of "
-          f"params; one upload {_fmt_bytes(de['upload_bytes_per_client_round'])} = "
-          f"{de['upload_fraction_of_model']:.3f} of the model "
-          f"({_fmt_bytes(de['model_bytes'])}); retrain per round "
-          f"{_fmt_bytes(rt['bytes_up'] / max(rt['rounds'], 1))} up, channel_de per round "
-          f"{_fmt_bytes(de['bytes_up'] / max(de['rounds'], 1))} up")
+    print(
+      f"channel_de: {de['selected_channels']}/{de['model_channels']} channels "
+      f"({de['selected_channel_fraction']:.3f}), {de['selected_param_fraction']:.3f} of "
+      f"params; one upload {_fmt_bytes(de['upload_bytes_per_client_round'])} = "
+      f"{de['upload_fraction_of_model']:.3f} of the model "
+      f"({_fmt_bytes(de['model_bytes'])}); retrain per round "
+      f"{_fmt_bytes(rt['bytes_up'] / max(rt['rounds'], 1))} up, channel_de per round "
+      f"{_fmt_bytes(de['bytes_up'] / max(de['rounds'], 1))} up"
+    )
   ce = results.get("channel_ce")
   if ce:
-    print(f"channel_ce: server sample {ce['server_samples']} "
-          f"({ce['perturbation_examples']} perturbation), {ce['finetune_epochs']} epochs")
+    print(
+      f"channel_ce: server sample {ce['server_samples']} "
+      f"({ce['perturbation_examples']} perturbation), {ce['finetune_epochs']} epochs"
+    )
   cdp = results.get("cdp")
   if cdp:
-    print(f"cdp: pruned {cdp['pruned_channels']} conv channels "
-          f"({cdp['pruned_channel_fraction_of_conv']:.3f}), {cdp['finetune_rounds']} "
-          "fine-tune rounds")
+    print(
+      f"cdp: pruned {cdp['pruned_channels']} conv channels "
+      f"({cdp['pruned_channel_fraction_of_conv']:.3f}), {cdp['finetune_rounds']} "
+      "fine-tune rounds"
+    )
 
 
 def table3(args, wd, frac=0.3):
@@ -169,9 +187,11 @@ def table3(args, wd, frac=0.3):
   params = trained.params
   x, y = channel.forget_batch(task, cfg.channel.effect_samples)
   convs = [p for p in channel.scored_layers(params, "conv")]
-  eff = jax.jit(lambda p: masking.channel_effects(channel.apply_fn(task), p, jnp.asarray(x),
-                                                  jnp.asarray(y), metric="both",
-                                                  layers=tuple(convs)))(params)
+  eff = jax.jit(
+    lambda p: masking.channel_effects(
+      channel.apply_fn(task), p, jnp.asarray(x), jnp.asarray(y), metric="both", layers=tuple(convs)
+    )
+  )(params)
   ds = task.dataset
   forget_c = np.isin(ds.y_test, task.request.classes)
 
@@ -181,22 +201,27 @@ def table3(args, wd, frac=0.3):
     return float(ok[forget_c].mean()), float(ok[~forget_c].mean())
 
   base = accs(params)
-  neg = masking.ChannelEffects(acc={k: -v for k, v in eff.acc.items()},
-                               loss={k: -v for k, v in eff.loss.items()})
+  neg = masking.ChannelEffects(
+    acc={k: -v for k, v in eff.acc.items()}, loss={k: -v for k, v in eff.loss.items()}
+  )
   key = fl.stream_key(cfg.seed, fl.STREAM_EVAL, 3)
-  print(f"Table 3 ({frac:.0%} of one layer's channels zeroed; accuracy on test samples of "
-        f"the forgotten class / of the retained classes; |I| = {x.shape[0]})")
+  print(
+    f"Table 3 ({frac:.0%} of one layer's channels zeroed; accuracy on test samples of "
+    f"the forgotten class / of the retained classes; |I| = {x.shape[0]})"
+  )
   print(f"{'layer':<10}{'selection':<15}{'forget':>8}{'retain':>8}")
   out = {}
   for layer in convs:
     print(f"{'/'.join(layer):<10}{'original':<15}{base[0]:>8.4f}{base[1]:>8.4f}")
     sub = lambda e: {layer: e[layer]}
     choices = {
-        "important": masking.top_delta_channels(
-            masking.ChannelEffects(sub(eff.acc), sub(eff.loss)), frac),
-        "random": masking.random_channels([(layer, eff.acc[layer].shape[0])], frac, key),
-        "non-important": masking.top_delta_channels(
-            masking.ChannelEffects(sub(neg.acc), sub(neg.loss)), frac),
+      "important": masking.top_delta_channels(
+        masking.ChannelEffects(sub(eff.acc), sub(eff.loss)), frac
+      ),
+      "random": masking.random_channels([(layer, eff.acc[layer].shape[0])], frac, key),
+      "non-important": masking.top_delta_channels(
+        masking.ChannelEffects(sub(neg.acc), sub(neg.loss)), frac
+      ),
     }
     for name, cm in choices.items():
       pruned = masking.zero_masked(params, masking.channel_mask_to_param_mask(cm, params))
@@ -218,18 +243,24 @@ def main():
   ap.add_argument("--cdp_rounds", type=int, default=0, help="0 = config's")
   ap.add_argument("--forget_class", type=int, default=0)
   ap.add_argument("--methods", default=",".join(METHODS))
-  ap.add_argument("--variants", default="channel_de@channel.epochs=1;"
-                  "channel_de_random@channel.epochs=1;channel_ce@channel.epochs=1",
-                  help="extra rows: 'method@key=value+key=value;...' (config keys)")
+  ap.add_argument(
+    "--variants",
+    default="channel_de@channel.epochs=1;"
+    "channel_de_random@channel.epochs=1;channel_ce@channel.epochs=1",
+    help="extra rows: 'method@key=value+key=value;...' (config keys)",
+  )
   ap.add_argument("--mia", action="store_true", help="also run membership inference")
   ap.add_argument("--no_table3", action="store_true")
   ap.add_argument("--workdir", default="/tmp/channel_table")
   args = ap.parse_args()
   wd = os.path.join(args.workdir, f"{args.dataset}-{args.partition}-r{args.rounds}")
   os.makedirs(wd, exist_ok=True)
-  print(f"== {args.dataset} {args.partition}, rounds={args.rounds or 'config'}, "
-        f"forget class {args.forget_class}; "
-        f"backend {jax.default_backend()}, workdir {wd}", flush=True)
+  print(
+    f"== {args.dataset} {args.partition}, rounds={args.rounds or 'config'}, "
+    f"forget class {args.forget_class}; "
+    f"backend {jax.default_backend()}, workdir {wd}",
+    flush=True,
+  )
   results = {}
   for m in args.methods.split(","):
     results[m] = run_method(args, wd, m)

@@ -18,6 +18,7 @@ separately), as best (fastest call) and median. No assertion: on a shared machin
 only ever slow a call down, so `best` is the more faithful number; read both with the load
 average printed next to them.
 """
+
 import argparse
 import os
 import statistics
@@ -27,17 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fu_jax import losses, models
-from fu_jax import xla_flags
+from fu_jax import losses, models, xla_flags
 
 xla_flags.use_defaults()  # before any JAX computation
 
-MODES = ('jit', 'vmap', 'scan', 'scan_u2', 'scan_full', 'vmap_scan', 'map_scan')
+MODES = ("jit", "vmap", "scan", "scan_u2", "scan_full", "vmap_scan", "map_scan")
 
 
 def make_step(module, lr):
   def loss_fn(params, x, y):
-    return jnp.mean(losses.cross_entropy(module.apply({'params': params}, x), y))
+    return jnp.mean(losses.cross_entropy(module.apply({"params": params}, x), y))
 
   def step(params, x, y):
     grads = jax.grad(loss_fn)(params, x, y)
@@ -49,6 +49,7 @@ def make_step(module, lr):
 def scan_steps(step, unroll=1):
   def run(params, xs, ys):
     return jax.lax.scan(lambda p, b: (step(p, *b), None), params, (xs, ys), unroll=unroll)[0]
+
   return run
 
 
@@ -58,19 +59,19 @@ def stack(tree, n):
 
 def build(mode, step, params, x, y, a):
   """(function, args, images per call) for a mode."""
-  if mode == 'jit':
+  if mode == "jit":
     return step, (params, x, y), x.shape[0]
-  if mode == 'vmap':
+  if mode == "vmap":
     c = a.clients
     return jax.vmap(step), (stack(params, c), stack(x, c), stack(y, c)), c * x.shape[0]
-  if mode.startswith('scan'):
+  if mode.startswith("scan"):
     s = a.steps
-    unroll = {'scan': 1, 'scan_u2': 2, 'scan_full': s}[mode]
+    unroll = {"scan": 1, "scan_u2": 2, "scan_full": s}[mode]
     return scan_steps(step, unroll), (params, stack(x, s), stack(y, s)), s * x.shape[0]
   c, s = a.round_clients, a.round_steps
   run = scan_steps(step)
   xs, ys = stack(stack(x, s), c), stack(stack(y, s), c)
-  if mode == 'vmap_scan':
+  if mode == "vmap_scan":
     fn = jax.vmap(run)
   else:
     fn = lambda p, xs, ys: jax.lax.map(lambda c: run(*c), (p, xs, ys))
@@ -94,32 +95,35 @@ def measure(fn, args, budget):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--model', default='cnn')
-  p.add_argument('--input', default='28,28,1', help='H,W,C')
-  p.add_argument('--classes', type=int, default=10)
-  p.add_argument('--batch', type=int, default=64)
-  p.add_argument('--clients', type=int, default=10, help='clients for vmap')
-  p.add_argument('--steps', type=int, default=8, help='steps for scan*')
-  p.add_argument('--round_clients', type=int, default=4, help='clients for vmap_scan/map_scan')
-  p.add_argument('--round_steps', type=int, default=4, help='steps for vmap_scan/map_scan')
-  p.add_argument('--impls', default=','.join(models.CONV_IMPLS))
-  p.add_argument('--modes', default=','.join(MODES))
-  p.add_argument('--budget', type=float, default=4.0, help='seconds of timed calls per cell')
-  p.add_argument('--lr', type=float, default=0.05)
+  p.add_argument("--model", default="cnn")
+  p.add_argument("--input", default="28,28,1", help="H,W,C")
+  p.add_argument("--classes", type=int, default=10)
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--clients", type=int, default=10, help="clients for vmap")
+  p.add_argument("--steps", type=int, default=8, help="steps for scan*")
+  p.add_argument("--round_clients", type=int, default=4, help="clients for vmap_scan/map_scan")
+  p.add_argument("--round_steps", type=int, default=4, help="steps for vmap_scan/map_scan")
+  p.add_argument("--impls", default=",".join(models.CONV_IMPLS))
+  p.add_argument("--modes", default=",".join(MODES))
+  p.add_argument("--budget", type=float, default=4.0, help="seconds of timed calls per cell")
+  p.add_argument("--lr", type=float, default=0.05)
   a = p.parse_args()
-  shape = tuple(int(v) for v in a.input.split(','))
-  impls, modes = a.impls.split(','), a.modes.split(',')
+  shape = tuple(int(v) for v in a.input.split(","))
+  impls, modes = a.impls.split(","), a.modes.split(",")
   for m in modes:
     if m not in MODES:
-      raise ValueError(f'unknown mode {m!r}; allowed: {MODES}')
+      raise ValueError(f"unknown mode {m!r}; allowed: {MODES}")
 
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((a.batch,) + shape, dtype=np.float32))
   y = jnp.asarray(rng.integers(0, a.classes, a.batch, dtype=np.int32))
-  print(f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cpus, '
-        f'load avg {os.getloadavg()[0]:.1f}; {a.model} {shape} batch {a.batch}, '
-        f'vmap {a.clients} clients, scan {a.steps} steps, '
-        f'round {a.round_clients} clients x {a.round_steps} steps', flush=True)
+  print(
+    f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cpus, "
+    f"load avg {os.getloadavg()[0]:.1f}; {a.model} {shape} batch {a.batch}, "
+    f"vmap {a.clients} clients, scan {a.steps} steps, "
+    f"round {a.round_clients} clients x {a.round_steps} steps",
+    flush=True,
+  )
   results = {}
   for impl in impls:
     module = models.create(a.model, a.classes, conv_impl=impl)
@@ -129,16 +133,18 @@ def main():
       fn, args, images = build(mode, step, params, x, y, a)
       best, median, compile_s = measure(fn, args, a.budget)
       results[mode, impl] = (images / best, images / median)
-      print(f'  {mode:10s} {impl:10s} best {images / best:6.0f} img/s, median '
-            f'{images / median:6.0f} img/s ({median * 1e3:8.1f} ms/call, '
-            f'compile {compile_s:5.1f} s, load {os.getloadavg()[0]:.1f})', flush=True)
+      print(
+        f"  {mode:10s} {impl:10s} best {images / best:6.0f} img/s, median "
+        f"{images / median:6.0f} img/s ({median * 1e3:8.1f} ms/call, "
+        f"compile {compile_s:5.1f} s, load {os.getloadavg()[0]:.1f})",
+        flush=True,
+      )
 
-  print(f'\nimages/s, best (median); higher is better; load avg at end {os.getloadavg()[0]:.1f}')
-  print(f'{"mode":10s}' + ''.join(f'{i:>16s}' for i in impls))
+  print(f"\nimages/s, best (median); higher is better; load avg at end {os.getloadavg()[0]:.1f}")
+  print(f"{'mode':10s}" + "".join(f"{i:>16s}" for i in impls))
   for mode in modes:
-    print(f'{mode:10s}' + ''.join(
-        f'{"%.0f (%.0f)" % results[mode, i]:>16s}' for i in impls))
+    print(f"{mode:10s}" + "".join(f"{'%.0f (%.0f)' % results[mode, i]:>16s}" for i in impls))
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

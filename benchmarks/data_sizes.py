@@ -20,6 +20,7 @@ touch (`--config.fedaf.*`: fedaf, fedaf_c): e.g. the defaults before a change.
 Prints every command, then one table row per (size, variant, method): forget and retain
 accuracy (test images of the forgotten class / of the others) and their gaps to retrain's.
 """
+
 import argparse
 import json
 import os
@@ -33,9 +34,16 @@ TRAINER = {"retrain": None, "quickdrop": "quickdrop"}  # the rest share the feda
 
 
 def command(method, size, rounds, workdir, extra=()):
-  cmd = [sys.executable, "-m", "experiments.main", f"--method={method}", f"--config={CONFIG}",
-         f"--config.data.train_size={size}", "--config.mia.enabled=False",
-         f"--workdir={workdir}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    f"--method={method}",
+    f"--config={CONFIG}",
+    f"--config.data.train_size={size}",
+    "--config.mia.enabled=False",
+    f"--workdir={workdir}",
+  ]
   if rounds:
     cmd.append(f"--config.fl.rounds={rounds}")
   return cmd + list(extra)
@@ -64,16 +72,19 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--sizes", default="4000")
   p.add_argument("--rounds", type=int, default=0)
-  p.add_argument("--methods", default="fedavg,retrain,finetune,sga,fedaf,quickdrop,channel_ce,"
-                                      "channel_de,cdp,frr")
+  p.add_argument(
+    "--methods", default="fedavg,retrain,finetune,sga,fedaf,quickdrop,channel_ce,channel_de,cdp,frr"
+  )
   p.add_argument("--workdir", default="/tmp/fu_sizes")
-  p.add_argument("--variant", action="append", default=[],
-                 help="name=space-separated config overrides")
+  p.add_argument(
+    "--variant", action="append", default=[], help="name=space-separated config overrides"
+  )
   p.add_argument("--table_only", action="store_true")
   a = p.parse_args()
   methods = a.methods.split(",")
-  variants = [("shipped", ())] + [(v.split("=", 1)[0], tuple(v.split("=", 1)[1].split()))
-                                  for v in a.variant]
+  variants = [("shipped", ())] + [
+    (v.split("=", 1)[0], tuple(v.split("=", 1)[1].split())) for v in a.variant
+  ]
   rows = []
   for size in [int(s) for s in a.sizes.split(",")]:
     base_wd = os.path.join(a.workdir, f"n{size}")
@@ -99,8 +110,17 @@ def main():
           rows.append((size, name, m, None, None, None, None))
           continue
         gap = lambda k: None if ref is None else 100 * (r[k] - ref[k])
-        rows.append((size, name, m, 100 * r["forget_acc"], gap("forget_acc"),
-                     100 * r["retain_acc"], gap("retain_acc")))
+        rows.append(
+          (
+            size,
+            name,
+            m,
+            100 * r["forget_acc"],
+            gap("forget_acc"),
+            100 * r["retain_acc"],
+            gap("retain_acc"),
+          )
+        )
   print("\n| train size | defaults | method | forget acc | vs retrain | retain acc | vs retrain |")
   print("|---|---|---|---|---|---|---|")
   f = lambda v, s="": "—" if v is None else f"{v:{s}.1f}"

@@ -18,6 +18,7 @@ Measured 2026-11 (CPU, 2 cores shared, load average ~10), test accuracy mean +- 
   --model=cnn --inits=50 --seeds=3 (2 conv + instance norm, width 32; 500 image steps):
       distilled 0.939 +- 0.011, random real 0.922 +- 0.013; step 233 ms
 """
+
 import argparse
 import time
 
@@ -28,24 +29,23 @@ import numpy as np
 import optax
 from sklearn.datasets import load_digits
 
-from fu_jax import distill
-from fu_jax import losses
-from fu_jax import xla_flags
+from fu_jax import distill, losses, xla_flags
 
 xla_flags.use_defaults()  # before any JAX computation
 
 
 class SmallCNN(nn.Module):
   """Two 3x3 conv blocks (optional instance norm, as DC's ConvNet) + dense, for 8x8 inputs."""
+
   num_classes: int = 10
   width: int = 32
-  norm: str = 'instance'
+  norm: str = "instance"
 
   @nn.compact
   def __call__(self, x):
     for _ in range(2):
       x = nn.Conv(self.width, (3, 3))(x)
-      if self.norm == 'instance':
+      if self.norm == "instance":
         x = nn.GroupNorm(num_groups=None, group_size=1)(x)
       x = nn.relu(x)
       x = nn.avg_pool(x, (2, 2), (2, 2))
@@ -54,6 +54,7 @@ class SmallCNN(nn.Module):
 
 class MLP(nn.Module):
   """One hidden layer MLP on flattened images."""
+
   num_classes: int = 10
   width: int = 128
 
@@ -75,9 +76,9 @@ def digits_data(seed=0, num_test=497):
   return x[tr], y[tr], x[te], y[te]
 
 
-def make_fns(module, metric='ours', lr_net=0.01, vectorize='auto'):
+def make_fns(module, metric="ours", lr_net=0.01, vectorize="auto"):
   """Jitted (distil_step, train, accuracy) for `module`."""
-  apply_fn = lambda p, x: module.apply({'params': p}, x)
+  apply_fn = lambda p, x: module.apply({"params": p}, x)
   net_opt = optax.sgd(lr_net, momentum=0.9)
   k = module.num_classes
 
@@ -86,8 +87,16 @@ def make_fns(module, metric='ours', lr_net=0.01, vectorize='auto'):
     valid = jnp.ones(y.shape, bool)
     g_real = distill.per_class_grads(apply_fn, params, x, y, valid, k)
     counts = distill.class_counts(y, valid, k)
-    return distill.synthetic_update(apply_fn, params, syn, g_real, img_state, metric=metric,
-                                    real_counts=counts, vectorize=vectorize)
+    return distill.synthetic_update(
+      apply_fn,
+      params,
+      syn,
+      g_real,
+      img_state,
+      metric=metric,
+      real_counts=counts,
+      vectorize=vectorize,
+    )
 
   @jax.jit
   def train_step(params, state, x, y, valid):
@@ -113,7 +122,7 @@ def distil(module, distil_step, train, xtr, ytr, syn, key, inits, outer, inner, 
   """DC Alg. 1: for each random init, `outer` image steps with `inner` model steps between."""
   state = distill.default_image_optimizer().init(syn.x)
   rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
-  init = jax.jit(lambda k: module.init(k, xtr[:1])['params'])
+  init = jax.jit(lambda k: module.init(k, xtr[:1])["params"])
   losses_ = []
   for it in range(inits):
     params = init(jax.random.fold_in(key, it))
@@ -129,23 +138,23 @@ def distil(module, distil_step, train, xtr, ytr, syn, key, inits, outer, inner, 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument('--ipc', type=int, default=10)
-  ap.add_argument('--inits', type=int, default=20)
-  ap.add_argument('--outer', type=int, default=10)
-  ap.add_argument('--inner', type=int, default=10)
-  ap.add_argument('--eval_steps', type=int, default=300)
-  ap.add_argument('--seeds', type=int, default=5)
-  ap.add_argument('--metric', default='ours')
-  ap.add_argument('--model', default='cnn', choices=('cnn', 'mlp'))
-  ap.add_argument('--norm', default='instance')
-  ap.add_argument('--lr_net', type=float, default=0.01)
-  ap.add_argument('--width', type=int, default=32)
-  ap.add_argument('--batch_real', type=int, default=256)
-  ap.add_argument('--vectorize', default='auto')
+  ap.add_argument("--ipc", type=int, default=10)
+  ap.add_argument("--inits", type=int, default=20)
+  ap.add_argument("--outer", type=int, default=10)
+  ap.add_argument("--inner", type=int, default=10)
+  ap.add_argument("--eval_steps", type=int, default=300)
+  ap.add_argument("--seeds", type=int, default=5)
+  ap.add_argument("--metric", default="ours")
+  ap.add_argument("--model", default="cnn", choices=("cnn", "mlp"))
+  ap.add_argument("--norm", default="instance")
+  ap.add_argument("--lr_net", type=float, default=0.01)
+  ap.add_argument("--width", type=int, default=32)
+  ap.add_argument("--batch_real", type=int, default=256)
+  ap.add_argument("--vectorize", default="auto")
   args = ap.parse_args()
 
   xtr, ytr, xte, yte = digits_data()
-  if args.model == 'cnn':
+  if args.model == "cnn":
     module = SmallCNN(norm=args.norm, width=args.width)
   else:
     module = MLP(width=args.width)
@@ -155,38 +164,56 @@ def main():
   t_distil = []
   for seed in range(args.seeds):
     k_init, k_dist, k_eval = jax.random.split(jax.random.fold_in(key, seed), 3)
-    syn0 = distill.init_synthetic(xtr, ytr, np.ones(len(ytr), bool), 10,
-                                  images_per_class=args.ipc, key=k_init)
+    syn0 = distill.init_synthetic(
+      xtr, ytr, np.ones(len(ytr), bool), 10, images_per_class=args.ipc, key=k_init
+    )
     t0 = time.perf_counter()
-    syn, ls = distil(module, distil_step, train, xtr, ytr, syn0, k_dist,
-                     args.inits, args.outer, args.inner, args.batch_real)
+    syn, ls = distil(
+      module,
+      distil_step,
+      train,
+      xtr,
+      ytr,
+      syn0,
+      k_dist,
+      args.inits,
+      args.outer,
+      args.inner,
+      args.batch_real,
+    )
     t_distil.append(time.perf_counter() - t0)
-    params0 = module.init(k_eval, xtr[:1])['params']
-    for name, s, out in (('distilled', syn, acc_syn), ('random', syn0, acc_rand)):
+    params0 = module.init(k_eval, xtr[:1])["params"]
+    for name, s, out in (("distilled", syn, acc_syn), ("random", syn0, acc_rand)):
       sx, sy, sv = distill.flatten(s)
       p = train(params0, sx, sy, sv, args.eval_steps)
       out.append(float(accuracy(p, xte, yte)))
-    print(f'seed {seed}: match loss first-init mean {ls[:args.outer].mean():.2f} '
-          f'last-init mean {ls[-args.outer:].mean():.2f}; test acc distilled {acc_syn[-1]:.4f} '
-          f'random {acc_rand[-1]:.4f}; distil time {t_distil[-1]:.1f}s', flush=True)
-  print(f'distilled: {np.mean(acc_syn):.4f} +- {np.std(acc_syn):.4f}')
-  print(f'random:    {np.mean(acc_rand):.4f} +- {np.std(acc_rand):.4f}')
-  print(f'distil wall time per seed (incl. compile on seed 0): {t_distil}')
+    print(
+      f"seed {seed}: match loss first-init mean {ls[: args.outer].mean():.2f} "
+      f"last-init mean {ls[-args.outer :].mean():.2f}; test acc distilled {acc_syn[-1]:.4f} "
+      f"random {acc_rand[-1]:.4f}; distil time {t_distil[-1]:.1f}s",
+      flush=True,
+    )
+  print(f"distilled: {np.mean(acc_syn):.4f} +- {np.std(acc_syn):.4f}")
+  print(f"random:    {np.mean(acc_rand):.4f} +- {np.std(acc_rand):.4f}")
+  print(f"distil wall time per seed (incl. compile on seed 0): {t_distil}")
 
   # Compiled step timing.
-  params = module.init(key, xtr[:1])['params']
-  syn = distill.init_synthetic(xtr, ytr, np.ones(len(ytr), bool), 10,
-                               images_per_class=args.ipc, key=key)
+  params = module.init(key, xtr[:1])["params"]
+  syn = distill.init_synthetic(
+    xtr, ytr, np.ones(len(ytr), bool), 10, images_per_class=args.ipc, key=key
+  )
   st = distill.default_image_optimizer().init(syn.x)
-  xb, yb = xtr[:args.batch_real], ytr[:args.batch_real]
+  xb, yb = xtr[: args.batch_real], ytr[: args.batch_real]
   jax.block_until_ready(distil_step(params, syn, st, xb, yb))
   t0 = time.perf_counter()
   for _ in range(10):
     out = distil_step(params, syn, st, xb, yb)
   jax.block_until_ready(out)
-  print(f'distil step (per_class_grads on {args.batch_real} real + synthetic_update on '
-        f'{10 * args.ipc} syn): {(time.perf_counter() - t0) / 10 * 1e3:.1f} ms')
+  print(
+    f"distil step (per_class_grads on {args.batch_real} real + synthetic_update on "
+    f"{10 * args.ipc} syn): {(time.perf_counter() - t0) / 10 * 1e3:.1f} ms"
+  )
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

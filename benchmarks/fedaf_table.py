@@ -40,6 +40,7 @@ or the gap to it. Then the EWC penalty cost: seconds per call of the penalty gra
 and of a whole unlearning step (batch forward/backward + penalty + SGD) for the diagonal and
 the t=50 sketch on the dataset's model, and the curvature memory (d vs t*d floats).
 """
+
 import argparse
 import json
 import os
@@ -62,33 +63,35 @@ xla_flags.use_defaults()  # before any JAX computation
 from experiments import run as run_lib  # pylint: disable=wrong-import-position
 from experiments.configs import digits as digits_cfg  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist as fmnist_cfg  # pylint: disable=wrong-import-position
-from fu_jax import ewc  # pylint: disable=wrong-import-position
-from fu_jax import fl  # pylint: disable=wrong-import-position
-from fu_jax import models  # pylint: disable=wrong-import-position
+from fu_jax import (
+  ewc,  # pylint: disable=wrong-import-position
+  fl,  # pylint: disable=wrong-import-position
+  models,  # pylint: disable=wrong-import-position
+)
 from fu_jax import tree as tu  # pylint: disable=wrong-import-position
 from fu_jax.methods import fedaf  # pylint: disable=wrong-import-position
 
 # name -> (method, config overrides)
 VARIANTS = {
-    "retrain": ("retrain", {}),
-    "fedaf": ("fedaf", {}),
-    "fedaf_sketch": ("fedaf", {"fedaf.fisher": "sketch"}),
-    "fedaf_r1": ("fedaf", {"fedaf.recovery_rounds": 1}),
-    "fedaf_c": ("fedaf_c", {}),
-    "sga": ("sga", {}),
-    "fedaf_uniform": ("fedaf", {"fedaf.label": "uniform"}),
-    "fedaf_random": ("fedaf", {"fedaf.label": "random"}),
-    "fedaf_teacher": ("fedaf", {"fedaf.label": "teacher"}),
-    "fedaf_lr001": ("fedaf", {"fedaf.lr": 0.001}),
-    "fedaf_lam300": ("fedaf", {"fedaf.lam": 300.0}),
-    "fedaf_lam1e3": ("fedaf", {"fedaf.lam": 1e3}),
-    "fedaf_lam1e4": ("fedaf", {"fedaf.lam": 1e4}),
-    "fedaf_stop": ("fedaf", {"fedaf.max_old_loss": 0.0}),
-    "fedaf_stop5": ("fedaf", {"fedaf.max_old_loss": 5.0}),
-    "fedaf_stop8": ("fedaf", {"fedaf.max_old_loss": 8.0}),
-    "fedaf_tw05": ("fedaf", {"fedaf.true_weight": 0.5}),
-    "fedaf_lam300_stop8": ("fedaf", {"fedaf.lam": 300.0, "fedaf.max_old_loss": 8.0}),
-    "fedaf_lam1e3_stop8": ("fedaf", {"fedaf.lam": 1e3, "fedaf.max_old_loss": 8.0}),
+  "retrain": ("retrain", {}),
+  "fedaf": ("fedaf", {}),
+  "fedaf_sketch": ("fedaf", {"fedaf.fisher": "sketch"}),
+  "fedaf_r1": ("fedaf", {"fedaf.recovery_rounds": 1}),
+  "fedaf_c": ("fedaf_c", {}),
+  "sga": ("sga", {}),
+  "fedaf_uniform": ("fedaf", {"fedaf.label": "uniform"}),
+  "fedaf_random": ("fedaf", {"fedaf.label": "random"}),
+  "fedaf_teacher": ("fedaf", {"fedaf.label": "teacher"}),
+  "fedaf_lr001": ("fedaf", {"fedaf.lr": 0.001}),
+  "fedaf_lam300": ("fedaf", {"fedaf.lam": 300.0}),
+  "fedaf_lam1e3": ("fedaf", {"fedaf.lam": 1e3}),
+  "fedaf_lam1e4": ("fedaf", {"fedaf.lam": 1e4}),
+  "fedaf_stop": ("fedaf", {"fedaf.max_old_loss": 0.0}),
+  "fedaf_stop5": ("fedaf", {"fedaf.max_old_loss": 5.0}),
+  "fedaf_stop8": ("fedaf", {"fedaf.max_old_loss": 8.0}),
+  "fedaf_tw05": ("fedaf", {"fedaf.true_weight": 0.5}),
+  "fedaf_lam300_stop8": ("fedaf", {"fedaf.lam": 300.0, "fedaf.max_old_loss": 8.0}),
+  "fedaf_lam1e3_stop8": ("fedaf", {"fedaf.lam": 1e3, "fedaf.max_old_loss": 8.0}),
 }
 # Composed variants: "<fedaf|fedaf_c>+<key>=<value>+...", keys of the fedaf section, e.g.
 # "fedaf+epochs=5+lr=0.05+fisher_labels=model+lam=100" (the preserver ablation).
@@ -100,8 +103,10 @@ def variant_spec(name: str):
     return VARIANTS[name]
   method, *tokens = name.split("+")
   if method not in ("fedaf", "fedaf_c") or not tokens:
-    raise SystemExit(f"unknown variant {name!r}; allowed {list(VARIANTS)} or "
-                     "'fedaf[_c]+key=value+...' (keys of the fedaf section)")
+    raise SystemExit(
+      f"unknown variant {name!r}; allowed {list(VARIANTS)} or "
+      "'fedaf[_c]+key=value+...' (keys of the fedaf section)"
+    )
   section = digits_cfg.get_config().fedaf
   overrides = {}
   for tok in tokens:
@@ -147,8 +152,11 @@ def make_config(dataset: str, seed: int, variant: str):
 
 def _relevant(cfg_dict: dict, method: str) -> dict:
   own = {"fedaf_c": "fedaf"}.get(method, method)
-  out = {k: v for k, v in cfg_dict.items()
-         if k not in NOT_RESULTS and (k not in METHOD_SECTIONS or k == own)}
+  out = {
+    k: v
+    for k, v in cfg_dict.items()
+    if k not in NOT_RESULTS and (k not in METHOD_SECTIONS or k == own)
+  }
   if not out.get("mia", {}).get("enabled", True):
     out["mia"] = {"enabled": False}  # its other keys change nothing when it is off
   return out
@@ -182,8 +190,7 @@ def run_variant(root: str, dataset: str, seed: int, variant: str) -> dict:
   except fl.DivergenceError as e:  # a diverged variant is a finding, reported as a row
     print(f"  {dataset} seed {seed} {variant}: {e}", flush=True)
     return {"diverged": str(e), "seed": seed}
-  print(f"  {dataset} seed {seed} {variant}: {time.perf_counter() - t0:.0f} s wall",
-        flush=True)
+  print(f"  {dataset} seed {seed} {variant}: {time.perf_counter() - t0:.0f} s wall", flush=True)
   return res
 
 
@@ -205,19 +212,21 @@ def table(dataset: str, runs: dict) -> str:
   r_test = [r["test_acc"] for r in ref]
   r_bd = [r["bd_acc"] for r in ref]
   r_sec = [r["unlearn_seconds"] for r in ref]
-  lines = [f"== {dataset}: forget class 0 of client 0 (backdoor), seeds="
-           f"{[r['seed'] for r in ref]} ==",
-           f"bd_acc before unlearning (trained model): "
-           f"{_ms([r['original']['bd_acc'] for r in ref], 100)} %   "
-           f"test acc before: {_ms([r['original']['test_acc'] for r in ref], 100)} %",
-           f"{'variant':<15}{'test acc %':>14}{'gap to R':>10}{'retain %':>14}{'gap to R':>10}"
-           f"{'bd after %':>13}{'(R)':>8}{'unlearn s':>13}{'(R)':>10}{'speed-up':>11}"
-           f"{'rounds':>8}"]
+  lines = [
+    f"== {dataset}: forget class 0 of client 0 (backdoor), seeds={[r['seed'] for r in ref]} ==",
+    f"bd_acc before unlearning (trained model): "
+    f"{_ms([r['original']['bd_acc'] for r in ref], 100)} %   "
+    f"test acc before: {_ms([r['original']['test_acc'] for r in ref], 100)} %",
+    f"{'variant':<15}{'test acc %':>14}{'gap to R':>10}{'retain %':>14}{'gap to R':>10}"
+    f"{'bd after %':>13}{'(R)':>8}{'unlearn s':>13}{'(R)':>10}{'speed-up':>11}"
+    f"{'rounds':>8}",
+  ]
   for name, rs in runs.items():
     bad = [r for r in rs if "diverged" in r]
     if bad:
-      lines.append(f"{name:<15}diverged (seeds {[r['seed'] for r in bad]}): "
-                   f"{bad[0]['diverged'].split(';')[0]}")
+      lines.append(
+        f"{name:<15}diverged (seeds {[r['seed'] for r in bad]}): {bad[0]['diverged'].split(';')[0]}"
+      )
       continue
     test = [r["test_acc"] for r in rs]
     gap = [t - rt for t, rt in zip(test, r_test)]
@@ -226,11 +235,12 @@ def table(dataset: str, runs: dict) -> str:
     sec = [r["unlearn_seconds"] for r in rs]
     speed = [rt / max(s, 1e-9) for s, rt in zip(sec, r_sec)]
     lines.append(
-        f"{name:<15}{_ms(test, 100):>14}{_ms(gap, 100, '{:+.1f}'):>10}"
-        f"{_ms(ret, 100):>14}{_ms(rgap, 100, '{:+.1f}'):>10}"
-        f"{_ms([r.get('bd_acc') for r in rs], 100):>13}{_ms(r_bd, 100):>8}"
-        f"{_ms(sec, 1, '{:.2f}'):>13}{_ms(r_sec, 1, '{:.1f}'):>10}"
-        f"{_ms(speed, 1, '{:.1f}') + 'x':>11}{rs[0]['rounds']:>8}")
+      f"{name:<15}{_ms(test, 100):>14}{_ms(gap, 100, '{:+.1f}'):>10}"
+      f"{_ms(ret, 100):>14}{_ms(rgap, 100, '{:+.1f}'):>10}"
+      f"{_ms([r.get('bd_acc') for r in rs], 100):>13}{_ms(r_bd, 100):>8}"
+      f"{_ms(sec, 1, '{:.2f}'):>13}{_ms(r_sec, 1, '{:.1f}'):>10}"
+      f"{_ms(speed, 1, '{:.1f}') + 'x':>11}{rs[0]['rounds']:>8}"
+    )
   return "\n".join(lines)
 
 
@@ -258,9 +268,10 @@ def penalty_cost(dataset: str, width: int = 50, batch: int = 64) -> str:
   rand = lambda p, lead=(): jax.random.normal(next(keys), lead + p.shape, p.dtype)
   anchor = jax.tree.map(rand, params)
   states = {
-      "diag": ewc.ewc_state_diag(anchor, jax.tree.map(lambda p: jnp.abs(rand(p)), params)),
-      f"sketch t={width}": ewc.ewc_state_sketch(
-          anchor, jax.tree.map(lambda p: rand(p, (width,)), params), 1024.0),
+    "diag": ewc.ewc_state_diag(anchor, jax.tree.map(lambda p: jnp.abs(rand(p)), params)),
+    f"sketch t={width}": ewc.ewc_state_sketch(
+      anchor, jax.tree.map(lambda p: rand(p, (width,)), params), 1024.0
+    ),
   }
   x = jax.random.normal(jax.random.key(2), (batch,) + shape)
   y_new = jax.nn.softmax(jax.random.normal(jax.random.key(3), (batch, 10)))
@@ -270,8 +281,9 @@ def penalty_cost(dataset: str, width: int = 50, batch: int = 64) -> str:
   for name, state in states.items():
     grad_fn = jax.jit(lambda p, s: ewc.ewc_gradient(p, s, 10.0))
     kind = "diag" if name == "diag" else "sketch"
-    prog = fedaf.unlearn_program(models.logits_fn(model), optax.sgd(0.002), ewc_kind=kind, lam=10.0,
-                                 width=width)
+    prog = fedaf.unlearn_program(
+      models.logits_fn(model), optax.sgd(0.002), ewc_kind=kind, lam=10.0, width=width
+    )
     extra = state.fisher if kind == "diag" else (state.sketch, state.n)
     st = prog.init(params, (extra, batch, None), None)
     step = jax.jit(lambda s, b: prog.step(s, b, None)[0])
@@ -280,28 +292,35 @@ def penalty_cost(dataset: str, width: int = 50, batch: int = 64) -> str:
     mem = tu.tree_num_bytes(state.fisher if kind == "diag" else state.sketch)
     rows.append((name, t_pen, t_step, mem))
   if True:  # the unlearning step without any penalty (fedaf_c), for reference
-    prog = fedaf.unlearn_program(models.logits_fn(model), optax.sgd(0.002), ewc_kind=None, lam=0.0,
-                                 width=1)
+    prog = fedaf.unlearn_program(
+      models.logits_fn(model), optax.sgd(0.002), ewc_kind=None, lam=0.0, width=1
+    )
     step = jax.jit(lambda s, b: prog.step(s, b, None)[0])
     base_step = _time(step, prog.init(params, (None, batch, None), None), batch_)
   diag = rows[0]
-  out = [f"== EWC penalty cost, {cfg.model.name} on {shape}, d={d} params, batch {batch} ==",
-         f"{'curvature':<14}{'penalty grad ms':>17}{'x diag':>8}{'unlearn step ms':>17}"
-         f"{'x diag':>8}{'memory':>12}"]
+  out = [
+    f"== EWC penalty cost, {cfg.model.name} on {shape}, d={d} params, batch {batch} ==",
+    f"{'curvature':<14}{'penalty grad ms':>17}{'x diag':>8}{'unlearn step ms':>17}"
+    f"{'x diag':>8}{'memory':>12}",
+  ]
   for name, t_pen, t_step, mem in rows:
-    out.append(f"{name:<14}{t_pen * 1e3:>17.3f}{t_pen / diag[1]:>8.2f}{t_step * 1e3:>17.2f}"
-               f"{t_step / diag[2]:>8.2f}{mem / 2**20:>9.2f} MiB")
-  out.append(f"{'none (fedaf_c)':<14}{'':>17}{'':>8}{base_step * 1e3:>17.2f}"
-             f"{base_step / diag[2]:>8.2f}")
-  out.append(f"memory: diag d floats = {d * 4 / 2**20:.2f} MiB; sketch t*d floats = "
-             f"{width * d * 4 / 2**20:.2f} MiB (O(t d))")
+    out.append(
+      f"{name:<14}{t_pen * 1e3:>17.3f}{t_pen / diag[1]:>8.2f}{t_step * 1e3:>17.2f}"
+      f"{t_step / diag[2]:>8.2f}{mem / 2**20:>9.2f} MiB"
+    )
+  out.append(
+    f"{'none (fedaf_c)':<14}{'':>17}{'':>8}{base_step * 1e3:>17.2f}{base_step / diag[2]:>8.2f}"
+  )
+  out.append(
+    f"memory: diag d floats = {d * 4 / 2**20:.2f} MiB; sketch t*d floats = "
+    f"{width * d * 4 / 2**20:.2f} MiB (O(t d))"
+  )
   return "\n".join(out)
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--datasets", default="digits",
-                  help="comma list: digits, digits_small, fmnist")
+  ap.add_argument("--datasets", default="digits", help="comma list: digits, digits_small, fmnist")
   ap.add_argument("--seeds", default="0", help="comma list of seeds")
   ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list")
   ap.add_argument("--workdir", default="/tmp/fedaf_table")

@@ -22,6 +22,7 @@ one intra-op thread each (`xla_flags.per_core_devices(2)`) and runs the loop run
 dispatched alternately; JAX dispatch is asynchronous, so both devices compute at once);
 next to it the same runner one client at a time on one device with that single thread.
 """
+
 import argparse
 import json
 import os
@@ -40,9 +41,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from fu_jax import data as data_lib  # noqa: E402
-from fu_jax import fl  # noqa: E402
-from fu_jax import models  # noqa: E402
-from fu_jax import xla_flags  # noqa: E402
+from fu_jax import (
+  fl,  # noqa: E402
+  models,  # noqa: E402
+  xla_flags,  # noqa: E402
+)
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 TWO_CORE_FLAGS = xla_flags.per_core_devices(2)
@@ -57,7 +60,7 @@ def load(num_clients, per_client, seed=0):
     x = rng.normal(size=(num_clients * per_client, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, len(x)).astype(np.int32)
     src = "noise"
-  parts = data_lib.partition_iid(y[:num_clients * per_client], num_clients, seed)
+  parts = data_lib.partition_iid(y[: num_clients * per_client], num_clients, seed)
   return data_lib.stack_clients(x, y, parts), src
 
 
@@ -69,7 +72,7 @@ def matmul_gflops(n=1024, reps=20):
   for _ in range(reps):
     out = f(a)
   out.block_until_ready()
-  return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+  return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def step_flops_per_image(model, params, batch_size):
@@ -77,7 +80,8 @@ def step_flops_per_image(model, params, batch_size):
 
   def step(p, o, x, y):
     loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": q}, x), y).mean()
+      model.apply({"params": q}, x), y
+    ).mean()
     g = jax.grad(loss)(p)
     u, o = opt.update(g, o, p)
     return optax.apply_updates(p, u), o
@@ -99,8 +103,7 @@ def runner_timer(kind, impl, clients, batch_size, budget_s, devices=None):
   model = models.create("cnn", 10, conv_impl=impl)
   params = models.init_params(model, jax.random.key(0), (28, 28, 1))
   program = fl.sgd_program(models.logits_fn(model), optax.sgd(0.05, momentum=0.9))
-  runner = fl.ClientRunner(program, kind=kind, epochs=1, batch_size=batch_size,
-                           devices=devices)
+  runner = fl.ClientRunner(program, kind=kind, epochs=1, batch_size=batch_size, devices=devices)
   x, y, valid = (jnp.asarray(clients.x), jnp.asarray(clients.y), jnp.asarray(clients.valid))
   n = valid.shape[0]
   keys = jax.vmap(lambda c: fl.stream_key(0, fl.STREAM_CLIENT, 0, c))(jnp.arange(n))
@@ -128,7 +131,8 @@ def cnn_sgd_step():
   @jax.jit
   def step(p, o, x, y):
     loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": q}, x), y).mean()
+      model.apply({"params": q}, x), y
+    ).mean()
     u, o = opt.update(jax.grad(loss)(p), o, p)
     return optax.apply_updates(p, u), o
 
@@ -140,10 +144,14 @@ def plain_step_timer(clients, batch_size):
   params, opt, step = cnn_sgd_step()
 
   count = int(clients.count[0])
-  xs = [jnp.asarray(clients.x[0, s:s + batch_size])
-        for s in range(0, count - batch_size + 1, batch_size)]
-  ys = [jnp.asarray(clients.y[0, s:s + batch_size])
-        for s in range(0, count - batch_size + 1, batch_size)]
+  xs = [
+    jnp.asarray(clients.x[0, s : s + batch_size])
+    for s in range(0, count - batch_size + 1, batch_size)
+  ]
+  ys = [
+    jnp.asarray(clients.y[0, s : s + batch_size])
+    for s in range(0, count - batch_size + 1, batch_size)
+  ]
   jax.block_until_ready(step(params, opt.init(params), xs[0], ys[0]))
 
   def timed():
@@ -161,10 +169,12 @@ def two_core_timers(clients, batch_size, budget_s):
   """[(name, timer, steps)]: the loop runner one client at a time on one single-threaded
   device, and over both devices, two clients at once (`devices=`, see the module doc)."""
   devs = jax.devices()[:2]
-  return [("loop, 1 device x 1 thread",) + runner_timer(
-              "loop", "xla", clients, batch_size, budget_s, devices=devs[:1]),
-          ("loop, 2 devices x 1 thread",) + runner_timer(
-              "loop", "xla", clients, batch_size, budget_s, devices=devs)]
+  return [
+    ("loop, 1 device x 1 thread",)
+    + runner_timer("loop", "xla", clients, batch_size, budget_s, devices=devs[:1]),
+    ("loop, 2 devices x 1 thread",)
+    + runner_timer("loop", "xla", clients, batch_size, budget_s, devices=devs),
+  ]
 
 
 def jax_rows(clients, batch_size, budget_s, reps, kinds=("loop", "vmap", "shard")):
@@ -172,8 +182,7 @@ def jax_rows(clients, batch_size, budget_s, reps, kinds=("loop", "vmap", "shard"
   timers = [("jit step, no runner",) + plain_step_timer(clients, batch_size)]
   for kind in kinds:
     for impl in ("xla", "canonical", "im2col"):
-      timers.append((f"{kind} / {impl}",) + runner_timer(kind, impl, clients, batch_size,
-                                                           budget_s))
+      timers.append((f"{kind} / {impl}",) + runner_timer(kind, impl, clients, batch_size, budget_s))
   rates = {name: [] for name, _, _ in timers}
   for _ in range(reps):  # interleaved: each row sees the same load
     for name, timed, _ in timers:
@@ -193,14 +202,24 @@ def torch_timer(clients, batch_size):
 
   def net():
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 64, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(7 * 7 * 64, 10))
+      torch.nn.Conv2d(1, 32, 5, padding=2),
+      torch.nn.ReLU(),
+      torch.nn.MaxPool2d(2),
+      torch.nn.Conv2d(32, 64, 5, padding=2),
+      torch.nn.ReLU(),
+      torch.nn.MaxPool2d(2),
+      torch.nn.Flatten(),
+      torch.nn.Linear(7 * 7 * 64, 10),
+    )
 
-  xs = [torch.from_numpy(np.asarray(clients.x[k, :c]).transpose(0, 3, 1, 2).copy())
-        for k, c in enumerate(np.asarray(clients.count))]
-  ys = [torch.from_numpy(np.asarray(clients.y[k, :c]).astype(np.int64))
-        for k, c in enumerate(np.asarray(clients.count))]
+  xs = [
+    torch.from_numpy(np.asarray(clients.x[k, :c]).transpose(0, 3, 1, 2).copy())
+    for k, c in enumerate(np.asarray(clients.count))
+  ]
+  ys = [
+    torch.from_numpy(np.asarray(clients.y[k, :c]).astype(np.int64))
+    for k, c in enumerate(np.asarray(clients.count))
+  ]
   global_model = net()
 
   def one_round():
@@ -210,7 +229,7 @@ def torch_timer(clients, batch_size):
       opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
       perm = torch.randperm(len(xk))
       for s in range(0, len(xk), batch_size):
-        idx = perm[s:s + batch_size]
+        idx = perm[s : s + batch_size]
         opt.zero_grad()
         torch.nn.functional.cross_entropy(m(xk[idx]), yk[idx]).backward()
         opt.step()
@@ -232,12 +251,23 @@ def main():
   p.add_argument("--per_client", type=int, default=640)
   p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median)")
   p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--budget", type=float, default=5.0,
-                 help="seconds per timed round at most (slow runners see a data prefix)")
-  p.add_argument("--two_cores", action=argparse.BooleanOptionalAction, default=True,
-                 help="also time two clients at once on two single-threaded devices")
-  p.add_argument("--runners", default="loop,vmap,shard",
-                 help="runner rows to time (the default prints all three, e.g. for GPU/TPU)")
+  p.add_argument(
+    "--budget",
+    type=float,
+    default=5.0,
+    help="seconds per timed round at most (slow runners see a data prefix)",
+  )
+  p.add_argument(
+    "--two_cores",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="also time two clients at once on two single-threaded devices",
+  )
+  p.add_argument(
+    "--runners",
+    default="loop,vmap,shard",
+    help="runner rows to time (the default prints all three, e.g. for GPU/TPU)",
+  )
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--two_core_child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -256,25 +286,30 @@ def main():
       for name, timed, _ in timers:
         images, secs = timed()
         rates[name].append(images / secs)
-    print(json.dumps([(name, statistics.median(rates[name]), steps)
-                      for name, _, steps in timers]))
+    print(json.dumps([(name, statistics.median(rates[name]), steps) for name, _, steps in timers]))
     return
 
   def child_rows(flag, extra_flags=""):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra_flags}".strip()
     xla_flags.use_defaults(env)
-    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), flag,
-                              *sys.argv[1:]], env=env, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), flag, *sys.argv[1:]],
+      env=env,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
     child.wait()  # alone: two processes must not share the cores
     return json.loads(child.stdout.read().strip().splitlines()[-1])
 
   fu_rows = child_rows("--child")
   two_rows = child_rows("--two_core_child", TWO_CORE_FLAGS) if args.two_cores else []
-  print(f"data: {src}, {args.clients} clients x {args.per_client} images, batch "
-        f"{args.batch_size}; jax {jax.__version__} on {jax.default_backend()} "
-        f"({jax.device_count()} devices), {os.cpu_count()} cores, load average "
-        f"{os.getloadavg()[0]:.1f}")
+  print(
+    f"data: {src}, {args.clients} clients x {args.per_client} images, batch "
+    f"{args.batch_size}; jax {jax.__version__} on {jax.default_backend()} "
+    f"({jax.device_count()} devices), {os.cpu_count()} cores, load average "
+    f"{os.getloadavg()[0]:.1f}"
+  )
   gflops = matmul_gflops()
   model = models.create("cnn", 10)
   params = models.init_params(model, jax.random.key(0), (28, 28, 1))
@@ -295,8 +330,10 @@ def main():
     return f"{ips:9.0f} {ratio:>7s} {g / gflops:6.0%}"
 
   print(f"{'':26s} {'XLA default flags':^24s}   {'fu_jax flags':^24s}")
-  print(f"{'runner / conv':26s} {'img/s':>9s} {'/torch':>7s} {'matmul':>6s}   "
-        f"{'img/s':>9s} {'/torch':>7s} {'matmul':>6s}  steps/client")
+  print(
+    f"{'runner / conv':26s} {'img/s':>9s} {'/torch':>7s} {'matmul':>6s}   "
+    f"{'img/s':>9s} {'/torch':>7s} {'matmul':>6s}  steps/client"
+  )
   print(f"{'pytorch loop':26s} {cols(torch_ips)}   {'':24s}  {full_steps}/{full_steps}")
   for (name, ips, steps), (_, fu_ips, fu_steps) in zip(xla_rows, fu_rows):
     print(f"{name:26s} {cols(ips)}   {cols(fu_ips)}  {fu_steps}/{full_steps}")
@@ -307,11 +344,15 @@ def main():
   for name, ips, steps in two_rows:
     print(f"{name:26s} {'':24s}   {cols(ips)}  {steps}/{full_steps}")
   if two_rows:
-    print(f"  (the last {len(two_rows)} rows: a child with XLA_FLAGS={TWO_CORE_FLAGS} and "
-          "fu_jax's flags)")
-  print(f"auto = {auto}; best fixed (fu_jax flags) = {best[0]}; auto / best = "
-        f"{auto_ips / best[1]:.2f}" + (f"; auto / torch = {auto_ips / torch_ips:.2f}"
-                                       if torch_ips else ""))
+    print(
+      f"  (the last {len(two_rows)} rows: a child with XLA_FLAGS={TWO_CORE_FLAGS} and "
+      "fu_jax's flags)"
+    )
+  print(
+    f"auto = {auto}; best fixed (fu_jax flags) = {best[0]}; auto / best = "
+    f"{auto_ips / best[1]:.2f}"
+    + (f"; auto / torch = {auto_ips / torch_ips:.2f}" if torch_ips else "")
+  )
 
 
 if __name__ == "__main__":

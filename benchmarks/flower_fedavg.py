@@ -25,6 +25,7 @@ sum of resident set sizes over the child's process tree (Ray's raylet, GCS and w
 processes included), sampled every 0.1 s. Round seconds exclude the central evaluation;
 round 1 (Ray's actor start-up, XLA compilation) is printed apart from the mean of the rest.
 """
+
 import argparse
 import json
 import os
@@ -46,7 +47,9 @@ FRAMEWORKS = ("flower", "fu_jax", "fu_jax_per_core")
 
 def write_data(path, num_clients, train_size, seed):
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from fu_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+
   ds = data_lib.load_dataset(f"idx:{FMNIST}", seed=seed)
   x, y = ds.x_train, ds.y_train
   if train_size:
@@ -54,8 +57,14 @@ def write_data(path, num_clients, train_size, seed):
   parts = data_lib.partition_iid(y, num_clients, seed)
   order = np.concatenate(parts)
   bounds = np.cumsum([0] + [len(p) for p in parts])
-  np.savez(path, x=x[order], y=y[order].astype(np.int64), bounds=bounds,
-           x_test=ds.x_test, y_test=ds.y_test.astype(np.int64))
+  np.savez(
+    path,
+    x=x[order],
+    y=y[order].astype(np.int64),
+    bounds=bounds,
+    x_test=ds.x_test,
+    y_test=ds.y_test.astype(np.int64),
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -64,21 +73,29 @@ def write_data(path, num_clients, train_size, seed):
 
 def torch_net():
   import torch  # pylint: disable=import-outside-toplevel
+
   nn = torch.nn
   return nn.Sequential(
-      nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-      nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-      nn.Flatten(), nn.Linear(7 * 7 * 64, 10))
+    nn.Conv2d(1, 32, 5, padding=2),
+    nn.ReLU(),
+    nn.MaxPool2d(2),
+    nn.Conv2d(32, 64, 5, padding=2),
+    nn.ReLU(),
+    nn.MaxPool2d(2),
+    nn.Flatten(),
+    nn.Linear(7 * 7 * 64, 10),
+  )
 
 
 def torch_accuracy(net, x, y):
   import torch  # pylint: disable=import-outside-toplevel
+
   net.eval()
   correct = 0
   with torch.no_grad():
     for s in range(0, len(x), 1000):
-      xb = torch.from_numpy(x[s:s + 1000].transpose(0, 3, 1, 2).copy())
-      correct += int((net(xb).argmax(1).numpy() == y[s:s + 1000]).sum())
+      xb = torch.from_numpy(x[s : s + 1000].transpose(0, 3, 1, 2).copy())
+      correct += int((net(xb).argmax(1).numpy() == y[s : s + 1000]).sum())
   return correct / len(x)
 
 
@@ -107,15 +124,18 @@ def run_flower(args, data_path):
     total = 0.0
     perm = torch.randperm(len(x))
     for s in range(0, len(x), args.batch_size):
-      b = perm[s:s + args.batch_size]
+      b = perm[s : s + args.batch_size]
       opt.zero_grad()
       loss = torch.nn.functional.cross_entropy(net(x[b]), y[b])
       loss.backward()
       opt.step()
       total += float(loss) * len(b)
-    content = RecordDict({
+    content = RecordDict(
+      {
         "arrays": ArrayRecord(net.state_dict()),
-        "metrics": MetricRecord({"train_loss": total / len(x), "num-examples": len(x)})})
+        "metrics": MetricRecord({"train_loss": total / len(x), "num-examples": len(x)}),
+      }
+    )
     return Message(content=content, reply_to=msg)
 
   stamps, log = [], []  # evaluate_fn runs before round 1 and after every round
@@ -137,21 +157,36 @@ def run_flower(args, data_path):
   def main(grid: Grid, context: Context):
     del context
     torch.manual_seed(args.seed)
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0,
-                      min_train_nodes=args.clients, min_available_nodes=args.clients)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_net().state_dict()),
-                   num_rounds=args.rounds, evaluate_fn=evaluate)
+    strategy = FedAvg(
+      fraction_train=1.0,
+      fraction_evaluate=0.0,
+      min_train_nodes=args.clients,
+      min_available_nodes=args.clients,
+    )
+    strategy.start(
+      grid=grid,
+      initial_arrays=ArrayRecord(torch_net().state_dict()),
+      num_rounds=args.rounds,
+      evaluate_fn=evaluate,
+    )
 
   torch.set_num_threads(os.cpu_count() or 1)  # the server's evaluation
   t = time.perf_counter()
-  run_simulation(server_app=server_app, client_app=client_app, num_supernodes=args.clients,
-                 backend_config={"client_resources": {"num_cpus": args.flower_client_cpus,
-                                                      "num_gpus": 0.0}})
+  run_simulation(
+    server_app=server_app,
+    client_app=client_app,
+    num_supernodes=args.clients,
+    backend_config={"client_resources": {"num_cpus": args.flower_client_cpus, "num_gpus": 0.0}},
+  )
   total = time.perf_counter() - t
   # round r runs from the end of evaluation r-1 to the start of evaluation r
   rounds = [stamps[r][0] - stamps[r - 1][1] for r in range(1, len(stamps))]
-  return {"round_seconds": rounds, "accuracy": log[1:], "total_seconds": total,
-          "setup": f"flwr, {args.flower_client_cpus} CPU(s) per client"}
+  return {
+    "round_seconds": rounds,
+    "accuracy": log[1:],
+    "total_seconds": total,
+    "setup": f"flwr, {args.flower_client_cpus} CPU(s) per client",
+  }
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,18 +195,23 @@ def run_flower(args, data_path):
 
 def run_fu_jax(args, data_path, per_core=False):
   from fu_jax import xla_flags  # pylint: disable=import-outside-toplevel
+
   if per_core:  # one single-threaded device per core, one client on each (fl.ClientRunner)
     os.environ["XLA_FLAGS"] = xla_flags.with_defaults(
-        os.environ.get("XLA_FLAGS", ""), (*xla_flags.per_core_devices(os.cpu_count() or 1)
-                                          .split(), *xla_flags.DEFAULT_FLAGS))
+      os.environ.get("XLA_FLAGS", ""),
+      (*xla_flags.per_core_devices(os.cpu_count() or 1).split(), *xla_flags.DEFAULT_FLAGS),
+    )
   xla_flags.use_defaults()
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
+
   from fu_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from fu_jax import fl  # pylint: disable=import-outside-toplevel
-  from fu_jax import models  # pylint: disable=import-outside-toplevel
+  from fu_jax import (
+    fl,  # pylint: disable=import-outside-toplevel
+    models,  # pylint: disable=import-outside-toplevel
+  )
 
   t_total = time.perf_counter()
   d = np.load(data_path)
@@ -184,8 +224,13 @@ def run_fu_jax(args, data_path, per_core=False):
   params = models.init_params(model, jax.random.key(args.seed), x_test.shape[1:])
   kind = fl.choose_runner("cnn")
   devices = jax.local_devices() if per_core else None
-  runner = fl.ClientRunner(fl.sgd_program(apply_fn, optax.sgd(args.lr, momentum=args.momentum)),
-                           kind=kind, epochs=1, batch_size=args.batch_size, devices=devices)
+  runner = fl.ClientRunner(
+    fl.sgd_program(apply_fn, optax.sgd(args.lr, momentum=args.momentum)),
+    kind=kind,
+    epochs=1,
+    batch_size=args.batch_size,
+    devices=devices,
+  )
   server_opt = optax.sgd(1.0)
   server = fl.server_init(params, server_opt)
   data = (jnp.asarray(clients.x), jnp.asarray(clients.y))
@@ -197,23 +242,37 @@ def run_fu_jax(args, data_path, per_core=False):
     return jnp.argmax(apply_fn(p, x), -1)
 
   def accuracy(p):
-    hits = sum(int((np.asarray(predict(p, x_test[s:s + 1000])) == y_test[s:s + 1000]).sum())
-               for s in range(0, len(y_test), 1000))
+    hits = sum(
+      int((np.asarray(predict(p, x_test[s : s + 1000])) == y_test[s : s + 1000]).sum())
+      for s in range(0, len(y_test), 1000)
+    )
     return hits / len(y_test)
 
   rounds, log = [], []
   for r in range(args.rounds):
     t = time.perf_counter()
-    res = fl.fedavg_round(server, runner, data, valid, None, seed=args.seed, round_idx=r,
-                          client_weights=counts > 0, num_sampled=args.clients,
-                          server_opt=server_opt)
+    res = fl.fedavg_round(
+      server,
+      runner,
+      data,
+      valid,
+      None,
+      seed=args.seed,
+      round_idx=r,
+      client_weights=counts > 0,
+      num_sampled=args.clients,
+      server_opt=server_opt,
+    )
     server = jax.block_until_ready(res.server)
     rounds.append(time.perf_counter() - t)
     log.append(accuracy(server.params))
-  return {"round_seconds": rounds, "accuracy": log,
-          "total_seconds": time.perf_counter() - t_total,
-          "setup": f"fu_jax, runner {kind}" + (f" over {len(devices)} 1-thread devices"
-                                                 if per_core else "")}
+  return {
+    "round_seconds": rounds,
+    "accuracy": log,
+    "total_seconds": time.perf_counter() - t_total,
+    "setup": f"fu_jax, runner {kind}"
+    + (f" over {len(devices)} 1-thread devices" if per_core else ""),
+  }
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,6 +281,7 @@ def run_fu_jax(args, data_path, per_core=False):
 
 def tree_rss(pid):
   import psutil  # pylint: disable=import-outside-toplevel
+
   try:
     root = psutil.Process(pid)
     procs = [root] + root.children(recursive=True)
@@ -237,8 +297,15 @@ def tree_rss(pid):
 
 
 def run_child(framework, args, data_path):
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", framework,
-         "--data_path", data_path, *sys.argv[1:]]
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--child",
+    framework,
+    "--data_path",
+    data_path,
+    *sys.argv[1:],
+  ]
   child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
   peak, done = [0], threading.Event()
 
@@ -255,7 +322,7 @@ def run_child(framework, args, data_path):
   if child.returncode:
     raise SystemExit(f"{framework} child failed (exit {child.returncode})")
   res = json.loads(out.strip().splitlines()[-1])
-  res["peak_rss_mb"] = peak[0] / 2 ** 20
+  res["peak_rss_mb"] = peak[0] / 2**20
   return res
 
 
@@ -267,18 +334,29 @@ def main():
   p.add_argument("--lr", type=float, default=0.05)
   p.add_argument("--momentum", type=float, default=0.9)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--train_size", type=int, default=0,
-                 help="first N training images only (0: all 60,000)")
-  p.add_argument("--frameworks", default=",".join(FRAMEWORKS),
-                 help="fu_jax_per_core: the loop runner over one 1-thread device per core")
-  p.add_argument("--flower_client_cpus", type=float, default=1.0,
-                 help="Ray CPUs per Flower client (1: one client per core at a time)")
+  p.add_argument(
+    "--train_size", type=int, default=0, help="first N training images only (0: all 60,000)"
+  )
+  p.add_argument(
+    "--frameworks",
+    default=",".join(FRAMEWORKS),
+    help="fu_jax_per_core: the loop runner over one 1-thread device per core",
+  )
+  p.add_argument(
+    "--flower_client_cpus",
+    type=float,
+    default=1.0,
+    help="Ray CPUs per Flower client (1: one client per core at a time)",
+  )
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   p.add_argument("--data_path", default="", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
-    run = {"flower": run_flower, "fu_jax": run_fu_jax,
-           "fu_jax_per_core": lambda a, d: run_fu_jax(a, d, per_core=True)}[args.child]
+    run = {
+      "flower": run_flower,
+      "fu_jax": run_fu_jax,
+      "fu_jax_per_core": lambda a, d: run_fu_jax(a, d, per_core=True),
+    }[args.child]
     print(json.dumps(run(args, args.data_path)), flush=True)
     return
   if not os.path.isdir(FMNIST):
@@ -295,26 +373,36 @@ def main():
       load = os.getloadavg()[0]
       results[f] = run_child(f, args, data_path)
       results[f]["load"] = (load, os.getloadavg()[0])
-  print(f"Fashion-MNIST {args.train_size or 60000} train images, {args.clients} IID clients, "
-        f"CNN, 1 local epoch, batch {args.batch_size}, SGD lr {args.lr} momentum "
-        f"{args.momentum}, {args.rounds} rounds; {os.cpu_count()} cores")
-  print(f"{'framework':44s} {'round 1 s':>9s} {'later s/round':>13s} {'test acc':>9s} "
-        f"{'peak MB':>8s} {'total s':>8s}  load")
+  print(
+    f"Fashion-MNIST {args.train_size or 60000} train images, {args.clients} IID clients, "
+    f"CNN, 1 local epoch, batch {args.batch_size}, SGD lr {args.lr} momentum "
+    f"{args.momentum}, {args.rounds} rounds; {os.cpu_count()} cores"
+  )
+  print(
+    f"{'framework':44s} {'round 1 s':>9s} {'later s/round':>13s} {'test acc':>9s} "
+    f"{'peak MB':>8s} {'total s':>8s}  load"
+  )
   for f, r in results.items():
     later = r["round_seconds"][1:]
     later_s = f"{sum(later) / len(later):13.1f}" if later else f"{'-':>13s}"
-    print(f"{r['setup']:44s} {r['round_seconds'][0]:9.1f} {later_s} "
-          f"{r['accuracy'][-1]:9.2%} {r['peak_rss_mb']:8.0f} {r['total_seconds']:8.1f}  "
-          f"{r['load'][0]:.1f}-{r['load'][1]:.1f}")
+    print(
+      f"{r['setup']:44s} {r['round_seconds'][0]:9.1f} {later_s} "
+      f"{r['accuracy'][-1]:9.2%} {r['peak_rss_mb']:8.0f} {r['total_seconds']:8.1f}  "
+      f"{r['load'][0]:.1f}-{r['load'][1]:.1f}"
+    )
     print(f"{'':44s} accuracy per round: " + ", ".join(f"{a:.2%}" for a in r["accuracy"]))
-  per = lambda r: (sum(r["round_seconds"][1:] or r["round_seconds"])
-                   / len(r["round_seconds"][1:] or r["round_seconds"]))
+  per = lambda r: (
+    sum(r["round_seconds"][1:] or r["round_seconds"])
+    / len(r["round_seconds"][1:] or r["round_seconds"])
+  )
   for name in ("fu_jax", "fu_jax_per_core"):
     if "flower" in results and name in results:
       fw, fj = results["flower"], results[name]
-      print(f"{name} / Flower speed per round (rounds after the first): "
-            f"{per(fw) / per(fj):.2f}x; accuracy difference "
-            f"{(fj['accuracy'][-1] - fw['accuracy'][-1]) * 100:+.1f} points")
+      print(
+        f"{name} / Flower speed per round (rounds after the first): "
+        f"{per(fw) / per(fj):.2f}x; accuracy difference "
+        f"{(fj['accuracy'][-1] - fw['accuracy'][-1]) * 100:+.1f} points"
+      )
 
 
 if __name__ == "__main__":

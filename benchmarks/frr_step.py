@@ -11,6 +11,7 @@ with im2col. Each cell: `--steps` jitted steps in a Python loop (the loop runner
 timed `--repeats` times with the rows interleaved so they share the machine's load; median
 and best images/s. Compilation is excluded (one warm-up call per row).
 """
+
 import argparse
 import os
 import statistics
@@ -29,8 +30,10 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
-from fu_jax import fl  # pylint: disable=wrong-import-position
-from fu_jax import models  # pylint: disable=wrong-import-position
+from fu_jax import (
+  fl,  # pylint: disable=wrong-import-position
+  models,  # pylint: disable=wrong-import-position
+)
 from fu_jax.methods import frr  # pylint: disable=wrong-import-position
 
 
@@ -38,11 +41,15 @@ def programs(lr: float):
   out = {}
   for impl in ("xla", "im2col"):
     module = models.create("cnn", 10, conv_impl=impl)
-    out[f"sgd, {impl} conv"] = (module, fl.sgd_program(
-        models.logits_fn(module), optax.sgd(lr, momentum=0.9)))
+    out[f"sgd, {impl} conv"] = (
+      module,
+      fl.sgd_program(models.logits_fn(module), optax.sgd(lr, momentum=0.9)),
+    )
     # conv_impl='model': the per-example gradients through the module's own convolution.
-    out[f"frr, {impl} conv"] = (module, frr.frr_program(
-        module, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-4, conv_impl="model"))
+    out[f"frr, {impl} conv"] = (
+      module,
+      frr.frr_program(module, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-4, conv_impl="model"),
+    )
   return out
 
 
@@ -65,8 +72,7 @@ def main():
     state = prog.init(params, None, key)
     t0 = time.perf_counter()
     state = jax.block_until_ready(step(state, batch, key))
-    rows[name] = {"step": step, "state": state, "compile": time.perf_counter() - t0,
-                  "times": []}
+    rows[name] = {"step": step, "state": state, "compile": time.perf_counter() - t0, "times": []}
   for _ in range(args.repeats):
     for r in rows.values():
       s = r["state"]
@@ -77,9 +83,11 @@ def main():
       r["times"].append(time.perf_counter() - t0)
   imgs = args.steps * args.batch
   print(f"command: python3 benchmarks/frr_step.py {' '.join(sys.argv[1:])}")
-  print(f"load (uptime) at the end: {os.getloadavg()}; {args.side}x{args.side}x1 images, "
-        f"batch {args.batch}, {args.steps} "
-        f"steps per call, {args.repeats} interleaved repeats")
+  print(
+    f"load (uptime) at the end: {os.getloadavg()}; {args.side}x{args.side}x1 images, "
+    f"batch {args.batch}, {args.steps} "
+    f"steps per call, {args.repeats} interleaved repeats"
+  )
   base = imgs / statistics.median(rows["sgd, xla conv"]["times"])
   print("| step | median img/s | best img/s | vs sgd on xla conv (median) | first call s |")
   print("|---|---|---|---|---|")

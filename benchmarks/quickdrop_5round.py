@@ -17,6 +17,7 @@ time plus its work outside rounds, without compilation and without evaluation; r
 its R FedAvg rounds on the retained data; QuickDrop's is the SGA round and the recovery
 rounds on the synthetic sets. `train_seconds` likewise for the training phase. MIA is off.
 """
+
 import argparse
 import json
 import os
@@ -53,8 +54,10 @@ def run_cached(config, workdir: str) -> dict:
       return json.load(f)
   t = time.perf_counter()
   out = run_lib.run(config, workdir)
-  print(f"  {config.method} in {workdir}: {time.perf_counter() - t:.0f}s wall, "
-        f"load {os.getloadavg()}", flush=True)
+  print(
+    f"  {config.method} in {workdir}: {time.perf_counter() - t:.0f}s wall, load {os.getloadavg()}",
+    flush=True,
+  )
   return out
 
 
@@ -81,44 +84,61 @@ def main():
   pct = lambda v: "  n/a" if v is None else f"{100 * v:5.1f}"
   print(f"\ncommand: python3 benchmarks/quickdrop_5round.py {' '.join(sys.argv[1:])}")
   print(f"load (uptime) at the end: {os.getloadavg()}")
-  print(f"Fashion-MNIST ({args.train_size or 'all 60,000'} training images), "
-        f"{cfg.data.num_clients} IID clients, {rounds} rounds, forget class "
-        f"{args.forget_class}, seed {args.seed}; recovery_rounds="
-        f"{cfg.quickdrop.recovery_rounds}; {q['synthetic_images']} synthetic images "
-        f"({q['forget_synthetic_images']} of the class)")
-  print(f"{'model':<30}{'test':>7}{'forget':>8}{'retain':>8}{'s/round':>9}"
-        f"{'unlearn_s':>10}{'parallel_s':>11}{'speedup':>9}{'par. speedup':>13}")
-  for label, d, tr in (("FedAvg (trained)", r["original"], r["train_seconds"]),
-                       ("QuickDrop (trained)", q["original"], q["train_seconds"])):
-    print(f"{label:<30}{pct(d['test_acc']):>7}{pct(d['forget_acc']):>8}"
-          f"{pct(d['retain_acc']):>8}{tr / rounds:>9.2f}")
-  print(f"{'retrain':<30}{pct(r['test_acc']):>7}{pct(r['forget_acc']):>8}"
-        f"{pct(r['retain_acc']):>8}{r['unlearn_seconds'] / r['rounds']:>9.2f}"
-        f"{r['unlearn_seconds']:>10.2f}{r['unlearn_parallel_seconds']:>11.2f}"
-        f"{1.0:>8.1f}x{1.0:>12.1f}x")
+  print(
+    f"Fashion-MNIST ({args.train_size or 'all 60,000'} training images), "
+    f"{cfg.data.num_clients} IID clients, {rounds} rounds, forget class "
+    f"{args.forget_class}, seed {args.seed}; recovery_rounds="
+    f"{cfg.quickdrop.recovery_rounds}; {q['synthetic_images']} synthetic images "
+    f"({q['forget_synthetic_images']} of the class)"
+  )
+  print(
+    f"{'model':<30}{'test':>7}{'forget':>8}{'retain':>8}{'s/round':>9}"
+    f"{'unlearn_s':>10}{'parallel_s':>11}{'speedup':>9}{'par. speedup':>13}"
+  )
+  for label, d, tr in (
+    ("FedAvg (trained)", r["original"], r["train_seconds"]),
+    ("QuickDrop (trained)", q["original"], q["train_seconds"]),
+  ):
+    print(
+      f"{label:<30}{pct(d['test_acc']):>7}{pct(d['forget_acc']):>8}"
+      f"{pct(d['retain_acc']):>8}{tr / rounds:>9.2f}"
+    )
+  print(
+    f"{'retrain':<30}{pct(r['test_acc']):>7}{pct(r['forget_acc']):>8}"
+    f"{pct(r['retain_acc']):>8}{r['unlearn_seconds'] / r['rounds']:>9.2f}"
+    f"{r['unlearn_seconds']:>10.2f}{r['unlearn_parallel_seconds']:>11.2f}"
+    f"{1.0:>8.1f}x{1.0:>12.1f}x"
+  )
   for label, d in (("quickdrop after SGA", q0), ("quickdrop after recovery", q)):
     sp = r["unlearn_seconds"] / d["unlearn_seconds"]
     spp = r["unlearn_parallel_seconds"] / d["unlearn_parallel_seconds"]
-    print(f"{label:<30}{pct(d['test_acc']):>7}{pct(d['forget_acc']):>8}"
-          f"{pct(d['retain_acc']):>8}{'':>9}{d['unlearn_seconds']:>10.2f}"
-          f"{d['unlearn_parallel_seconds']:>11.2f}{sp:>8.1f}x{spp:>12.1f}x")
+    print(
+      f"{label:<30}{pct(d['test_acc']):>7}{pct(d['forget_acc']):>8}"
+      f"{pct(d['retain_acc']):>8}{'':>9}{d['unlearn_seconds']:>10.2f}"
+      f"{d['unlearn_parallel_seconds']:>11.2f}{sp:>8.1f}x{spp:>12.1f}x"
+    )
   gap = 100 * (q["retain_acc"] - r["retain_acc"])
   sp = r["unlearn_seconds"] / q["unlearn_seconds"]
   spp = r["unlearn_parallel_seconds"] / q["unlearn_parallel_seconds"]
   checks = [
-      ("test accuracy after training >= 85%", 100 * q["original"]["test_acc"],
-       q["original"]["test_acc"] >= 0.85),
-      ("class forget <= 2% after recovery", 100 * q["forget_acc"], q["forget_acc"] <= 0.02),
-      ("retain within 2 pts of retrain", gap, abs(gap) <= 2),
-      ("speed-up >= 100x (total)", sp, sp >= 100),
-      ("speed-up >= 100x (parallel)", spp, spp >= 100),
+    (
+      "test accuracy after training >= 85%",
+      100 * q["original"]["test_acc"],
+      q["original"]["test_acc"] >= 0.85,
+    ),
+    ("class forget <= 2% after recovery", 100 * q["forget_acc"], q["forget_acc"] <= 0.02),
+    ("retain within 2 pts of retrain", gap, abs(gap) <= 2),
+    ("speed-up >= 100x (total)", sp, sp >= 100),
+    ("speed-up >= 100x (parallel)", spp, spp >= 100),
   ]
   for name, v, ok in checks:
     print(f"  {name}: {v:.2f} -> {'met' if ok else 'NOT met'}")
-  print(f"unlearning rounds: retrain {r['rounds']}, quickdrop {q['rounds']} "
-        f"(SGA only: {q0['rounds']}); compile s: retrain {r['compile_seconds']:.1f}, "
-        f"quickdrop {q['compile_seconds']:.1f}; MB up: retrain {r['bytes_up'] / 1e6:.1f}, "
-        f"quickdrop {q['bytes_up'] / 1e6:.1f}")
+  print(
+    f"unlearning rounds: retrain {r['rounds']}, quickdrop {q['rounds']} "
+    f"(SGA only: {q0['rounds']}); compile s: retrain {r['compile_seconds']:.1f}, "
+    f"quickdrop {q['compile_seconds']:.1f}; MB up: retrain {r['bytes_up'] / 1e6:.1f}, "
+    f"quickdrop {q['bytes_up'] / 1e6:.1f}"
+  )
 
 
 if __name__ == "__main__":

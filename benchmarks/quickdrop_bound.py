@@ -31,6 +31,7 @@ checkpoint of existing training directories instead (one per seed, in --seeds or
 config.json must hold the same data and training config as the one built here, apart from
 keys added since). Unlearning runs in this process without checkpoints.
 """
+
 import argparse
 import json
 import os
@@ -48,9 +49,11 @@ xla_flags.use_defaults()  # before any JAX computation
 
 from experiments import run as run_lib  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist as fmnist_cfg  # pylint: disable=wrong-import-position
-from fu_jax import checkpoint  # pylint: disable=wrong-import-position
-from fu_jax import fl  # pylint: disable=wrong-import-position
-from fu_jax import images  # pylint: disable=wrong-import-position
+from fu_jax import (
+  checkpoint,  # pylint: disable=wrong-import-position
+  fl,  # pylint: disable=wrong-import-position
+  images,  # pylint: disable=wrong-import-position
+)
 from fu_jax.methods import base  # pylint: disable=wrong-import-position
 from fu_jax.methods import quickdrop as qd  # pylint: disable=wrong-import-position
 from fu_jax.metrics import accuracy as acc_lib  # pylint: disable=wrong-import-position
@@ -82,8 +85,9 @@ class _Env:
     self.chunk_size = cfg.fl.chunk_size
 
   def runner(self, program, epochs, batch_size):
-    return fl.ClientRunner(program, kind=self.kind, epochs=epochs, batch_size=batch_size,
-                           chunk_size=self.chunk_size)
+    return fl.ClientRunner(
+      program, kind=self.kind, epochs=epochs, batch_size=batch_size, chunk_size=self.chunk_size
+    )
 
   def rounds(self, phase, state, num_rounds, round_fn, params_fn):
     del phase
@@ -104,8 +108,9 @@ def trained_model(task: base.Task, args, pretrain_dir: str | None) -> base.Train
   init, _ = qd.training_rounds(task, _Env(task), qd.settings(task.config))
   state, step, _ = checkpoint.Checkpointer(ckpt_dir, stored).restore_or(init)
   if step != task.config.fl.rounds:
-    raise SystemExit(f"{ckpt_dir}: latest checkpoint after round {step}, need "
-                     f"{task.config.fl.rounds}")
+    raise SystemExit(
+      f"{ckpt_dir}: latest checkpoint after round {step}, need {task.config.fl.rounds}"
+    )
   return base.Trained(state.server.params, extra=state.syn)
 
 
@@ -129,20 +134,37 @@ def oracle(task: base.Task, env, params, rounds: int, forgotten, *, sga: bool = 
   drop = np.isin(np.asarray(task.y_true), forgotten)
   if sga:
     fvalid = np.asarray(c.valid) & drop
-    params = phases.run("oracle_sga", params, 1, real, jnp.asarray(fvalid), program="sga",
-                        weights=(fvalid.sum(axis=1) > 0).astype(np.float32) * weights,
-                        num_sampled=len(weights), round_offset=cfg.fl.rounds)
+    params = phases.run(
+      "oracle_sga",
+      params,
+      1,
+      real,
+      jnp.asarray(fvalid),
+      program="sga",
+      weights=(fvalid.sum(axis=1) > 0).astype(np.float32) * weights,
+      num_sampled=len(weights),
+      round_offset=cfg.fl.rounds,
+    )
   keep = jnp.asarray(np.asarray(c.valid) & ~drop)
-  params = phases.run("oracle", params, rounds, real, keep, program="recovery",
-                      weights=weights, num_sampled=base.num_sampled(cfg),
-                      round_offset=cfg.fl.rounds + 1)
+  params = phases.run(
+    "oracle",
+    params,
+    rounds,
+    real,
+    keep,
+    program="recovery",
+    weights=weights,
+    num_sampled=base.num_sampled(cfg),
+    round_offset=cfg.fl.rounds + 1,
+  )
   return evaluate(task, params, forgotten), params
 
 
 def evaluate(task: base.Task, params, forgotten, apply_fn=None) -> dict:
   ds = task.dataset
-  ev = acc_lib.evaluate(apply_fn or task.apply_fn, params, ds.x_test, ds.y_test,
-                        task.num_classes, forgotten)
+  ev = acc_lib.evaluate(
+    apply_fn or task.apply_fn, params, ds.x_test, ds.y_test, task.num_classes, forgotten
+  )
   return {"retain_acc": ev["retain_acc"], "forget_acc": ev["forget_acc"]}
 
 
@@ -153,32 +175,46 @@ def probe(args, seed: int, pretrain_dir: str | None) -> dict:
   env = _Env(task)
   real = qd.init_sets(task, qd.settings(task.config))
   if not np.array_equal(np.asarray(real.valid), np.asarray(trained.extra.valid)):
-    raise SystemExit("the trained sets do not have the layout init_sets builds here: "
-                     "a different data or training config")
+    raise SystemExit(
+      "the trained sets do not have the layout init_sets builds here: "
+      "a different data or training config"
+    )
   out = {"trained": evaluate(task, trained.params, forgotten)}
   drop = np.isin(np.arange(task.num_classes), forgotten)
   masked = lambda p, x: jnp.where(drop, -1e9, task.apply_fn(p, x))
   out["masked logits"] = evaluate(task, trained.params, forgotten, masked)
   out["oracle SGA"] = oracle(task, env, trained.params, 0, forgotten, sga=True)[0]
-  sga_real = qd._unlearn(with_recovery(task, 0), env,  # pylint: disable=protected-access
-                         trained._replace(extra=real)).params
+  sga_real = qd._unlearn(
+    with_recovery(task, 0),
+    env,  # pylint: disable=protected-access
+    trained._replace(extra=real),
+  ).params
   out["after SGA (distilled)"] = evaluate(
-      task, qd._unlearn(with_recovery(task, 0), env, trained).params,  # pylint: disable=protected-access
-      forgotten)
+    task,
+    qd._unlearn(with_recovery(task, 0), env, trained).params,  # pylint: disable=protected-access
+    forgotten,
+  )
   out["after SGA (real subset)"] = evaluate(task, sga_real, forgotten)
   for rec in args.recovery:
     t = with_recovery(task, rec)
-    out[f"distilled@{rec}"] = evaluate(
-        task, qd._unlearn(t, env, trained).params, forgotten)  # pylint: disable=protected-access
+    out[f"distilled@{rec}"] = evaluate(task, qd._unlearn(t, env, trained).params, forgotten)  # pylint: disable=protected-access
     out[f"real subset@{rec}"] = evaluate(
-        task, qd._unlearn(t, env, trained._replace(extra=real)).params,  # pylint: disable=protected-access
-        forgotten)
+      task,
+      qd._unlearn(t, env, trained._replace(extra=real)).params,  # pylint: disable=protected-access
+      forgotten,
+    )
     out[f"oracle@{rec}"] = oracle(task, env, sga_real, rec, forgotten)[0]
-    out[f"oracle SGA+recovery@{rec}"] = oracle(task, env, trained.params, rec, forgotten,
-                                               sga=True)[0]
-    print(f"  seed {seed} recovery {rec}: " + ", ".join(
-        f"{k} {100 * out[k]['retain_acc']:.1f}" for k in
-        (f"distilled@{rec}", f"real subset@{rec}", f"oracle@{rec}")), flush=True)
+    out[f"oracle SGA+recovery@{rec}"] = oracle(task, env, trained.params, rec, forgotten, sga=True)[
+      0
+    ]
+    print(
+      f"  seed {seed} recovery {rec}: "
+      + ", ".join(
+        f"{k} {100 * out[k]['retain_acc']:.1f}"
+        for k in (f"distilled@{rec}", f"real subset@{rec}", f"oracle@{rec}")
+      ),
+      flush=True,
+    )
   return out
 
 
@@ -212,11 +248,12 @@ def main():
   print(f"load (uptime) at the end: {os.getloadavg()}")
   print(f"seeds {seeds}; retain / forget accuracy in %, mean +- sample std")
   for key in res[0]:
-    print(f"{key:<26}{_ms([r[key]['retain_acc'] for r in res]):>15}"
-          f"{_ms([r[key]['forget_acc'] for r in res]):>15}")
+    print(
+      f"{key:<26}{_ms([r[key]['retain_acc'] for r in res]):>15}"
+      f"{_ms([r[key]['forget_acc'] for r in res]):>15}"
+    )
   for rec in args.recovery:
-    d = [r[f"distilled@{rec}"]["retain_acc"] - r[f"real subset@{rec}"]["retain_acc"]
-         for r in res]
+    d = [r[f"distilled@{rec}"]["retain_acc"] - r[f"real subset@{rec}"]["retain_acc"] for r in res]
     o = [r[f"oracle@{rec}"]["retain_acc"] - r[f"real subset@{rec}"]["retain_acc"] for r in res]
     print(f"recovery {rec}: distilled - real {_ms(d)}; oracle - real {_ms(o)} (paired)")
 

@@ -35,6 +35,7 @@ Datasets: digits (experiments/configs/digits.py), fmnist_iid / fmnist_dir
 (experiments/configs/fashion_mnist.py and :dirichlet, alpha 0.1). MIA is disabled (not
 measured here). Finished runs are reused (results.json), so an interrupted benchmark resumes.
 """
+
 import argparse
 import json
 import os
@@ -103,8 +104,13 @@ class _TimingEnv:
     self.task = task
 
   def runner(self, program, epochs, batch_size):
-    return fl.ClientRunner(program, kind=self.kind, epochs=epochs, batch_size=batch_size,
-                           chunk_size=self.task.config.fl.chunk_size)
+    return fl.ClientRunner(
+      program,
+      kind=self.kind,
+      epochs=epochs,
+      batch_size=batch_size,
+      chunk_size=self.task.config.fl.chunk_size,
+    )
 
 
 def overhead(name: str, args, every: int) -> dict:
@@ -117,8 +123,11 @@ def overhead(name: str, args, every: int) -> dict:
   c = task.clients
   s = qd.settings(cfg)
   qd_state, qd_round = qd.training_rounds(task, env, s)
-  plain = env.runner(fl.sgd_program(task.apply_fn, base.client_optimizer(cfg)),
-                     cfg.fl.local_epochs, cfg.fl.batch_size)
+  plain = env.runner(
+    fl.sgd_program(task.apply_fn, base.client_optimizer(cfg)),
+    cfg.fl.local_epochs,
+    cfg.fl.batch_size,
+  )
   server_opt = optax.sgd(cfg.fl.server_lr)
   server = fl.server_init(base.init_params(task), server_opt)
   weights = np.ones(c.count.shape[0], np.float32)
@@ -126,9 +135,18 @@ def overhead(name: str, args, every: int) -> dict:
   times = {"plain": [], "quickdrop": []}
   for r in range(args.overhead_rounds + 1):
     t0 = time.perf_counter()
-    res = fl.fedavg_round(server, plain, (c.x, c.y), c.valid, None, seed=cfg.seed,
-                          round_idx=r, client_weights=weights, num_sampled=k,
-                          server_opt=server_opt)
+    res = fl.fedavg_round(
+      server,
+      plain,
+      (c.x, c.y),
+      c.valid,
+      None,
+      seed=cfg.seed,
+      round_idx=r,
+      client_weights=weights,
+      num_sampled=k,
+      server_opt=server_opt,
+    )
     server = jax.block_until_ready(res.server)
     t1 = time.perf_counter()
     qd_state, _ = qd_round(qd_state, r)
@@ -137,11 +155,19 @@ def overhead(name: str, args, every: int) -> dict:
     if r:  # round 0 compiles
       times["plain"].append(t1 - t0)
       times["quickdrop"].append(t2 - t1)
-    print(f"  [{name} overhead, distill_every={every}] round {r}: plain {t1 - t0:.2f}s quickdrop {t2 - t1:.2f}s",
-          flush=True)
+    print(
+      f"  [{name} overhead, distill_every={every}] round {r}: plain {t1 - t0:.2f}s quickdrop {t2 - t1:.2f}s",
+      flush=True,
+    )
   p, q = statistics.median(times["plain"]), statistics.median(times["quickdrop"])
-  return {"plain_s": p, "quickdrop_s": q, "ratio": q / p, "clients": k,
-          "distill_every": s["distill_every"], "runner": env.kind}
+  return {
+    "plain_s": p,
+    "quickdrop_s": q,
+    "ratio": q / p,
+    "clients": k,
+    "distill_every": s["distill_every"],
+    "runner": env.kind,
+  }
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,8 +231,9 @@ def ablation_runs(name: str, seed: int, args) -> dict:
   training key). recovery_rounds=0 is the model after the SGA round: the SGA round's keys
   do not depend on the recovery, so it is the first phase of the full run.
   """
-  root = os.path.join(args.workdir, "ablation", name + _size_tag(name, args),
-                      _train_tag(name, args))
+  root = os.path.join(
+    args.workdir, "ablation", name + _size_tag(name, args), _train_tag(name, args)
+  )
   first = None
   out = {}
   for rec in sorted(_phases(name, args), reverse=True):
@@ -222,14 +249,18 @@ def ablation_runs(name: str, seed: int, args) -> dict:
       c.quickdrop.recovery_rounds = rec
       t = time.perf_counter()
       out[method, rec] = run_cached(c, wd)
-      print(f"  [ablation {name} seed {seed}] {method} recovery_rounds={rec} "
-            f"({time.perf_counter() - t:.0f}s)", flush=True)
+      print(
+        f"  [ablation {name} seed {seed}] {method} recovery_rounds={rec} "
+        f"({time.perf_counter() - t:.0f}s)",
+        flush=True,
+      )
   return out
 
 
 def ablation_retrain(name: str, seed: int, args) -> dict:
-  wd = os.path.join(args.workdir, "ablation", name + _size_tag(name, args), "retrain",
-                    f"seed{seed}")
+  wd = os.path.join(
+    args.workdir, "ablation", name + _size_tag(name, args), "retrain", f"seed{seed}"
+  )
   c = make_config(name, args, "retrain")
   c.seed = seed
   return run_cached(c, wd)
@@ -247,27 +278,37 @@ def print_ablation(name: str, args, seeds, runs: dict, retrain: dict):
   phases = sorted(_phases(name, args))
   last = phases[-1]
   one = runs[seeds[0]]["quickdrop", last]
-  print(f"\n== Distillation ablation, {name}: {cfg.data.source}, {cfg.data.num_clients} "
-        f"clients, {cfg.fl.rounds} training rounds, forget class {args.forget_class}; "
-        f"distill_every={cfg.quickdrop.distill_every}, image_lr={cfg.quickdrop.image_lr}; "
-        f"{one['synthetic_images']} synthetic images in all ({one['forget_synthetic_images']} "
-        f"of the class); seeds {seeds}; mean +- sample std over seeds, in %")
+  print(
+    f"\n== Distillation ablation, {name}: {cfg.data.source}, {cfg.data.num_clients} "
+    f"clients, {cfg.fl.rounds} training rounds, forget class {args.forget_class}; "
+    f"distill_every={cfg.quickdrop.distill_every}, image_lr={cfg.quickdrop.image_lr}; "
+    f"{one['synthetic_images']} synthetic images in all ({one['forget_synthetic_images']} "
+    f"of the class); seeds {seeds}; mean +- sample std over seeds, in %"
+  )
   head = "".join(f"{f'forget@{r}':>15}{f'retain@{r}':>15}" for r in phases)
   print(f"{'sets':<26}{head}     (@r = after SGA and r recovery rounds)")
-  for label, m in (("distilled (quickdrop)", "quickdrop"),
-                   ("real init (nodistill)", "quickdrop_nodistill")):
+  for label, m in (
+    ("distilled (quickdrop)", "quickdrop"),
+    ("real init (nodistill)", "quickdrop_nodistill"),
+  ):
     cells = "".join(
-        f"{_ms([runs[s][m, r]['forget_acc'] for s in seeds]):>15}"
-        f"{_ms([runs[s][m, r]['retain_acc'] for s in seeds]):>15}" for r in phases)
+      f"{_ms([runs[s][m, r]['forget_acc'] for s in seeds]):>15}"
+      f"{_ms([runs[s][m, r]['retain_acc'] for s in seeds]):>15}"
+      for r in phases
+    )
     print(f"{label:<26}{cells}")
-  diff = lambda r, k: [runs[s]["quickdrop", r][k] - runs[s]["quickdrop_nodistill", r][k]
-                       for s in seeds]
-  cells = "".join(f"{_ms(diff(r, 'forget_acc')):>15}{_ms(diff(r, 'retain_acc')):>15}"
-                  for r in phases)
+  diff = lambda r, k: [
+    runs[s]["quickdrop", r][k] - runs[s]["quickdrop_nodistill", r][k] for s in seeds
+  ]
+  cells = "".join(
+    f"{_ms(diff(r, 'forget_acc')):>15}{_ms(diff(r, 'retain_acc')):>15}" for r in phases
+  )
   print(f"{'distilled - real (paired)':<26}{cells}")
   orig = [runs[s]["quickdrop", last]["original"] for s in seeds]
-  print(f"{'trained model':<26}{_ms([o['forget_acc'] for o in orig]):>15}"
-        f"{_ms([o['retain_acc'] for o in orig]):>15}")
+  print(
+    f"{'trained model':<26}{_ms([o['forget_acc'] for o in orig]):>15}"
+    f"{_ms([o['retain_acc'] for o in orig]):>15}"
+  )
   if retrain:
     rf = [retrain[s]["forget_acc"] for s in seeds]
     print(f"{'retrain':<26}{_ms(rf):>15}{_ms([retrain[s]['retain_acc'] for s in seeds]):>15}")
@@ -275,18 +316,26 @@ def print_ablation(name: str, args, seeds, runs: dict, retrain: dict):
   else:
     ref = 0.0
     print("retrain not run here (--ablation_retrain): forget compared with 0.0")
-  gap = 100 * np.mean([runs[s]["quickdrop", last]["retain_acc"]
-                       - runs[s]["quickdrop_nodistill", last]["retain_acc"] for s in seeds])
+  gap = 100 * np.mean(
+    [
+      runs[s]["quickdrop", last]["retain_acc"] - runs[s]["quickdrop_nodistill", last]["retain_acc"]
+      for s in seeds
+    ]
+  )
   fq = 100 * np.mean([runs[s]["quickdrop", last]["forget_acc"] for s in seeds])
   ok = gap >= 2 and fq <= 100 * ref + 2
-  print(f"target (distilled retain - real retain after {last} recovery rounds >= 2 pts, "
-        f"distilled forget <= retrain + 2): {gap:+.2f} pts, forget {fq:.2f}% -> "
-        f"{'met' if ok else 'NOT met'}")
+  print(
+    f"target (distilled retain - real retain after {last} recovery rounds >= 2 pts, "
+    f"distilled forget <= retrain + 2): {gap:+.2f} pts, forget {fq:.2f}% -> "
+    f"{'met' if ok else 'NOT met'}"
+  )
   tq = [runs[s]["quickdrop", last]["unlearn_seconds"] for s in seeds]
   tn = [runs[s]["quickdrop_nodistill", last]["unlearn_seconds"] for s in seeds]
   train = np.mean([runs[s]["quickdrop", last]["train_seconds"] for s in seeds])
-  print(f"unlearning seconds (mean): distilled {np.mean(tq):.2f}, real init {np.mean(tn):.2f}; "
-        f"quickdrop training {train:.0f}s")
+  print(
+    f"unlearning seconds (mean): distilled {np.mean(tq):.2f}, real init {np.mean(tn):.2f}; "
+    f"quickdrop training {train:.0f}s"
+  )
 
 
 def ablation(args):
@@ -324,52 +373,69 @@ def _f(v, nd=4):
 
 def print_overhead(rows: dict):
   print("\n== Distillation overhead per training round (same process, interleaved, median)")
-  print(f"{'dataset':<12}{'runner':<7}{'clients':>8}{'every':>6}{'fedavg_s':>10}"
-        f"{'quickdrop_s':>12}{'ratio':>7}  target <= 1.30")
+  print(
+    f"{'dataset':<12}{'runner':<7}{'clients':>8}{'every':>6}{'fedavg_s':>10}"
+    f"{'quickdrop_s':>12}{'ratio':>7}  target <= 1.30"
+  )
   for (name, _), o in rows.items():
-    print(f"{name:<12}{o['runner']:<7}{o['clients']:>8}{o['distill_every']:>6}"
-          f"{o['plain_s']:>10.2f}{o['quickdrop_s']:>12.2f}{o['ratio']:>7.2f}  "
-          f"{'met' if o['ratio'] <= 1.3 else 'NOT met'}")
+    print(
+      f"{name:<12}{o['runner']:<7}{o['clients']:>8}{o['distill_every']:>6}"
+      f"{o['plain_s']:>10.2f}{o['quickdrop_s']:>12.2f}{o['ratio']:>7.2f}  "
+      f"{'met' if o['ratio'] <= 1.3 else 'NOT met'}"
+    )
 
 
 def print_compare(name: str, res: dict):
   r, q = res["retrain"], res["quickdrop"]
-  print(f"\n== {name}: forget class {r['request']['classes']}, "
-        f"{make_config(name, ARGS, 'retrain').fl.rounds} training rounds")
-  print(f"{'model':<22}{'forget':>8}{'retain':>8}{'test':>8}{'unlearn_s':>11}{'speedup':>9}"
-        f"{'rounds':>7}{'examples':>10}{'MB_up':>8}")
-  for label, d in (("fedavg (original)", r["original"]),
-                   ("quickdrop (original)", q["original"])):
+  print(
+    f"\n== {name}: forget class {r['request']['classes']}, "
+    f"{make_config(name, ARGS, 'retrain').fl.rounds} training rounds"
+  )
+  print(
+    f"{'model':<22}{'forget':>8}{'retain':>8}{'test':>8}{'unlearn_s':>11}{'speedup':>9}"
+    f"{'rounds':>7}{'examples':>10}{'MB_up':>8}"
+  )
+  for label, d in (("fedavg (original)", r["original"]), ("quickdrop (original)", q["original"])):
     print(f"{label:<22}{_f(d['forget_acc']):>8}{_f(d['retain_acc']):>8}{_f(d['test_acc']):>8}")
   for label, d in (("retrain", r), ("quickdrop", q)):
     sp = r["unlearn_seconds"] / max(d["unlearn_seconds"], 1e-9)
-    print(f"{label:<22}{_f(d['forget_acc']):>8}{_f(d['retain_acc']):>8}{_f(d['test_acc']):>8}"
-          f"{d['unlearn_seconds']:>11.2f}{sp:>9.1f}{d['rounds']:>7}{d['examples']:>10}"
-          f"{d['bytes_up'] / 1e6:>8.1f}")
+    print(
+      f"{label:<22}{_f(d['forget_acc']):>8}{_f(d['retain_acc']):>8}{_f(d['test_acc']):>8}"
+      f"{d['unlearn_seconds']:>11.2f}{sp:>9.1f}{d['rounds']:>7}{d['examples']:>10}"
+      f"{d['bytes_up'] / 1e6:>8.1f}"
+    )
   gap_f = 100 * (q["forget_acc"] - r["forget_acc"])
   gap_r = 100 * (q["retain_acc"] - r["retain_acc"])
   sp = r["unlearn_seconds"] / max(q["unlearn_seconds"], 1e-9)
-  print(f"targets: forget <= retrain + 2 pts: {gap_f:+.2f} pts "
-        f"({'met' if gap_f <= 2 else 'NOT met'}); retain within 2 pts: {gap_r:+.2f} pts "
-        f"({'met' if abs(gap_r) <= 2 else 'NOT met'}); speed-up >= 100x: {sp:.1f}x "
-        f"({'met' if sp >= 100 else 'NOT met'})")
-  print(f"training time (the two trainers' runs): fedavg {r['train_seconds']:.1f}s, "
-        f"quickdrop {q['train_seconds']:.1f}s, ratio "
-        f"{q['train_seconds'] / max(r['train_seconds'], 1e-9):.2f}; synthetic images "
-        f"{q['synthetic_images']} ({q['synthetic_bytes'] / 1e3:.0f} kB), SGA on "
-        f"{q['forget_synthetic_images']}, recovery on {q['retain_synthetic_images']}; "
-        f"compile {q['compile_seconds']:.1f}s")
+  print(
+    f"targets: forget <= retrain + 2 pts: {gap_f:+.2f} pts "
+    f"({'met' if gap_f <= 2 else 'NOT met'}); retain within 2 pts: {gap_r:+.2f} pts "
+    f"({'met' if abs(gap_r) <= 2 else 'NOT met'}); speed-up >= 100x: {sp:.1f}x "
+    f"({'met' if sp >= 100 else 'NOT met'})"
+  )
+  print(
+    f"training time (the two trainers' runs): fedavg {r['train_seconds']:.1f}s, "
+    f"quickdrop {q['train_seconds']:.1f}s, ratio "
+    f"{q['train_seconds'] / max(r['train_seconds'], 1e-9):.2f}; synthetic images "
+    f"{q['synthetic_images']} ({q['synthetic_bytes'] / 1e3:.0f} kB), SGA on "
+    f"{q['forget_synthetic_images']}, recovery on {q['retain_synthetic_images']}; "
+    f"compile {q['compile_seconds']:.1f}s"
+  )
 
 
 def print_sequence(res: dict):
-  print("\n== Sequential unlearning on digits (each step: SGA + "
-        f"{make_config('digits', ARGS, 'quickdrop').quickdrop.recovery_rounds} recovery rounds)")
+  print(
+    "\n== Sequential unlearning on digits (each step: SGA + "
+    f"{make_config('digits', ARGS, 'quickdrop').quickdrop.recovery_rounds} recovery rounds)"
+  )
   print(f"{'step':>4}{'class':>6}{'retain':>8}{'forget':>8}{'class_acc':>10}{'test':>8}")
   for s in res["sequence"]:
     cls = s["classes"][0] if s["classes"] else "-"
     ca = s["class_acc"][0] if s["class_acc"] else None
-    print(f"{s['step']:>4}{cls:>6}{_f(s['retain_acc']):>8}{_f(s['forget_acc']):>8}"
-          f"{_f(ca):>10}{_f(s['test_acc']):>8}")
+    print(
+      f"{s['step']:>4}{cls:>6}{_f(s['retain_acc']):>8}{_f(s['forget_acc']):>8}"
+      f"{_f(ca):>10}{_f(s['test_acc']):>8}"
+    )
   print(f"total unlearning {res['unlearn_seconds']:.2f}s over {res['rounds']} rounds")
 
 
@@ -383,33 +449,55 @@ def main():
   p.add_argument("--fmnist_distill_every", type=int, default=0)
   p.add_argument("--digits_distill_every", type=int, default=0)
   p.add_argument("--overhead_rounds", type=int, default=3)
-  p.add_argument("--digits_overhead_every", default="0,1",
-                 help="distill_every values timed on digits (0 = once per round, 1 = every step)")
+  p.add_argument(
+    "--digits_overhead_every",
+    default="0,1",
+    help="distill_every values timed on digits (0 = once per round, 1 = every step)",
+  )
   p.add_argument("--overhead_clients", type=int, default=2)
   p.add_argument("--no_overhead", action="store_true")
   p.add_argument("--no_sequence", action="store_true")
-  p.add_argument("--ablation", action="store_true",
-                 help="instead of parts 1-3: quickdrop vs quickdrop_nodistill over --seeds")
+  p.add_argument(
+    "--ablation",
+    action="store_true",
+    help="instead of parts 1-3: quickdrop vs quickdrop_nodistill over --seeds",
+  )
   p.add_argument("--seeds", default="0,1,2", help="--ablation: run seeds")
-  p.add_argument("--ablation_recovery", default="",
-                 help="--ablation: recovery_rounds values (default: 0 and the config's)")
+  p.add_argument(
+    "--ablation_recovery",
+    default="",
+    help="--ablation: recovery_rounds values (default: 0 and the config's)",
+  )
   p.add_argument("--ablation_retrain", action="store_true", help="--ablation: also retrain")
-  p.add_argument("--ablation_overhead", action="store_true",
-                 help="--ablation: also time distilling vs plain rounds (part 1)")
-  p.add_argument("--train_size", type=int, default=0,
-                 help="Fashion-MNIST: a seeded subsample of this many training images "
-                      "(0 = all 60,000)")
-  p.add_argument("--source", default="",
-                 help="Fashion-MNIST: data.source override (e.g. npz:<file> of a fixed subsample)")
-  p.add_argument("--image_lr", type=float, default=0.0,
-                 help="quickdrop.image_lr (0 = the config's)")
+  p.add_argument(
+    "--ablation_overhead",
+    action="store_true",
+    help="--ablation: also time distilling vs plain rounds (part 1)",
+  )
+  p.add_argument(
+    "--train_size",
+    type=int,
+    default=0,
+    help="Fashion-MNIST: a seeded subsample of this many training images (0 = all 60,000)",
+  )
+  p.add_argument(
+    "--source",
+    default="",
+    help="Fashion-MNIST: data.source override (e.g. npz:<file> of a fixed subsample)",
+  )
+  p.add_argument(
+    "--image_lr", type=float, default=0.0, help="quickdrop.image_lr (0 = the config's)"
+  )
   ARGS = args = p.parse_args()
   names = [n for n in args.datasets.split(",") if n]
   bad = [n for n in names if n not in DATASETS]
   if bad:
     raise SystemExit(f"--datasets: unknown {bad}; allowed {DATASETS}")
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()}; "
-        f"workdir {args.workdir}", flush=True)
+  print(
+    f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()}; "
+    f"workdir {args.workdir}",
+    flush=True,
+  )
   if args.ablation:
     ablation(args)
     return

@@ -30,6 +30,7 @@ instead times the local training of one IID cohort (`--cohort` clients of 600 im
 the padded block and from the index block, interleaved 3 times in one process: the cost of
 gathering and normalising per batch, as a ratio that the shared machine's load affects alike.
 """
+
 import argparse
 import json
 import os
@@ -46,6 +47,7 @@ sys.path.insert(0, ROOT)
 def one(args):
   """One configuration in this process; prints a JSON line."""
   from fu_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
   xla_flags.use_defaults()  # as experiments.main: before jax initialises its backend
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -72,8 +74,15 @@ def one(args):
   c = task.clients
   n_clients, max_n = c.valid.shape
   padded_bytes = n_clients * max_n * int(np.prod(task.input_shape)) * 4
-  out = dict(partition=args.partition, clients=n_clients, layout=args.layout, model=args.model,
-             max_n=int(max_n), padded_gb=padded_bytes / 2**30, build_s=build_s)
+  out = dict(
+    partition=args.partition,
+    clients=n_clients,
+    layout=args.layout,
+    model=args.model,
+    max_n=int(max_n),
+    padded_gb=padded_bytes / 2**30,
+    build_s=build_s,
+  )
   x = c.x
   if args.layout == "padded":
     if padded_bytes > args.max_padded_gb * 2**30:
@@ -81,13 +90,15 @@ def one(args):
       print(json.dumps(out), flush=True)
       return
     idx = np.asarray(c.index)
-    block = np.where((idx >= 0)[..., None, None, None],
-                     task.dataset.x_train[np.maximum(idx, 0)], 0).astype(np.float32)
+    block = np.where(
+      (idx >= 0)[..., None, None, None], task.dataset.x_train[np.maximum(idx, 0)], 0
+    ).astype(np.float32)
     x = jnp.asarray(block)  # as the former build_task: numpy blocks, then the device
     del block
   program = fl.sgd_program(task.apply_fn, base.client_optimizer(cfg))
-  runner = fl.ClientRunner(program, kind=fl.choose_runner(args.model), epochs=1,
-                           batch_size=cfg.fl.batch_size)
+  runner = fl.ClientRunner(
+    program, kind=fl.choose_runner(args.model), epochs=1, batch_size=cfg.fl.batch_size
+  )
   local = []
   inner = runner.run
 
@@ -107,24 +118,38 @@ def one(args):
   counts = np.asarray(c.count)
   for r in range(1 + args.rounds):
     t = time.perf_counter()
-    res = fl.fedavg_round(server, runner, (x, c.y), c.valid, None, seed=cfg.seed, round_idx=r,
-                          client_weights=weights, num_sampled=k, server_opt=server_opt)
+    res = fl.fedavg_round(
+      server,
+      runner,
+      (x, c.y),
+      c.valid,
+      None,
+      seed=cfg.seed,
+      round_idx=r,
+      client_weights=weights,
+      num_sampled=k,
+      server_opt=server_opt,
+    )
     jax.block_until_ready(res.server.params)
     server = res.server
     if r:  # round 0 compiles
       times.append(time.perf_counter() - t)
       imgs.append(int(counts[res.sampled].sum()))
   outside = [t - l for t, l in zip(times, local[1:])]
-  out.update(round_s=statistics.median(times), images_per_round=statistics.median(imgs),
-             outside_s=statistics.median(outside),
-             peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-             loss=res.metrics["loss"])
+  out.update(
+    round_s=statistics.median(times),
+    images_per_round=statistics.median(imgs),
+    outside_s=statistics.median(outside),
+    peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    loss=res.metrics["loss"],
+  )
   print(json.dumps(out), flush=True)
 
 
 def side_by_side(args):
   """Local training of one cohort from both layouts, interleaved; prints medians and ratio."""
   from fu_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
   xla_flags.use_defaults()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -133,16 +158,19 @@ def side_by_side(args):
   from fu_jax import data, fl, images, models  # pylint: disable=g-import-not-at-top
 
   ds = data.load_dataset("idx:/usr/share/datasets/fashion-mnist")
-  parts = data.partition(ds.y_train, 100, kind="iid", seed=0)[:args.cohort]
+  parts = data.partition(ds.y_train, 100, kind="iid", seed=0)[: args.cohort]
   old = data.stack_clients(ds.x_train, ds.y_train, parts)
-  layouts = {"padded": jnp.asarray(old.x),
-             "index": images.ClientImages(jnp.asarray(old.index), images.dataset_table(ds))}
+  layouts = {
+    "padded": jnp.asarray(old.x),
+    "index": images.ClientImages(jnp.asarray(old.index), images.dataset_table(ds)),
+  }
   y, valid = jnp.asarray(old.y), jnp.asarray(old.valid)
   model = models.create(args.model, 10)
   params = models.init_params(model, jax.random.key(0), (28, 28, 1))
   kind = fl.choose_runner(args.model)
-  runner = fl.ClientRunner(fl.sgd_program(model.apply, optax.sgd(0.05)), kind=kind, epochs=1,
-                           batch_size=64)
+  runner = fl.ClientRunner(
+    fl.sgd_program(model.apply, optax.sgd(0.05)), kind=kind, epochs=1, batch_size=64
+  )
   keys = jax.vmap(lambda c: fl.stream_key(0, fl.STREAM_CLIENT, 0, c))(jnp.arange(args.cohort))
   run = lambda x: jax.block_until_ready(runner.run(params, (x, y), valid, None, keys).params)
   for x in layouts.values():
@@ -155,9 +183,11 @@ def side_by_side(args):
       times[k].append(time.perf_counter() - t)
   med = {k: statistics.median(v) for k, v in times.items()}
   print(f"# {' '.join(sys.argv)}; load {os.getloadavg()}")
-  print(f"{args.model} {kind} runner, {args.cohort} clients, {int(old.count.sum())} images: "
-        f"padded {med['padded']:.2f} s, index {med['index']:.2f} s, index/padded "
-        f"{med['index'] / med['padded']:.2f} (all: {times})")
+  print(
+    f"{args.model} {kind} runner, {args.cohort} clients, {int(old.count.sum())} images: "
+    f"padded {med['padded']:.2f} s, index {med['index']:.2f} s, index/padded "
+    f"{med['index'] / med['padded']:.2f} (all: {times})"
+  )
 
 
 def main():
@@ -182,15 +212,25 @@ def main():
     side_by_side(args)
     return
   print(f"# {' '.join(sys.argv)}\n# load: {os.getloadavg()}", flush=True)
-  print("| partition | clients | layout | max_n | peak RSS GB | padded block GB | s / round "
-        "| images / round | s outside local training |")
+  print(
+    "| partition | clients | layout | max_n | peak RSS GB | padded block GB | s / round "
+    "| images / round | s outside local training |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   for part in args.partitions.split(","):
     for n in [int(v) for v in args.clients.split(",")]:
       for layout in args.layouts.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", f"--num_clients={n}",
-               f"--partition={part}", f"--layout={layout}", f"--model={args.model}",
-               f"--rounds={args.rounds}", f"--max_padded_gb={args.max_padded_gb}"]
+        cmd = [
+          sys.executable,
+          os.path.abspath(__file__),
+          "--one",
+          f"--num_clients={n}",
+          f"--partition={part}",
+          f"--layout={layout}",
+          f"--model={args.model}",
+          f"--rounds={args.rounds}",
+          f"--max_padded_gb={args.max_padded_gb}",
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         if proc.returncode or not lines:
@@ -198,12 +238,18 @@ def main():
           continue
         r = json.loads(lines[-1])
         if "skipped" in r:
-          print(f"| {part} | {n} | {layout} | {r['max_n']} | not run | {r['padded_gb']:.2f} "
-                f"| — | — | — |", flush=True)
+          print(
+            f"| {part} | {n} | {layout} | {r['max_n']} | not run | {r['padded_gb']:.2f} "
+            f"| — | — | — |",
+            flush=True,
+          )
           continue
-        print(f"| {part} | {n} | {layout} | {r['max_n']} | {r['peak_rss_gb']:.2f} | "
-              f"{r['padded_gb']:.2f} | {r['round_s']:.2f} | {r['images_per_round']} | "
-              f"{r['outside_s']:.3f} |", flush=True)
+        print(
+          f"| {part} | {n} | {layout} | {r['max_n']} | {r['peak_rss_gb']:.2f} | "
+          f"{r['padded_gb']:.2f} | {r['round_s']:.2f} | {r['images_per_round']} | "
+          f"{r['outside_s']:.3f} |",
+          flush=True,
+        )
   print(f"# load after: {os.getloadavg()}", flush=True)
 
 

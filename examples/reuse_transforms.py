@@ -7,6 +7,7 @@ data at the trained model) keeping what the rest of the data taught.
 
   python3 examples/reuse_transforms.py      # needs scikit-learn for the data
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,29 +50,41 @@ def main(seed: int = 0, delta: float = 0.2, lam: float = 10.0):
   forget, retain = y == FORGET, y != FORGET
   model = MLP()
   apply_fn = models.logits_fn(model)  # (params, x) -> logits, the convention of every transform
-  trained = train(apply_fn, model.init(jax.random.key(seed), x[:1])['params'], x, y,
-                  optax.adam(1e-2), 300)
+  trained = train(
+    apply_fn, model.init(jax.random.key(seed), x[:1])["params"], x, y, optax.adam(1e-2), 300
+  )
 
   # 1. The channels that matter most for the class to forget (ties broken by the loss).
-  effects = masking.channel_effects(apply_fn, trained, x[forget], y[forget], metric='both')
+  effects = masking.channel_effects(apply_fn, trained, x[forget], y[forget], metric="both")
   mask = masking.top_delta_mask(effects, delta, trained)
 
   # 2. Zero them, then train only them on the retained data; EWC anchors at the trained model.
-  fisher = ewc.fisher_diagonal(ewc.example_ce_loss(apply_fn), trained, x[retain], y[retain],
-                               jnp.ones(int(retain.sum()), bool), chunk_size=256)
+  fisher = ewc.fisher_diagonal(
+    ewc.example_ce_loss(apply_fn),
+    trained,
+    x[retain],
+    y[retain],
+    jnp.ones(int(retain.sum()), bool),
+    chunk_size=256,
+  )
   tx = optax.chain(ewc.add_ewc_gradient(lam), optax.adam(1e-2), masking.masked_update())
   state = masking.set_mask(tx.init(trained), mask)
   state = ewc.set_ewc_state(state, ewc.ewc_state_diag(trained, fisher))
-  unlearned = train(apply_fn, masking.zero_masked(trained, mask), x[retain], y[retain], tx, 100,
-                    state)
+  unlearned = train(
+    apply_fn, masking.zero_masked(trained, mask), x[retain], y[retain], tx, 100, state
+  )
 
-  report = {name: {'forget_acc': accuracy(apply_fn, p, x[forget], y[forget]),
-                   'retain_acc': accuracy(apply_fn, p, x[retain], y[retain])}
-            for name, p in (('trained', trained), ('unlearned', unlearned))}
+  report = {
+    name: {
+      "forget_acc": accuracy(apply_fn, p, x[forget], y[forget]),
+      "retain_acc": accuracy(apply_fn, p, x[retain], y[retain]),
+    }
+    for name, p in (("trained", trained), ("unlearned", unlearned))
+  }
   return trained, unlearned, mask, report
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   _, _, _, report = main()
   for name, accs in report.items():
     print(f"{name:10s} forget_acc={accs['forget_acc']:.3f} retain_acc={accs['retain_acc']:.3f}")

@@ -32,6 +32,7 @@ Writes <workdir>/audit/<method>/audit.json and epsilons.png. Models live in
 every method audited into this workdir, each method's checkpoints, and audit_stats.json per
 model): a rerun or another method reuses what exists.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,7 @@ import numpy as np
 
 from experiments import run as run_lib
 from fu_jax import bank as bank_lib
-from fu_jax import checkpoint
-from fu_jax import fl
+from fu_jax import checkpoint, fl
 from fu_jax import methods as methods_lib
 from fu_jax.methods import base
 from fu_jax.metrics import accuracy as acc_lib
@@ -60,7 +60,7 @@ BANKS = ("auto", "vmap", "sequential")
 def bank_seed(seed: int, side: int, k: int) -> int:
   """The training seed of model k of a side: an int drawn from (seed, STREAM_BANK, side, k)."""
   key = fl.stream_key(seed, fl.STREAM_BANK, side, k)
-  return int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+  return int(jax.random.randint(key, (), 0, 2**31 - 1))
 
 
 def model_config(config, method: str, seed: int):
@@ -101,11 +101,15 @@ def model_stats(task: base.Task, params) -> dict:
   x = np.asarray(task.clients.x[forget])
   y = np.asarray(task.y_true)[forget]
   logits = acc_lib.predict_logits(task.apply_fn, params, x)
-  test = acc_lib.accuracy(acc_lib.predict_logits(task.apply_fn, params, task.dataset.x_test),
-                          task.dataset.y_test)
-  return {"phi": audit_lib.logit_confidence(logits, y).tolist(),
-          "retain_acc": retain_train_accuracy(task, params), "test_acc": test,
-          "forget_acc": acc_lib.accuracy(logits, y)}
+  test = acc_lib.accuracy(
+    acc_lib.predict_logits(task.apply_fn, params, task.dataset.x_test), task.dataset.y_test
+  )
+  return {
+    "phi": audit_lib.logit_confidence(logits, y).tolist(),
+    "retain_acc": retain_train_accuracy(task, params),
+    "test_acc": test,
+    "forget_acc": acc_lib.accuracy(logits, y),
+  }
 
 
 def run_model(config, workdir: str, method_name: str, side: int, k: int) -> dict:
@@ -139,10 +143,15 @@ def run_model(config, workdir: str, method_name: str, side: int, k: int) -> dict
   wall = time.perf_counter() - t0
   env.logger.close()
   fl.check_finite(outcome.params, f"audit model {SIDE_NAMES[side]}_{k} ({method.name})")
-  stats = dict(model_stats(task, outcome.params), key=key, seed=seed,
-               train_seconds=train_seconds, unlearn_wall_seconds=wall,
-               unlearn_seconds=env.seconds["wall"] - env.seconds["compile"],
-               original=original)
+  stats = dict(
+    model_stats(task, outcome.params),
+    key=key,
+    seed=seed,
+    train_seconds=train_seconds,
+    unlearn_wall_seconds=wall,
+    unlearn_seconds=env.seconds["wall"] - env.seconds["compile"],
+    original=original,
+  )
   checkpoint.write_json_atomic(path, stats)
   return stats
 
@@ -150,8 +159,9 @@ def run_model(config, workdir: str, method_name: str, side: int, k: int) -> dict
 def _cached(config, workdir, method_name, side, k):
   method = methods_lib.get(method_name)
   cfg = model_config(config, method_name, bank_seed(config.seed, side, k))
-  path = os.path.join(workdir, "audit", "models", f"{SIDE_NAMES[side]}_{k}", method.name,
-                      "audit_stats.json")
+  path = os.path.join(
+    workdir, "audit", "models", f"{SIDE_NAMES[side]}_{k}", method.name, "audit_stats.json"
+  )
   if os.path.exists(path):
     with open(path) as f:
       cached = json.load(f)
@@ -180,21 +190,27 @@ def _trained_bank(workdir: str, cfgs: list, like, train):
   if os.path.exists(path):
     with np.load(path) as f:
       meta = json.loads(str(f["meta"]))
-      return (jax.tree.unflatten(treedef, [jnp.asarray(f[f"l{i}"]) for i in range(len(leaves))]),
-              meta["train_seconds"])
+      return (
+        jax.tree.unflatten(treedef, [jnp.asarray(f[f"l{i}"]) for i in range(len(leaves))]),
+        meta["train_seconds"],
+      )
   t0 = time.perf_counter()
   trained = jax.block_until_ready(train())
   seconds = time.perf_counter() - t0
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + f".tmp-{os.getpid()}.npz"
-  np.savez(tmp, meta=json.dumps({"train_seconds": seconds}),
-           **{f"l{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(trained))})
+  np.savez(
+    tmp,
+    meta=json.dumps({"train_seconds": seconds}),
+    **{f"l{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(trained))},
+  )
   os.replace(tmp, path)
   return trained, seconds
 
 
-def _bank_side(config, workdir: str, method_name: str, side: int, num_models: int,
-               cached: list) -> list:
+def _bank_side(
+  config, workdir: str, method_name: str, side: int, num_models: int, cached: list
+) -> list:
   """All K models of a side with their FedAvg phases (training, retrain, finetune) as one
   vmapped program each (fu_jax.bank); other methods' unlearning then runs per model."""
   method = methods_lib.get(method_name)
@@ -204,33 +220,63 @@ def _bank_side(config, workdir: str, method_name: str, side: int, num_models: in
   tasks = [task._replace(config=c) for c in cfgs]
   cfg = cfgs[0]
   c = task.clients
-  runner = bank_lib.BankRunner(fl.sgd_program(task.apply_fn, base.client_optimizer(cfg)),
-                               cfg.fl.batch_size)
-  common = dict(seeds=seeds, epochs=cfg.fl.local_epochs, num_sampled=base.num_sampled(cfg),
-                server_lr=cfg.fl.server_lr)
+  runner = bank_lib.BankRunner(
+    fl.sgd_program(task.apply_fn, base.client_optimizer(cfg)), cfg.fl.batch_size
+  )
+  common = dict(
+    seeds=seeds,
+    epochs=cfg.fl.local_epochs,
+    num_sampled=base.num_sampled(cfg),
+    server_lr=cfg.fl.server_lr,
+  )
   stack = lambda ps: jax.tree.map(lambda *a: jnp.stack(a), *ps)
   init = stack([base.init_params(t) for t in tasks])
   t0 = time.perf_counter()
   if method.name == "retrain":
-    params = bank_lib.fedavg_bank(runner, init, (c.x, c.y), task.retain_valid,
-                                  client_weights=task.client_weights,
-                                  num_rounds=cfg.fl.rounds, **common)
+    params = bank_lib.fedavg_bank(
+      runner,
+      init,
+      (c.x, c.y),
+      task.retain_valid,
+      client_weights=task.client_weights,
+      num_rounds=cfg.fl.rounds,
+      **common,
+    )
     trained, train_seconds = None, 0.0
   else:
     if method.trainer.name != "fedavg":
-      raise run_lib.ConfigError(f"--bank=vmap trains FedAvg models; {method.name} starts from "
-                                f"its own trainer {method.trainer.name!r}: use --bank=sequential")
-    trained, train_seconds = _trained_bank(workdir, cfgs, init, lambda: bank_lib.fedavg_bank(
-        runner, init, (c.x, c.y), c.valid, client_weights=np.ones(c.valid.shape[0], np.float32),
-        num_rounds=cfg.fl.rounds, **common))
+      raise run_lib.ConfigError(
+        f"--bank=vmap trains FedAvg models; {method.name} starts from "
+        f"its own trainer {method.trainer.name!r}: use --bank=sequential"
+      )
+    trained, train_seconds = _trained_bank(
+      workdir,
+      cfgs,
+      init,
+      lambda: bank_lib.fedavg_bank(
+        runner,
+        init,
+        (c.x, c.y),
+        c.valid,
+        client_weights=np.ones(c.valid.shape[0], np.float32),
+        num_rounds=cfg.fl.rounds,
+        **common,
+      ),
+    )
     t0 = time.perf_counter()
     if method.name == "fedavg":
       params = trained
     elif method.name == "finetune":
-      params = bank_lib.fedavg_bank(runner, trained, (c.x, c.y), task.retain_valid,
-                                    client_weights=task.client_weights,
-                                    num_rounds=cfg.finetune.rounds,
-                                    round_offset=cfg.fl.rounds, **common)
+      params = bank_lib.fedavg_bank(
+        runner,
+        trained,
+        (c.x, c.y),
+        task.retain_valid,
+        client_weights=task.client_weights,
+        num_rounds=cfg.finetune.rounds,
+        round_offset=cfg.fl.rounds,
+        **common,
+      )
     else:
       params = None
   bank_seconds = 0.0
@@ -257,15 +303,23 @@ def _bank_side(config, workdir: str, method_name: str, side: int, num_models: in
     else:
       p_k, seconds = one(params), bank_seconds / num_models
     fl.check_finite(p_k, f"audit model {SIDE_NAMES[side]}_{k} ({method.name})")
-    stats = dict(model_stats(tasks[k], p_k), key=key, seed=seeds[k],
-                 train_seconds=train_seconds / num_models, unlearn_wall_seconds=seconds,
-                 unlearn_seconds=seconds,
-                 original=None if trained is None else model_stats(tasks[k], one(trained)),
-                 bank="vmap")
+    stats = dict(
+      model_stats(tasks[k], p_k),
+      key=key,
+      seed=seeds[k],
+      train_seconds=train_seconds / num_models,
+      unlearn_wall_seconds=seconds,
+      unlearn_seconds=seconds,
+      original=None if trained is None else model_stats(tasks[k], one(trained)),
+      bank="vmap",
+    )
     checkpoint.write_json_atomic(os.path.join(out_dir, "audit_stats.json"), stats)
     out.append(stats)
-  print(f"[audit {method.name}] side {SIDE_NAMES[side]}: {num_models} models as a vmapped bank "
-        f"in {time.perf_counter() - t0 + train_seconds:.1f} s", flush=True)
+  print(
+    f"[audit {method.name}] side {SIDE_NAMES[side]}: {num_models} models as a vmapped bank "
+    f"in {time.perf_counter() - t0 + train_seconds:.1f} s",
+    flush=True,
+  )
   return out
 
 
@@ -277,9 +331,12 @@ def _side(config, workdir, method, side, num_models, bank="sequential"):
   for k in range(num_models):
     t0 = time.perf_counter()
     out.append(cached[k] or run_model(config, workdir, method, side, k))
-    print(f"[audit {method}] {SIDE_NAMES[side]}_{k} done in {time.perf_counter() - t0:.1f} s "
-          f"(retain {out[-1]['retain_acc']:.3f}, test {out[-1]['test_acc']:.3f}, forget "
-          f"{out[-1]['forget_acc']:.3f})", flush=True)
+    print(
+      f"[audit {method}] {SIDE_NAMES[side]}_{k} done in {time.perf_counter() - t0:.1f} s "
+      f"(retain {out[-1]['retain_acc']:.3f}, test {out[-1]['test_acc']:.3f}, forget "
+      f"{out[-1]['forget_acc']:.3f})",
+      flush=True,
+    )
   return out
 
 
@@ -290,9 +347,12 @@ def summarize(unlearned: list, reference: list) -> dict:
   out = audit_lib.audit(u, r)
   acc = lambda side, k: [s[k] for s in side]
   out["final_score"] = audit_lib.final_score(
-      out["forget_score"], retain_unlearned=acc(unlearned, "retain_acc"),
-      retain_retrained=acc(reference, "retain_acc"), test_unlearned=acc(unlearned, "test_acc"),
-      test_retrained=acc(reference, "test_acc"))
+    out["forget_score"],
+    retain_unlearned=acc(unlearned, "retain_acc"),
+    retain_retrained=acc(reference, "retain_acc"),
+    test_unlearned=acc(unlearned, "test_acc"),
+    test_retrained=acc(reference, "test_acc"),
+  )
   for name, side in (("unlearned", unlearned), ("retrained", reference)):
     for k in ("retain_acc", "test_acc", "forget_acc"):
       out[f"{name}_{k}"] = float(np.mean(acc(side, k)))
@@ -306,13 +366,17 @@ def audit(config, workdir: str, method_name: str, num_models: int, bank: str = "
   method = methods_lib.get(method_name)
   bank = bank_kind(config, bank)
   if num_models < 3:
-    raise run_lib.ConfigError(f"--models={num_models}: the audit needs >= 3 models per side "
-                              "(U-LiRA's leave-one-out fits and F's buckets)")
+    raise run_lib.ConfigError(
+      f"--models={num_models}: the audit needs >= 3 models per side "
+      "(U-LiRA's leave-one-out fits and F's buckets)"
+    )
   run_lib.validate(config, method.name)
   run_lib.validate(config, "retrain")
   if config.unlearn.kind == "client":
-    raise run_lib.ConfigError("unlearn.kind='client': the audit scores forgotten samples under "
-                              "each model; use samples, client_class or class")
+    raise run_lib.ConfigError(
+      "unlearn.kind='client': the audit scores forgotten samples under "
+      "each model; use samples, client_class or class"
+    )
   t0 = time.perf_counter()
   unlearned = _side(config, workdir, method.name, UNLEARNED, num_models, bank)
   t_ref = time.perf_counter()
@@ -321,45 +385,70 @@ def audit(config, workdir: str, method_name: str, num_models: int, bank: str = "
   result = summarize(unlearned, reference)
   if all(s.get("original") for s in unlearned):
     orig = summarize([s["original"] for s in unlearned], reference)
-    result["original"] = {k: orig[k] for k in ("forget_score", "final_score", "ulira_auc",
-                                                "ulira_tpr_at_1pct_fpr",
-                                                "ulira_tpr_at_01pct_fpr")}
+    result["original"] = {
+      k: orig[k]
+      for k in (
+        "forget_score",
+        "final_score",
+        "ulira_auc",
+        "ulira_tpr_at_1pct_fpr",
+        "ulira_tpr_at_01pct_fpr",
+      )
+    }
   result.update(
-      method=method.name, num_models=num_models,
-      request={"kind": config.unlearn.kind, "client": int(config.unlearn.forget_client),
-               "fraction": float(config.unlearn.get("forget_fraction", 0.0))},
-      data_seed=run_lib.data_seed(config),
-      seeds_unlearned=[s["seed"] for s in unlearned],
-      seeds_retrained=[s["seed"] for s in reference],
-      cost={"train_seconds": float(sum(s["train_seconds"] for s in unlearned)),
-            "unlearn_seconds": float(sum(s["unlearn_seconds"] for s in unlearned)),
-            "retrain_seconds": float(sum(s["unlearn_seconds"] for s in reference)),
-            "reference_wall_seconds": t_ref,
-            "audit_wall_seconds": time.perf_counter() - t0, "bank": bank})
+    method=method.name,
+    num_models=num_models,
+    request={
+      "kind": config.unlearn.kind,
+      "client": int(config.unlearn.forget_client),
+      "fraction": float(config.unlearn.get("forget_fraction", 0.0)),
+    },
+    data_seed=run_lib.data_seed(config),
+    seeds_unlearned=[s["seed"] for s in unlearned],
+    seeds_retrained=[s["seed"] for s in reference],
+    cost={
+      "train_seconds": float(sum(s["train_seconds"] for s in unlearned)),
+      "unlearn_seconds": float(sum(s["unlearn_seconds"] for s in unlearned)),
+      "retrain_seconds": float(sum(s["unlearn_seconds"] for s in reference)),
+      "reference_wall_seconds": t_ref,
+      "audit_wall_seconds": time.perf_counter() - t0,
+      "bank": bank,
+    },
+  )
   out_dir = os.path.join(workdir, "audit", method.name)
   os.makedirs(out_dir, exist_ok=True)
   checkpoint.write_json_atomic(os.path.join(out_dir, "audit.json"), result)
   plot_epsilons(result, os.path.join(out_dir, "epsilons.png"))
-  print(f"[audit {method.name}] K={num_models} n={result['num_examples']}: "
-        f"F={result['forget_score']:.3f} final={result['final_score']:.3f} "
-        f"U-LiRA AUC={result['ulira_auc']:.3f} TPR@1%={result['ulira_tpr_at_1pct_fpr']:.3f}"
-        + (f" | original F={result['original']['forget_score']:.3f} U-LiRA AUC="
-           f"{result['original']['ulira_auc']:.3f}" if "original" in result else ""),
-        flush=True)
+  print(
+    f"[audit {method.name}] K={num_models} n={result['num_examples']}: "
+    f"F={result['forget_score']:.3f} final={result['final_score']:.3f} "
+    f"U-LiRA AUC={result['ulira_auc']:.3f} TPR@1%={result['ulira_tpr_at_1pct_fpr']:.3f}"
+    + (
+      f" | original F={result['original']['forget_score']:.3f} U-LiRA AUC="
+      f"{result['original']['ulira_auc']:.3f}"
+      if "original" in result
+      else ""
+    ),
+    flush=True,
+  )
   return result
 
 
 def plot_epsilons(result: dict, path: str):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   eps = np.asarray(result["epsilons"])
   fig, ax = plt.subplots(figsize=(6, 3.6))
   ax.hist(np.minimum(eps, 6.25), bins=np.arange(0, 6.75, 0.25), color="tab:blue")
   ax.set_xlabel("per-example epsilon (>= 6 shown at 6; cap 50 = degenerate/separated)")
   ax.set_ylabel("forgotten samples")
-  ax.set_title(f"{result['method']}: F = {result['forget_score']:.3f}, U-LiRA AUC = "
-               f"{result['ulira_auc']:.3f} (K = {result['num_models']})")
+  ax.set_title(
+    f"{result['method']}: F = {result['forget_score']:.3f}, U-LiRA AUC = "
+    f"{result['ulira_auc']:.3f} (K = {result['num_models']})"
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -370,8 +459,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   if FLAGS.config is None:
-    raise app.UsageError("--config is required, e.g. --config=experiments/configs/"
-                         "audit_digits.py")
+    raise app.UsageError("--config is required, e.g. --config=experiments/configs/audit_digits.py")
   try:
     audit(FLAGS.config, FLAGS.workdir, FLAGS.method, FLAGS.models, FLAGS.bank)
   except (ValueError, OSError, FloatingPointError) as e:
@@ -380,21 +468,24 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-  from absl import flags
-  from absl import logging
+  from absl import app, flags, logging
   from ml_collections import config_flags
 
   from fu_jax import xla_flags
+
   xla_flags.use_defaults()
   FLAGS = flags.FLAGS
   flags.DEFINE_string("method", None, "Unlearning method to audit.", required=True)
-  flags.DEFINE_string("workdir", None, "Directory for the bank and audit outputs.",
-                      required=True)
+  flags.DEFINE_string("workdir", None, "Directory for the bank and audit outputs.", required=True)
   flags.DEFINE_integer("models", 16, "K: models per side (unlearned and retrained).")
-  flags.DEFINE_string("bank", "auto", "How the K models of a side run: vmap (one vmapped "
-                      "program per FedAvg phase), sequential (one run after another), auto "
-                      "(vmap where the client runner vmaps).")
-  config_flags.DEFINE_config_file("config", None, "Config file (a get_config() module).",
-                                  lock_config=True)
+  flags.DEFINE_string(
+    "bank",
+    "auto",
+    "How the K models of a side run: vmap (one vmapped "
+    "program per FedAvg phase), sequential (one run after another), auto "
+    "(vmap where the client runner vmaps).",
+  )
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file (a get_config() module).", lock_config=True
+  )
   app.run(main)

@@ -10,6 +10,7 @@ the README's metric table). Two speed-ups over retrain, both from the results' s
 total compute (unlearn_seconds: clients one after another) and parallel
 (unlearn_parallel_seconds: the critical path had the sampled clients run in parallel).
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,15 +24,15 @@ import numpy as np
 
 # (results key, column title, compare to retrain by difference)
 METRICS = (
-    ("test_acc", "test acc", True),
-    ("retain_acc", "retain acc", True),
-    ("forget_acc", "forget acc", True),
-    ("class_acc", "class acc", True),
-    ("forget_train_acc", "forget train acc", True),
-    ("bd_acc", "backdoor acc", True),
-    ("mia_auc", "MIA AUC", True),
-    ("mia_attack_acc", "MIA attack acc", True),
-    ("mia_shadow_recall", "MIA shadow recall", True),
+  ("test_acc", "test acc", True),
+  ("retain_acc", "retain acc", True),
+  ("forget_acc", "forget acc", True),
+  ("class_acc", "class acc", True),
+  ("forget_train_acc", "forget train acc", True),
+  ("bd_acc", "backdoor acc", True),
+  ("mia_auc", "MIA AUC", True),
+  ("mia_attack_acc", "MIA attack acc", True),
+  ("mia_shadow_recall", "MIA shadow recall", True),
 )
 
 # Reference rows that do no unlearning (the trained model as it is): a speed-up against
@@ -45,20 +46,26 @@ class CompareError(ValueError):
 
 def load_runs(workdir: str) -> dict:
   """{method: [results dict per seed]} from a workdir (single- or multi-seed layout)."""
-  paths = sorted(glob.glob(os.path.join(workdir, "*", "results.json")) +
-                 glob.glob(os.path.join(workdir, "seed_*", "*", "results.json")))
+  paths = sorted(
+    glob.glob(os.path.join(workdir, "*", "results.json"))
+    + glob.glob(os.path.join(workdir, "seed_*", "*", "results.json"))
+  )
   runs = {}
   for p in paths:
     with open(p) as f:
       r = json.load(f)
     runs.setdefault(r["method"], []).append(r)
   if not runs:
-    raise CompareError(f"no results.json under {workdir}/<method>/ or {workdir}/seed_*/<method>/;"
-                       " run experiments.main into this workdir first")
+    raise CompareError(
+      f"no results.json under {workdir}/<method>/ or {workdir}/seed_*/<method>/;"
+      " run experiments.main into this workdir first"
+    )
   if "retrain" not in runs:
-    raise CompareError(f"{workdir} has runs of {sorted(runs)} but no retrain run, the "
-                       "reference every number is compared with; run --method=retrain "
-                       "with the same config into this workdir")
+    raise CompareError(
+      f"{workdir} has runs of {sorted(runs)} but no retrain run, the "
+      "reference every number is compared with; run --method=retrain "
+      "with the same config into this workdir"
+    )
   return runs
 
 
@@ -79,13 +86,17 @@ def summarize(runs: dict) -> list[dict]:
       row[key] = float(v.mean()) if v.size else None
       row[key + "_std"] = float(v.std()) if v.size > 1 else None
       row[key + "_gap"] = float(v.mean() - rv.mean()) if v.size and rv.size else None
-    for key, speedup in (("unlearn_seconds", "speedup"),
-                         ("unlearn_parallel_seconds", "speedup_parallel")):
+    for key, speedup in (
+      ("unlearn_seconds", "speedup"),
+      ("unlearn_parallel_seconds", "speedup_parallel"),
+    ):
       secs, ref_secs = _values(rs, key), _values(ref, key)
       row[key] = float(secs.mean()) if secs.size else None
-      row[speedup] = (float(ref_secs.mean()) / row[key]
-                      if method not in NO_UNLEARNING and ref_secs.size and row[key]
-                      and row[key] > 0 else None)
+      row[speedup] = (
+        float(ref_secs.mean()) / row[key]
+        if method not in NO_UNLEARNING and ref_secs.size and row[key] and row[key] > 0
+        else None
+      )
     row["bytes"] = float(np.mean(_values(rs, "bytes_up") + _values(rs, "bytes_down")))
     steps = _values(rs, "relearn_steps_to_recover")  # eval.relearn_steps > 0 runs only
     row["relearn_steps"] = float(steps.mean()) if steps.size else None
@@ -98,11 +109,15 @@ def summarize(runs: dict) -> list[dict]:
 def metric_names(results: list) -> tuple:
   """(forgetting metric, utility metric) the runs name (results.json); for results written
   before they carried the names, forget_acc / retain_acc."""
-  names = {(r.get("forgetting_metric", "forget_acc"), r.get("utility_metric", "retain_acc"))
-           for r in results}
+  names = {
+    (r.get("forgetting_metric", "forget_acc"), r.get("utility_metric", "retain_acc"))
+    for r in results
+  }
   if len(names) > 1:
-    raise CompareError(f"runs of one method disagree on their metrics {sorted(names)}: "
-                       "they serve different request kinds; compare them apart")
+    raise CompareError(
+      f"runs of one method disagree on their metrics {sorted(names)}: "
+      "they serve different request kinds; compare them apart"
+    )
   return names.pop()
 
 
@@ -127,8 +142,11 @@ def to_markdown(rows: list[dict]) -> str:
   forgetting, utility = rows[0]["forgetting_metric"], rows[0]["utility_metric"]
   cols = [m for m in METRICS if any(r[m[0]] is not None for r in rows)]
   relearn = any(r.get("relearn_steps") is not None for r in rows)
-  head = ["method", "seeds"] + [c[1] for c in cols] + [
-      "unlearn s", "parallel s", "speed-up", "parallel speed-up", "bytes"]
+  head = (
+    ["method", "seeds"]
+    + [c[1] for c in cols]
+    + ["unlearn s", "parallel s", "speed-up", "parallel speed-up", "bytes"]
+  )
   head += ["relearn steps"] if relearn else []
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
@@ -144,20 +162,26 @@ def to_markdown(rows: list[dict]) -> str:
         s += f" ({100 * r[key + '_gap']:+.1f})"
       cells.append(s)
     speed = lambda v: "—" if v is None else f"{v:.1f}x"
-    cells += [_fmt(r["unlearn_seconds"], False), _fmt(r["unlearn_parallel_seconds"], False),
-              speed(r["speedup"]), speed(r["speedup_parallel"]), _bytes(r["bytes"])]
+    cells += [
+      _fmt(r["unlearn_seconds"], False),
+      _fmt(r["unlearn_parallel_seconds"], False),
+      speed(r["speedup"]),
+      speed(r["speedup_parallel"]),
+      _bytes(r["bytes"]),
+    ]
     if relearn:  # ">= budget" when some seed never reached the target
       v = r.get("relearn_steps")
       cells.append("—" if v is None else (">=" if r["relearn_capped"] else "") + f"{v:.0f}")
     lines.append("| " + " | ".join(cells) + " |")
-  return (f"Forgetting: {_title(forgetting)} (with backdoor acc and MIA where present); "
-          f"utility: {_title(utility)}. Accuracies in %, mean ± std over seeds, (gap to "
-          "retrain in points). Speed-up = retrain's unlearning seconds / the method's "
-          "(compiled; compilation reported apart); parallel = the same with the sampled "
-          "clients of a round running at once (the slowest client counts). Relearn steps: "
-          "SGD steps on the forgotten samples until their accuracy is half the original "
-          "model's (>= the budget: never reached).\n\n"
-          + "\n".join(lines) + "\n")
+  return (
+    f"Forgetting: {_title(forgetting)} (with backdoor acc and MIA where present); "
+    f"utility: {_title(utility)}. Accuracies in %, mean ± std over seeds, (gap to "
+    "retrain in points). Speed-up = retrain's unlearning seconds / the method's "
+    "(compiled; compilation reported apart); parallel = the same with the sampled "
+    "clients of a round running at once (the slowest client counts). Relearn steps: "
+    "SGD steps on the forgotten samples until their accuracy is half the original "
+    "model's (>= the budget: never reached).\n\n" + "\n".join(lines) + "\n"
+  )
 
 
 def plot(rows: list[dict], path: str):
@@ -166,43 +190,45 @@ def plot(rows: list[dict], path: str):
   points then spread by utility and speed, not pile up at forget = 0). Right: both
   speed-ups as labelled bars."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   forgetting, utility = rows[0]["forgetting_metric"], rows[0]["utility_metric"]
   fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
   # fedavg does no unlearning: its "speed-up" is the timer's resolution and would squash
   # every other method against the axis.
   rows = [r for r in rows if r["method"] != "fedavg"]
-  pts = [r for r in rows if r[utility + "_gap"] is not None and
-         (r["speedup_parallel"] or r["speedup"])]
+  pts = [
+    r for r in rows if r[utility + "_gap"] is not None and (r["speedup_parallel"] or r["speedup"])
+  ]
   if pts:
     xs = [r["speedup_parallel"] or r["speedup"] for r in pts]
     ys = [100 * r[utility + "_gap"] for r in pts]
     fs = [100 * r[forgetting] if r[forgetting] is not None else float("nan") for r in pts]
-    sc = a.scatter(xs, ys, c=fs, cmap="viridis_r", vmin=0, vmax=100, s=80,
-                   edgecolors="k", zorder=3)
+    sc = a.scatter(xs, ys, c=fs, cmap="viridis_r", vmin=0, vmax=100, s=80, edgecolors="k", zorder=3)
     fig.colorbar(sc, ax=a, label=f"{_title(forgetting)} (%)")
     for r, x, y, f in zip(pts, xs, ys, fs):
-      a.annotate(f"{r['method']} ({f:.1f})", (x, y), textcoords="offset points",
-                 xytext=(6, 3), fontsize=8)
+      a.annotate(
+        f"{r['method']} ({f:.1f})", (x, y), textcoords="offset points", xytext=(6, 3), fontsize=8
+      )
     a.set_xscale("log")
     a.margins(x=0.25, y=0.15)
   a.axhline(0.0, color="k", lw=1)
   a.set_xlabel("parallel speed-up over retrain (×, log scale)")
   a.set_ylabel(f"{_title(utility)} gap to retrain (points)")
-  a.set_title(f"Utility vs speed (colour and brackets: {_title(forgetting)}, %)",
-              fontsize=10)
+  a.set_title(f"Utility vs speed (colour and brackets: {_title(forgetting)}, %)", fontsize=10)
   a.grid(alpha=0.3)
-  others = [r for r in rows if r["method"] != "retrain" and (r["speedup"] or
-                                                             r["speedup_parallel"])]
+  others = [r for r in rows if r["method"] != "retrain" and (r["speedup"] or r["speedup_parallel"])]
   y = np.arange(len(others))
   h = 0.38
-  for off, key, label, color in ((-h / 2, "speedup", "total compute", "tab:blue"),
-                                 (h / 2, "speedup_parallel", "parallel", "tab:orange")):
+  for off, key, label, color in (
+    (-h / 2, "speedup", "total compute", "tab:blue"),
+    (h / 2, "speedup_parallel", "parallel", "tab:orange"),
+  ):
     vals = [r[key] or 0.0 for r in others]
     bars = b.barh(y + off, vals, height=h, label=label, color=color)
-    b.bar_label(bars, labels=[f"{v:.1f}x" if v else "—" for v in vals], fontsize=8,
-                padding=2)
+    b.bar_label(bars, labels=[f"{v:.1f}x" if v else "—" for v in vals], fontsize=8, padding=2)
   b.set_yticks(y, [r["method"] for r in others])
   b.axvline(1.0, color="k", lw=1)
   b.set_xscale("log")
@@ -227,25 +253,50 @@ def load_audits(workdir: str) -> dict:
 
 def audit_markdown(audits: dict) -> str:
   """The per-example audit table: F, final score, U-LiRA, K (retrain first)."""
-  head = ["method", "K", "forget score F", "final score", "U-LiRA AUC", "TPR@1%FPR",
-          "TPR@0.1%FPR", "F before unlearning", "AUC before unlearning"]
+  head = [
+    "method",
+    "K",
+    "forget score F",
+    "final score",
+    "U-LiRA AUC",
+    "TPR@1%FPR",
+    "TPR@0.1%FPR",
+    "F before unlearning",
+    "AUC before unlearning",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for m in sorted(audits, key=lambda m: (m != "retrain", m)):
     a, o = audits[m], audits[m].get("original") or {}
     f = lambda v: "—" if v is None else f"{v:.3f}"
-    lines.append("| " + " | ".join([
-        m, str(a["num_models"]), f(a["forget_score"]), f(a["final_score"]), f(a["ulira_auc"]),
-        f(a["ulira_tpr_at_1pct_fpr"]), f(a["ulira_tpr_at_01pct_fpr"]),
-        f(o.get("forget_score")), f(o.get("ulira_auc"))]) + " |")
-  return ("\nPer-example audit (experiments.audit): each method's K unlearned models against K "
-          "independently retrained ones; F in [0, 1] (1 = every epsilon < 0.5), U-LiRA AUC 0.5 "
-          "= indistinguishable from retraining.\n\n" + "\n".join(lines) + "\n")
+    lines.append(
+      "| "
+      + " | ".join(
+        [
+          m,
+          str(a["num_models"]),
+          f(a["forget_score"]),
+          f(a["final_score"]),
+          f(a["ulira_auc"]),
+          f(a["ulira_tpr_at_1pct_fpr"]),
+          f(a["ulira_tpr_at_01pct_fpr"]),
+          f(o.get("forget_score")),
+          f(o.get("ulira_auc")),
+        ]
+      )
+      + " |"
+    )
+  return (
+    "\nPer-example audit (experiments.audit): each method's K unlearned models against K "
+    "independently retrained ones; F in [0, 1] (1 = every epsilon < 0.5), U-LiRA AUC 0.5 "
+    "= indistinguishable from retraining.\n\n" + "\n".join(lines) + "\n"
+  )
 
 
 def compare(workdir: str) -> list[dict]:
   audits = load_audits(workdir)
   if audits and not glob.glob(os.path.join(workdir, "*", "results.json")) + glob.glob(
-      os.path.join(workdir, "seed_*", "*", "results.json")):
+    os.path.join(workdir, "seed_*", "*", "results.json")
+  ):
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
       f.write(audit_markdown(audits))
     return []
@@ -268,14 +319,15 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(open(os.path.join(FLAGS.workdir, "comparison.md")).read())
-  print(f"wrote {FLAGS.workdir}/comparison.md" +
-        (", comparison.csv, comparison.png" if rows else " (audits only)"))
+  print(
+    f"wrote {FLAGS.workdir}/comparison.md"
+    + (", comparison.csv, comparison.png" if rows else " (audits only)")
+  )
 
 
 if __name__ == "__main__":
-  from absl import app
-  from absl import flags
+  from absl import app, flags
+
   FLAGS = flags.FLAGS
-  flags.DEFINE_string("workdir", None, "Workdir holding <method>/results.json runs.",
-                      required=True)
+  flags.DEFINE_string("workdir", None, "Workdir holding <method>/results.json runs.", required=True)
   app.run(main)

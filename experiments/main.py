@@ -17,45 +17,68 @@ TensorBoard events and comparisons; checkpoints are written by all together (orb
 rerunning the same n commands resumes. The workdir must be on a filesystem every process
 sees. See README.md, "Several processes".
 """
+
 import difflib
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fu_jax import compilation_cache
-from fu_jax import multihost
-from fu_jax import xla_flags
+from fu_jax import compilation_cache, multihost, xla_flags
 
 xla_flags.use_defaults()  # before any JAX computation: XLA reads its flags once
 
 from fu_jax import methods  # noqa: E402  pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("method", "fedavg", f"Unlearning method: one of {sorted(methods.REGISTRY)}, "
-                    "or 'all' (every method that serves the request, then a comparison).")
-flags.DEFINE_list("seeds", [], "Run each of these seeds into <workdir>/seed_<s>/ (overrides "
-                  "config.seed), then compare mean and spread.")
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.",
-                    required=True)
-config_flags.DEFINE_config_file("config", None, "Config file (a get_config() module).",
-                                lock_config=True)
-flags.DEFINE_string("compilation_cache_dir", None,
-                    "Persistent XLA compilation cache, shared by every run of this user "
-                    f"(default: ${compilation_cache.ENV_VAR} when set, else "
-                    f"{compilation_cache.default_dir()}); '' turns it off.")
-flags.DEFINE_bool("rerun", False, "Recompute runs that already finished (by default a finished "
-                  "run is left as it is and only its results path is printed).")
-flags.DEFINE_bool("compilation_cache", True, "Use the persistent compilation cache "
-                  "(--nocompilation_cache: compile everything in this process).")
-flags.DEFINE_string("coordinator_address", None, "Several processes, one run: host:port of "
-                    "process 0, the same for every process (absent: one process).")
+flags.DEFINE_string(
+  "method",
+  "fedavg",
+  f"Unlearning method: one of {sorted(methods.REGISTRY)}, "
+  "or 'all' (every method that serves the request, then a comparison).",
+)
+flags.DEFINE_list(
+  "seeds",
+  [],
+  "Run each of these seeds into <workdir>/seed_<s>/ (overrides "
+  "config.seed), then compare mean and spread.",
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.", required=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file (a get_config() module).", lock_config=True
+)
+flags.DEFINE_string(
+  "compilation_cache_dir",
+  None,
+  "Persistent XLA compilation cache, shared by every run of this user "
+  f"(default: ${compilation_cache.ENV_VAR} when set, else "
+  f"{compilation_cache.default_dir()}); '' turns it off.",
+)
+flags.DEFINE_bool(
+  "rerun",
+  False,
+  "Recompute runs that already finished (by default a finished "
+  "run is left as it is and only its results path is printed).",
+)
+flags.DEFINE_bool(
+  "compilation_cache",
+  True,
+  "Use the persistent compilation cache "
+  "(--nocompilation_cache: compile everything in this process).",
+)
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "Several processes, one run: host:port of "
+  "process 0, the same for every process (absent: one process).",
+)
 flags.DEFINE_integer("num_processes", None, "Several processes: how many run this command.")
-flags.DEFINE_integer("process_id", None, "Several processes: this process's index, "
-                     "0..num_processes-1 (0 writes the results).")
+flags.DEFINE_integer(
+  "process_id",
+  None,
+  "Several processes: this process's index, 0..num_processes-1 (0 writes the results).",
+)
 
 
 def main(argv):
@@ -67,16 +90,18 @@ def main(argv):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  cache_dir = compilation_cache.enable(compilation_cache.resolve_dir(
-      FLAGS.compilation_cache_dir, FLAGS.compilation_cache))
+  cache_dir = compilation_cache.enable(
+    compilation_cache.resolve_dir(FLAGS.compilation_cache_dir, FLAGS.compilation_cache)
+  )
   cache_stats = compilation_cache.stats()
-  from experiments import run  # heavy imports after flag parsing: --help stays fast
-  clock = run.compile_clock()  # from here on: the process's whole compile time
+  from experiments import run as run_lib  # heavy imports after flag parsing: --help stays fast
+
+  clock = run_lib.compile_clock()  # from here on: the process's whole compile time
   config = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=experiments/configs/digits.py")
   try:
-    names = run.methods_for(FLAGS.method, config.unlearn.kind)
+    names = run_lib.methods_for(FLAGS.method, config.unlearn.kind)
     seeds = [int(s) for s in FLAGS.seeds] or [None]
     for seed in seeds:
       workdir = FLAGS.workdir if seed is None else os.path.join(FLAGS.workdir, f"seed_{seed}")
@@ -86,21 +111,25 @@ def main(argv):
           if seed is not None:
             config.seed = seed
         try:
-          run.run(config, workdir, rerun=FLAGS.rerun)
-        except run.base.Unservable as e:
+          run_lib.run(config, workdir, rerun=FLAGS.rerun)
+        except run_lib.base.Unservable as e:
           if FLAGS.method != "all":
             raise
           print(f"--method=all: {name} skipped: {e}", flush=True)
     if (len(names) > 1 or len(seeds) > 1) and multihost.is_primary():
       from experiments import compare
+
       compare.compare(FLAGS.workdir)
       print(open(os.path.join(FLAGS.workdir, "comparison.md")).read())
     if cache_dir is not None:
-      parts = ", ".join(f"{e.rsplit('/', 1)[1].replace('_duration', '')} {v:.1f}"
-                        for e, v in clock.by_event.items())
-      print(f"compilation: {clock.seconds:.1f} s in this process ({parts}); cache "
-            f"{cache_dir}: {cache_stats.hits} programs loaded, {cache_stats.misses} compiled",
-            flush=True)
+      parts = ", ".join(
+        f"{e.rsplit('/', 1)[1].replace('_duration', '')} {v:.1f}" for e, v in clock.by_event.items()
+      )
+      print(
+        f"compilation: {clock.seconds:.1f} s in this process ({parts}); cache "
+        f"{cache_dir}: {cache_stats.hits} programs loaded, {cache_stats.misses} compiled",
+        flush=True,
+      )
   except (ValueError, OSError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -110,6 +139,7 @@ def _config_key_error(flagname: str) -> str | None:
   """'--config.a.b: ...' naming the first unknown part of the dotted path and the keys
   allowed where it failed; None when the path exists."""
   from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
+
   node, where = FLAGS["config"].value, "config"
   if node is None:
     return f"--{flagname}: give --config=<file> before overriding its keys"
@@ -163,6 +193,5 @@ if __name__ == "__main__":
     app.run(main, flags_parser=_parse_flags)
   except KeyboardInterrupt:
     # Checkpoints are written atomically (fu_jax/checkpoint.py): the same command resumes.
-    print("interrupted; rerun the same command to resume from the last checkpoint",
-          file=sys.stderr)
+    print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
     sys.exit(130)

@@ -11,6 +11,7 @@ Layout of a workdir:
 Every random choice derives from config.seed through fl.stream_key, so a killed run
 resumed from its checkpoints ends bit-identical to an uninterrupted one (timings aside).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,16 +27,12 @@ import numpy as np
 import optax
 
 from experiments import compare
-
-from fu_jax import checkpoint
+from fu_jax import checkpoint, fl, models, multihost
 from fu_jax import data as data_lib
-from fu_jax import fl
 from fu_jax import images as images_lib
 from fu_jax import logging as log_lib
 from fu_jax import losses as losses_lib
 from fu_jax import methods as methods_lib
-from fu_jax import models
-from fu_jax import multihost
 from fu_jax.methods import base
 from fu_jax.metrics import accuracy as acc_lib
 from fu_jax.metrics import backdoor as bd_lib
@@ -43,9 +40,16 @@ from fu_jax.metrics import mia as mia_lib
 from fu_jax.metrics import relearn as relearn_lib
 
 # results.json fields that measure time: they differ between otherwise identical runs.
-TIMING_FIELDS = ("train_seconds", "unlearn_seconds", "unlearn_parallel_seconds",
-                 "compile_seconds", "eval_seconds", "speedup_vs_retrain",
-                 "speedup_parallel_vs_retrain", "train_overhead_vs_fedavg")
+TIMING_FIELDS = (
+  "train_seconds",
+  "unlearn_seconds",
+  "unlearn_parallel_seconds",
+  "compile_seconds",
+  "eval_seconds",
+  "speedup_vs_retrain",
+  "speedup_parallel_vs_retrain",
+  "train_overhead_vs_fedavg",
+)
 PARTITIONS = data_lib.PARTITIONS
 
 # Which results.json metric measures forgetting and which utility, per request kind (the
@@ -59,10 +63,10 @@ PARTITIONS = data_lib.PARTITIONS
 #   client        forget_train_acc; retain_acc: test accuracy of every class.
 #   samples       (individual training samples) as client.
 METRICS_BY_KIND = {
-    "class": ("forget_acc", "retain_acc"),
-    "client_class": ("forget_train_acc", "retain_acc"),
-    "client": ("forget_train_acc", "retain_acc"),
-    "samples": ("forget_train_acc", "retain_acc"),
+  "class": ("forget_acc", "retain_acc"),
+  "client_class": ("forget_train_acc", "retain_acc"),
+  "client": ("forget_train_acc", "retain_acc"),
+  "samples": ("forget_train_acc", "retain_acc"),
 }
 
 
@@ -76,8 +80,9 @@ ConfigError = base.ConfigError
 _require = base.require
 
 
-def validate(config, method_name: str, num_classes: int | None = None,
-             num_train: int | None = None):
+def validate(
+  config, method_name: str, num_classes: int | None = None, num_train: int | None = None
+):
   """Raises ConfigError naming the bad value and what is allowed: the runner's sections
   here, the method's own section by its Method.validate.
 
@@ -86,56 +91,71 @@ def validate(config, method_name: str, num_classes: int | None = None,
   """
   method = methods_lib.get(method_name)  # unknown method -> ValueError listing the allowed
   d, f = config.data, config.fl
-  _require(isinstance(d.num_clients, int) and d.num_clients >= 1,
-           f"data.num_clients={d.num_clients!r}: must be an int >= 1")
+  _require(
+    isinstance(d.num_clients, int) and d.num_clients >= 1,
+    f"data.num_clients={d.num_clients!r}: must be an int >= 1",
+  )
   size = d.get("train_size", 0)
-  _require(isinstance(size, int) and not isinstance(size, bool) and size >= 0,
-           f"data.train_size={size!r}: must be 0 (all) or an int in 1..number of training "
-           "examples")
+  _require(
+    isinstance(size, int) and not isinstance(size, bool) and size >= 0,
+    f"data.train_size={size!r}: must be 0 (all) or an int in 1..number of training examples",
+  )
   if num_train is not None:
-    _require(size <= num_train,
-             f"data.train_size={size}: allowed 0 (all) or 1..{num_train} (the training set)")
-  _require(d.partition in PARTITIONS,
-           f"data.partition={d.partition!r}: allowed {PARTITIONS}")
+    _require(
+      size <= num_train,
+      f"data.train_size={size}: allowed 0 (all) or 1..{num_train} (the training set)",
+    )
+  _require(d.partition in PARTITIONS, f"data.partition={d.partition!r}: allowed {PARTITIONS}")
   _require(d.alpha > 0, f"data.alpha={d.alpha!r}: must be > 0")
   sigma = d.get("size_sigma", 0.0)
-  _require(isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0,
-           f"data.size_sigma={sigma!r}: must be a finite number >= 0 (0 = equal sizes)")
+  _require(
+    isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0,
+    f"data.size_sigma={sigma!r}: must be a finite number >= 0 (0 = equal sizes)",
+  )
   _require(isinstance(f.rounds, int) and f.rounds >= 1, f"fl.rounds={f.rounds!r}: must be >= 1")
   _require(f.local_epochs >= 1, f"fl.local_epochs={f.local_epochs!r}: must be >= 1")
   _require(f.batch_size >= 1, f"fl.batch_size={f.batch_size!r}: must be >= 1")
   _require(f.client_lr > 0, f"fl.client_lr={f.client_lr!r}: must be > 0")
   _require(f.runner in fl.RUNNERS, f"fl.runner={f.runner!r}: allowed {fl.RUNNERS}")
-  _require(multihost.process_count() == 1 or f.runner in ("auto", "shard"),
-           f"fl.runner={f.runner!r} would run every client in each of the "
-           f"{multihost.process_count()} processes; with several processes allowed: "
-           "'shard' or 'auto' (which picks it)")
-  _require(config.model.name in models.MODEL_NAMES,
-           f"model.name={config.model.name!r}: allowed {models.MODEL_NAMES}")
+  _require(
+    multihost.process_count() == 1 or f.runner in ("auto", "shard"),
+    f"fl.runner={f.runner!r} would run every client in each of the "
+    f"{multihost.process_count()} processes; with several processes allowed: "
+    "'shard' or 'auto' (which picks it)",
+  )
+  _require(
+    config.model.name in models.MODEL_NAMES,
+    f"model.name={config.model.name!r}: allowed {models.MODEL_NAMES}",
+  )
   fl.num_sampled_clients(f.clients_per_round, d.num_clients)
   u = config.unlearn
   _require(u.kind in base.REQUEST_KINDS, f"unlearn.kind={u.kind!r}: allowed {base.REQUEST_KINDS}")
   if u.kind in ("client", "client_class"):
-    _require(0 <= u.forget_client < d.num_clients,
-             f"unlearn.forget_client={u.forget_client}: allowed 0..{d.num_clients - 1}")
+    _require(
+      0 <= u.forget_client < d.num_clients,
+      f"unlearn.forget_client={u.forget_client}: allowed 0..{d.num_clients - 1}",
+    )
   if u.kind == "samples":
     _validate_samples(config)
   if num_classes is not None and u.kind not in ("client", "samples"):
     for c in request_classes(config):
-      _require(0 <= c < num_classes,
-               f"unlearn.forget_class={c}: allowed 0..{num_classes - 1}")
+      _require(0 <= c < num_classes, f"unlearn.forget_class={c}: allowed 0..{num_classes - 1}")
   r = config.eval.relearn_steps
-  _require(isinstance(r, int) and r >= 0, f"eval.relearn_steps={r!r}: must be an int >= 0 "
-           "(0 = off)")
+  _require(
+    isinstance(r, int) and r >= 0, f"eval.relearn_steps={r!r}: must be an int >= 0 (0 = off)"
+  )
   m = config.eval.relearn_retained
-  _require(isinstance(m, (int, float)) and m >= 0,
-           f"eval.relearn_retained={m!r}: must be a number >= 0 (0 = forgotten samples only)")
+  _require(
+    isinstance(m, (int, float)) and m >= 0,
+    f"eval.relearn_retained={m!r}: must be a number >= 0 (0 = forgotten samples only)",
+  )
   if method.validate is not None:
     method.validate(config)
   why = f" ({method.why})" if method.why else ""
-  _require(u.kind in method.kinds,
-           f"method {method_name!r} cannot serve unlearn.kind={u.kind!r}{why}; it serves "
-           f"{method.kinds}")
+  _require(
+    u.kind in method.kinds,
+    f"method {method_name!r} cannot serve unlearn.kind={u.kind!r}{why}; it serves {method.kinds}",
+  )
 
 
 def _validate_samples(config):
@@ -143,17 +163,26 @@ def _validate_samples(config):
   path = u.get("forget_indices", "") or ""
   frac = u.get("forget_fraction", 0.0)
   if path:
-    _require(not frac, f"unlearn.forget_fraction={frac!r} and unlearn.forget_indices="
-             f"{path!r}: set one of them, not both")
-    _require(os.path.isfile(path), f"unlearn.forget_indices={path!r}: no such file (expected "
-             "a .npy file of training-set positions)")
+    _require(
+      not frac,
+      f"unlearn.forget_fraction={frac!r} and unlearn.forget_indices="
+      f"{path!r}: set one of them, not both",
+    )
+    _require(
+      os.path.isfile(path),
+      f"unlearn.forget_indices={path!r}: no such file (expected "
+      "a .npy file of training-set positions)",
+    )
     return
-  _require(isinstance(frac, (int, float)) and 0 < frac <= 1,
-           f"unlearn.forget_fraction={frac!r}: must be in (0, 1] (or give "
-           "unlearn.forget_indices=<file.npy>) for unlearn.kind='samples'")
-  _require(u.forget_client == -1 or 0 <= u.forget_client < n,
-           f"unlearn.forget_client={u.forget_client}: allowed -1 (every client) or "
-           f"0..{n - 1}")
+  _require(
+    isinstance(frac, (int, float)) and 0 < frac <= 1,
+    f"unlearn.forget_fraction={frac!r}: must be in (0, 1] (or give "
+    "unlearn.forget_indices=<file.npy>) for unlearn.kind='samples'",
+  )
+  _require(
+    u.forget_client == -1 or 0 <= u.forget_client < n,
+    f"unlearn.forget_client={u.forget_client}: allowed -1 (every client) or 0..{n - 1}",
+  )
 
 
 def request_classes(config) -> tuple:
@@ -166,8 +195,9 @@ def methods_for(name: str, kind: str) -> list[str]:
   if name != "all":
     methods_lib.get(name)
     return [name]
-  names = ["retrain"] + sorted(n for n, m in methods_lib.REGISTRY.items()
-                               if n != "retrain" and kind in m.kinds)
+  names = ["retrain"] + sorted(
+    n for n, m in methods_lib.REGISTRY.items() if n != "retrain" and kind in m.kinds
+  )
   skipped = sorted(n for n, m in methods_lib.REGISTRY.items() if kind not in m.kinds)
   if skipped:
     print(f"--method=all: {skipped} cannot serve unlearn.kind={kind!r}; skipped", flush=True)
@@ -202,16 +232,20 @@ def forget_samples(config, owner: np.ndarray) -> np.ndarray:
     try:
       idx = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-      raise ConfigError(f"unlearn.forget_indices={path!r}: cannot read it as a .npy array "
-                        f"({e})") from None
-    _require(idx.ndim == 1 and (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)),
-             f"unlearn.forget_indices={path!r}: expected a 1-D integer array, got "
-             f"{idx.dtype} {idx.shape}")
+      raise ConfigError(
+        f"unlearn.forget_indices={path!r}: cannot read it as a .npy array ({e})"
+      ) from None
+    _require(
+      idx.ndim == 1 and (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)),
+      f"unlearn.forget_indices={path!r}: expected a 1-D integer array, got {idx.dtype} {idx.shape}",
+    )
     _require(idx.size > 0, f"unlearn.forget_indices={path!r} is empty: no sample to forget")
     bad = idx[(idx < 0) | (idx >= n)]
     if bad.size:
-      raise ConfigError(f"unlearn.forget_indices={path!r}: position {int(bad[0])} out of "
-                        f"range; allowed 0..{n - 1} (training-set positions)")
+      raise ConfigError(
+        f"unlearn.forget_indices={path!r}: position {int(bad[0])} out of "
+        f"range; allowed 0..{n - 1} (training-set positions)"
+      )
     rows[idx] = True
     return rows
   clients = range(int(owner.max()) + 1) if u.forget_client == -1 else [int(u.forget_client)]
@@ -220,23 +254,32 @@ def forget_samples(config, owner: np.ndarray) -> np.ndarray:
     if own.size == 0:
       continue
     count = max(1, math.floor(float(u.forget_fraction) * own.size + 0.5))
-    perm = np.asarray(jax.random.permutation(
-        fl.stream_key(data_seed(config), fl.STREAM_FORGET, k), own.size))
+    perm = np.asarray(
+      jax.random.permutation(fl.stream_key(data_seed(config), fl.STREAM_FORGET, k), own.size)
+    )
     rows[own[perm[:count]]] = True
   return rows
 
 
 def build_task(config) -> base.Task:
-  ds = data_lib.load_dataset(config.data.source, seed=data_seed(config),
-                             data_dir=config.data.data_dir or None,
-                             max_test=config.data.get("test_size", 0) or None)
+  ds = data_lib.load_dataset(
+    config.data.source,
+    seed=data_seed(config),
+    data_dir=config.data.data_dir or None,
+    max_test=config.data.get("test_size", 0) or None,
+  )
   validate(config, config.method, ds.num_classes, num_train=len(ds.y_train))
   ds = data_lib.subsample_train(ds, config.data.get("train_size", 0), data_seed(config))
-  parts = data_lib.partition(ds.y_train, config.data.num_clients, kind=config.data.partition,
-                             seed=data_seed(config), alpha=config.data.alpha,
-                             classes_per_client=config.data.classes_per_client,
-                             min_size=config.data.min_size,
-                             size_sigma=config.data.get("size_sigma", 0.0))
+  parts = data_lib.partition(
+    ds.y_train,
+    config.data.num_clients,
+    kind=config.data.partition,
+    seed=data_seed(config),
+    alpha=config.data.alpha,
+    classes_per_client=config.data.classes_per_client,
+    min_size=config.data.min_size,
+    size_sigma=config.data.get("size_sigma", 0.0),
+  )
   u = config.unlearn
   classes = () if u.kind in ("client", "samples") else request_classes(config)
   client = u.forget_client if u.kind != "class" else -1
@@ -254,14 +297,18 @@ def build_task(config) -> base.Task:
     forget_rows = forget_samples(config, owner)
   else:
     forget_rows = owner == client
-  _require(forget_rows.any(), f"the unlearning request {u.kind} (classes={classes}, "
-           f"client={client}) selects no training sample; pick a class/client that holds data")
+  _require(
+    forget_rows.any(),
+    f"the unlearning request {u.kind} (classes={classes}, "
+    f"client={client}) selects no training sample; pick a class/client that holds data",
+  )
   y_train = ds.y_train
   # One copy of the training images on the device; clients are index blocks into it.
   if config.backdoor.enabled:  # the triggered copy, in float32 (triggers are set there)
     trigger = _trigger(config, ds)
-    x_train, y_train = bd_lib.plant_backdoor(ds.x_train, y_train, forget_rows, trigger,
-                                             _flip(config), num_classes=ds.num_classes)
+    x_train, y_train = bd_lib.plant_backdoor(
+      ds.x_train, y_train, forget_rows, trigger, _flip(config), num_classes=ds.num_classes
+    )
     table = images_lib.ImageTable(x_train)
   else:
     table = images_lib.dataset_table(ds)
@@ -272,19 +319,35 @@ def build_task(config) -> base.Task:
   weights = np.ones(config.data.num_clients, np.float32)
   if u.kind == "client":
     weights[client] = 0.0
-  print(f"data {ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, "
-        f"{ds.num_classes} classes, {config.data.num_clients} clients, "
-        f"sizes {[len(p) for p in parts][:20]}", flush=True)
+  print(
+    f"data {ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test, "
+    f"{ds.num_classes} classes, {config.data.num_clients} clients, "
+    f"sizes {[len(p) for p in parts][:20]}",
+    flush=True,
+  )
   model = models.create(config.model.name, ds.num_classes, **_model_overrides(config))
   dev = lambda a: jnp.asarray(a)
   index = dev(clients.index)
-  clients = type(clients)(x=images_lib.ClientImages(index, table), y=dev(clients.y),
-                          valid=dev(clients.valid), count=dev(clients.count), index=index)
-  return base.Task(config=config, dataset=ds, clients=clients, y_true=dev(y_true),
-                   forget=dev(forget), retain_valid=dev(np.asarray(clients.valid) & ~forget),
-                   client_weights=weights, request=base.Request(u.kind, classes, client),
-                   model=model, input_shape=tuple(ds.x_train.shape[1:]),
-                   num_classes=ds.num_classes)
+  clients = type(clients)(
+    x=images_lib.ClientImages(index, table),
+    y=dev(clients.y),
+    valid=dev(clients.valid),
+    count=dev(clients.count),
+    index=index,
+  )
+  return base.Task(
+    config=config,
+    dataset=ds,
+    clients=clients,
+    y_true=dev(y_true),
+    forget=dev(forget),
+    retain_valid=dev(np.asarray(clients.valid) & ~forget),
+    client_weights=weights,
+    request=base.Request(u.kind, classes, client),
+    model=model,
+    input_shape=tuple(ds.x_train.shape[1:]),
+    num_classes=ds.num_classes,
+  )
 
 
 def _model_overrides(config) -> dict:
@@ -305,9 +368,12 @@ def _flip(config):
 
 class _CompileClock:
   """Sums XLA compilation time reported through jax.monitoring while active."""
-  EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-            "/jax/core/compile/jaxpr_to_mlir_module_duration",
-            "/jax/core/compile/backend_compile_duration")
+
+  EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+  )
 
   def __init__(self):
     self.seconds = 0.0
@@ -366,9 +432,14 @@ def training_config(config, trainer: base.Trainer | str) -> dict:
   cache key (pretrain/<trainer>-<hash of this>; tests/test_config.py pins it)."""
   t = methods_lib.trainer(trainer)
   d = _to_dict(config)
-  key = {"seed": d["seed"], "data": d["data"], "fl": {k: v for k, v in d["fl"].items()
-                                                      if k not in ("runner", "chunk_size")},
-         "model": d["model"], "trainer": t.name, "backdoor": d["backdoor"]}
+  key = {
+    "seed": d["seed"],
+    "data": d["data"],
+    "fl": {k: v for k, v in d["fl"].items() if k not in ("runner", "chunk_size")},
+    "model": d["model"],
+    "trainer": t.name,
+    "backdoor": d["backdoor"],
+  }
   if d["backdoor"]["enabled"]:  # the trigger sits in the data to be forgotten
     key["unlearn"] = d["unlearn"]
   if t.keys:
@@ -430,9 +501,14 @@ class RunEnv:
     self.runner_kind = runner_kind(cfg)
 
   def runner(self, program, epochs, batch_size):
-    return fl.ClientRunner(program, kind=self.runner_kind, epochs=epochs,
-                           batch_size=batch_size, chunk_size=self.task.config.fl.chunk_size,
-                           clock=self.clock)
+    return fl.ClientRunner(
+      program,
+      kind=self.runner_kind,
+      epochs=epochs,
+      batch_size=batch_size,
+      chunk_size=self.task.config.fl.chunk_size,
+      clock=self.clock,
+    )
 
   def evaluate(self, params):
     return self._eval_fn(params)
@@ -452,8 +528,9 @@ class RunEnv:
 
   def rounds(self, phase, init_state, num_rounds, round_fn, params_fn):
     cfg = self.task.config
-    ckpt = checkpoint.Checkpointer(os.path.join(self.dir, "ckpt", phase), self.config_dict,
-                                   every=cfg.checkpoint_every)
+    ckpt = checkpoint.Checkpointer(
+      os.path.join(self.dir, "ckpt", phase), self.config_dict, every=cfg.checkpoint_every
+    )
     state, start, meta = ckpt.restore_or(init_state, meta_template=self._meta())
     if meta is not None:
       self.cost, self.step = meta["cost"], meta["step"]
@@ -473,8 +550,10 @@ class RunEnv:
       params = params_fn(state)
       fl.check_finite(params, f"{phase} round {r + 1}")
       if "loss" in metrics and not math.isfinite(metrics["loss"]):
-        raise fl.DivergenceError(f"{phase} round {r + 1}: train loss is {metrics['loss']}; "
-                                 "lower the learning rate. No results were written.")
+        raise fl.DivergenceError(
+          f"{phase} round {r + 1}: train loss is {metrics['loss']}; "
+          "lower the learning rate. No results were written."
+        )
       for k in list(self.cost):
         self.cost[k] += metrics.pop(k, 0)
       self.cost["rounds"] += 1
@@ -490,10 +569,17 @@ class RunEnv:
         self.process["eval"] += time.perf_counter() - t0
         scalars["eval"] = ev
         forgetting = metric_names(self.task.request.kind)[0]
-        self.logger.progress(phase, r + 1, num_rounds,
-                             {"loss": metrics.get("loss", float("nan")),
-                              "test_acc": ev["test_acc"], forgetting: ev[forgetting]},
-                             started)
+        self.logger.progress(
+          phase,
+          r + 1,
+          num_rounds,
+          {
+            "loss": metrics.get("loss", float("nan")),
+            "test_acc": ev["test_acc"],
+            forgetting: ev[forgetting],
+          },
+          started,
+        )
       self.logger.scalars(self.step, scalars)
       self.logger.flush()  # on disk before the checkpoint that covers it (resume: no gap)
       ckpt.maybe_save(r + 1, state, meta=self._meta(), force=r + 1 == num_rounds)
@@ -511,8 +597,9 @@ class RunEnv:
 def metric_names(kind: str) -> tuple[str, str]:
   """(forgetting metric, utility metric) of a request kind: see METRICS_BY_KIND."""
   if kind not in METRICS_BY_KIND:
-    raise ConfigError(f"unlearn.kind={kind!r}: no metric is defined for it; allowed "
-                      f"{tuple(METRICS_BY_KIND)}")
+    raise ConfigError(
+      f"unlearn.kind={kind!r}: no metric is defined for it; allowed {tuple(METRICS_BY_KIND)}"
+    )
   return METRICS_BY_KIND[kind]
 
 
@@ -526,8 +613,11 @@ def forgotten_records(task: base.Task):
   from retrain (BUILD.md, "What the evaluation measures").
   """
   forget = np.asarray(task.forget)
-  return (np.asarray(task.clients.x[forget]), np.asarray(task.clients.y)[forget],
-          np.asarray(task.y_true)[forget])
+  return (
+    np.asarray(task.clients.x[forget]),
+    np.asarray(task.clients.y)[forget],
+    np.asarray(task.y_true)[forget],
+  )
 
 
 def evaluate(task: base.Task, params, forgotten_classes=None) -> dict:
@@ -556,8 +646,7 @@ def evaluate(task: base.Task, params, forgotten_classes=None) -> dict:
   if forgotten_classes is None:
     forgotten_classes = task.request.classes
   wide = tuple(forgotten_classes) if kind == "class" else ()
-  out = acc_lib.evaluate(task.apply_fn, params, ds.x_test, ds.y_test, task.num_classes,
-                         wide)
+  out = acc_lib.evaluate(task.apply_fn, params, ds.x_test, ds.y_test, task.num_classes, wide)
   if kind == "client_class":
     rows = np.isin(ds.y_test, np.asarray(task.request.classes))
     per_class = np.nan_to_num(np.asarray(out["per_class_acc"], np.float64))
@@ -568,9 +657,16 @@ def evaluate(task: base.Task, params, forgotten_classes=None) -> dict:
   out["forget_train_acc"] = acc_lib.accuracy(logits, y_f)
   if cfg.backdoor.enabled:
     src = task.request.classes[0] if task.request.classes else None
-    out["bd_acc"] = bd_lib.backdoor_accuracy(task.apply_fn, params, ds.x_test, ds.y_test, src,
-                                             _trigger(cfg, ds), _flip(cfg),
-                                             num_classes=task.num_classes)
+    out["bd_acc"] = bd_lib.backdoor_accuracy(
+      task.apply_fn,
+      params,
+      ds.x_test,
+      ds.y_test,
+      src,
+      _trigger(cfg, ds),
+      _flip(cfg),
+      num_classes=task.num_classes,
+    )
   return out
 
 
@@ -585,9 +681,11 @@ def sample_metrics(task: base.Task, params) -> dict:
   held = np.isin(ds.y_test, np.unique(y_f))
   lf = acc_lib.predict_logits(task.apply_fn, params, x_f)
   lh = acc_lib.predict_logits(task.apply_fn, params, ds.x_test[held])
-  return {"forget_train_loss": float(np.mean(acc_lib.loss_from_logits(lf, y_f))),
-          "heldout_acc": acc_lib.accuracy(lh, ds.y_test[held]),
-          "heldout_loss": float(np.mean(acc_lib.loss_from_logits(lh, ds.y_test[held])))}
+  return {
+    "forget_train_loss": float(np.mean(acc_lib.loss_from_logits(lf, y_f))),
+    "heldout_acc": acc_lib.accuracy(lh, ds.y_test[held]),
+    "heldout_loss": float(np.mean(acc_lib.loss_from_logits(lh, ds.y_test[held]))),
+  }
 
 
 def membership_scores(task: base.Task, params) -> dict:
@@ -611,14 +709,25 @@ def membership_scores(task: base.Task, params) -> dict:
   if cfg.backdoor.enabled:
     x_o = bd_lib.apply_trigger(x_o, _trigger(cfg, ds))
     y_o = bd_lib.flip_labels(y_o, _flip(cfg), task.num_classes)
-  out = mia_lib.membership_inference(task.apply_fn, params, x_m, y_m, x_o, y_o,
-                                     seed=cfg.seed)
+  out = mia_lib.membership_inference(task.apply_fn, params, x_m, y_m, x_o, y_o, seed=cfg.seed)
   if cfg.mia.shadows > 0:
-    pool = np.flatnonzero(~odd)[:cfg.mia.shadow_pool]
-    out.update(mia_lib.shadow_attack(
-        _shadow_train_fn(task), task.apply_fn, params, ds.x_test[pool], ds.y_test[pool],
-        x_m, y_m, x_o, y_o, num_shadows=cfg.mia.shadows,
-        key=fl.stream_key(cfg.seed, fl.STREAM_EVAL), vectorize=_vectorize_shadows(cfg)))
+    pool = np.flatnonzero(~odd)[: cfg.mia.shadow_pool]
+    out.update(
+      mia_lib.shadow_attack(
+        _shadow_train_fn(task),
+        task.apply_fn,
+        params,
+        ds.x_test[pool],
+        ds.y_test[pool],
+        x_m,
+        y_m,
+        x_o,
+        y_o,
+        num_shadows=cfg.mia.shadows,
+        key=fl.stream_key(cfg.seed, fl.STREAM_EVAL),
+        vectorize=_vectorize_shadows(cfg),
+      )
+    )
   return out
 
 
@@ -644,28 +753,45 @@ def relearn_fields(task: base.Task, original_forget_acc: float, params) -> dict:
     return {}
   # The original model's accuracy on these records is its evaluation's forget_train_acc.
   x, y, _ = forgotten_records(task)
-  kw = dict(target=0.5 * original_forget_acc, max_steps=budget, lr=cfg.fl.client_lr,
-            momentum=cfg.fl.client_momentum, batch_size=cfg.fl.batch_size,
-            key=fl.stream_key(cfg.seed, fl.STREAM_EVAL, RELEARN_ID))
+  kw = dict(
+    target=0.5 * original_forget_acc,
+    max_steps=budget,
+    lr=cfg.fl.client_lr,
+    momentum=cfg.fl.client_momentum,
+    batch_size=cfg.fl.batch_size,
+    key=fl.stream_key(cfg.seed, fl.STREAM_EVAL, RELEARN_ID),
+  )
   only = relearn_lib.relearn_steps(task.apply_fn, params, x, y, **kw)
   out = {}
   ratio = float(cfg.eval.relearn_retained)
   if ratio > 0:
     rows, cols = np.nonzero(np.asarray(task.retain_valid))
     m = min(len(rows), int(round(ratio * len(y))))
-    pick = np.sort(np.asarray(jax.random.permutation(
-        fl.stream_key(cfg.seed, fl.STREAM_EVAL, RELEARN_MIX_ID), len(rows)))[:m])
+    pick = np.sort(
+      np.asarray(
+        jax.random.permutation(fl.stream_key(cfg.seed, fl.STREAM_EVAL, RELEARN_MIX_ID), len(rows))
+      )[:m]
+    )
     xr = np.asarray(task.clients.x[rows[pick], cols[pick]])
     yr = np.asarray(task.clients.y)[rows[pick], cols[pick]]
     score = np.concatenate([np.ones(len(y), bool), np.zeros(m, bool)])
-    r = relearn_lib.relearn_steps(task.apply_fn, params, np.concatenate([x, xr]),
-                                  np.concatenate([y, yr]), score=score, **kw)
-    out = {"relearn_forgotten_only_steps": only.steps,
-           "relearn_forgotten_only_capped": not only.reached, "relearn_retained_rows": m}
+    r = relearn_lib.relearn_steps(
+      task.apply_fn, params, np.concatenate([x, xr]), np.concatenate([y, yr]), score=score, **kw
+    )
+    out = {
+      "relearn_forgotten_only_steps": only.steps,
+      "relearn_forgotten_only_capped": not only.reached,
+      "relearn_retained_rows": m,
+    }
   else:
     r = only
-  return {"relearn_steps_to_recover": r.steps, "relearn_capped": not r.reached,
-          "relearn_target_acc": r.target, "relearn_start_acc": r.start_acc, **out}
+  return {
+    "relearn_steps_to_recover": r.steps,
+    "relearn_capped": not r.reached,
+    "relearn_target_acc": r.target,
+    "relearn_start_acc": r.start_acc,
+    **out,
+  }
 
 
 def original_evaluation(task: base.Task, params, pretrain_dir: str) -> dict:
@@ -692,8 +818,7 @@ def original_membership_scores(task: base.Task, params, pretrain_dir: str) -> di
   d = _to_dict(task.config)
   # The directory is keyed by the training config (backdoor included); the members'
   # definition is versioned so caches written under an earlier definition are not reused.
-  key = {"seed": d["seed"], "unlearn": d["unlearn"], "mia": d["mia"],
-         "members": MIA_MEMBERS}
+  key = {"seed": d["seed"], "unlearn": d["unlearn"], "mia": d["mia"], "members": MIA_MEMBERS}
   path = os.path.join(pretrain_dir, f"mia-{_hash(key)}.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -758,9 +883,13 @@ def pretrained(task: base.Task, workdir: str, trainer: base.Trainer | str):
   env = RunEnv(task, directory, key)
   trained = trainer.train(task, env)
   env.logger.close()
-  _write_json(os.path.join(directory, TRAIN_TIMING), {
+  _write_json(
+    os.path.join(directory, TRAIN_TIMING),
+    {
       "train_seconds": env.seconds["wall"] - env.seconds["compile"],
-      "compile_seconds": env.seconds["compile"]})
+      "compile_seconds": env.seconds["compile"],
+    },
+  )
   return trained, env
 
 
@@ -807,8 +936,10 @@ def speedups(config, workdir: str, method: str, seconds: float, parallel: float)
   with open(res_path) as f:
     ref = json.load(f)
   ratio = lambda a, b: a / b if a is not None and b and b > 0 else None
-  return {"speedup_vs_retrain": ratio(ref.get("unlearn_seconds"), seconds),
-          "speedup_parallel_vs_retrain": ratio(ref.get("unlearn_parallel_seconds"), parallel)}
+  return {
+    "speedup_vs_retrain": ratio(ref.get("unlearn_seconds"), seconds),
+    "speedup_parallel_vs_retrain": ratio(ref.get("unlearn_parallel_seconds"), parallel),
+  }
 
 
 # ---------------------------------------------------------------------------------------
@@ -817,25 +948,31 @@ def speedups(config, workdir: str, method: str, seconds: float, parallel: float)
 # Method keys that defaulted to 0 meaning "fl.<key>" before they became linked defaults
 # (base.linked): a config.json written then holds 0 where one written now holds the fl value.
 FORMER_PLACEHOLDERS = {
-    "channel.local_epochs": "local_epochs", "channel.lr": "client_lr",
-    "channel.batch_size": "batch_size", "fedaf.batch_size": "batch_size",
-    "sga.batch_size": "batch_size", "frr.local_epochs": "local_epochs",
-    "quickdrop.unlearn_batch_size": "batch_size", "quickdrop.recovery_epochs": "local_epochs",
-    "quickdrop.recovery_lr": "client_lr"}
+  "channel.local_epochs": "local_epochs",
+  "channel.lr": "client_lr",
+  "channel.batch_size": "batch_size",
+  "fedaf.batch_size": "batch_size",
+  "sga.batch_size": "batch_size",
+  "frr.local_epochs": "local_epochs",
+  "quickdrop.unlearn_batch_size": "batch_size",
+  "quickdrop.recovery_epochs": "local_epochs",
+  "quickdrop.recovery_lr": "client_lr",
+}
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
   """checkpoint.config_diff(old, new) without the former placeholders that mean the same
   run (0 in `old`, the fl value it stood for in `new`), so a workdir written before the
   linked defaults is still resumed and recognised as finished."""
+
   def same(path):
     if path not in FORMER_PLACEHOLDERS:
       return False
     section, key = path.split(".")
     fl_value = new.get("fl", {}).get(FORMER_PLACEHOLDERS[path])
     return old.get(section, {}).get(key) == 0 and new[section].get(key) == fl_value
-  return [k for k in checkpoint.config_diff(old, new) if not same(k)]
 
+  return [k for k in checkpoint.config_diff(old, new) if not same(k)]
 
 
 def run(config, workdir: str, *, rerun: bool = True) -> dict:
@@ -855,11 +992,15 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
       diff = config_changes(json.load(f), cfg_dict)
     if diff:
       raise checkpoint.ConfigMismatchError(
-          f"{out_dir} was run with a different config (keys differ: {', '.join(diff)}); "
-          "use another --workdir or the original config.")
+        f"{out_dir} was run with a different config (keys differ: {', '.join(diff)}); "
+        "use another --workdir or the original config."
+      )
     if not rerun and os.path.exists(results_path):
-      print(f"[{method.name}] finished already, not recomputed (--rerun to recompute); "
-            f"results: {results_path}", flush=True)
+      print(
+        f"[{method.name}] finished already, not recomputed (--rerun to recompute); "
+        f"results: {results_path}",
+        flush=True,
+      )
       with open(results_path) as f:
         return json.load(f)
   task = build_task(config)
@@ -892,7 +1033,8 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
   unlearn_seconds = (env.seconds["wall"] - env.seconds["compile"]) + outside
   serial, critical = env.clock.totals()
   unlearn_parallel = env.seconds["parallel"] + fl.parallel_seconds(
-      outside, (p["serial"], p["critical"]), (serial, critical))
+    outside, (p["serial"], p["critical"]), (serial, critical)
+  )
   train_seconds = train_env.seconds["wall"] - train_env.seconds["compile"]
   forgotten = tuple(outcome.results.get("forgotten_classes", task.request.classes))
   if forgotten != tuple(task.request.classes):  # e.g. a QuickDrop sequence
@@ -911,31 +1053,33 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
     original.update(original_membership_scores(task, trained.params, train_env.dir))
   relearn = relearn_fields(task, original["forget_train_acc"], outcome.params)
   results = {
-      "method": method.name,
-      "seed": config.seed,
-      "request": {"kind": task.request.kind, "classes": list(task.request.classes),
-                  "client": task.request.client},
-      "forgetting_metric": forgetting_metric,
-      "utility_metric": utility_metric,
-      "forgotten_classes": list(forgotten) if task.request.kind == "class" else [],
-      **final,
-      **({"bd_acc_before": original["bd_acc"]} if "bd_acc" in original else {}),
-      "original": original,
-      "train_seconds": train_seconds,
-      "train_overhead_vs_fedavg": train_overhead(config, workdir, method.trainer,
-                                                 train_seconds),
-      "unlearn_seconds": unlearn_seconds,
-      "unlearn_parallel_seconds": unlearn_parallel,
-      **speedups(config, workdir, method.name, unlearn_seconds, unlearn_parallel),
-      "compile_seconds": env.seconds["compile"] + outside_compile,
-      "eval_seconds": eval_seconds + env.seconds["eval"],
-      "rounds": env.cost["rounds"],
-      "bytes_up": env.cost["bytes_up"],
-      "bytes_down": env.cost["bytes_down"],
-      "examples": env.cost["examples"],
-      "runner": env.runner_kind,
-      **relearn,
-      **outcome.results,
+    "method": method.name,
+    "seed": config.seed,
+    "request": {
+      "kind": task.request.kind,
+      "classes": list(task.request.classes),
+      "client": task.request.client,
+    },
+    "forgetting_metric": forgetting_metric,
+    "utility_metric": utility_metric,
+    "forgotten_classes": list(forgotten) if task.request.kind == "class" else [],
+    **final,
+    **({"bd_acc_before": original["bd_acc"]} if "bd_acc" in original else {}),
+    "original": original,
+    "train_seconds": train_seconds,
+    "train_overhead_vs_fedavg": train_overhead(config, workdir, method.trainer, train_seconds),
+    "unlearn_seconds": unlearn_seconds,
+    "unlearn_parallel_seconds": unlearn_parallel,
+    **speedups(config, workdir, method.name, unlearn_seconds, unlearn_parallel),
+    "compile_seconds": env.seconds["compile"] + outside_compile,
+    "eval_seconds": eval_seconds + env.seconds["eval"],
+    "rounds": env.cost["rounds"],
+    "bytes_up": env.cost["bytes_up"],
+    "bytes_down": env.cost["bytes_down"],
+    "examples": env.cost["examples"],
+    "runner": env.runner_kind,
+    **relearn,
+    **outcome.results,
   }
   _check_results_finite(results)
   results = _nan_to_none(results)
@@ -945,10 +1089,21 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
   # No process starts the next run (or reads these results) before they are written.
   multihost.barrier(f"results {out_dir}")
   if multihost.is_primary():
-    print(f"[{method.name}] " + " ".join(
-        f"{k}={results[k]:.4f}" for k in ("test_acc", utility_metric, forgetting_metric,
-                                           "unlearn_seconds", "unlearn_parallel_seconds")
-        if isinstance(results.get(k), float)), flush=True)
+    print(
+      f"[{method.name}] "
+      + " ".join(
+        f"{k}={results[k]:.4f}"
+        for k in (
+          "test_acc",
+          utility_metric,
+          forgetting_metric,
+          "unlearn_seconds",
+          "unlearn_parallel_seconds",
+        )
+        if isinstance(results.get(k), float)
+      ),
+      flush=True,
+    )
     print(f"results: {results_path}", flush=True)
   return results
 
@@ -969,5 +1124,6 @@ def _check_results_finite(results: dict):
   for k in ("test_acc", "retain_acc"):
     v = results.get(k)
     if v is None or not math.isfinite(v):
-      raise fl.DivergenceError(f"{k}={v}: the run produced a non-finite result; nothing "
-                               "was written")
+      raise fl.DivergenceError(
+        f"{k}={v}: the run produced a non-finite result; nothing was written"
+      )

@@ -21,34 +21,67 @@ curvature) lives in their state.
 The most used functions are re-exported here (`fu_jax.masked_update`, ...); submodules and
 re-exports load on first access, so `import fu_jax` itself imports nothing heavy.
 """
+
 import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ('ascent', 'cdp', 'distill', 'ewc', 'labels', 'losses', 'masking', 'tree',
-               'checkpoint', 'data', 'fl', 'logging', 'methods', 'metrics', 'models',
-               'types', 'xla_flags')
+_SUBMODULES = (
+  "ascent",
+  "cdp",
+  "distill",
+  "ewc",
+  "labels",
+  "losses",
+  "masking",
+  "tree",
+  "checkpoint",
+  "data",
+  "fl",
+  "logging",
+  "methods",
+  "metrics",
+  "models",
+  "types",
+  "xla_flags",
+)
 
 # Public transforms re-exported at the top level: name -> submodule.
 _EXPORTS = {
-    # fu_jax.ascent
-    'gradient_ascent': 'ascent', 'sga_epoch': 'ascent', 'project_l2_ball': 'ascent',
-    # fu_jax.distill
-    'match_loss': 'distill', 'per_class_grads': 'distill', 'synthetic_update': 'distill',
-    'init_synthetic': 'distill', 'SyntheticSet': 'distill',
-    # fu_jax.ewc
-    'add_ewc_gradient': 'ewc', 'fisher_diagonal': 'ewc', 'count_sketch': 'ewc',
-    'ewc_penalty': 'ewc', 'ewc_state_diag': 'ewc', 'ewc_state_sketch': 'ewc',
-    'set_ewc_state': 'ewc', 'example_ce_loss': 'ewc',
-    # fu_jax.labels
-    'teacher_labels': 'labels', 'init_teachers': 'labels', 'forgetting_loss': 'labels',
-    # fu_jax.masking
-    'channel_effects': 'masking', 'top_delta_mask': 'masking', 'top_delta_channels': 'masking',
-    'masked_update': 'masking', 'set_mask': 'masking',
-    # fu_jax.cdp
-    'class_channel_scores': 'cdp', 'cdp_prune_mask': 'cdp',
-    # fu_jax.models
-    'logits_fn': 'models',
+  # fu_jax.ascent
+  "gradient_ascent": "ascent",
+  "sga_epoch": "ascent",
+  "project_l2_ball": "ascent",
+  # fu_jax.distill
+  "match_loss": "distill",
+  "per_class_grads": "distill",
+  "synthetic_update": "distill",
+  "init_synthetic": "distill",
+  "SyntheticSet": "distill",
+  # fu_jax.ewc
+  "add_ewc_gradient": "ewc",
+  "fisher_diagonal": "ewc",
+  "count_sketch": "ewc",
+  "ewc_penalty": "ewc",
+  "ewc_state_diag": "ewc",
+  "ewc_state_sketch": "ewc",
+  "set_ewc_state": "ewc",
+  "example_ce_loss": "ewc",
+  # fu_jax.labels
+  "teacher_labels": "labels",
+  "init_teachers": "labels",
+  "forgetting_loss": "labels",
+  # fu_jax.masking
+  "channel_effects": "masking",
+  "top_delta_mask": "masking",
+  "top_delta_channels": "masking",
+  "masked_update": "masking",
+  "set_mask": "masking",
+  # fu_jax.cdp
+  "class_channel_scores": "cdp",
+  "cdp_prune_mask": "cdp",
+  # fu_jax.models
+  "logits_fn": "models",
 }
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
@@ -56,10 +89,10 @@ __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
 def __getattr__(name):
   if name in _SUBMODULES:
-    return importlib.import_module(f'{__name__}.{name}')
+    return importlib.import_module(f"{__name__}.{name}")
   if name in _EXPORTS:
-    return getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():

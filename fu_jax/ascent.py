@@ -18,7 +18,9 @@ random order that depends only on `key` and each example's index, so padding row
 at the end, valid=False) change neither the batches nor the result; a batch with no valid
 example changes nothing.
 """
-from typing import Any, Callable
+
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,7 @@ import optax
 
 from fu_jax import losses
 
-__all__ = ['sga_step', 'project_l2_ball', 'gradient_ascent', 'epoch_batches', 'sga_epoch']
+__all__ = ["sga_step", "project_l2_ball", "gradient_ascent", "epoch_batches", "sga_epoch"]
 
 
 def sga_step(params, grads, lr):
@@ -69,11 +71,10 @@ def epoch_batches(key, mask, batch_size: int):
   m = ceil(n / batch_size).
   """
   if int(batch_size) < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   mask = jnp.asarray(mask).astype(jnp.bool_)
   n = mask.shape[0]
-  u = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i), (), jnp.uint32))(
-      jnp.arange(n))
+  u = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i), (), jnp.uint32))(jnp.arange(n))
   order = jnp.lexsort((u, ~mask))  # primary key: valid first; then by the random bits
   m = -(-n // int(batch_size))
   total = m * int(batch_size)
@@ -82,8 +83,21 @@ def epoch_batches(key, mask, batch_size: int):
   return idx.reshape(m, -1).astype(jnp.int32), valid.reshape(m, -1)
 
 
-def sga_epoch(apply_fn: Callable[..., Any], params, x, y, mask, *, lr, batch_size: int, key,
-              ref_params=None, radius=None, max_loss=None, unroll: int = 1):
+def sga_epoch(
+  apply_fn: Callable[..., Any],
+  params,
+  x,
+  y,
+  mask,
+  *,
+  lr,
+  batch_size: int,
+  key,
+  ref_params=None,
+  radius=None,
+  max_loss=None,
+  unroll: int = 1,
+):
   """One epoch of bounded stochastic gradient ascent on masked cross-entropy.
 
   For each mini-batch b (see `epoch_batches`):
@@ -120,7 +134,7 @@ def sga_epoch(apply_fn: Callable[..., Any], params, x, y, mask, *, lr, batch_siz
     True
   """
   if (ref_params is None) != (radius is None):
-    raise ValueError('give both ref_params and radius for the L2-ball projection, or neither')
+    raise ValueError("give both ref_params and radius for the L2-ball projection, or neither")
   idx, valid = epoch_batches(key, mask, batch_size)
 
   def loss_fn(p, xb, yb, mb):
@@ -139,6 +153,7 @@ def sga_epoch(apply_fn: Callable[..., Any], params, x, y, mask, *, lr, batch_siz
     p = jax.tree.map(lambda a, b: jnp.where(take, a, b), new, p)
     return (p, stopped), None
 
-  (params, _), _ = jax.lax.scan(body, (params, jnp.zeros((), jnp.bool_)), (idx, valid),
-                                unroll=unroll)
+  (params, _), _ = jax.lax.scan(
+    body, (params, jnp.zeros((), jnp.bool_)), (idx, valid), unroll=unroll
+  )
   return params

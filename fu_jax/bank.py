@@ -12,6 +12,7 @@ The data are shared by the models (the data seed is fixed across an audit's bank
 differs per model is its initial parameters, client sampling and batch orders. When fewer
 than all clients are sampled, each model gathers its own clients' blocks ([K, S, n, ...]).
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fu_jax import fl
-from fu_jax import images
+from fu_jax import fl, images
 
 
 def _vmap2(f, in_axes):
@@ -42,8 +42,9 @@ class BankRunner:
     guarded = fl._guarded_step  # pylint: disable=protected-access
     step = functools.partial(guarded, program.step, batch_size)
     self.step = jax.jit(_vmap2(step, (0, 0, 0, 0, None, 0)), donate_argnums=(0,))
-    self.init = jax.jit(jax.vmap(jax.vmap(lambda p, k: program.init(p, None, k),
-                                          in_axes=(None, 0)), in_axes=(0, 0)))
+    self.init = jax.jit(
+      jax.vmap(jax.vmap(lambda p, k: program.init(p, None, k), in_axes=(None, 0)), in_axes=(0, 0))
+    )
     self.order = jax.jit(_vmap2(fl.epoch_order, (0, 0)))
     self.finish = jax.jit(_vmap2(program.finish, (0,)))
 
@@ -51,8 +52,9 @@ class BankRunner:
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _sample(seeds, round_idx, weights, num_sampled, stream):
   idx, active = jax.vmap(lambda s: fl.sample_clients(s, round_idx, weights, num_sampled))(seeds)
-  keys = jax.vmap(jax.vmap(lambda s, c: fl.stream_key(s, stream, round_idx, c),
-                           in_axes=(None, 0)))(seeds, idx)
+  keys = jax.vmap(jax.vmap(lambda s, c: fl.stream_key(s, stream, round_idx, c), in_axes=(None, 0)))(
+    seeds, idx
+  )
   return idx, active, keys
 
 
@@ -63,13 +65,26 @@ def _server_opt(lr: float) -> optax.GradientTransformation:
 
 @functools.partial(jax.jit, static_argnums=(3,))
 def _server_update(server, client_params, w, server_opt):
-  return jax.vmap(lambda s, c, ww: fl.server_apply(s, fl.aggregate(s.params, c, ww), server_opt)
-                  )(server, client_params, w)
+  return jax.vmap(lambda s, c, ww: fl.server_apply(s, fl.aggregate(s.params, c, ww), server_opt))(
+    server, client_params, w
+  )
 
 
-def fedavg_bank(runner: BankRunner, params, data, valid, *, seeds, num_rounds: int,
-                epochs: int, client_weights, num_sampled: int, server_lr: float,
-                round_offset: int = 0, stream: int = fl.STREAM_CLIENT):
+def fedavg_bank(
+  runner: BankRunner,
+  params,
+  data,
+  valid,
+  *,
+  seeds,
+  num_rounds: int,
+  epochs: int,
+  client_weights,
+  num_sampled: int,
+  server_lr: float,
+  round_offset: int = 0,
+  stream: int = fl.STREAM_CLIENT,
+):
   """num_rounds FedAvg rounds for K models at once; returns the params with a leading [K].
 
   params: pytree with leading [K] axes (each model's starting point); seeds: int [K], the
@@ -92,12 +107,12 @@ def fedavg_bank(runner: BankRunner, params, data, valid, *, seeds, num_rounds: i
     d = (jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0))
     v = jnp.take(valid, idx, axis=0)
     counts = np.asarray(jnp.sum(v, axis=-1))
-    n_steps = min(fl.steps_per_epoch(v.shape[-1], bs),
-                  math.ceil(int(counts.max(initial=0)) / bs))
+    n_steps = min(fl.steps_per_epoch(v.shape[-1], bs), math.ceil(int(counts.max(initial=0)) / bs))
     state = runner.init(server.params, keys)
     for epoch in range(epochs):
       eks = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(0, None)), in_axes=(0, None))(
-          keys, epoch)
+        keys, epoch
+      )
       order = runner.order(eks, v)
       for s in range(n_steps):
         state, _, _ = runner.step(state, d, v, order, s, eks)

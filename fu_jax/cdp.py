@@ -25,23 +25,39 @@ it says more than the paper):
 Layers are addressed as in `fu_jax.masking` (a path of dict keys to a dict holding
 'kernel'; output channels on the kernel's last axis).
 """
+
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fu_jax.masking import (Path, _get, _top_k_mask, channel_mask_to_param_mask,
-                            layer_outputs, num_selected)
+from fu_jax.masking import (
+  Path,
+  _get,
+  _top_k_mask,
+  channel_mask_to_param_mask,
+  layer_outputs,
+  num_selected,
+)
 
-__all__ = ['cdp_layers', 'channel_activations', 'ClassActivations', 'class_activation_sums',
-           'class_means', 'tfidf_scores', 'class_channel_scores', 'cdp_prune_channels',
-           'cdp_prune_mask']
+__all__ = [
+  "cdp_layers",
+  "channel_activations",
+  "ClassActivations",
+  "class_activation_sums",
+  "class_means",
+  "tfidf_scores",
+  "class_channel_scores",
+  "cdp_prune_channels",
+  "cdp_prune_mask",
+]
 
 
 def _cdp_select(outs, params):
   order = list(outs)  # call order
-  return [p for p in order[:-1] if _get(params, p)['kernel'].ndim >= 3]
+  return [p for p in order[:-1] if _get(params, p)["kernel"].ndim >= 3]
 
 
 def cdp_layers(module, params, x) -> list:
@@ -53,7 +69,7 @@ def cdp_layers(module, params, x) -> list:
   return _cdp_select(layer_outputs(module, params, x), params)
 
 
-def channel_activations(module, params, x, *, layers: Optional[Sequence[Path]] = None) -> dict:
+def channel_activations(module, params, x, *, layers: Sequence[Path] | None = None) -> dict:
   """Per-example channel activations: ReLU(layer output) averaged over spatial axes.
 
   dict path -> [B, C], for `layers` (default cdp_layers). Wang et al.'s code applies ReLU
@@ -72,12 +88,14 @@ def channel_activations(module, params, x, *, layers: Optional[Sequence[Path]] =
 
 class ClassActivations(NamedTuple):
   """Per-class sums of channel activations (sum over clients to aggregate)."""
-  sums: dict   # path -> [K, C]
+
+  sums: dict  # path -> [K, C]
   counts: Any  # [K] examples per class
 
 
-def class_activation_sums(module, params, x, y, mask, num_classes: int, *,
-                          layers: Optional[Sequence[Path]] = None) -> ClassActivations:
+def class_activation_sums(
+  module, params, x, y, mask, num_classes: int, *, layers: Sequence[Path] | None = None
+) -> ClassActivations:
   """Per-class sums of channel_activations over the valid rows (a client's local step)."""
   acts = channel_activations(module, params, x, layers=layers)
   valid = jnp.ones(y.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -115,8 +133,17 @@ def tfidf_scores(means: dict, *, coe: float = 0.0) -> dict:
   return out
 
 
-def class_channel_scores(module, params, x, y, mask, num_classes: int, *, coe: float = 0.0,
-                         layers: Optional[Sequence[Path]] = None) -> dict:
+def class_channel_scores(
+  module,
+  params,
+  x,
+  y,
+  mask,
+  num_classes: int,
+  *,
+  coe: float = 0.0,
+  layers: Sequence[Path] | None = None,
+) -> dict:
   """CDP TF-IDF scores dict path -> [K, C] from one (pooled) batch; classes absent get 0."""
   ca = class_activation_sums(module, params, x, y, mask, num_classes, layers=layers)
   return tfidf_scores(class_means(ca), coe=coe)
@@ -136,12 +163,13 @@ def cdp_prune_channels(scores: dict, target_class: int, sparsity: float) -> dict
   for p, s in scores.items():
     s = jnp.asarray(s)
     if not 0 <= int(target_class) < s.shape[0]:
-      raise ValueError(f'target_class={target_class}; must be in [0, {s.shape[0]})')
+      raise ValueError(f"target_class={target_class}; must be in [0, {s.shape[0]})")
     out[p] = _top_k_mask(s[int(target_class)], None, num_selected(sparsity, s.shape[1]))
   return out
 
 
 def cdp_prune_mask(scores: dict, target_class: int, sparsity: float, params):
   """Parameter mask (True = zero it) of cdp_prune_channels; apply with zero_masked."""
-  return channel_mask_to_param_mask(cdp_prune_channels(scores, target_class, sparsity), params,
-                                    others=False)
+  return channel_mask_to_param_mask(
+    cdp_prune_channels(scores, target_class, sparsity), params, others=False
+  )

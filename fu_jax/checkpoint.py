@@ -13,6 +13,7 @@ each array once, from the replica on process 0, and synchronises the processes a
 step); a restored state is gathered back to process-local arrays. The directory must be
 one every process sees (a shared filesystem), as orbax requires.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,19 +88,26 @@ class Checkpointer:
       new = json.loads(json.dumps(config, default=_json_default))
       diff = config_diff(old, new)
       if diff:
-        details = ", ".join(f"{k}: {_flatten(old).get(k, '<missing>')!r} -> "
-                            f"{_flatten(new).get(k, '<missing>')!r}" for k in diff)
+        details = ", ".join(
+          f"{k}: {_flatten(old).get(k, '<missing>')!r} -> {_flatten(new).get(k, '<missing>')!r}"
+          for k in diff
+        )
         raise ConfigMismatchError(
-            f"{self.directory} holds checkpoints made with a different config ({details}); "
-            "use another --workdir or the original config.")
+          f"{self.directory} holds checkpoints made with a different config ({details}); "
+          "use another --workdir or the original config."
+        )
     elif multihost.is_primary():
       write_json_atomic(cfg_path, config)
     self.every = max(1, int(every))
     self._manager = ocp.CheckpointManager(
-        os.path.join(self.directory, "steps"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=False,
-                                             cleanup_tmp_directories=True))
+      os.path.join(self.directory, "steps"),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -113,8 +121,12 @@ class Checkpointer:
     if step is None:
       return init_state, 0, None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _global(init_state))
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+      ),
+    )
     state = restored.state
     if multihost.process_count() > 1:
       state = multihost.gather(state)
@@ -124,9 +136,13 @@ class Checkpointer:
     """Saves after step `step` (steps count completed rounds) when due or forced."""
     if force or step % self.every == 0:
       if self._manager.latest_step() != step:
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_global(state)), meta=ocp.args.JsonSave(meta or {})),
-            force=True)
+        self._manager.save(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_global(state)), meta=ocp.args.JsonSave(meta or {})
+          ),
+          force=True,
+        )
         self._manager.wait_until_finished()
 
   def close(self):

@@ -20,14 +20,15 @@ would pay again. When the `filelock` package is installed the directory is bound
 without it the directory grows until removed (`rm -r` is always safe: it only costs
 recompilation).
 """
+
 from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping
+from collections.abc import Mapping
 
 ENV_VAR = "JAX_COMPILATION_CACHE_DIR"
-MAX_BYTES = 2 * 1024 ** 3
+MAX_BYTES = 2 * 1024**3
 
 
 def default_dir(environ: Mapping[str, str] | None = None) -> str:
@@ -37,8 +38,9 @@ def default_dir(environ: Mapping[str, str] | None = None) -> str:
   return os.path.join(base, "fu_jax", "jax_cache")
 
 
-def resolve_dir(flag_dir: str | None = None, enabled: bool = True,
-                environ: Mapping[str, str] | None = None) -> str | None:
+def resolve_dir(
+  flag_dir: str | None = None, enabled: bool = True, environ: Mapping[str, str] | None = None
+) -> str | None:
   """The cache directory to use, or None for no persistent cache (see the module doc).
 
   Args:
@@ -63,6 +65,7 @@ def enable(directory: str | None, *, min_compile_secs: float = 0.0) -> str | Non
   compile, whether the cache is in use.
   """
   import jax  # pylint: disable=import-outside-toplevel
+
   if directory is None:
     jax.config.update("jax_enable_compilation_cache", False)
     return None
@@ -78,6 +81,7 @@ def enable(directory: str | None, *, min_compile_secs: float = 0.0) -> str | Non
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   try:
     import filelock  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   except ImportError:  # JAX fails every cache read when a bound is set without filelock
     pass
@@ -89,10 +93,12 @@ class Stats:
 
   One per process (`stats()`): jax.monitoring has no way to unregister a listener.
   """
+
   HIT, MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
 
   def __init__(self):
     import jax  # pylint: disable=import-outside-toplevel
+
     self.hits = self.misses = 0
     jax.monitoring.register_event_listener(self._listen)
 

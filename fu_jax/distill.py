@@ -37,9 +37,11 @@ A QuickDrop client step ("reuse" mode), all at the same params theta:
 
 Gradient pytrees follow Flax: a kernel's output channel is its LAST axis.
 """
+
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,15 +49,31 @@ import numpy as np
 import optax
 
 from fu_jax import losses
-from fu_jax import tree
+from fu_jax import tree as tu
 
-__all__ = ['METRICS', 'ApplyFn', 'SyntheticSet', 'match_loss', 'class_counts',
-           'per_class_grads', 'combine_class_grads', 'synthetic_sizes', 'chunks_needed',
-           'synthetic_layout', 'init_synthetic', 'flatten', 'class_masks', 'images_by_class',
-           'default_image_optimizer', 'chunk_grads', 'class_match_losses', 'nonzero_classes',
-           'synthetic_update']
+__all__ = [
+  "METRICS",
+  "ApplyFn",
+  "SyntheticSet",
+  "match_loss",
+  "class_counts",
+  "per_class_grads",
+  "combine_class_grads",
+  "synthetic_sizes",
+  "chunks_needed",
+  "synthetic_layout",
+  "init_synthetic",
+  "flatten",
+  "class_masks",
+  "images_by_class",
+  "default_image_optimizer",
+  "chunk_grads",
+  "class_match_losses",
+  "nonzero_classes",
+  "synthetic_update",
+]
 
-METRICS = ('ours', 'mse', 'cos')
+METRICS = ("ours", "mse", "cos")
 # DC's eps in the cosine denominator: cos = <a, b> / (|a| |b| + 1e-6).
 COS_EPS = 1e-6
 
@@ -64,8 +82,9 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, x [B, ...]) -> logit
 
 class SyntheticSet(NamedTuple):
   """One client's synthetic images in C one-class chunks of b slots (see module doc)."""
-  x: Any      # float32 [C, b, H, W, Ch]
-  y: Any      # int32   [C, b]
+
+  x: Any  # float32 [C, b, H, W, Ch]
+  y: Any  # int32   [C, b]
   valid: Any  # bool    [C, b]
 
 
@@ -97,7 +116,7 @@ def _flat(leaves):
   return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
 
 
-def match_loss(g_real, g_syn, *, metric: str = 'ours'):
+def match_loss(g_real, g_syn, *, metric: str = "ours"):
   """Gradient-matching distance D(g_real, g_syn) between two gradient pytrees (DC, Eq. 10).
 
   metric:
@@ -131,29 +150,32 @@ def match_loss(g_real, g_syn, *, metric: str = 'ours'):
     8.0
   """
   if metric not in METRICS:
-    raise ValueError(f'metric={metric!r}; allowed: {METRICS}')
+    raise ValueError(f"metric={metric!r}; allowed: {METRICS}")
   real_leaves, real_def = jax.tree.flatten(g_real)
   syn_leaves, syn_def = jax.tree.flatten(g_syn)
   if real_def != syn_def:
-    raise ValueError(f'g_real and g_syn differ in structure: {real_def} vs {syn_def}')
+    raise ValueError(f"g_real and g_syn differ in structure: {real_def} vs {syn_def}")
   for r, s in zip(real_leaves, syn_leaves):
     if r.shape != s.shape:
-      raise ValueError(f'g_real and g_syn differ in leaf shape: {r.shape} vs {s.shape}')
+      raise ValueError(f"g_real and g_syn differ in leaf shape: {r.shape} vs {s.shape}")
   pairs = list(zip(real_leaves, syn_leaves))
   if not pairs:
     return jnp.zeros((), jnp.float32)
-  if metric == 'ours':
+  if metric == "ours":
     total = jnp.zeros((), jnp.float32)
     for r, s in pairs:
       if r.ndim < 2:
         continue
-      total = total + jnp.sum(_one_minus_cos(
+      total = total + jnp.sum(
+        _one_minus_cos(
           _rows_by_output_channel(r).astype(jnp.float32),
-          _rows_by_output_channel(s).astype(jnp.float32)))
+          _rows_by_output_channel(s).astype(jnp.float32),
+        )
+      )
     return total
   r = _flat([p[0] for p in pairs])
   s = _flat([p[1] for p in pairs])
-  if metric == 'mse':
+  if metric == "mse":
     return jnp.sum((s - r) ** 2)
   return _one_minus_cos(r, s)
 
@@ -168,20 +190,21 @@ def class_counts(y, mask, num_classes: int):
 
 
 def _resolve_vectorize(vectorize, params):
-  allowed = ('auto', 'vmap', 'unroll')
+  allowed = ("auto", "vmap", "unroll")
   if vectorize not in allowed:
-    raise ValueError(f'vectorize={vectorize!r}; allowed: {allowed}')
-  if vectorize != 'auto':
+    raise ValueError(f"vectorize={vectorize!r}; allowed: {allowed}")
+  if vectorize != "auto":
     return vectorize
   # XLA:CPU lowers a vmapped convolution weight gradient to a grouped convolution, several
   # times slower than K separate ones; dense-only models batch well under vmap and compile
   # faster (benchmarks/distill_sanity.py times both).
   has_conv = any(jnp.ndim(p) > 2 for p in jax.tree.leaves(params))
-  return 'unroll' if has_conv and jax.default_backend() == 'cpu' else 'vmap'
+  return "unroll" if has_conv and jax.default_backend() == "cpu" else "vmap"
 
 
-def per_class_grads(apply_fn: ApplyFn, params, x, y, mask, num_classes: int, *,
-                    method: str = 'per_example'):
+def per_class_grads(
+  apply_fn: ApplyFn, params, x, y, mask, num_classes: int, *, method: str = "per_example"
+):
   """Mean cross-entropy gradient of the examples of each class.
 
     g_c = grad_theta (1 / n_c) sum_{i: y_i = c, mask_i} CE(f(x_i; theta), y_i),  g_c = 0 if n_c = 0.
@@ -207,24 +230,26 @@ def per_class_grads(apply_fn: ApplyFn, params, x, y, mask, num_classes: int, *,
   Returns:
     pytree like params with a leading axis K on every leaf.
   """
-  allowed = ('per_example', 'vmap', 'unroll')
+  allowed = ("per_example", "vmap", "unroll")
   if method not in allowed:
-    raise ValueError(f'method={method!r}; allowed: {allowed}')
+    raise ValueError(f"method={method!r}; allowed: {allowed}")
   mask = mask.astype(jnp.float32)
   counts = class_counts(y, mask, num_classes).astype(jnp.float32)
   onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32)
   weights = (onehot * mask[:, None]) / jnp.maximum(counts, 1.0)  # [B, K]
 
-  if method == 'per_example':
+  if method == "per_example":
+
     def example_grad(xi, yi):
       return jax.grad(lambda p: losses.cross_entropy(apply_fn(p, xi[None]), yi[None])[0])(params)
 
     g = jax.vmap(example_grad)(x, y)
     return jax.tree.map(
-        lambda a: jnp.tensordot(weights.T, a.astype(jnp.float32), axes=1).astype(a.dtype), g)
+      lambda a: jnp.tensordot(weights.T, a.astype(jnp.float32), axes=1).astype(a.dtype), g
+    )
 
   _, vjp = jax.vjp(lambda p: losses.cross_entropy(apply_fn(p, x), y), params)
-  if method == 'vmap':
+  if method == "vmap":
     return jax.vmap(lambda w: vjp(w)[0])(weights.T)
   grads = [vjp(weights[:, c])[0] for c in range(num_classes)]
   return jax.tree.map(lambda *a: jnp.stack(a), *grads)
@@ -235,14 +260,15 @@ def combine_class_grads(per_class, counts):
 
   Zero when every count is zero (like `losses.masked_mean`).
   """
-  return tree.tree_weighted_mean(per_class, counts)
+  return tu.tree_weighted_mean(per_class, counts)
 
 
 # --------------------------------------------------------------------------- synthetic sets
 
 
-def synthetic_sizes(counts_per_class, scale: float = 0.01,
-                    images_per_class: Optional[int] = None) -> np.ndarray:
+def synthetic_sizes(
+  counts_per_class, scale: float = 0.01, images_per_class: int | None = None
+) -> np.ndarray:
   """Host-side number of synthetic images per class (QuickDrop: ceil(n_c * scale)).
 
   Args:
@@ -258,17 +284,18 @@ def synthetic_sizes(counts_per_class, scale: float = 0.01,
   """
   n = np.asarray(counts_per_class)
   if n.size and (n.min() < 0):
-    raise ValueError(f'counts_per_class must be >= 0, got min {n.min()}')
+    raise ValueError(f"counts_per_class must be >= 0, got min {n.min()}")
   if images_per_class is not None:
     if int(images_per_class) != images_per_class or images_per_class < 1:
-      raise ValueError(f'images_per_class={images_per_class!r}; allowed: an integer >= 1 or None')
+      raise ValueError(f"images_per_class={images_per_class!r}; allowed: an integer >= 1 or None")
     sizes = np.minimum(n, int(images_per_class))
   else:
     if not 0.0 < scale <= 1.0:
-      raise ValueError(f'scale={scale!r}; allowed: 0 < scale <= 1')
+      raise ValueError(f"scale={scale!r}; allowed: 0 < scale <= 1")
     # Integer-exact ceil for the common decimal scales (n * 0.01 must not become 1.0000001).
-    sizes = np.array([math.ceil(round(v * scale, 9)) for v in n.ravel().tolist()],
-                     np.int64).reshape(n.shape)
+    sizes = np.array(
+      [math.ceil(round(v * scale, 9)) for v in n.ravel().tolist()], np.int64
+    ).reshape(n.shape)
   return sizes.astype(np.int32)
 
 
@@ -283,7 +310,7 @@ def chunks_needed(sizes, chunk_size: int) -> np.ndarray:
   return (-(-sizes // int(chunk_size))).sum(axis=-1)
 
 
-def synthetic_layout(sizes, chunk_size: Optional[int] = None) -> tuple[int, int]:
+def synthetic_layout(sizes, chunk_size: int | None = None) -> tuple[int, int]:
   """Host-side static layout (chunk size b, number of chunks C) for sizes [..., K].
 
   C = the largest number of chunks any client needs, so the sets of all clients stack.
@@ -299,14 +326,24 @@ def synthetic_layout(sizes, chunk_size: Optional[int] = None) -> tuple[int, int]
     cost = lambda b: int(chunks_needed(sizes, b).sum()) * (b + CHUNK_OVERHEAD_IMAGES)
     chunk_size = min(range(1, largest + 1), key=lambda b: (cost(b), -b))
   if int(chunk_size) != chunk_size or chunk_size < 1:
-    raise ValueError(f'chunk_size={chunk_size!r}; allowed: an integer >= 1 or None (automatic)')
+    raise ValueError(f"chunk_size={chunk_size!r}; allowed: an integer >= 1 or None (automatic)")
   chunk_size = int(chunk_size)
   return chunk_size, max(1, int(chunks_needed(sizes, chunk_size).max(initial=0)))
 
 
-def init_synthetic(x, y, valid, num_classes: int, *, key, scale: float = 0.01,
-                   images_per_class: Optional[int] = None, chunk_size: Optional[int] = None,
-                   num_chunks: Optional[int] = None, sizes=None) -> SyntheticSet:
+def init_synthetic(
+  x,
+  y,
+  valid,
+  num_classes: int,
+  *,
+  key,
+  scale: float = 0.01,
+  images_per_class: int | None = None,
+  chunk_size: int | None = None,
+  num_chunks: int | None = None,
+  sizes=None,
+) -> SyntheticSet:
   """One client's synthetic set, initialised from distinct random real images of each class.
 
   Class c gets ceil(size_c / b) consecutive chunks (classes in increasing order, absent
@@ -338,23 +375,34 @@ def init_synthetic(x, y, valid, num_classes: int, *, key, scale: float = 0.01,
   except jax.errors.TracerArrayConversionError:
     concrete = None  # under jit/vmap: the caller computed the layout host-side
   if concrete is None and (chunk_size is None or num_chunks is None):
-    raise ValueError('init_synthetic with traced sizes (under jit/vmap) needs chunk_size and '
-                     'num_chunks: compute them host-side with synthetic_layout')
+    raise ValueError(
+      "init_synthetic with traced sizes (under jit/vmap) needs chunk_size and "
+      "num_chunks: compute them host-side with synthetic_layout"
+    )
   if concrete is not None:
     chunk_size, needed = synthetic_layout(concrete, chunk_size)
     if num_chunks is None:
       num_chunks = needed
     elif needed > num_chunks:
-      raise ValueError(f'num_chunks={num_chunks} < {needed}, the chunks of {chunk_size} images '
-                       f'these sizes need ({concrete.tolist()})')
+      raise ValueError(
+        f"num_chunks={num_chunks} < {needed}, the chunks of {chunk_size} images "
+        f"these sizes need ({concrete.tolist()})"
+      )
   if int(chunk_size) < 1 or int(num_chunks) < 1:
-    raise ValueError(f'chunk_size={chunk_size}, num_chunks={num_chunks}; allowed: integers >= 1')
-  return _sample_chunks(jnp.asarray(x), jnp.asarray(y), jnp.asarray(valid, bool),
-                        jnp.asarray(sizes, jnp.int32), key, num_classes=int(num_classes),
-                        chunk_size=int(chunk_size), num_chunks=int(num_chunks))
+    raise ValueError(f"chunk_size={chunk_size}, num_chunks={num_chunks}; allowed: integers >= 1")
+  return _sample_chunks(
+    jnp.asarray(x),
+    jnp.asarray(y),
+    jnp.asarray(valid, bool),
+    jnp.asarray(sizes, jnp.int32),
+    key,
+    num_classes=int(num_classes),
+    chunk_size=int(chunk_size),
+    num_chunks=int(num_chunks),
+  )
 
 
-@functools.partial(jax.jit, static_argnames=('num_classes', 'chunk_size', 'num_chunks'))
+@functools.partial(jax.jit, static_argnames=("num_classes", "chunk_size", "num_chunks"))
 def _sample_chunks(x, y, valid, sizes, key, *, num_classes, chunk_size, num_chunks):
   n = x.shape[0]
   take = min(chunk_size * num_chunks, n)  # no class can have more images than that
@@ -365,11 +413,11 @@ def _sample_chunks(x, y, valid, sizes, key, *, num_classes, chunk_size, num_chun
     return jax.lax.top_k(jnp.where(valid & (y == c), u, -1.0), take)[1]
 
   pick = jax.vmap(picks)(jnp.arange(num_classes), jax.random.uniform(key, (num_classes, n)))
-  per_class = (sizes + chunk_size - 1) // chunk_size        # chunks of each class
+  per_class = (sizes + chunk_size - 1) // chunk_size  # chunks of each class
   end = jnp.cumsum(per_class)
   j = jnp.arange(num_chunks)
   used = j < end[-1]
-  cls = jnp.where(used, jnp.minimum(jnp.searchsorted(end, j, side='right'), num_classes - 1), 0)
+  cls = jnp.where(used, jnp.minimum(jnp.searchsorted(end, j, side="right"), num_classes - 1), 0)
   slot = (j - (end - per_class)[cls])[:, None] * chunk_size + jnp.arange(chunk_size)  # [C, b]
   ok = used[:, None] & (slot < sizes[cls][:, None])
   idx = pick[cls[:, None], jnp.minimum(slot, take - 1)]
@@ -382,9 +430,11 @@ def flatten(syn: SyntheticSet):
   """(x [C*b, ...], y [C*b], valid [C*b]) for training a model on the synthetic set."""
   c, b = syn.y.shape[-2:]
   lead = syn.y.shape[:-2]
-  return (syn.x.reshape(lead + (c * b,) + syn.x.shape[len(lead) + 2:]),
-          syn.y.reshape(lead + (c * b,)),
-          syn.valid.reshape(lead + (c * b,)))
+  return (
+    syn.x.reshape(lead + (c * b,) + syn.x.shape[len(lead) + 2 :]),
+    syn.y.reshape(lead + (c * b,)),
+    syn.valid.reshape(lead + (c * b,)),
+  )
 
 
 def class_masks(syn: SyntheticSet, classes):
@@ -406,7 +456,7 @@ def default_image_optimizer(learning_rate: float = 0.1, momentum: float = 0.5):
   return optax.sgd(learning_rate, momentum=momentum)
 
 
-def chunk_grads(apply_fn: ApplyFn, params, syn_x, syn_y, syn_valid, *, vectorize: str = 'auto'):
+def chunk_grads(apply_fn: ApplyFn, params, syn_x, syn_y, syn_valid, *, vectorize: str = "auto"):
   """Pytree like params with a leading axis C: grad_theta of the summed CE of each chunk's
   valid images, sum_{s valid} CE(f(x[j, s]; theta), y[j, s]). Differentiable in syn_x.
 
@@ -421,14 +471,21 @@ def chunk_grads(apply_fn: ApplyFn, params, syn_x, syn_y, syn_valid, *, vectorize
     summed = lambda p: jnp.sum(jnp.where(vj, losses.cross_entropy(apply_fn(p, xj), yj), 0.0))
     return jax.grad(summed)(params)
 
-  if vectorize == 'vmap':
+  if vectorize == "vmap":
     return jax.vmap(one_chunk)(syn_x, syn_y, syn_valid)
   grads = [one_chunk(syn_x[j], syn_y[j], syn_valid[j]) for j in range(syn_x.shape[0])]
   return jax.tree.map(lambda *a: jnp.stack(a), *grads)
 
 
-def class_match_losses(apply_fn: ApplyFn, params, syn: SyntheticSet, g_real_per_class, *,
-                       metric: str = 'ours', vectorize: str = 'auto'):
+def class_match_losses(
+  apply_fn: ApplyFn,
+  params,
+  syn: SyntheticSet,
+  g_real_per_class,
+  *,
+  metric: str = "ours",
+  vectorize: str = "auto",
+):
   """float32 [K]: match_loss(g_real_c, g_syn_c) per class, K = g_real_per_class's leading axis.
 
     g_syn_c = grad_theta (1 / n_c) sum_{i in S, y_i = c} CE(f(s_i; theta), c)
@@ -440,9 +497,9 @@ def class_match_losses(apply_fn: ApplyFn, params, syn: SyntheticSet, g_real_per_
   """
   num_classes = jax.tree.leaves(g_real_per_class)[0].shape[0]
   g_chunks = chunk_grads(apply_fn, params, syn.x, syn.y, syn.valid, vectorize=vectorize)
-  counts = jnp.sum(syn.valid, axis=1).astype(jnp.float32)                       # [C]
+  counts = jnp.sum(syn.valid, axis=1).astype(jnp.float32)  # [C]
   member = jax.nn.one_hot(syn.y[:, 0], num_classes, dtype=jnp.float32) * (counts > 0)[:, None]
-  weights = member / jnp.maximum(member.T @ counts, 1.0)                        # [C, K]
+  weights = member / jnp.maximum(member.T @ counts, 1.0)  # [C, K]
   g_syn = jax.tree.map(lambda g: jnp.tensordot(weights.T, g, axes=1), g_chunks)
   return jax.vmap(functools.partial(match_loss, metric=metric))(g_real_per_class, g_syn)
 
@@ -454,13 +511,23 @@ def nonzero_classes(per_class):
   classes were present when the counts were not kept.
   """
   leaves = jax.tree.leaves(per_class)
-  return jnp.stack([jnp.any(jnp.reshape(g, (g.shape[0], -1)) != 0, axis=1) for g in leaves]
-                   ).any(axis=0)
+  return jnp.stack([jnp.any(jnp.reshape(g, (g.shape[0], -1)) != 0, axis=1) for g in leaves]).any(
+    axis=0
+  )
 
 
-def synthetic_update(apply_fn: ApplyFn, params, syn: SyntheticSet, g_real_per_class, opt_state,
-                     *, optimizer: Optional[optax.GradientTransformation] = None,
-                     metric: str = 'ours', real_counts=None, vectorize: str = 'auto'):
+def synthetic_update(
+  apply_fn: ApplyFn,
+  params,
+  syn: SyntheticSet,
+  g_real_per_class,
+  opt_state,
+  *,
+  optimizer: optax.GradientTransformation | None = None,
+  metric: str = "ours",
+  real_counts=None,
+  vectorize: str = "auto",
+):
   """One gradient-matching step on the synthetic images of every class (DC Alg. 1, inner step).
 
     L(S) = sum_{c active} D(g_real_c, grad_theta CE(S_c; theta)),   S <- optimizer step on dL/dS
@@ -509,7 +576,7 @@ def synthetic_update(apply_fn: ApplyFn, params, syn: SyntheticSet, g_real_per_cl
     True
   """
   if metric not in METRICS:
-    raise ValueError(f'metric={metric!r}; allowed: {METRICS}')
+    raise ValueError(f"metric={metric!r}; allowed: {METRICS}")
   if optimizer is None:
     optimizer = default_image_optimizer()
   num_classes = jax.tree.leaves(g_real_per_class)[0].shape[0]
@@ -521,8 +588,9 @@ def synthetic_update(apply_fn: ApplyFn, params, syn: SyntheticSet, g_real_per_cl
   active = has_real & has_images
 
   def total_loss(sx):
-    per_class = class_match_losses(apply_fn, params, syn._replace(x=sx), g_real_per_class,
-                                   metric=metric, vectorize=vectorize)
+    per_class = class_match_losses(
+      apply_fn, params, syn._replace(x=sx), g_real_per_class, metric=metric, vectorize=vectorize
+    )
     return jnp.sum(jnp.where(active, per_class, 0.0))
 
   loss, gx = jax.value_and_grad(total_loss)(syn.x)
@@ -535,7 +603,7 @@ def synthetic_update(apply_fn: ApplyFn, params, syn: SyntheticSet, g_real_per_cl
   new_x = jnp.where(keep, optax.apply_updates(syn.x, updates), syn.x)
 
   def freeze_rows(new, old):
-    if hasattr(new, 'shape') and new.shape == syn.x.shape:
+    if hasattr(new, "shape") and new.shape == syn.x.shape:
       return jnp.where(row, new, old)
     return new
 

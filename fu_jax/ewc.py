@@ -49,7 +49,9 @@ Examples:
   [[0.5 0.5]
    [0.5 0.5]]
 """
-from typing import Any, Callable, NamedTuple, Optional
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,18 +59,33 @@ import optax
 
 from fu_jax import losses
 
-__all__ = ['KINDS', 'example_ce_loss', 'per_example_grads', 'fisher_diagonal', 'sketch_hash',
-           'count_sketch', 'ewc_penalty_diag', 'ewc_penalty_sketch', 'EwcDiagState',
-           'EwcSketchState', 'ewc_state_diag', 'ewc_state_sketch', 'set_ewc_state', 'ewc_penalty',
-           'ewc_gradient', 'add_ewc_gradient']
+__all__ = [
+  "KINDS",
+  "example_ce_loss",
+  "per_example_grads",
+  "fisher_diagonal",
+  "sketch_hash",
+  "count_sketch",
+  "ewc_penalty_diag",
+  "ewc_penalty_sketch",
+  "EwcDiagState",
+  "EwcSketchState",
+  "ewc_state_diag",
+  "ewc_state_sketch",
+  "set_ewc_state",
+  "ewc_penalty",
+  "ewc_gradient",
+  "add_ewc_gradient",
+]
 
-KINDS = ('diag', 'sketch')
-FISHER_LABELS = ('empirical', 'model')
+KINDS = ("diag", "sketch")
+FISHER_LABELS = ("empirical", "model")
 
 
 def example_ce_loss(apply_fn: Callable[..., Any]):
   """Per-example cross-entropy loss_fn(params, x, y) for apply_fn(params, x) -> logits (x has
   no batch axis; y an int label or a [K] soft label)."""
+
   def loss_fn(params, x, y):
     logits = apply_fn(params, x[None])
     return losses.cross_entropy(logits, jnp.asarray(y)[None])[0]
@@ -95,12 +112,12 @@ def per_example_grads(loss_fn, params, x, y):
   return jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, 0))(params, x, y)
 
 
-def _chunks(x, y, mask, chunk_size: Optional[int]):
+def _chunks(x, y, mask, chunk_size: int | None):
   """Reshape to [num_chunks, chunk, ...], padding with masked-out copies of row 0."""
   n = x.shape[0]
   c = n if chunk_size is None else int(chunk_size)
   if c < 1:
-    raise ValueError(f'chunk_size must be >= 1 or None, got {chunk_size}')
+    raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
   c = min(c, n)
   m = -(-n // c)
   pad = m * c - n
@@ -118,7 +135,7 @@ def _chunks(x, y, mask, chunk_size: Optional[int]):
   return prep(x), prep(y), mask_p, pos.reshape(m, c)
 
 
-def fisher_diagonal(loss_fn, params, x, y, mask, *, chunk_size: Optional[int] = None):
+def fisher_diagonal(loss_fn, params, x, y, mask, *, chunk_size: int | None = None):
   """Empirical diagonal Fisher F = mean over valid examples of g_i ** 2.
 
   Args:
@@ -136,8 +153,8 @@ def fisher_diagonal(loss_fn, params, x, y, mask, *, chunk_size: Optional[int] = 
     xc, yc, mc = inp
     g = per_example_grads(loss_fn, params, xc, yc)
     sq = jax.tree.map(
-        lambda a: jnp.sum(jnp.where(mc.reshape((-1,) + (1,) * (a.ndim - 1)), a * a, 0.0),
-                          axis=0), g)
+      lambda a: jnp.sum(jnp.where(mc.reshape((-1,) + (1,) * (a.ndim - 1)), a * a, 0.0), axis=0), g
+    )
     return optax.tree.add(acc, sq), None
 
   acc, _ = jax.lax.scan(body, optax.tree.zeros_like(params), (xs, ys, ms))
@@ -151,6 +168,7 @@ def sketch_hash(key, n: int, width: int):
   Example i draws 32 random bits from fold_in(key, i): the top bit gives the sign, the
   other 31 bits modulo width the bucket (modulo bias < width / 2**31, negligible). So the
   first n rows do not depend on the padded n, and bucket and sign are independent."""
+
   def one(i):
     bits = jax.random.bits(jax.random.fold_in(key, i), (), jnp.uint32)
     sign = jnp.where(bits >> 31 == 0, 1.0, -1.0).astype(jnp.float32)
@@ -160,8 +178,7 @@ def sketch_hash(key, n: int, width: int):
   return jax.vmap(one)(jnp.arange(n))
 
 
-def count_sketch(loss_fn, params, x, y, mask, key, *, width: int,
-                 chunk_size: Optional[int] = None):
+def count_sketch(loss_fn, params, x, y, mask, key, *, width: int, chunk_size: int | None = None):
   """S J without forming J: leaves of shape (width,) + leaf.shape.
 
   Row r is sum over valid examples i with bucket h(i) = r of s(i) * g_i, where
@@ -188,7 +205,7 @@ def count_sketch(loss_fn, params, x, y, mask, key, *, width: int,
   """
   width = int(width)
   if width < 1:
-    raise ValueError(f'sketch width must be >= 1, got {width}')
+    raise ValueError(f"sketch width must be >= 1, got {width}")
   n = x.shape[0]
   bucket, sign = sketch_hash(key, n, width)
   xs, ys, ms, pos = _chunks(x, y, mask, chunk_size)
@@ -215,6 +232,7 @@ def count_sketch(loss_fn, params, x, y, mask, key, *, width: int,
 
 def _sketch_apply(sketch, delta):
   """(S J) Delta: float [t] = sum over leaves of <row_r, delta>."""
+
   def one(s, d):
     return jnp.tensordot(s.reshape(s.shape[0], -1), d.reshape(-1), axes=1)
 
@@ -228,8 +246,11 @@ def _safe_n(n):
 def ewc_penalty_diag(params, anchor, fisher_diag, lam):
   """(lam/2) sum F (theta - theta*)^2."""
   delta = optax.tree.sub(params, anchor)
-  return 0.5 * lam * sum(jnp.sum(f * d * d) for f, d in
-                         zip(jax.tree.leaves(fisher_diag), jax.tree.leaves(delta)))
+  return (
+    0.5
+    * lam
+    * sum(jnp.sum(f * d * d) for f, d in zip(jax.tree.leaves(fisher_diag), jax.tree.leaves(delta)))
+  )
 
 
 def ewc_penalty_sketch(params, anchor, sketch, lam, n):
@@ -240,12 +261,14 @@ def ewc_penalty_sketch(params, anchor, sketch, lam, n):
 
 class EwcDiagState(NamedTuple):
   """anchor theta* and diagonal Fisher (both pytrees like params)."""
+
   anchor: Any
   fisher: Any
 
 
 class EwcSketchState(NamedTuple):
   """anchor theta*, sketch S J (leaves (t,) + shape) and n, the examples it summarises."""
+
   anchor: Any
   sketch: Any
   n: Any
@@ -269,7 +292,7 @@ def set_ewc_state(opt_state, state):
   KeyError when opt_state holds no EWC state of that kind.
   """
   if not isinstance(state, (EwcDiagState, EwcSketchState)):
-    raise ValueError(f'expected EwcDiagState or EwcSketchState, got {type(state).__name__}')
+    raise ValueError(f"expected EwcDiagState or EwcSketchState, got {type(state).__name__}")
   return optax.tree.set(opt_state, **{type(state).__name__: state})
 
 
@@ -279,7 +302,7 @@ def ewc_penalty(params, state, lam):
     return ewc_penalty_diag(params, state.anchor, state.fisher, lam)
   if isinstance(state, EwcSketchState):
     return ewc_penalty_sketch(params, state.anchor, state.sketch, lam, state.n)
-  raise ValueError(f'expected EwcDiagState or EwcSketchState, got {type(state).__name__}')
+  raise ValueError(f"expected EwcDiagState or EwcSketchState, got {type(state).__name__}")
 
 
 def ewc_gradient(params, state, lam):
@@ -294,11 +317,12 @@ def ewc_gradient(params, state, lam):
   if isinstance(state, EwcSketchState):
     c = _sketch_apply(state.sketch, delta) * (lam / _safe_n(state.n))
     return jax.tree.map(lambda s: jnp.tensordot(c.astype(s.dtype), s, axes=1), state.sketch)
-  raise ValueError(f'expected EwcDiagState or EwcSketchState, got {type(state).__name__}')
+  raise ValueError(f"expected EwcDiagState or EwcSketchState, got {type(state).__name__}")
 
 
-def add_ewc_gradient(lam, *, kind: str = 'diag', width: Optional[int] = None
-                     ) -> optax.GradientTransformation:
+def add_ewc_gradient(
+  lam, *, kind: str = "diag", width: int | None = None
+) -> optax.GradientTransformation:
   """Adds grad of (lam/2) (theta - theta*)^T H (theta - theta*) to the updates.
 
   Use before the optimiser, e.g. `optax.chain(add_ewc_gradient(10.), optax.sgd(lr))`.
@@ -316,19 +340,19 @@ def add_ewc_gradient(lam, *, kind: str = 'diag', width: Optional[int] = None
     width: sketch rows t (required for kind='sketch').
   """
   if kind not in KINDS:
-    raise ValueError(f'unknown EWC kind {kind!r}; allowed: {", ".join(KINDS)}')
-  if kind == 'sketch' and (width is None or int(width) < 1):
+    raise ValueError(f"unknown EWC kind {kind!r}; allowed: {', '.join(KINDS)}")
+  if kind == "sketch" and (width is None or int(width) < 1):
     raise ValueError(f"kind='sketch' needs width >= 1, got {width}")
 
   def init_fn(params):
-    if kind == 'diag':
+    if kind == "diag":
       return EwcDiagState(anchor=params, fisher=optax.tree.zeros_like(params))
     sketch = jax.tree.map(lambda p: jnp.zeros((int(width),) + p.shape, p.dtype), params)
     return EwcSketchState(anchor=params, sketch=sketch, n=jnp.ones((), jnp.float32))
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError('add_ewc_gradient needs params: call update(updates, state, params)')
+      raise ValueError("add_ewc_gradient needs params: call update(updates, state, params)")
     g = ewc_gradient(params, state, lam)
     return optax.tree.add(updates, g), state
 

@@ -32,21 +32,21 @@ times an aggregation weight (0 for a forgotten client: a weight change, not a ne
 so nothing recompiles) and applies them through a server optax optimizer (sgd(1) = plain
 FedAvg).
 """
+
 from __future__ import annotations
 
 import functools
 import math
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fu_jax import images
-from fu_jax import losses
-from fu_jax import multihost
+from fu_jax import images, losses, multihost
 from fu_jax import tree as tu
 
 RUNNERS = ("auto", "vmap", "loop", "shard")
@@ -54,7 +54,7 @@ RUNNERS = ("auto", "vmap", "loop", "shard")
 # Streams keep independent randomness apart: key(seed) -> fold_in(stream) -> fold_in(...).
 STREAM_INIT, STREAM_SAMPLE, STREAM_CLIENT, STREAM_UNLEARN, STREAM_EVAL = range(5)
 STREAM_FORGET = 5  # which samples a kind='samples' request forgets (per client)
-STREAM_BANK = 6    # the training seeds of an audit's model bank (experiments/audit.py)
+STREAM_BANK = 6  # the training seeds of an audit's model bank (experiments/audit.py)
 
 
 def stream_key(seed: int, stream: int, *ids: int):
@@ -67,6 +67,7 @@ def stream_key(seed: int, stream: int, *ids: int):
 
 class Batch(NamedTuple):
   """One mini-batch of a client: x and y are pytrees with a leading batch axis."""
+
   x: Any
   y: Any
   mask: Any  # bool [B]
@@ -86,11 +87,12 @@ class LocalProgram(NamedTuple):
   ~19x slower inside a conditional branch (measured, CNN batch 64), so a costly occasional
   step (e.g. QuickDrop's distillation) under lax.cond would make every step slow.
   """
+
   init: Callable
   step: Callable
   finish: Callable
-  scheduled_step: Optional[Callable] = None
-  schedule: Optional[Callable[[int], bool]] = None
+  scheduled_step: Callable | None = None
+  schedule: Callable[[int], bool] | None = None
 
 
 def is_scheduled(program: LocalProgram, i: int) -> bool:
@@ -108,16 +110,19 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def sgd_program(apply_fn, optimizer: optax.GradientTransformation, *, loss_fn=None,
-                opt_init=None) -> LocalProgram:
+def sgd_program(
+  apply_fn, optimizer: optax.GradientTransformation, *, loss_fn=None, opt_init=None
+) -> LocalProgram:
   """Mini-batch training of `loss_fn(params, batch) -> scalar` (default masked CE).
 
   opt_init(params, extra) -> opt_state lets per-client transform state (channel masks,
   EWC anchors and Fisher values) come from the client's `extra`.
   """
   if loss_fn is None:
+
     def loss_fn(params, batch):
       return losses.masked_ce(apply_fn(params, batch.x), batch.y, batch.mask)
+
   if opt_init is None:
     opt_init = lambda params, extra: optimizer.init(params)
 
@@ -160,8 +165,7 @@ def take_batch(data, valid, order, step, batch_size):
   pos = step * batch_size + jnp.arange(batch_size)
   idx = order[jnp.minimum(pos, n - 1)]
   in_range = pos < n
-  x, y = images.materialize(
-      jax.tree.map(lambda a: jnp.take(a, idx, axis=0), (data[0], data[1])))
+  x, y = images.materialize(jax.tree.map(lambda a: jnp.take(a, idx, axis=0), (data[0], data[1])))
   return Batch(x, y, jnp.take(valid, idx) & in_range)
 
 
@@ -183,9 +187,9 @@ def steps_per_epoch(max_n: int, batch_size: int) -> int:
 
 
 class ClientResult(NamedTuple):
-  params: Any        # stacked [clients, ...]
-  state: Any         # stacked final local states (methods read e.g. synthetic sets here)
-  metrics: dict      # per-client means over all their examples and epochs, [clients]
+  params: Any  # stacked [clients, ...]
+  state: Any  # stacked final local states (methods read e.g. synthetic sets here)
+  metrics: dict  # per-client means over all their examples and epochs, [clients]
 
 
 def _mean_metrics(sums, counts):
@@ -226,8 +230,9 @@ class ClientClock:
     return self.serial, self.critical
 
 
-def parallel_seconds(seconds: float, before: tuple[float, float],
-                     after: tuple[float, float]) -> float:
+def parallel_seconds(
+  seconds: float, before: tuple[float, float], after: tuple[float, float]
+) -> float:
   """`seconds` of work with the loop-run clients recorded between two ClientClock.totals()
   replaced by their critical path: seconds - (serial - critical) over the interval."""
   serial, critical = after[0] - before[0], after[1] - before[1]
@@ -242,23 +247,33 @@ def _compiled_program(program: LocalProgram, kind: str, batch_size: int):
   compiled once per process; an audit builds K runners per method). Bounded: the entries
   keep their executables alive.
   """
+
   def compile_step(step_fn):
     def step(state, data, valid, order, s, key, tables):
       # The image tables arrive as arguments (see images.detach), shared by all clients.
       data = images.attach(data, tables)
       return _guarded_step(step_fn, batch_size, state, data, valid, order, s, key)
+
     if kind != "loop":
       step = jax.vmap(step, in_axes=(0, 0, 0, 0, None, 0, None))
     return jax.jit(step, donate_argnums=(0,))
 
-  scheduled = (compile_step(program.scheduled_step)
-               if program.scheduled_step is not None else None)
+  scheduled = compile_step(program.scheduled_step) if program.scheduled_step is not None else None
   if kind == "loop":
-    return (compile_step(program.step), scheduled, jax.jit(program.init),
-            jax.jit(epoch_order), jax.jit(program.finish))
-  return (compile_step(program.step), scheduled,
-          jax.jit(jax.vmap(program.init, in_axes=(None, 0, 0))),
-          jax.jit(jax.vmap(epoch_order)), jax.jit(jax.vmap(program.finish)))
+    return (
+      compile_step(program.step),
+      scheduled,
+      jax.jit(program.init),
+      jax.jit(epoch_order),
+      jax.jit(program.finish),
+    )
+  return (
+    compile_step(program.step),
+    scheduled,
+    jax.jit(jax.vmap(program.init, in_axes=(None, 0, 0))),
+    jax.jit(jax.vmap(epoch_order)),
+    jax.jit(jax.vmap(program.finish)),
+  )
 
 
 class ClientRunner:
@@ -278,34 +293,47 @@ class ClientRunner:
     then records each group's wall time as one entry (clients of a group overlap).
   """
 
-  def __init__(self, program: LocalProgram, *, kind: str, epochs: int, batch_size: int,
-               chunk_size: int = 0, mesh=None, clock: ClientClock | None = None,
-               devices: Sequence | None = None):
+  def __init__(
+    self,
+    program: LocalProgram,
+    *,
+    kind: str,
+    epochs: int,
+    batch_size: int,
+    chunk_size: int = 0,
+    mesh=None,
+    clock: ClientClock | None = None,
+    devices: Sequence | None = None,
+  ):
     if kind not in RUNNERS[1:]:
       raise ValueError(f"runner {kind!r} is not one of {RUNNERS}")
     if epochs < 1 or batch_size < 1:
       raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     if (program.scheduled_step is None) != (program.schedule is None):
-      raise ValueError("LocalProgram.scheduled_step and .schedule go together: got only "
-                       f"{'schedule' if program.scheduled_step is None else 'scheduled_step'}")
+      raise ValueError(
+        "LocalProgram.scheduled_step and .schedule go together: got only "
+        f"{'schedule' if program.scheduled_step is None else 'scheduled_step'}"
+      )
     if devices is not None and kind != "loop" and len(devices) > 1:
-      raise ValueError(f"devices= is for the loop runner (kind={kind!r}: use mesh= for "
-                       "shard)")
+      raise ValueError(f"devices= is for the loop runner (kind={kind!r}: use mesh= for shard)")
     if devices is not None and len(devices) == 0:
       raise ValueError("devices= must name at least one device, got an empty sequence")
     self.devices = list(devices) if devices is not None and len(devices) > 1 else None
     self.program, self.kind, self.epochs, self.batch_size = program, kind, epochs, batch_size
     self.chunk_size = chunk_size
     self.clock = clock
-    (self._step, self._scheduled, self._init, self._order,
-     self._finish) = _compiled_program(program, kind, batch_size)
+    (self._step, self._scheduled, self._init, self._order, self._finish) = _compiled_program(
+      program, kind, batch_size
+    )
     self.mesh = mesh
     self._tables = None
     if kind == "shard":
       if mesh is None:  # every device of every process
         mesh = jax.sharding.Mesh(np.array(jax.devices()), ("clients",))
       self.mesh = mesh
-      self._client_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
+      self._client_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("clients")
+      )
 
   def _step_fn(self, i: int):
     """The compiled step for local step i: the program's scheduled step where due."""
@@ -343,11 +371,11 @@ class ClientRunner:
       group = list(range(c0, min(c0 + len(devs), num)))
       run = []  # per client: [device index, state, sums, (d, v, k) on device, n_steps]
       for i, c in enumerate(group):
-        local = jax.device_put(jax.tree.map(lambda a: a[c], (data, valid, extra, keys)),
-                               devs[i])
+        local = jax.device_put(jax.tree.map(lambda a: a[c], (data, valid, extra, keys)), devs[i])
         d_c, v_c, e_c, k_c = local
-        n_steps = min(steps_per_epoch(max_n, self.batch_size),
-                      math.ceil(int(counts[c]) / self.batch_size))
+        n_steps = min(
+          steps_per_epoch(max_n, self.batch_size), math.ceil(int(counts[c]) / self.batch_size)
+        )
         run.append([i, self._init(per_dev[i][0], e_c, k_c), zeros, local, n_steps])
       for epoch in range(self.epochs):
         eks = [jax.random.fold_in(r[3][3], epoch) for r in run]
@@ -356,21 +384,21 @@ class ClientRunner:
           for r, order, ek in zip(run, orders, eks):  # alternate: each device gets a step
             if s < r[4]:
               i, (d_c, v_c, _, _) = r[0], r[3]
-              r[1], m, _ = self._step_fn(epoch * r[4] + s)(r[1], d_c, v_c, order, s, ek,
-                                                            per_dev[i][1])
+              r[1], m, _ = self._step_fn(epoch * r[4] + s)(
+                r[1], d_c, v_c, order, s, ek, per_dev[i][1]
+              )
               r[2] = jax.tree.map(jnp.add, r[2], m)
       for c, r in zip(group, run):
         params_out[c] = jax.device_put(self._finish(r[1]), home)
         states_out[c] = jax.device_put(r[1], home)
         sums_out[c] = jax.tree.map(np.asarray, r[2])
       if self.clock is not None:
-        jax.block_until_ready((params_out[c0:c0 + len(group)], states_out[c0:c0 + len(group)]))
+        jax.block_until_ready((params_out[c0 : c0 + len(group)], states_out[c0 : c0 + len(group)]))
         seconds.append(self.clock.now() - t0)
     if self.clock is not None:
       self.clock.record(seconds)
     stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
-    metrics = _mean_metrics(jax.tree.map(lambda *a: np.stack(a), *sums_out),
-                            counts * self.epochs)
+    metrics = _mean_metrics(jax.tree.map(lambda *a: np.stack(a), *sums_out), counts * self.epochs)
     return ClientResult(stack(params_out), stack(states_out), metrics)
 
   # -- loop: one client at a time, only its non-empty batches.
@@ -384,14 +412,14 @@ class ClientRunner:
       d_c, v_c, e_c, k_c = jax.tree.map(lambda a: a[c], (data, valid, extra, keys))
       state = self._init(server_params, e_c, k_c)
       sums = zeros
-      n_steps = min(steps_per_epoch(max_n, self.batch_size),
-                    math.ceil(int(counts[c]) / self.batch_size))
+      n_steps = min(
+        steps_per_epoch(max_n, self.batch_size), math.ceil(int(counts[c]) / self.batch_size)
+      )
       for epoch in range(self.epochs):
         ek = jax.random.fold_in(k_c, epoch)
         order = self._order(ek, v_c)
         for s in range(n_steps):
-          state, m, _ = self._step_fn(epoch * n_steps + s)(state, d_c, v_c, order, s, ek,
-                                                           tables)
+          state, m, _ = self._step_fn(epoch * n_steps + s)(state, d_c, v_c, order, s, ek, tables)
           sums = jax.tree.map(jnp.add, sums, m)
       params_out.append(self._finish(state))
       states_out.append(state)
@@ -402,8 +430,7 @@ class ClientRunner:
     if self.clock is not None:
       self.clock.record(seconds)
     stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
-    metrics = _mean_metrics(jax.tree.map(lambda *a: np.stack(a), *sums_out),
-                            counts * self.epochs)
+    metrics = _mean_metrics(jax.tree.map(lambda *a: np.stack(a), *sums_out), counts * self.epochs)
     return ClientResult(stack(params_out), stack(states_out), metrics)
 
   # -- vmap / shard: a block of clients per call.
@@ -417,15 +444,16 @@ class ClientRunner:
       server_params = multihost.put_replicated(server_params, self.mesh)
       tables = self._replicated_tables(tables)
     state = self._init(server_params, extra, keys)
-    n_steps = min(steps_per_epoch(valid.shape[1], self.batch_size),
-                  math.ceil(int(counts.max(initial=0)) / self.batch_size))
+    n_steps = min(
+      steps_per_epoch(valid.shape[1], self.batch_size),
+      math.ceil(int(counts.max(initial=0)) / self.batch_size),
+    )
     sums = self._metric_zeros(server_params, data, valid, extra, keys, tables)
     for epoch in range(self.epochs):
       eks = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
       order = self._order(eks, valid)
       for s in range(n_steps):
-        state, m, _ = self._step_fn(epoch * n_steps + s)(state, data, valid, order, s, eks,
-                                                         tables)
+        state, m, _ = self._step_fn(epoch * n_steps + s)(state, data, valid, order, s, eks, tables)
         sums = jax.tree.map(jnp.add, sums, m)
     if self.kind == "shard":
       # The clients' results whole in every process (an all-gather across processes), so
@@ -437,8 +465,11 @@ class ClientRunner:
   def _replicated_tables(self, tables):
     # The tables hold the same arrays in every round: replicate them over the mesh once.
     leaves = jax.tree.leaves(tables)
-    if self._tables is None or len(leaves) != len(self._tables[0]) or any(
-        a is not b for a, b in zip(leaves, self._tables[0])):
+    if (
+      self._tables is None
+      or len(leaves) != len(self._tables[0])
+      or any(a is not b for a, b in zip(leaves, self._tables[0]))
+    ):
       self._tables = (leaves, multihost.put_replicated(tables, self.mesh))
     return self._tables[1]
 
@@ -454,16 +485,17 @@ class ClientRunner:
       chunk = math.ceil(chunk / ndev) * ndev
     results = []
     for start in range(0, num, chunk):
-      sl = lambda a: a[start:start + chunk]
-      block, block_keys = jax.tree.map(sl, (data, valid, extra)), keys[start:start + chunk]
+      sl = lambda a: a[start : start + chunk]
+      block, block_keys = jax.tree.map(sl, (data, valid, extra)), keys[start : start + chunk]
       pad = chunk - block[1].shape[0]
       if pad:  # a short last block is padded with empty clients so shapes never change
         block = jax.tree.map(
-            lambda a: jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]), block)
+          lambda a: jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]), block
+        )
         block_keys = jnp.concatenate([block_keys, keys[jnp.zeros(pad, jnp.int32)]])
       res = self._run_block(server_params, *block, block_keys, tables)
       if pad:
-        res = jax.tree.map(lambda a: a[:chunk - pad], res)
+        res = jax.tree.map(lambda a: a[: chunk - pad], res)
       results.append(res)
     if len(results) == 1:
       return results[0]
@@ -478,9 +510,9 @@ class ClientRunner:
 # accelerator. With several processes experiments.run picks `shard` on every backend: it
 # is the one runner whose client axis spans processes.
 AUTO_RUNNER = {
-    "cpu": {"conv": "loop", "dense": "vmap"},
-    "gpu": {"conv": "shard", "dense": "shard"},
-    "tpu": {"conv": "shard", "dense": "shard"},
+  "cpu": {"conv": "loop", "dense": "vmap"},
+  "gpu": {"conv": "shard", "dense": "shard"},
+  "tpu": {"conv": "shard", "dense": "shard"},
 }
 DENSE_MODELS = ("mlp",)
 
@@ -522,8 +554,9 @@ def num_sampled_clients(clients_per_round, num_clients: int) -> int:
       return max(1, round(v * num_clients))
     if float(v).is_integer() and 1 <= v <= num_clients:
       return int(v)
-  raise ValueError(f"clients_per_round={v!r}: allowed a fraction in (0, 1] or a whole "
-                   f"count in [1, {num_clients}]")
+  raise ValueError(
+    f"clients_per_round={v!r}: allowed a fraction in (0, 1] or a whole count in [1, {num_clients}]"
+  )
 
 
 def aggregate(server_params, client_params, weights):
@@ -554,21 +587,30 @@ class DivergenceError(FloatingPointError):
 
 def check_finite(params, what: str):
   if not bool(tu.tree_all_finite(params)):
-    raise DivergenceError(f"{what}: parameters became NaN or inf (diverged); lower the "
-                          "learning rate. No results were written.")
+    raise DivergenceError(
+      f"{what}: parameters became NaN or inf (diverged); lower the "
+      "learning rate. No results were written."
+    )
 
 
 class RoundResult(NamedTuple):
   server: ServerState
   sampled: np.ndarray
-  metrics: dict      # weighted means over participating clients
+  metrics: dict  # weighted means over participating clients
   client: ClientResult
-  counts: np.ndarray = None   # [num_sampled] valid rows of each sampled client
+  counts: np.ndarray = None  # [num_sampled] valid rows of each sampled client
   weights: np.ndarray = None  # [num_sampled] its aggregation weight (0: not aggregated)
 
 
-def round_cost(counts, weights, *, model_bytes: int, epochs: int,
-               upload_bytes: int | None = None, download_bytes: int | None = None) -> dict:
+def round_cost(
+  counts,
+  weights,
+  *,
+  model_bytes: int,
+  epochs: int,
+  upload_bytes: int | None = None,
+  download_bytes: int | None = None,
+) -> dict:
   """Communication and work of one round, the same rule for every method.
 
   A sampled client takes part when it has rows to train on (counts > 0) and its update is
@@ -586,8 +628,11 @@ def round_cost(counts, weights, *, model_bytes: int, epochs: int,
   n = int(part.sum())
   up = model_bytes if upload_bytes is None else upload_bytes
   down = model_bytes if download_bytes is None else download_bytes
-  return {"bytes_up": n * int(up), "bytes_down": n * int(down),
-          "examples": int(counts[part].sum()) * int(epochs)}
+  return {
+    "bytes_up": n * int(up),
+    "bytes_down": n * int(down),
+    "examples": int(counts[part].sum()) * int(epochs),
+  }
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -595,10 +640,20 @@ def _aggregate_apply(server, client_params, weights, server_opt):
   return server_apply(server, aggregate(server.params, client_params, weights), server_opt)
 
 
-def fedavg_round(server: ServerState, runner: ClientRunner, data, valid, extra, *,
-                 seed: int, round_idx: int, client_weights, num_sampled: int,
-                 server_opt: optax.GradientTransformation, stream: int = STREAM_CLIENT
-                 ) -> RoundResult:
+def fedavg_round(
+  server: ServerState,
+  runner: ClientRunner,
+  data,
+  valid,
+  extra,
+  *,
+  seed: int,
+  round_idx: int,
+  client_weights,
+  num_sampled: int,
+  server_opt: optax.GradientTransformation,
+  stream: int = STREAM_CLIENT,
+) -> RoundResult:
   """One FedAvg round: sample, run local programs, aggregate weighted by examples.
 
   data (x, y), valid, extra carry a leading axis over ALL clients; client_weights [N]
@@ -613,6 +668,7 @@ def fedavg_round(server: ServerState, runner: ClientRunner, data, valid, extra, 
   w = counts * jnp.take(jnp.asarray(client_weights, jnp.float32), idx) * active
   server = _aggregate_apply(server, res.params, w, server_opt)
   wn = np.asarray(w)
-  metrics = {k: float(np.sum(np.asarray(m) * wn) / max(wn.sum(), 1e-12))
-             for k, m in res.metrics.items()}
+  metrics = {
+    k: float(np.sum(np.asarray(m) * wn) / max(wn.sum(), 1e-12)) for k, m in res.metrics.items()
+  }
   return RoundResult(server, np.asarray(idx), metrics, res, np.asarray(counts), wn)

@@ -38,6 +38,7 @@ a data pytree into (tree with placeholder tables, the tables' arrays) and `attac
 the jitted function, joins them again; `fl.ClientRunner` does this for every step, so
 methods never see it. Outside jit (`x[key]`, `np.asarray(x)`) the arrays are used eagerly.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -58,14 +59,16 @@ class ImageTable:
   def __init__(self, codes, lut=None):
     codes = jnp.asarray(codes)
     if codes.ndim != 4:
-      raise ValueError(f'codes must be [n, H, W, C], got shape {codes.shape}')
+      raise ValueError(f"codes must be [n, H, W, C], got shape {codes.shape}")
     if lut is None and codes.dtype != jnp.float32:
-      raise ValueError(f'codes of dtype {codes.dtype} need a lookup table (lut)')
+      raise ValueError(f"codes of dtype {codes.dtype} need a lookup table (lut)")
     if lut is not None:
       lut = jnp.asarray(lut, jnp.float32)
       if codes.dtype != jnp.uint8 or lut.shape != (256, codes.shape[-1]):
-        raise ValueError(f'a lookup table needs uint8 codes and shape (256, C={codes.shape[-1]}),'
-                         f' got codes {codes.dtype}, lut {lut.shape}')
+        raise ValueError(
+          f"a lookup table needs uint8 codes and shape (256, C={codes.shape[-1]}),"
+          f" got codes {codes.dtype}, lut {lut.shape}"
+        )
     self.codes, self.lut = codes, lut
 
   @property
@@ -78,15 +81,15 @@ class ImageTable:
 
   def gather(self, index):
     index = jnp.asarray(index)
-    rows = jnp.take(self.codes, jnp.maximum(index, 0), axis=0, mode='clip')
+    rows = jnp.take(self.codes, jnp.maximum(index, 0), axis=0, mode="clip")
     if self.lut is not None:
       rows = self.lut[rows.astype(jnp.int32), jnp.arange(rows.shape[-1])]
     real = (index >= 0).reshape(index.shape + (1,) * len(self.image_shape))
     return jnp.where(real, rows, jnp.zeros((), jnp.float32))
 
   def __repr__(self):
-    kind = 'uint8 + lookup table' if self.lut is not None else 'float32'
-    return f'ImageTable({self.codes.shape[0]} images {self.image_shape}, {kind})'
+    kind = "uint8 + lookup table" if self.lut is not None else "float32"
+    return f"ImageTable({self.codes.shape[0]} images {self.image_shape}, {kind})"
 
 
 @jax.tree_util.register_pytree_node_class
@@ -133,7 +136,7 @@ class ClientImages:
     return np.asarray(self.images(), dtype=dtype)
 
   def __repr__(self):
-    return f'ClientImages(index {self.shape[:-3]} -> {self.table!r})'
+    return f"ClientImages(index {self.shape[:-3]} -> {self.table!r})"
 
 
 class _Slot:
@@ -150,7 +153,7 @@ class _Slot:
     return hash(self.key)
 
   def __repr__(self):
-    return f'_Slot{self.key}'
+    return f"_Slot{self.key}"
 
 
 def _is_images(a) -> bool:
@@ -181,11 +184,13 @@ def detach(tree: Any):
 def attach(tree: Any, tables):
   """Inverse of `detach`: placeholders replaced by ImageTables over `tables` (traced
   arguments inside jit)."""
+
   def join(a):
     if _is_images(a) and isinstance(a.table, _Slot):
       codes, lut = tables[a.table.key[0]]
       return ClientImages(a.index, ImageTable(codes, lut))
     return a
+
   return jax.tree.map(join, tree, is_leaf=_is_images)
 
 
@@ -197,7 +202,7 @@ def materialize(tree: Any):
 def dataset_table(ds) -> ImageTable:
   """The training images of a `types.Dataset` as one table: its uint8 codes and lookup
   table when the source had them, else its normalised float32 images."""
-  if getattr(ds, 'train_codes', None) is not None:
+  if getattr(ds, "train_codes", None) is not None:
     return ImageTable(ds.train_codes, ds.train_lut)
   return ImageTable(np.asarray(ds.x_train, np.float32))
 
@@ -221,5 +226,5 @@ def map_client_blocks(fn, data, *args, block: int = 256):
     idx = jnp.asarray(np.minimum(np.arange(start, start + block), n - 1))
     take = lambda a: jnp.take(a, idx, axis=0)
     out = fn(materialize(jax.tree.map(take, data)), *jax.tree.map(take, args))
-    outs.append(jax.tree.map(lambda a: a[:min(block, n - start)], out))
+    outs.append(jax.tree.map(lambda a: a[: min(block, n - start)], out))
   return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)

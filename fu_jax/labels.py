@@ -32,19 +32,30 @@ The unlearning objective (Eq. 13) is `forgetting_loss` below plus the EWC penalt
 Everything here is a pure function of its inputs and PRNG keys, and jittable with `variant`
 and `debias_scope` static.
 """
+
 import functools
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from fu_jax import losses
 
-__all__ = ['VARIANTS', 'DEBIAS_SCOPES', 'glorot_reinit', 'init_teachers', 'teacher_probs',
-           'debias', 'random_labels', 'teacher_labels', 'forgetting_loss']
+__all__ = [
+  "VARIANTS",
+  "DEBIAS_SCOPES",
+  "glorot_reinit",
+  "init_teachers",
+  "teacher_probs",
+  "debias",
+  "random_labels",
+  "teacher_labels",
+  "forgetting_loss",
+]
 
-VARIANTS = ('uniform', 'random', 'teacher', 'debias')
-DEBIAS_SCOPES = ('sample', 'batch')
+VARIANTS = ("uniform", "random", "teacher", "debias")
+DEBIAS_SCOPES = ("sample", "batch")
 
 
 def glorot_reinit(params, key):
@@ -61,13 +72,16 @@ def glorot_reinit(params, key):
   """
   init = jax.nn.initializers.glorot_uniform(in_axis=-2, out_axis=-1)
   leaves, treedef = jax.tree.flatten(params)
-  new = [init(jax.random.fold_in(key, i), x.shape, x.dtype) if x.ndim >= 2 else x
-         for i, x in enumerate(leaves)]
+  new = [
+    init(jax.random.fold_in(key, i), x.shape, x.dtype) if x.ndim >= 2 else x
+    for i, x in enumerate(leaves)
+  ]
   return jax.tree.unflatten(treedef, new)
 
 
-def init_teachers(module, key, input_shape: Sequence[int], num_teachers: int, *,
-                  glorot: bool = True):
+def init_teachers(
+  module, key, input_shape: Sequence[int], num_teachers: int, *, glorot: bool = True
+):
   """Q untrained teacher models, parameters stacked on a leading axis of size Q.
 
   Args:
@@ -82,9 +96,10 @@ def init_teachers(module, key, input_shape: Sequence[int], num_teachers: int, *,
     params pytree whose every leaf has shape (Q,) + leaf.shape.
   """
   if int(num_teachers) < 1:
-    raise ValueError(f'num_teachers must be >= 1, got {num_teachers}')
-  return _init_stacked(module, key, tuple(int(d) for d in input_shape), int(num_teachers),
-                       bool(glorot))
+    raise ValueError(f"num_teachers must be >= 1, got {num_teachers}")
+  return _init_stacked(
+    module, key, tuple(int(d) for d in input_shape), int(num_teachers), bool(glorot)
+  )
 
 
 # Jitted with the (hashable) module static: one cached program per architecture instead of
@@ -95,7 +110,7 @@ def _init_stacked(module, key, input_shape, num_teachers, glorot):
 
   def one(k):
     k_init, k_glorot = jax.random.split(k)
-    params = module.init(k_init, dummy)['params']
+    params = module.init(k_init, dummy)["params"]
     return glorot_reinit(params, k_glorot) if glorot else params
 
   # lax.map, not vmap: same result, and XLA:CPU compiles the batched PRNG of a vmapped init
@@ -109,13 +124,14 @@ def teacher_probs(apply_fn: Callable[..., Any], teacher_params_stacked, x):
   apply_fn(params, x) -> logits [B, K].
   Returns float32 [B, K].
   """
+
   def probs(p):
     return jax.nn.softmax(apply_fn(p, x).astype(jnp.float32), axis=-1)
 
   return jnp.mean(jax.vmap(probs)(teacher_params_stacked), axis=0)
 
 
-def debias(probs, target_class, *, scope: str = 'sample', mask=None):
+def debias(probs, target_class, *, scope: str = "sample", mask=None):
   """Eq. (4): divide the target component by w = p_target / mean_k p_k, renormalise to 1.
 
   Args:
@@ -129,13 +145,13 @@ def debias(probs, target_class, *, scope: str = 'sample', mask=None):
     mean_k p_k (= 1/K) exactly: y_db = normalise(p with p_target replaced by 1/K).
   """
   if scope not in DEBIAS_SCOPES:
-    raise ValueError(f'unknown debias scope {scope!r}; allowed: {", ".join(DEBIAS_SCOPES)}')
+    raise ValueError(f"unknown debias scope {scope!r}; allowed: {', '.join(DEBIAS_SCOPES)}")
   probs = probs.astype(jnp.float32)
   b, k = probs.shape
   onehot = jax.nn.one_hot(jnp.broadcast_to(target_class, (b,)), k, dtype=jnp.bool_)
   p_t = jnp.sum(jnp.where(onehot, probs, 0.0), axis=-1)
   mean_p = jnp.mean(probs, axis=-1)
-  if scope == 'sample':
+  if scope == "sample":
     # p_t / w = p_t / (p_t / mean_p) = mean_p; written directly so p_t -> 0 stays finite.
     new_t = mean_p
   else:
@@ -152,6 +168,7 @@ def random_labels(key, batch_size: int, num_classes: int):
   Sampled as normalised Exp(1) draws (Gamma(1) = Exp(1)), which is exactly Dirichlet(1)
   and avoids the gamma sampler's rejection loop. Row i uses fold_in(key, i), so padding
   rows appended at the end never change the labels of the real rows."""
+
   def one(i):
     e = jax.random.exponential(jax.random.fold_in(key, i), (num_classes,), jnp.float32)
     return e / jnp.sum(e)
@@ -159,9 +176,18 @@ def random_labels(key, batch_size: int, num_classes: int):
   return jax.vmap(one)(jnp.arange(batch_size))
 
 
-def teacher_labels(apply_fn: Optional[Callable[..., Any]], teacher_params_stacked, x, *,
-                   variant: str, target_class=None, num_classes: Optional[int] = None,
-                   key=None, mask=None, debias_scope: str = 'sample'):
+def teacher_labels(
+  apply_fn: Callable[..., Any] | None,
+  teacher_params_stacked,
+  x,
+  *,
+  variant: str,
+  target_class=None,
+  num_classes: int | None = None,
+  key=None,
+  mask=None,
+  debias_scope: str = "sample",
+):
   """New (knowledge-free) labels for the target data x: float32 [B, K], rows sum to 1.
 
   Args:
@@ -197,36 +223,47 @@ def teacher_labels(apply_fn: Optional[Callable[..., Any]], teacher_params_stacke
     [0.25 0.25 0.25 0.25]
   """
   if variant not in VARIANTS:
-    raise ValueError(f'unknown label variant {variant!r}; allowed: {", ".join(VARIANTS)}')
-  if variant in ('uniform', 'random') and num_classes is None:
-    raise ValueError(f'variant {variant!r} needs num_classes')
-  if variant == 'random' and key is None:
+    raise ValueError(f"unknown label variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+  if variant in ("uniform", "random") and num_classes is None:
+    raise ValueError(f"variant {variant!r} needs num_classes")
+  if variant == "random" and key is None:
     raise ValueError("variant 'random' needs a PRNG key")
-  if variant == 'debias' and target_class is None:
+  if variant == "debias" and target_class is None:
     raise ValueError("variant 'debias' needs target_class")
-  if variant in ('teacher', 'debias'):
+  if variant in ("teacher", "debias"):
     if apply_fn is None or teacher_params_stacked is None:
-      raise ValueError(f'variant {variant!r} needs apply_fn and teacher_params_stacked')
-    k_out = jax.eval_shape(lambda p: teacher_probs(apply_fn, p, x),
-                           teacher_params_stacked).shape[-1]
+      raise ValueError(f"variant {variant!r} needs apply_fn and teacher_params_stacked")
+    k_out = jax.eval_shape(lambda p: teacher_probs(apply_fn, p, x), teacher_params_stacked).shape[
+      -1
+    ]
     if num_classes is not None and k_out != num_classes:
-      raise ValueError(f'num_classes={num_classes} but the teachers output {k_out}')
+      raise ValueError(f"num_classes={num_classes} but the teachers output {k_out}")
     num_classes = k_out
-  return _teacher_labels(apply_fn, teacher_params_stacked, x, variant, target_class,
-                         int(num_classes), key, mask, debias_scope)
+  return _teacher_labels(
+    apply_fn,
+    teacher_params_stacked,
+    x,
+    variant,
+    target_class,
+    int(num_classes),
+    key,
+    mask,
+    debias_scope,
+  )
 
 
 # Static: apply_fn (hashable), variant, num_classes, debias_scope.
 @functools.partial(jax.jit, static_argnums=(0, 3, 5, 8))
-def _teacher_labels(apply_fn, teacher_params_stacked, x, variant, target_class, num_classes,
-                    key, mask, debias_scope):
+def _teacher_labels(
+  apply_fn, teacher_params_stacked, x, variant, target_class, num_classes, key, mask, debias_scope
+):
   b = x.shape[0]
-  if variant == 'uniform':
+  if variant == "uniform":
     return jnp.full((b, num_classes), 1.0 / num_classes, jnp.float32)
-  if variant == 'random':
+  if variant == "random":
     return random_labels(key, b, num_classes)
   probs = teacher_probs(apply_fn, teacher_params_stacked, x)
-  if variant == 'teacher':
+  if variant == "teacher":
     return probs
   return debias(probs, target_class, scope=debias_scope, mask=mask)
 
@@ -251,5 +288,6 @@ def forgetting_loss(logits, y_new, y_true, mask, *, true_weight=1.0):
     y_true: int [B] original labels; mask: bool [B] (padding rows excluded).
   Returns: scalar.
   """
-  return (losses.masked_ce(logits, y_new, mask)
-          - true_weight * losses.masked_ce(logits, y_true, mask))
+  return losses.masked_ce(logits, y_new, mask) - true_weight * losses.masked_ce(
+    logits, y_true, mask
+  )

@@ -14,6 +14,7 @@ checkpoint is restored): no step appears twice. Events are written synchronously
 through tensorboardX's queue thread), so `flush()` before a checkpoint puts every step the
 checkpoint covers on disk: a resume leaves no gap either.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,11 @@ def _flat(d: dict, prefix: str = "", sep: str = "/") -> dict:
 
 
 def _number(v) -> bool:
-  return (isinstance(v, (int, float)) and not isinstance(v, bool)
-          and not (isinstance(v, float) and math.isnan(v)))
+  return (
+    isinstance(v, (int, float))
+    and not isinstance(v, bool)
+    and not (isinstance(v, float) and math.isnan(v))
+  )
 
 
 class RunLogger:
@@ -61,13 +65,17 @@ class RunLogger:
     if self._events is None:
       os.makedirs(self._logdir, exist_ok=True)
       # The pid keeps two processes started within one second apart (names hold seconds).
-      self._events = event_file_writer.EventsWriter(os.path.join(self._logdir, "events"),
-                                                    f".{os.getpid()}")
-      self._events.write_event(event_pb2.Event(
-          step=step, wall_time=time.time(),
-          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
-    self._events.write_event(event_pb2.Event(step=step, wall_time=time.time(),
-                                             summary=summary))
+      self._events = event_file_writer.EventsWriter(
+        os.path.join(self._logdir, "events"), f".{os.getpid()}"
+      )
+      self._events.write_event(
+        event_pb2.Event(
+          step=step,
+          wall_time=time.time(),
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+        )
+      )
+    self._events.write_event(event_pb2.Event(step=step, wall_time=time.time(), summary=summary))
 
   def _scalar(self, tag: str, value: float, step: int):
     self._write(step, summary_lib.scalar(tag, value))
@@ -91,18 +99,22 @@ class RunLogger:
       return
     elapsed = time.perf_counter() - started
     eta = elapsed / max(done, 1) * (total - done)
-    shown = " ".join(f"{k}={v:.4f}" for k, v in _flat(metrics, sep=".").items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool))
-    print(f"[{phase}] round {done}/{total} {shown} eta {eta:.1f}s", file=self._stream,
-          flush=True)
+    shown = " ".join(
+      f"{k}={v:.4f}"
+      for k, v in _flat(metrics, sep=".").items()
+      if isinstance(v, (int, float)) and not isinstance(v, bool)
+    )
+    print(f"[{phase}] round {done}/{total} {shown} eta {eta:.1f}s", file=self._stream, flush=True)
 
   def summary(self, step: int, hparams: dict, metrics: dict):
     """The run's final numbers as `trial/<name>` at `step` and as HParams metrics.
 
     hparams: the (nested) config; metrics: flat {name: number}; other values are skipped.
     """
-    hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-          for k, v in _flat(hparams, sep=".").items()}
+    hp = {
+      k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+      for k, v in _flat(hparams, sep=".").items()
+    }
     mt = {f"{SUMMARY_GROUP}/{k}": float(v) for k, v in metrics.items() if _number(v)}
     for s in summary_lib.hparams(hp, mt):
       self._write(step, s)

@@ -3,10 +3,11 @@
 Padding rows (valid=False) must never change a result, so every mean here is a masked
 mean: sum(mask * v) / max(sum(mask), 1).
 """
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ['cross_entropy', 'masked_mean', 'masked_ce', 'correct']
+__all__ = ["cross_entropy", "masked_mean", "masked_ce", "correct"]
 
 
 def cross_entropy(logits, labels):

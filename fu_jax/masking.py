@@ -22,10 +22,12 @@ Choices the Xu et al. paper leaves open, and what we do:
   (then by channel index). This never overrides the paper's accuracy order; it only
   chooses among channels the paper ranks equal.
 """
+
 import functools
 import math
 import zlib
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -34,18 +36,36 @@ import numpy as np
 import optax
 
 from fu_jax import losses
-from fu_jax import tree as fu_tree
+from fu_jax import tree as tu
 
-__all__ = ['channel_layers', 'zero_channel', 'ChannelEffects', 'channel_effects',
-           'num_selected', 'top_delta_channels', 'random_channels',
-           'channel_mask_to_param_mask', 'top_delta_mask', 'random_mask', 'zero_masked',
-           'MaskedUpdateState', 'init_masked_state', 'set_mask', 'masked_update', 'PackedLayer',
-           'channel_counts', 'pack_channels', 'unpack_channels', 'packed_num_bytes',
-           'selected_num_bytes', 'layer_outputs']
+__all__ = [
+  "channel_layers",
+  "zero_channel",
+  "ChannelEffects",
+  "channel_effects",
+  "num_selected",
+  "top_delta_channels",
+  "random_channels",
+  "channel_mask_to_param_mask",
+  "top_delta_mask",
+  "random_mask",
+  "zero_masked",
+  "MaskedUpdateState",
+  "init_masked_state",
+  "set_mask",
+  "masked_update",
+  "PackedLayer",
+  "channel_counts",
+  "pack_channels",
+  "unpack_channels",
+  "packed_num_bytes",
+  "selected_num_bytes",
+  "layer_outputs",
+]
 
 Path = tuple  # tuple of dict keys
 
-_METRICS = ('acc', 'loss', 'both')
+_METRICS = ("acc", "loss", "both")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -57,17 +77,17 @@ def _natural_key(path):
   for k in path:
     parts = []
     for chunk in _split_digits(str(k)):
-      parts.append((0, int(chunk), '') if chunk.isdigit() else (1, 0, chunk))
+      parts.append((0, int(chunk), "") if chunk.isdigit() else (1, 0, chunk))
     out.append(tuple(parts))
   return tuple(out)
 
 
 def _split_digits(s):
-  chunks, cur = [], ''
+  chunks, cur = [], ""
   for ch in s:
     if cur and (ch.isdigit() != cur[-1].isdigit()):
       chunks.append(cur)
-      cur = ''
+      cur = ""
     cur += ch
   if cur:
     chunks.append(cur)
@@ -75,11 +95,11 @@ def _split_digits(s):
 
 
 def _walk_layers(tree, prefix, out):
-  if hasattr(tree, 'items'):
-    if 'kernel' in tree and not hasattr(tree['kernel'], 'items'):
+  if hasattr(tree, "items"):
+    if "kernel" in tree and not hasattr(tree["kernel"], "items"):
       out.append((prefix, tree))
     for k, v in tree.items():
-      if hasattr(v, 'items'):
+      if hasattr(v, "items"):
         _walk_layers(v, prefix + (k,), out)
 
 
@@ -97,24 +117,27 @@ def channel_layers(params) -> list:
   (which re-sorts dict keys); for flat auto-named models (Conv_0, Conv_1, Dense_0) it is
   also the forward order. layer_outputs gives the true call order.
   """
-  return [(path, int(d['kernel'].shape[-1])) for path, d in _layer_dicts(params)]
+  return [(path, int(d["kernel"].shape[-1])) for path, d in _layer_dicts(params)]
 
 
 def _get(params, path):
   node = params
   for k in path:
-    if not hasattr(node, 'items') or k not in node:
-      raise ValueError(f'layer path {path!r} not found in params; layers are '
-                       f'{[p for p, _ in channel_layers(params)]}')
+    if not hasattr(node, "items") or k not in node:
+      raise ValueError(
+        f"layer path {path!r} not found in params; layers are "
+        f"{[p for p, _ in channel_layers(params)]}"
+      )
     node = node[k]
-  if not hasattr(node, 'items') or 'kernel' not in node:
-    raise ValueError(f'{path!r} is not a layer (no kernel); layers are '
-                     f'{[p for p, _ in channel_layers(params)]}')
+  if not hasattr(node, "items") or "kernel" not in node:
+    raise ValueError(
+      f"{path!r} is not a layer (no kernel); layers are {[p for p, _ in channel_layers(params)]}"
+    )
   return node
 
 
 def _keypath(kp):
-  return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in kp)
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in kp)
 
 
 def _map_layer_leaves(fn, params, layer_paths):
@@ -123,7 +146,7 @@ def _map_layer_leaves(fn, params, layer_paths):
 
   def f(kp, leaf):
     path = _keypath(kp)
-    if len(path) >= 1 and path[:-1] in layer_paths and path[-1] in ('kernel', 'bias'):
+    if len(path) >= 1 and path[:-1] in layer_paths and path[-1] in ("kernel", "bias"):
       return fn(path[:-1], path[-1], leaf)
     return leaf
 
@@ -132,10 +155,12 @@ def _map_layer_leaves(fn, params, layer_paths):
 
 def _scale_channels(params, path, m):
   """params with layer `path`'s output channels multiplied by m [C] (kernel slice and bias)."""
+
   def fn(_, name, leaf):
-    if name == 'kernel' or leaf.shape == m.shape:
+    if name == "kernel" or leaf.shape == m.shape:
       return leaf * m.astype(leaf.dtype)
     return leaf
+
   return _map_layer_leaves(fn, params, [path])
 
 
@@ -145,13 +170,14 @@ def zero_channel(params, layer_path, channel: int):
   The reference, one-channel-at-a-time version of what `channel_effects` vectorises.
   """
   layer_path = tuple(layer_path)
-  c = int(_get(params, layer_path)['kernel'].shape[-1])
+  c = int(_get(params, layer_path)["kernel"].shape[-1])
   if not 0 <= channel < c:
-    raise ValueError(f'channel={channel} out of range for layer {layer_path!r} with {c} '
-                     'output channels')
+    raise ValueError(
+      f"channel={channel} out of range for layer {layer_path!r} with {c} output channels"
+    )
 
   def fn(_, name, leaf):
-    if name == 'kernel':
+    if name == "kernel":
       return jnp.asarray(leaf).at[..., channel].set(0)
     if leaf.shape == (c,):
       return jnp.asarray(leaf).at[channel].set(0)
@@ -165,6 +191,7 @@ def zero_channel(params, layer_path, channel: int):
 
 class ChannelEffects(NamedTuple):
   """Both effects of every channel: acc = accuracy drop, loss = CE increase (dicts path->[C])."""
+
   acc: dict
   loss: dict
 
@@ -185,7 +212,7 @@ def _resolve_layers(params, layers):
   for p in layers:
     p = tuple(p)
     if p not in by_path:
-      raise ValueError(f'layer {p!r} not in params; layers are {list(by_path)}')
+      raise ValueError(f"layer {p!r} not in params; layers are {list(by_path)}")
     out.append((p, by_path[p]))
   return out
 
@@ -215,22 +242,28 @@ _OUTPUT_MASKABLE = (nn.Dense, nn.Conv, nn.ConvTranspose)
 
 
 def _is_output_maskable(mod):
-  return isinstance(mod, _OUTPUT_MASKABLE) or getattr(type(mod), 'channel_output_maskable',
-                                                      False) is True
-_METHODS = ('auto', 'output', 'params')
+  return (
+    isinstance(mod, _OUTPUT_MASKABLE)
+    or getattr(type(mod), "channel_output_maskable", False) is True
+  )
+
+
+_METHODS = ("auto", "output", "params")
 
 
 def _output_masker(path, m, seen):
   """flax interceptor: multiplies the output of the layer module at `path` by m [C]."""
+
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     mod = context.module
-    if context.method_name == '__call__' and _is_output_maskable(mod):
+    if context.method_name == "__call__" and _is_output_maskable(mod):
       mpath = tuple(mod.path)
       seen.add(mpath)
       if mpath == path:
         return out * m.astype(out.dtype)
     return out
+
   return interceptor
 
 
@@ -246,9 +279,18 @@ def _output_maskable_layers(apply_fn, params, x):
   return seen
 
 
-def channel_effects(apply_fn: Callable, params, x, y, mask=None, *, metric: str = 'acc',
-                    chunk_size: int = 64, layers: Optional[Sequence[Path]] = None,
-                    method: str = 'auto'):
+def channel_effects(
+  apply_fn: Callable,
+  params,
+  x,
+  y,
+  mask=None,
+  *,
+  metric: str = "acc",
+  chunk_size: int = 64,
+  layers: Sequence[Path] | None = None,
+  method: str = "auto",
+):
   """Effect of every output channel of every layer on a batch (Xu et al., Def. 4 / Alg. 1).
 
     S_{l,i} = H_b(M*, I) - H(M'_{l,i}, I)
@@ -288,25 +330,27 @@ def channel_effects(apply_fn: Callable, params, x, y, mask=None, *, metric: str 
     dict path -> float32 [C] (or ChannelEffects for metric='both').
   """
   if metric not in _METRICS:
-    raise ValueError(f'metric={metric!r}; allowed: {_METRICS}')
+    raise ValueError(f"metric={metric!r}; allowed: {_METRICS}")
   if method not in _METHODS:
-    raise ValueError(f'method={method!r}; allowed: {_METHODS}')
+    raise ValueError(f"method={method!r}; allowed: {_METHODS}")
   if int(chunk_size) < 1:
-    raise ValueError(f'chunk_size={chunk_size}; must be >= 1')
+    raise ValueError(f"chunk_size={chunk_size}; must be >= 1")
   todo = _resolve_layers(params, layers)
-  maskable = set() if method == 'params' else _output_maskable_layers(apply_fn, params, x)
-  if method == 'output':
+  maskable = set() if method == "params" else _output_maskable_layers(apply_fn, params, x)
+  if method == "output":
     missing = [p for p, _ in todo if p not in maskable]
     if missing:
-      raise ValueError(f"method='output' cannot reach layers {missing}: they are not "
-                       "nn.Dense/nn.Conv/nn.ConvTranspose (or channel_output_maskable) "
-                       "modules called by apply_fn at that path; use method='params' or "
-                       "'auto'")
+      raise ValueError(
+        f"method='output' cannot reach layers {missing}: they are not "
+        "nn.Dense/nn.Conv/nn.ConvTranspose (or channel_output_maskable) "
+        "modules called by apply_fn at that path; use method='params' or "
+        "'auto'"
+      )
   valid = jnp.ones(y.shape[:1], jnp.float32) if mask is None else mask
   base_acc, base_loss = _acc_loss(apply_fn, params, x, y, valid)
   acc_eff, loss_eff = {}, {}
   for path, c in todo:
-    kernel = _get(params, path)['kernel']
+    kernel = _get(params, path)["kernel"]
     keep = 1.0 - jnp.eye(c, dtype=kernel.dtype)  # row i zeroes channel i
 
     def by_params(m, path=path):
@@ -322,17 +366,19 @@ def channel_effects(apply_fn: Callable, params, x, y, mask=None, *, metric: str 
       if path not in fired:
         # The module code did not run while tracing (e.g. apply_fn is itself jitted and hit
         # its cache), so nothing was masked: redo this layer through the parameters.
-        if method == 'output':
-          raise ValueError(f"method='output': the interceptor never ran for layer {path!r} "
-                           "(is apply_fn a cached jax.jit function?); use method='auto'")
+        if method == "output":
+          raise ValueError(
+            f"method='output': the interceptor never ran for layer {path!r} "
+            "(is apply_fn a cached jax.jit function?); use method='auto'"
+          )
         accs, ls = _chunked_map(by_params, keep, int(chunk_size))
     else:
       accs, ls = _chunked_map(by_params, keep, int(chunk_size))
     acc_eff[path] = (base_acc - accs).astype(jnp.float32)
     loss_eff[path] = (ls - base_loss).astype(jnp.float32)
-  if metric == 'acc':
+  if metric == "acc":
     return acc_eff
-  if metric == 'loss':
+  if metric == "loss":
     return loss_eff
   return ChannelEffects(acc=acc_eff, loss=loss_eff)
 
@@ -343,7 +389,7 @@ def channel_effects(apply_fn: Callable, params, x, y, mask=None, *, metric: str 
 def num_selected(delta: float, c: int) -> int:
   """ceil(delta * C), robust to float noise (0.1 * 30 is 3.0000000000000004, not 4 channels)."""
   if not 0.0 <= float(delta) <= 1.0:
-    raise ValueError(f'delta={delta}; must be in [0, 1]')
+    raise ValueError(f"delta={delta}; must be in [0, 1]")
   return min(int(c), int(math.ceil(round(float(delta) * int(c), 9))))
 
 
@@ -355,7 +401,7 @@ def _top_k_mask(primary, secondary, k):
   return jnp.zeros((c,), bool).at[order[:k]].set(True)
 
 
-def top_delta_channels(effects, delta: float, *, tie_break: Optional[dict] = None) -> dict:
+def top_delta_channels(effects, delta: float, *, tie_break: dict | None = None) -> dict:
   """Per layer, the ceil(delta * C) channels with the highest effect (Alg. 1 lines 12-13).
 
   Args:
@@ -369,8 +415,9 @@ def top_delta_channels(effects, delta: float, *, tie_break: Optional[dict] = Non
   """
   if isinstance(effects, ChannelEffects):
     if tie_break is not None:
-      raise ValueError('tie_break given with ChannelEffects (which already carries loss); '
-                       'pass one or the other')
+      raise ValueError(
+        "tie_break given with ChannelEffects (which already carries loss); pass one or the other"
+      )
     effects, tie_break = effects.acc, effects.loss
   out = {}
   for path, e in effects.items():
@@ -381,7 +428,7 @@ def top_delta_channels(effects, delta: float, *, tie_break: Optional[dict] = Non
 
 
 def _layer_seed(path):
-  return zlib.crc32('/'.join(map(str, path)).encode()) & 0x7FFFFFFF
+  return zlib.crc32("/".join(map(str, path)).encode()) & 0x7FFFFFFF
 
 
 def random_channels(layers: Sequence, delta: float, key) -> dict:
@@ -398,8 +445,7 @@ def random_channels(layers: Sequence, delta: float, key) -> dict:
   return out
 
 
-def channel_mask_to_param_mask(channel_masks: dict, params, *, others: bool = False,
-                               dtype=bool):
+def channel_mask_to_param_mask(channel_masks: dict, params, *, others: bool = False, dtype=bool):
   """Parameter mask (pytree like params) from channel masks.
 
   kernel leaf of a listed layer: its [C] mask broadcast along the last axis; its bias: the
@@ -409,18 +455,20 @@ def channel_mask_to_param_mask(channel_masks: dict, params, *, others: bool = Fa
   by_path = dict(channel_layers(params))
   for p, m in channel_masks.items():
     if p not in by_path:
-      raise ValueError(f'channel mask for {p!r}, which is not a layer of params; layers are '
-                       f'{list(by_path)}')
+      raise ValueError(
+        f"channel mask for {p!r}, which is not a layer of params; layers are {list(by_path)}"
+      )
     if tuple(np.shape(m)) != (by_path[p],):
-      raise ValueError(f'channel mask for {p!r} has shape {np.shape(m)}, layer has '
-                       f'{by_path[p]} output channels')
+      raise ValueError(
+        f"channel mask for {p!r} has shape {np.shape(m)}, layer has {by_path[p]} output channels"
+      )
 
   def f(kp, leaf):
     path = _keypath(kp)
     layer = path[:-1]
-    if layer in channel_masks and path[-1] in ('kernel', 'bias'):
+    if layer in channel_masks and path[-1] in ("kernel", "bias"):
       m = jnp.asarray(channel_masks[layer]).astype(dtype)
-      if path[-1] == 'kernel':
+      if path[-1] == "kernel":
         return jnp.broadcast_to(m, leaf.shape)
       if leaf.shape == m.shape:
         return m
@@ -429,8 +477,9 @@ def channel_mask_to_param_mask(channel_masks: dict, params, *, others: bool = Fa
   return jax.tree_util.tree_map_with_path(f, params)
 
 
-def top_delta_mask(effects, delta: float, params, *, tie_break: Optional[dict] = None,
-                   others: bool = False):
+def top_delta_mask(
+  effects, delta: float, params, *, tie_break: dict | None = None, others: bool = False
+):
   """Parameter mask of the top ceil(delta * C) channels per scored layer (see top_delta_channels).
 
   Layers absent from `effects` (and non-layer leaves) get `others`.
@@ -451,15 +500,18 @@ def top_delta_mask(effects, delta: float, params, *, tie_break: Optional[dict] =
     >>> print(mask['Dense_0']['bias'], mask['Dense_0']['kernel'][0])
     [ True False False] [ True False False]
   """
-  return channel_mask_to_param_mask(top_delta_channels(effects, delta, tie_break=tie_break),
-                                    params, others=others)
+  return channel_mask_to_param_mask(
+    top_delta_channels(effects, delta, tie_break=tie_break), params, others=others
+  )
 
 
-def random_mask(params, delta: float, key, *, layers: Optional[Sequence[Path]] = None,
-                others: bool = False):
+def random_mask(
+  params, delta: float, key, *, layers: Sequence[Path] | None = None, others: bool = False
+):
   """Parameter mask of ceil(delta * C) random channels per layer (the DE-random ablation)."""
   return channel_mask_to_param_mask(
-      random_channels(_resolve_layers(params, layers), delta, key), params, others=others)
+    random_channels(_resolve_layers(params, layers), delta, key), params, others=others
+  )
 
 
 def zero_masked(params, mask):
@@ -472,6 +524,7 @@ def zero_masked(params, mask):
 
 class MaskedUpdateState(NamedTuple):
   """State of masked_update: bool pytree like params (True = may change)."""
+
   mask: Any
 
 
@@ -516,19 +569,20 @@ def masked_update(mask=None) -> optax.GradientTransformation:
     >>> print(optax.apply_updates(params, updates)['w'])   # the middle entry is frozen
     [0.5 2.  2.5]
   """
+
   def init_fn(params):
     m = mask(params) if callable(mask) else mask
     if m is None:
       m = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
     else:
-      m = jax.tree.map(lambda mm, p: jnp.broadcast_to(jnp.asarray(mm).astype(bool),
-                                                      jnp.shape(p)), m, params)
+      m = jax.tree.map(
+        lambda mm, p: jnp.broadcast_to(jnp.asarray(mm).astype(bool), jnp.shape(p)), m, params
+      )
     return MaskedUpdateState(mask=m)
 
   def update_fn(updates, state, params=None):
     del params
-    new = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.array(-0.0, u.dtype)), updates,
-                       state.mask)
+    new = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.array(-0.0, u.dtype)), updates, state.mask)
     return new, state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -539,9 +593,10 @@ def masked_update(mask=None) -> optax.GradientTransformation:
 
 class PackedLayer(NamedTuple):
   """The selected channels of one layer, as sent: indices and values."""
-  index: Any   # int32 [k], sorted ascending
+
+  index: Any  # int32 [k], sorted ascending
   kernel: Any  # kernel.shape[:-1] + (k,)
-  bias: Any    # [k] or None when the layer has no bias
+  bias: Any  # [k] or None when the layer has no bias
 
 
 def channel_counts(channel_masks: dict) -> dict:
@@ -549,7 +604,7 @@ def channel_counts(channel_masks: dict) -> dict:
   return {p: int(np.asarray(m).sum()) for p, m in channel_masks.items()}
 
 
-def pack_channels(delta_tree, channel_masks: dict, counts: Optional[dict] = None) -> dict:
+def pack_channels(delta_tree, channel_masks: dict, counts: dict | None = None) -> dict:
   """Gathers only the selected channels' values (kernel slices and bias entries).
 
   Args:
@@ -566,25 +621,26 @@ def pack_channels(delta_tree, channel_masks: dict, counts: Optional[dict] = None
     try:
       counts = channel_counts(channel_masks)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as e:
-      raise ValueError('pack_channels under jit needs static counts=; pass '
-                       '{path: num_selected(delta, C)}') from e
+      raise ValueError(
+        "pack_channels under jit needs static counts=; pass {path: num_selected(delta, C)}"
+      ) from e
   out = {}
   for path, m in channel_masks.items():
     layer = _get(delta_tree, path)
-    c = layer['kernel'].shape[-1]
+    c = layer["kernel"].shape[-1]
     idx = jnp.nonzero(jnp.asarray(m), size=int(counts[path]), fill_value=c)[0]
     idx = idx.astype(jnp.int32)
-    kern = jnp.take(layer['kernel'], idx, axis=-1, mode='fill', fill_value=0)
-    bias = layer.get('bias')
+    kern = jnp.take(layer["kernel"], idx, axis=-1, mode="fill", fill_value=0)
+    bias = layer.get("bias")
     if bias is not None and bias.shape == (c,):
-      bias = jnp.take(bias, idx, mode='fill', fill_value=0)
+      bias = jnp.take(bias, idx, mode="fill", fill_value=0)
     else:
       bias = None
     out[path] = PackedLayer(index=idx, kernel=kern, bias=bias)
   return out
 
 
-def unpack_channels(packed: dict, channel_masks: Optional[dict], like_params):
+def unpack_channels(packed: dict, channel_masks: dict | None, like_params):
   """Scatters packed channels back into a pytree like `like_params`, zeros elsewhere.
 
   If channel_masks is given the result is also multiplied by the parameter mask, so nothing
@@ -597,18 +653,18 @@ def unpack_channels(packed: dict, channel_masks: Optional[dict], like_params):
     path = _keypath(kp)
     layer, name = path[:-1], path[-1]
     z = jnp.zeros_like(leaf)
-    if layer not in packed or name not in ('kernel', 'bias'):
+    if layer not in packed or name not in ("kernel", "bias"):
       return z
     pk = packed[layer]
-    if name == 'kernel':
-      v = z.at[..., pk.index].set(pk.kernel.astype(leaf.dtype), mode='drop')
+    if name == "kernel":
+      v = z.at[..., pk.index].set(pk.kernel.astype(leaf.dtype), mode="drop")
     elif pk.bias is not None:
-      v = z.at[pk.index].set(pk.bias.astype(leaf.dtype), mode='drop')
+      v = z.at[pk.index].set(pk.bias.astype(leaf.dtype), mode="drop")
     else:
       return z
     if channel_masks is not None and layer in channel_masks:
       m = jnp.asarray(channel_masks[layer]).astype(bool)
-      v = jnp.where(m if name == 'bias' else jnp.broadcast_to(m, v.shape), v, 0)
+      v = jnp.where(m if name == "bias" else jnp.broadcast_to(m, v.shape), v, 0)
     return v
 
   return jax.tree_util.tree_map_with_path(f, like_params)
@@ -616,7 +672,7 @@ def unpack_channels(packed: dict, channel_masks: Optional[dict], like_params):
 
 def packed_num_bytes(packed) -> int:
   """Bytes of what is sent: values plus int32 channel indices (from shapes)."""
-  return fu_tree.tree_num_bytes(packed)
+  return tu.tree_num_bytes(packed)
 
 
 def selected_num_bytes(channel_masks: dict, params, *, index_bytes: int = 4) -> int:
@@ -629,11 +685,11 @@ def selected_num_bytes(channel_masks: dict, params, *, index_bytes: int = 4) -> 
   total = 0
   for path, m in channel_masks.items():
     layer = _get(params, path)
-    kern = layer['kernel']
+    kern = layer["kernel"]
     c = kern.shape[-1]
     k = int(np.asarray(m).sum())
     per = int(np.prod(kern.shape[:-1])) * np.dtype(kern.dtype).itemsize
-    bias = layer.get('bias')
+    bias = layer.get("bias")
     if bias is not None and bias.shape == (c,):
       per += np.dtype(bias.dtype).itemsize
     total += k * (per + index_bytes)
@@ -646,14 +702,14 @@ def selected_num_bytes(channel_masks: dict, params, *, index_bytes: int = 4) -> 
 def _intermediate_layers(inter, prefix, out):
   """(path, output) for every submodule __call__ in insertion (= call) order, depth first."""
   for k, v in inter.items():
-    if k == '__call__':
+    if k == "__call__":
       if prefix:
         out.append((prefix, v))
-    elif hasattr(v, 'items'):
+    elif hasattr(v, "items"):
       _intermediate_layers(v, prefix + (k,), out)
 
 
-def layer_outputs(module, params, x, *, layers: Optional[Sequence[Path]] = None) -> dict:
+def layer_outputs(module, params, x, *, layers: Sequence[Path] | None = None) -> dict:
   """Outputs (pre-activation) of the conv/dense layers, via flax capture_intermediates.
 
   Runs module.apply({'params': params}, x, capture_intermediates=True,
@@ -661,20 +717,24 @@ def layer_outputs(module, params, x, *, layers: Optional[Sequence[Path]] = None)
   is a layer path. Returns a dict path -> array in call order (a jax.jit output re-sorts
   dict keys). A layer called more than once (weight sharing) is rejected.
   """
-  _, state = module.apply({'params': params}, x, capture_intermediates=True,
-                          mutable=['intermediates'])
+  _, state = module.apply(
+    {"params": params}, x, capture_intermediates=True, mutable=["intermediates"]
+  )
   wanted = set(p for p, _ in _resolve_layers(params, layers))
   found = []
-  _intermediate_layers(state['intermediates'], (), found)
+  _intermediate_layers(state["intermediates"], (), found)
   out = {}
   for path, outs in found:
     if path in wanted:
       if len(outs) != 1:
-        raise ValueError(f'layer {path!r} was called {len(outs)} times; layer_outputs needs '
-                         'one call per layer')
+        raise ValueError(
+          f"layer {path!r} was called {len(outs)} times; layer_outputs needs one call per layer"
+        )
       out[path] = outs[0]
   missing = wanted - set(out)
   if missing:
-    raise ValueError(f'no captured output for layers {sorted(missing)}: the module holding '
-                     'the kernel must be a submodule whose __call__ returns the layer output')
+    raise ValueError(
+      f"no captured output for layers {sorted(missing)}: the module holding "
+      "the kernel must be a submodule whose __call__ returns the layer output"
+    )
   return out

@@ -13,6 +13,7 @@ With one process every function here is the single-process operation it generali
 (`put_sharded` is `jax.device_put`, `gather` a copy to the default device, `barrier` a
 no-op), so a one-process run never depends on this module's multi-process paths.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,39 +24,58 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-__all__ = ["initialize", "check_args", "process_count", "is_primary", "barrier",
-           "put_sharded", "put_replicated", "gather"]
+__all__ = [
+  "initialize",
+  "check_args",
+  "process_count",
+  "is_primary",
+  "barrier",
+  "put_sharded",
+  "put_replicated",
+  "gather",
+]
 
 _ADDRESS = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}$")
 
 
-def check_args(coordinator_address: str | None, num_processes: int | None,
-               process_id: int | None) -> bool:
+def check_args(
+  coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> bool:
   """Whether the three arguments ask for several processes; ValueError naming a bad one.
 
   All absent (None, or num_processes 1 without an address) means one process. Otherwise
   the address must be host:port, num_processes >= 1 and 0 <= process_id < num_processes.
   """
-  if coordinator_address in (None, "") and process_id in (None, 0) and num_processes in (
-      None, 1):
+  if coordinator_address in (None, "") and process_id in (None, 0) and num_processes in (None, 1):
     return False
   if coordinator_address in (None, ""):
-    raise ValueError("--coordinator_address is required with --num_processes / --process_id "
-                     "(host:port of process 0, the same for every process)")
+    raise ValueError(
+      "--coordinator_address is required with --num_processes / --process_id "
+      "(host:port of process 0, the same for every process)"
+    )
   if not _ADDRESS.match(coordinator_address):
-    raise ValueError(f"--coordinator_address={coordinator_address!r}: expected host:port, "
-                     "e.g. localhost:12355")
+    raise ValueError(
+      f"--coordinator_address={coordinator_address!r}: expected host:port, e.g. localhost:12355"
+    )
   if num_processes is None or num_processes < 1:
-    raise ValueError(f"--num_processes={num_processes!r}: must be an int >= 1 (the number of "
-                     "processes started with this command)")
+    raise ValueError(
+      f"--num_processes={num_processes!r}: must be an int >= 1 (the number of "
+      "processes started with this command)"
+    )
   if process_id is None or not 0 <= process_id < num_processes:
-    raise ValueError(f"--process_id={process_id!r}: allowed 0..{num_processes - 1} (distinct "
-                     "for every process)")
+    raise ValueError(
+      f"--process_id={process_id!r}: allowed 0..{num_processes - 1} (distinct for every process)"
+    )
   return True
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, timeout_seconds: int = 300) -> bool:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  timeout_seconds: int = 300,
+) -> bool:
   """Joins the run of `num_processes` processes (jax.distributed.initialize); returns
   whether there are several. Call before any JAX computation.
 
@@ -67,8 +87,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if not check_args(coordinator_address, num_processes, process_id):
     return False
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                             initialization_timeout=timeout_seconds)
+  jax.distributed.initialize(
+    coordinator_address, num_processes, process_id, initialization_timeout=timeout_seconds
+  )
   return True
 
 
@@ -108,8 +129,7 @@ def put_sharded(a, sharding):
   if _is_key(a):
     data = _from_host(np.asarray(jax.random.key_data(a)), sharding)
     impl = jax.random.key_impl(a)
-    return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl),
-                   out_shardings=sharding)(data)
+    return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)(data)
   return _from_host(np.asarray(a), sharding)
 
 
@@ -150,4 +170,3 @@ def gather(tree) -> Any:
   a single-device leaf is returned as it is.
   """
   return jax.tree.map(_gather_one, tree)
-

@@ -5,11 +5,12 @@ scale, zeros_like, vdot, norm, size); what is here has no optax counterpart: a w
 a stacked leading axis that is safe when every weight is 0, the byte count from shapes, and
 an all-finite check.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['tree_weighted_mean', 'tree_num_bytes', 'tree_all_finite']
+__all__ = ["tree_weighted_mean", "tree_num_bytes", "tree_all_finite"]
 
 
 def tree_weighted_mean(stacked, weights):

@@ -2,7 +2,8 @@
 
 All are NamedTuples so they are pytrees: they pass through jit/vmap unchanged.
 """
-from typing import Any, NamedTuple, Optional
+
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -19,14 +20,15 @@ class Dataset(NamedTuple):
     train_lut[train_codes[..., c], c] == x_train[..., c] exactly. None otherwise.
     `fu_jax.images` stores these (4x smaller) as the one device copy of the training set.
   """
+
   x_train: np.ndarray
   y_train: np.ndarray
   x_test: np.ndarray
   y_test: np.ndarray
   num_classes: int
   name: str
-  train_codes: Optional[np.ndarray] = None
-  train_lut: Optional[np.ndarray] = None
+  train_codes: np.ndarray | None = None
+  train_lut: np.ndarray | None = None
 
 
 class ClientData(NamedTuple):
@@ -44,6 +46,7 @@ class ClientData(NamedTuple):
   padding never changes a result. Forgetting samples is `valid & ~forget`, never a
   new shape.
   """
+
   x: Any
   y: Any
   valid: Any

@@ -11,10 +11,11 @@ The default (its speed-up: benchmarks/fl_round.py, BUILD.md):
       with the default kernels to 1e-6 relative and are bit-identical from run to run. It
       only affects the CPU backend.
 """
+
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 DEFAULT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
@@ -25,8 +26,10 @@ def per_core_devices(n: int) -> str:
   client (opt-in; every other computation of the process then runs on one thread)."""
   if n < 1:
     raise ValueError(f"per_core_devices: n must be >= 1, got {n}")
-  return (f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false "
-          "intra_op_parallelism_threads=1")
+  return (
+    f"--xla_force_host_platform_device_count={n} --xla_cpu_multi_thread_eigen=false "
+    "intra_op_parallelism_threads=1"
+  )
 
 
 def flag_name(flag: str) -> str:
@@ -48,8 +51,11 @@ def use_defaults(environ: MutableMapping[str, str] | None = None, defaults=DEFAU
   """
   environ = os.environ if environ is None else environ
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+
   new = with_defaults(environ.get("XLA_FLAGS", ""), defaults)
   if new != environ.get("XLA_FLAGS", "") and xla_bridge.backends_are_initialized():
-    raise RuntimeError("fu_jax.xla_flags.use_defaults() was called after JAX created its "
-                       "backends; call it before the first JAX computation")
+    raise RuntimeError(
+      "fu_jax.xla_flags.use_defaults() was called after JAX created its "
+      "backends; call it before the first JAX computation"
+    )
   environ["XLA_FLAGS"] = new

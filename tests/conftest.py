@@ -12,6 +12,7 @@ same programs, and which must not write into the user's own cache.
 Likewise one directory of trained models for the session (tests/pretrain_cache.py): the
 end-to-end tests that start from the same trained model train it once, not once per test.
 """
+
 import atexit
 import os
 import resource
@@ -20,8 +21,7 @@ import tempfile
 
 import pytest
 
-from fu_jax import compilation_cache
-from fu_jax import xla_flags
+from fu_jax import compilation_cache, xla_flags
 from tests import pretrain_cache
 
 flags = os.environ.get("XLA_FLAGS", "")
@@ -47,14 +47,17 @@ if not os.environ.get(pretrain_cache.ENV_VAR):
 
 
 def pytest_addoption(parser):
-  parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
-                   help="show the N tests that used the most CPU seconds (0: all), and the "
-                   "total over all tests")
+  parser.addoption(
+    "--cpu-durations",
+    type=int,
+    default=None,
+    metavar="N",
+    help="show the N tests that used the most CPU seconds (0: all), and the total over all tests",
+  )
 
 
 def _cpu_seconds() -> float:
-  own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
-                                                   resource.RUSAGE_CHILDREN))
+  own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -85,7 +88,7 @@ def pytest_terminal_summary(terminalreporter, config):
   rows = sorted(_CPU_BY_TEST.items(), key=lambda kv: -kv[1])
   tr = terminalreporter
   tr.write_sep("=", f"CPU seconds: {sum(_CPU_BY_TEST.values()):.1f} over {len(rows)} tests")
-  for nodeid, cpu in rows[:n or None]:
+  for nodeid, cpu in rows[: n or None]:
     tr.write_line(f"{cpu:8.1f}s cpu  {nodeid}")
 
 

@@ -12,6 +12,7 @@ The session directory is shared by the xdist workers (conftest.py sets ENV_VAR b
 start); a lock per model makes a second worker wait for the first one's training instead
 of repeating it. Without ENV_VAR (the helper imported outside pytest) nothing is shared.
 """
+
 import fcntl
 import os
 import shutil
@@ -25,6 +26,7 @@ def name(config, trainer: str | None = None) -> str:
   # Imported here: conftest.py imports this module before it sets XLA's flags.
   from experiments import run as run_lib  # pylint: disable=import-outside-toplevel
   from fu_jax import methods as methods_lib  # pylint: disable=import-outside-toplevel
+
   trainer = methods_lib.trainer(trainer or methods_lib.get(config.method).trainer)
   key = run_lib.training_config(config, trainer)
   return f"{trainer.name}-{run_lib._hash(key)}"  # pylint: disable=protected-access
@@ -35,6 +37,7 @@ def pretrain(config, workdir: str, trainer: str | None = None) -> str:
   trained at most once per session; returns its directory."""
   from experiments import run as run_lib  # pylint: disable=import-outside-toplevel
   from fu_jax import methods as methods_lib  # pylint: disable=import-outside-toplevel
+
   trainer = methods_lib.trainer(trainer or methods_lib.get(config.method).trainer)
   sub = name(config, trainer)
   dest = os.path.join(workdir, "pretrain", sub)
@@ -58,5 +61,6 @@ def pretrain(config, workdir: str, trainer: str | None = None) -> str:
 def run(config, workdir: str, **kwargs) -> dict:
   """run.run(config, workdir) from the session's trained model."""
   from experiments import run as run_lib  # pylint: disable=import-outside-toplevel
+
   pretrain(config, workdir)
   return run_lib.run(config, workdir, **kwargs)

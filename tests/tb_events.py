@@ -5,6 +5,7 @@ the creation time); a `SessionLog.START` event at step P hides every scalar read
 a step >= P, as TensorBoard's event accumulator does when a restarted writer sets
 `purge_step`.
 """
+
 import glob
 import os
 import struct
@@ -17,8 +18,8 @@ def _records(path):
     data = f.read()
   pos = 0
   while pos + 12 <= len(data):
-    (length,) = struct.unpack("<Q", data[pos:pos + 8])
-    yield data[pos + 12:pos + 12 + length]  # length, its crc, payload, payload crc
+    (length,) = struct.unpack("<Q", data[pos : pos + 8])
+    yield data[pos + 12 : pos + 12 + length]  # length, its crc, payload, payload crc
     pos += 12 + length + 4
 
 

@@ -1,4 +1,5 @@
 """experiments.audit end to end on digits: sequential and vmapped banks agree; outputs."""
+
 import json
 import os
 
@@ -33,17 +34,25 @@ def test_sequential_and_vmapped_banks_agree(tmp_path):
   assert seq["cost"]["bank"] == "sequential" and vm["cost"]["bank"] == "vmap"
   for side, method in (("u", "finetune"), ("r", "retrain")):
     for k in range(3):
-      load = lambda d: json.load(open(os.path.join(
-          tmp_path, d, "audit", "models", f"{side}_{k}", method, "audit_stats.json")))
+      load = lambda d: json.load(
+        open(
+          os.path.join(tmp_path, d, "audit", "models", f"{side}_{k}", method, "audit_stats.json")
+        )
+      )
       a, b = load("seq"), load("vm")
       np.testing.assert_allclose(a["phi"], b["phi"], atol=1e-3, rtol=1e-4)
       if side == "u":
-        np.testing.assert_allclose(a["original"]["phi"], b["original"]["phi"], atol=1e-3,
-                                   rtol=1e-4)
+        np.testing.assert_allclose(a["original"]["phi"], b["original"]["phi"], atol=1e-3, rtol=1e-4)
   # The forgotten samples are the same for every model: 10% of client 0's 100 samples.
   assert vm["num_examples"] == 10 and len(vm["epsilons"]) == 10
-  for key in ("forget_score", "final_score", "ulira_auc", "ulira_tpr_at_1pct_fpr",
-              "ulira_tpr_at_01pct_fpr", "original"):
+  for key in (
+    "forget_score",
+    "final_score",
+    "ulira_auc",
+    "ulira_tpr_at_1pct_fpr",
+    "ulira_tpr_at_01pct_fpr",
+    "original",
+  ):
     assert key in vm
   assert 0.0 <= vm["forget_score"] <= 1.0
   assert os.path.exists(tmp_path / "vm" / "audit" / "finetune" / "epsilons.png")
@@ -55,10 +64,13 @@ def test_sequential_and_vmapped_banks_agree(tmp_path):
   assert "| finetune | 3 |" in table and "U-LiRA AUC" in table
 
 
-@pytest.mark.parametrize("overrides,models,expect", [
+@pytest.mark.parametrize(
+  "overrides,models,expect",
+  [
     ({}, 2, "needs >= 3 models"),
     ({"unlearn.kind": "client"}, 3, "unlearn.kind='client'"),
-])
+  ],
+)
 def test_bad_requests(tmp_path, overrides, models, expect):
   with pytest.raises(run_lib.ConfigError, match=expect):
     audit_exp.audit(tiny(**overrides), str(tmp_path), "finetune", models)
@@ -77,12 +89,16 @@ def test_per_model_unlearning_compiles_once(tmp_path, method):
   # the second model lowers no new program (each lowering is a cache miss:
   # a per-model constant or a new function object per call; they cost 20 s per model).
   import jax
+
   from fu_jax import methods as methods_lib
   from fu_jax.methods import base
+
   lowered = []
   jax.monitoring.register_event_duration_secs_listener(
-      lambda event, duration, **kw: lowered.append(event)
-      if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
+    lambda event, duration, **kw: (
+      lowered.append(event) if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None
+    )
+  )
   c = tiny(**{"fedaf.teachers": 2, "sga.radius_frac": 0.05})
   counts = []
   for k in range(2):

@@ -3,6 +3,7 @@
 End to end on digits with the 2-conv CNN (pretrained once per module into a shared
 workdir), plus exact checks of the packed exchange and the perturbation labels.
 """
+
 import os
 
 import jax
@@ -13,9 +14,7 @@ import pytest
 
 from experiments import run as run_lib
 from experiments.configs import digits
-from fu_jax import checkpoint
-from fu_jax import fl
-from fu_jax import masking
+from fu_jax import checkpoint, fl, masking
 from fu_jax import tree as tu
 from fu_jax.methods import channel
 from tests import pretrain_cache
@@ -45,8 +44,9 @@ def _run(workdir, method, **overrides):
 
 def _restore(workdir, cfg, phase, template):
   """The final state the method's phase checkpointed (= what run() evaluated)."""
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, cfg.method, "ckpt", phase),
-                                 run_lib._to_dict(cfg))  # pylint: disable=protected-access
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, cfg.method, "ckpt", phase), run_lib._to_dict(cfg)
+  )  # pylint: disable=protected-access
   state, step, _ = ckpt.restore_or(template)
   ckpt.close()
   assert step > 0
@@ -108,10 +108,10 @@ def test_channel_de_end_to_end(workdir):
   assert res["examples"] == res["effect_samples"] + cfg.channel.epochs * n
   assert res["perturbation_examples"] == int(np.sum(np.asarray(task.forget)))
   # Fine-tuning moved only the selected channels: everything else is bit-identical.
-  server = _restore(workdir, cfg, "channel_de",
-                    fl.server_init(trained, optax.sgd(cfg.fl.server_lr)))
-  _assert_only_selected_changed(trained, server.params,
-                                channel.param_mask(cmasks, trained))
+  server = _restore(
+    workdir, cfg, "channel_de", fl.server_init(trained, optax.sgd(cfg.fl.server_lr))
+  )
+  _assert_only_selected_changed(trained, server.params, channel.param_mask(cmasks, trained))
 
 
 def test_channel_ce_end_to_end(workdir):
@@ -124,8 +124,7 @@ def test_channel_ce_end_to_end(workdir):
   _, trained = _trained(workdir, cfg)
   cmasks = _selection(res, trained)
   out = _restore(workdir, cfg, "channel_ce", trained)
-  _assert_only_selected_changed(trained, out,
-                                channel.param_mask(cmasks, trained))
+  _assert_only_selected_changed(trained, out, channel.param_mask(cmasks, trained))
 
 
 def test_channel_de_random_same_counts(workdir):
@@ -145,8 +144,7 @@ def test_cdp_end_to_end(workdir):
   assert res["rounds"] == cfg.cdp.finetune_rounds
   # Statistics upload: per client K x C floats per conv layer plus K counts.
   _, trained = _trained(workdir, cfg)
-  convs = [c for p, c in masking.channel_layers(trained)
-           if trained[p[0]]["kernel"].ndim == 4]
+  convs = [c for p, c in masking.channel_layers(trained) if trained[p[0]]["kernel"].ndim == 4]
   assert res["stat_bytes_up"] == 5 * 4 * (10 * sum(convs) + 10)
   model_bytes = tu.tree_num_bytes(trained)
   assert res["bytes_up"] == res["stat_bytes_up"] + cfg.cdp.finetune_rounds * 5 * model_bytes
@@ -154,8 +152,9 @@ def test_cdp_end_to_end(workdir):
   assert res["bytes_down"] == (1 + cfg.cdp.finetune_rounds) * 5 * model_bytes
   # Pruned channels (conv layers only) are still exactly zero after fine-tuning.
   assert set(res["pruned"]) == {"Conv_0", "Conv_1"}
-  server = _restore(workdir, cfg, "cdp_finetune",
-                    fl.server_init(trained, optax.sgd(cfg.fl.server_lr)))
+  server = _restore(
+    workdir, cfg, "cdp_finetune", fl.server_init(trained, optax.sgd(cfg.fl.server_lr))
+  )
   for name, idx in res["pruned"].items():
     assert len(idx) == masking.num_selected(cfg.cdp.sparsity, trained[name]["bias"].shape[0])
     assert not np.any(np.asarray(server.params[name]["kernel"])[..., idx])
@@ -169,10 +168,16 @@ def test_refuses_non_class_requests(method, kind):
     run_lib.validate(small_config(method, **{"unlearn.kind": kind}), method)
 
 
-@pytest.mark.parametrize("key, value", [("channel.delta", 0.0), ("channel.delta", 1.5),
-                                        ("channel.epochs", 0),
-                                        ("channel.effect_metric", "auc"),
-                                        ("channel.layers", "dense")])
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("channel.delta", 0.0),
+    ("channel.delta", 1.5),
+    ("channel.epochs", 0),
+    ("channel.effect_metric", "auc"),
+    ("channel.layers", "dense"),
+  ],
+)
 def test_bad_settings_name_the_key(key, value):
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
     channel.validate(small_config("channel_de", **{key: value}))
@@ -190,12 +195,16 @@ def test_perturbation_labels():
   assert not np.isin(out[forget], classes).any()  # wrong, and never another forgotten class
   # Determined by the dataset index, not the position: shuffled rows get the same labels.
   perm = rng.permutation(50)
-  out2 = np.asarray(channel.perturbation_labels(key, y[:, perm], index[:, perm],
-                                                forget[:, perm], classes, k))
+  out2 = np.asarray(
+    channel.perturbation_labels(key, y[:, perm], index[:, perm], forget[:, perm], classes, k)
+  )
   np.testing.assert_array_equal(out2, out[:, perm])
   # Roughly uniform over the 8 kept classes.
-  many = np.asarray(channel.perturbation_labels(key, np.full(8000, 3), np.arange(8000),
-                                                np.ones(8000, bool), (3,), k))
+  many = np.asarray(
+    channel.perturbation_labels(
+      key, np.full(8000, 3), np.arange(8000), np.ones(8000, bool), (3,), k
+    )
+  )
   counts = np.bincount(many, minlength=k)
   assert counts[3] == 0 and counts[[0, 1, 2, 4, 5, 6, 7, 8, 9]].min() > 800
 
@@ -203,10 +212,14 @@ def test_perturbation_labels():
 def test_packed_exchange_matches_fedavg():
   rng = np.random.default_rng(0)
   f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
-  params = {"Conv_0": {"kernel": f32(3, 3, 2, 6), "bias": f32(6)},
-            "Dense_0": {"kernel": f32(24, 5), "bias": f32(5)}}
-  cmasks = {("Conv_0",): np.array([0, 1, 0, 0, 1, 1], bool),
-            ("Dense_0",): np.array([0, 0, 1, 0, 0], bool)}
+  params = {
+    "Conv_0": {"kernel": f32(3, 3, 2, 6), "bias": f32(6)},
+    "Dense_0": {"kernel": f32(24, 5), "bias": f32(5)},
+  }
+  cmasks = {
+    ("Conv_0",): np.array([0, 1, 0, 0, 1, 1], bool),
+    ("Dense_0",): np.array([0, 0, 1, 0, 0], bool),
+  }
   pmask = channel.param_mask(cmasks, params)
   server_opt = optax.sgd(1.0)
   server = fl.server_init(params, server_opt)
@@ -214,8 +227,7 @@ def test_packed_exchange_matches_fedavg():
   assert nbytes == masking.selected_num_bytes(cmasks, params)
   assert nbytes == 4 * (3 * (18 + 1 + 1) + (24 + 1 + 1))
   w = jnp.asarray([3.0, 1.0, 0.0])
-  deltas = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(3,) + p.shape), jnp.float32),
-                        params)
+  deltas = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(3,) + p.shape), jnp.float32), params)
   masked = jax.tree.map(lambda d, m: jnp.where(m[None], d, 0.0), deltas, pmask)
   clients = jax.tree.map(lambda p, d: p[None] + d, params, masked)
   got = aggregate(server, upload(clients, params), w)
@@ -225,6 +237,5 @@ def test_packed_exchange_matches_fedavg():
   # Whatever a client changed outside the selection never reaches the server.
   clients = jax.tree.map(lambda p, d: p[None] + d, params, deltas)
   got = aggregate(server, upload(clients, params), w)
-  for a, b, m in zip(jax.tree.leaves(got.params), jax.tree.leaves(params),
-                     jax.tree.leaves(pmask)):
+  for a, b, m in zip(jax.tree.leaves(got.params), jax.tree.leaves(params), jax.tree.leaves(pmask)):
     np.testing.assert_array_equal(np.asarray(a)[~np.asarray(m)], np.asarray(b)[~np.asarray(m)])

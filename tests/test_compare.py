@@ -1,4 +1,5 @@
 """experiments.compare and --method=all on digits: one row per method, gaps to retrain."""
+
 import csv
 import json
 import os
@@ -27,18 +28,28 @@ def _md_rows(md: str) -> dict:
   """{method: {column title: cell}} from comparison.md's table."""
   lines = [l for l in md.splitlines() if l.startswith("|")]
   head = [c.strip() for c in lines[0].strip("|").split("|")]
-  return {cells[0]: dict(zip(head, cells)) for cells in
-          ([c.strip() for c in l.strip("|").split("|")] for l in lines[2:])}
+  return {
+    cells[0]: dict(zip(head, cells))
+    for cells in ([c.strip() for c in l.strip("|").split("|")] for l in lines[2:])
+  }
 
 
 def test_table_gaps_and_speedup(tmp_path):
   wd = str(tmp_path)
-  _write(wd, "retrain", test_acc=0.9, forget_acc=0.0, unlearn_seconds=100.0,
-         unlearn_parallel_seconds=30.0)
-  _write(wd, "finetune", test_acc=0.8, forget_acc=0.3, unlearn_seconds=4.0,
-         unlearn_parallel_seconds=2.0)
-  _write(wd, "fedavg", test_acc=0.9, forget_acc=0.9, unlearn_seconds=1e-4,
-         unlearn_parallel_seconds=1e-4)
+  _write(
+    wd,
+    "retrain",
+    test_acc=0.9,
+    forget_acc=0.0,
+    unlearn_seconds=100.0,
+    unlearn_parallel_seconds=30.0,
+  )
+  _write(
+    wd, "finetune", test_acc=0.8, forget_acc=0.3, unlearn_seconds=4.0, unlearn_parallel_seconds=2.0
+  )
+  _write(
+    wd, "fedavg", test_acc=0.9, forget_acc=0.9, unlearn_seconds=1e-4, unlearn_parallel_seconds=1e-4
+  )
   rows = {r["method"]: r for r in compare.compare(wd)}
   assert rows["fedavg"]["speedup"] is None  # no unlearning: no speed-up to report
   assert rows["fedavg"]["speedup_parallel"] is None
@@ -64,8 +75,15 @@ def test_plot_when_every_method_forgets_completely(tmp_path):
   # All forget values 0: the figure spreads methods by utility gap and speed-up instead.
   wd = str(tmp_path)
   for m, ret, secs in (("retrain", 0.95, 50.0), ("a", 0.93, 5.0), ("b", 0.90, 1.0)):
-    _write(wd, m, test_acc=ret, retain_acc=ret, forget_acc=0.0, unlearn_seconds=secs,
-           unlearn_parallel_seconds=secs / 2)
+    _write(
+      wd,
+      m,
+      test_acc=ret,
+      retain_acc=ret,
+      forget_acc=0.0,
+      unlearn_seconds=secs,
+      unlearn_parallel_seconds=secs / 2,
+    )
   rows = compare.compare(wd)
   assert [r["retain_acc_gap"] for r in rows] == pytest.approx([0.0, -0.02, -0.05])
   assert os.path.getsize(os.path.join(wd, "comparison.png")) > 10_000
@@ -83,8 +101,9 @@ def test_kind_names_pick_the_metrics(tmp_path):
   assert _md_rows(md)["sga"]["class acc"] == "80.0 (-10.0)"
   _write(wd, "sga", retain_acc=0.85, forget_acc=0.2)  # another kind's names
   os.makedirs(os.path.join(wd, "seed_1", "sga"))
-  os.rename(os.path.join(wd, "sga", "results.json"),
-            os.path.join(wd, "seed_1", "sga", "results.json"))
+  os.rename(
+    os.path.join(wd, "sga", "results.json"), os.path.join(wd, "seed_1", "sga", "results.json")
+  )
   _write(wd, "sga", retain_acc=0.85, forget_train_acc=0.2, **kw)
   with pytest.raises(compare.CompareError, match="disagree"):
     compare.compare(wd)
@@ -102,8 +121,12 @@ def test_seeds_give_mean_and_spread(tmp_path):
 
 def test_no_retrain_is_a_clear_error(tmp_path):
   _write(str(tmp_path), "finetune", test_acc=0.8)
-  out = subprocess.run([sys.executable, "-m", "experiments.compare", f"--workdir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True)
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments.compare", f"--workdir={tmp_path}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode != 0
   assert "no retrain run" in out.stderr
 
@@ -129,19 +152,30 @@ def test_method_all_runs_every_method_and_compares(tmp_path):
   # trainer's model and takes FedAvg's from the session's cache (checked after the run).
   seeded = pretrain_cache.pretrain(cfg, wd, "fedavg")
   flags = [f"--config.{k}={v}" for k, v in _changed(cfg, digits.get_config()) if k != "method"]
-  cmd = [sys.executable, "-m", "experiments.main", "--method=all",
-         "--config=experiments/configs/digits.py", f"--workdir={tmp_path}", *flags]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    "--method=all",
+    "--config=experiments/configs/digits.py",
+    f"--workdir={tmp_path}",
+    *flags,
+  ]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   assert sorted(os.listdir(os.path.join(wd, "pretrain"))) == [
-      os.path.basename(seeded), pretrain_cache.name(cfg, "quickdrop")]
+    os.path.basename(seeded),
+    pretrain_cache.name(cfg, "quickdrop"),
+  ]
   from fu_jax import methods
+
   with open(os.path.join(wd, "comparison.csv")) as f:
     csv_rows = {r["method"]: r for r in csv.DictReader(f)}
   # federaser serves a class only when one client holds it; these IID clients all do.
   assert "federaser skipped: federaser removes whole clients" in out.stdout
   assert set(csv_rows) == {n for n, m in methods.REGISTRY.items() if "class" in m.kinds} - {
-      "federaser"}
+    "federaser"
+  }
   table = _md_rows(open(os.path.join(wd, "comparison.md")).read())
   assert set(table) == set(csv_rows)
   results = {m: json.load(open(os.path.join(wd, m, "results.json"))) for m in csv_rows}
@@ -161,17 +195,17 @@ def test_method_all_runs_every_method_and_compares(tmp_path):
       assert cell.startswith(pct(res[key])), (m, key, cell)
       if m != "retrain":
         assert cell.endswith(f"({100 * (res[key] - r[key]):+.1f})"), (m, key, cell)
-    for key, col, title in (("speedup_vs_retrain", "speedup", "speed-up"),
-                            ("speedup_parallel_vs_retrain", "speedup_parallel",
-                             "parallel speed-up")):
+    for key, col, title in (
+      ("speedup_vs_retrain", "speedup", "speed-up"),
+      ("speedup_parallel_vs_retrain", "speedup_parallel", "parallel speed-up"),
+    ):
       if res[key] is None:  # a method with no measurable time (fedavg: nothing to do)
         assert m == "fedavg" and row[col] == "" and table[m][title] == "—"
         continue
       assert float(row[col]) == pytest.approx(res[key]), (m, key)
       assert table[m][title] == f"{res[key]:.1f}x", (m, key)
     assert float(row["unlearn_seconds"]) == pytest.approx(res["unlearn_seconds"])
-    assert float(row["unlearn_parallel_seconds"]) == pytest.approx(
-        res["unlearn_parallel_seconds"])
+    assert float(row["unlearn_parallel_seconds"]) == pytest.approx(res["unlearn_parallel_seconds"])
     assert 0 <= res["unlearn_parallel_seconds"] <= res["unlearn_seconds"] * (1 + 1e-9)
     assert float(row["bytes"]) == res["bytes_up"] + res["bytes_down"]
     assert row["forgetting_metric"] == res["forgetting_metric"] == "forget_acc"

@@ -1,5 +1,6 @@
 """fu_jax.compilation_cache: where the persistent cache lives (no timing here; the
 cross-process hit is checked by tests/test_experiments.py's resume test)."""
+
 import os
 
 import jax

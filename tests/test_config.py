@@ -1,4 +1,5 @@
 """Configuration: the trained-model cache key (which cached model a run reuses)."""
+
 import pytest
 
 from experiments import run as run_lib
@@ -7,8 +8,7 @@ from experiments.configs import digits
 # pretrain/<trainer>-<hash> directories are named by these hashes of the digits config:
 # a change of training_config's meaning (or of a training default) orphans every cached
 # trained model, so it must be deliberate.
-PINNED = {"fedavg": "774174bdd909", "quickdrop": "a00c25041a18",
-          "federaser": "36564e73e885"}
+PINNED = {"fedavg": "774174bdd909", "quickdrop": "a00c25041a18", "federaser": "36564e73e885"}
 
 
 def _key(config, trainer):
@@ -27,29 +27,34 @@ def test_cache_keys_of_the_digits_config_are_pinned(trainer):
   assert _key(digits.get_config(), trainer) == PINNED[trainer]
 
 
-@pytest.mark.parametrize("trainer, key, value", [
-    ("fedavg", "fl.runner", "loop"),            # how clients run, not what they compute
+@pytest.mark.parametrize(
+  "trainer, key, value",
+  [
+    ("fedavg", "fl.runner", "loop"),  # how clients run, not what they compute
     ("fedavg", "fl.chunk_size", 3),
-    ("fedavg", "unlearn.forget_class", 3),      # no backdoor: the request is not in the data
+    ("fedavg", "unlearn.forget_class", 3),  # no backdoor: the request is not in the data
     ("fedavg", "mia.shadows", 0),
     ("fedavg", "eval.relearn_steps", 5),
-    ("fedavg", "sga.lr", 0.5),                  # unlearning sections
+    ("fedavg", "sga.lr", 0.5),  # unlearning sections
     ("fedavg", "sga.batch_size", 8),
     ("fedavg", "channel.lr", 0.3),
     ("fedavg", "fedaf.lam", 1.0),
-    ("fedavg", "quickdrop.scale", 0.5),         # another trainer's section
+    ("fedavg", "quickdrop.scale", 0.5),  # another trainer's section
     ("fedavg", "federaser.interval", 2),
     ("quickdrop", "quickdrop.unlearn_lr", 2.0),  # quickdrop's unlearning-only keys
     ("quickdrop", "quickdrop.recovery_lr", 0.3),
     ("quickdrop", "quickdrop.unlearn_batch_size", 8),
     ("federaser", "federaser.calib_ratio", 0.3),
     ("federaser", "federaser.combine", "mean"),
-])
+  ],
+)
 def test_unlearning_keys_leave_the_cache_key(trainer, key, value):
   assert _key(_with(key, value), trainer) == PINNED[trainer]
 
 
-@pytest.mark.parametrize("trainer, key, value", [
+@pytest.mark.parametrize(
+  "trainer, key, value",
+  [
     ("fedavg", "seed", 1),
     ("fedavg", "data.seed", 3),
     ("fedavg", "data.num_clients", 4),
@@ -60,7 +65,8 @@ def test_unlearning_keys_leave_the_cache_key(trainer, key, value):
     ("quickdrop", "quickdrop.scale", 0.5),
     ("quickdrop", "quickdrop.image_lr", 0.5),
     ("federaser", "federaser.interval", 2),
-])
+  ],
+)
 def test_training_keys_change_the_cache_key(trainer, key, value):
   assert _key(_with(key, value), trainer) != PINNED[trainer]
 
@@ -73,11 +79,17 @@ def test_a_planted_backdoor_puts_the_request_in_the_cache_key():
 
 
 # Defaults that follow an fl.* key (base.linked): section key -> the fl key it follows.
-LINKED = {"channel.local_epochs": "local_epochs", "channel.lr": "client_lr",
-          "channel.batch_size": "batch_size", "fedaf.batch_size": "batch_size",
-          "sga.batch_size": "batch_size", "frr.local_epochs": "local_epochs",
-          "quickdrop.unlearn_batch_size": "batch_size",
-          "quickdrop.recovery_epochs": "local_epochs", "quickdrop.recovery_lr": "client_lr"}
+LINKED = {
+  "channel.local_epochs": "local_epochs",
+  "channel.lr": "client_lr",
+  "channel.batch_size": "batch_size",
+  "fedaf.batch_size": "batch_size",
+  "sga.batch_size": "batch_size",
+  "frr.local_epochs": "local_epochs",
+  "quickdrop.unlearn_batch_size": "batch_size",
+  "quickdrop.recovery_epochs": "local_epochs",
+  "quickdrop.recovery_lr": "client_lr",
+}
 
 
 def _get(c, path):
@@ -90,6 +102,7 @@ def _parse(monkeypatch, *overrides):
   the overrides from sys.argv)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
   argv = ["prog", "--config=experiments/configs/digits.py", *overrides]
   monkeypatch.setattr("sys.argv", argv)
   values = flags.FlagValues()
@@ -121,7 +134,9 @@ def test_command_line_overrides_of_linked_keys(monkeypatch):
   assert c.sga.batch_size == 4 and c.fl.batch_size == 16 and c.fedaf.batch_size == 16
 
 
-@pytest.mark.parametrize("method, key, value, expect", [
+@pytest.mark.parametrize(
+  "method, key, value, expect",
+  [
     ("sga", "sga.lr", 0.0, "sga.lr=0.0: must be > 0"),
     ("sga", "sga.batch_size", 0, "sga.batch_size=0: must be >= 1"),
     ("fedaf_c", "fedaf.fisher", "full", "fedaf.fisher='full': allowed ('diag', 'sketch')"),
@@ -131,9 +146,9 @@ def test_command_line_overrides_of_linked_keys(monkeypatch):
     ("federaser", "federaser.interval", 30, "federaser.interval=30: allowed 1..fl.rounds=20"),
     ("finetune", "finetune.rounds", -1, "finetune.rounds=-1: must be >= 0"),
     ("quickdrop", "quickdrop.grads", "loop", "quickdrop.grads='loop'"),
-])
-def test_the_runner_checks_the_method_section_before_anything_runs(method, key, value,
-                                                                   expect):
+  ],
+)
+def test_the_runner_checks_the_method_section_before_anything_runs(method, key, value, expect):
   c = _with(key, value)
   with pytest.raises(ValueError) as e:
     run_lib.validate(c, method)

@@ -1,7 +1,8 @@
 """Tests for fu_jax.distill: gradient matching (DC, Zhao et al. 2021) as used by QuickDrop."""
+
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -10,8 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from fu_jax import distill
-from fu_jax import losses
+from fu_jax import distill, losses
 
 
 class TinyCNN(nn.Module):
@@ -39,7 +39,7 @@ class MLP(nn.Module):
 def _init_params(module, input_shape, seed):
   """Random init in numpy (LeCun normal kernels, zero biases): jitting flax's init costs
   seconds of XLA compile on CPU for the threefry initialisers, for nothing a test needs."""
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(input_shape))['params']
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(input_shape))["params"]
   rng = np.random.default_rng(seed)
 
   def init(leaf):
@@ -52,21 +52,21 @@ def _init_params(module, input_shape, seed):
 
 
 def _apply(module):
-  return lambda p, x: module.apply({'params': p}, x)
+  return lambda p, x: module.apply({"params": p}, x)
 
 
 def _random_grads(seed, scale=1.0):
   rng = np.random.default_rng(seed)
   n = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   return {
-      'conv': {'kernel': scale * n(3, 3, 2, 4), 'bias': n(4)},
-      'dense': {'kernel': n(5, 3), 'bias': n(3)},
-      'norm_scale': n(4),
+    "conv": {"kernel": scale * n(3, 3, 2, 4), "bias": n(4)},
+    "dense": {"kernel": n(5, 3), "bias": n(3)},
+    "norm_scale": n(4),
   }
 
 
-@functools.partial(jax.jit, static_argnames='metric')
-def _match(g_real, g_syn, metric='ours'):
+@functools.partial(jax.jit, static_argnames="metric")
+def _match(g_real, g_syn, metric="ours"):
   return distill.match_loss(g_real, g_syn, metric=metric)
 
 
@@ -97,8 +97,8 @@ def test_match_loss_ours_matches_numpy_reference():
   np.testing.assert_allclose(got, _np_ours(g_real, g_syn), rtol=1e-5)
   # Biases and norm scales are ignored: changing them changes nothing.
   g_syn2 = jax.tree.map(lambda x: x, g_syn)
-  g_syn2['conv']['bias'] = -g_syn['conv']['bias']
-  g_syn2['norm_scale'] = 7.0 * g_syn['norm_scale']
+  g_syn2["conv"]["bias"] = -g_syn["conv"]["bias"]
+  g_syn2["norm_scale"] = 7.0 * g_syn["norm_scale"]
   np.testing.assert_allclose(_match(g_real, g_syn2), got, rtol=1e-6)
 
 
@@ -109,14 +109,16 @@ def test_match_loss_ours_uses_last_axis_as_output_channel():
   g_syn = _random_grads(1)
   base = _match(g_real, g_syn)
   out_scaled = jax.tree.map(lambda x: x, g_syn)
-  out_scaled['conv']['kernel'] = g_syn['conv']['kernel'] * jnp.array([1., 5., 0.2, 3.])
+  out_scaled["conv"]["kernel"] = g_syn["conv"]["kernel"] * jnp.array([1.0, 5.0, 0.2, 3.0])
   np.testing.assert_allclose(_match(g_real, out_scaled), base, rtol=1e-5)
   in_scaled = jax.tree.map(lambda x: x, g_syn)
-  in_scaled['dense']['kernel'] = g_syn['dense']['kernel'] * jnp.array([1., 5., .2, 3., 9.])[:, None]
+  in_scaled["dense"]["kernel"] = (
+    g_syn["dense"]["kernel"] * jnp.array([1.0, 5.0, 0.2, 3.0, 9.0])[:, None]
+  )
   assert abs(float(_match(g_real, in_scaled)) - float(base)) > 1e-3
 
 
-@pytest.mark.parametrize('metric', distill.METRICS)
+@pytest.mark.parametrize("metric", distill.METRICS)
 def test_match_loss_zero_for_equal_gradients(metric):
   g = _random_grads(3)
   np.testing.assert_allclose(_match(g, g, metric=metric), 0.0, atol=1e-4)
@@ -126,18 +128,20 @@ def test_match_loss_mse_and_cos_references():
   g_real = _random_grads(4)
   g_syn = _random_grads(5)
   r, s = _np_vec(g_real), _np_vec(g_syn)
-  np.testing.assert_allclose(_match(g_real, g_syn, metric='mse'),
-                             np.sum((r - s) ** 2), rtol=1e-5)
-  np.testing.assert_allclose(_match(g_real, g_syn, metric='cos'),
-                             1 - r @ s / (np.linalg.norm(r) * np.linalg.norm(s) + 1e-6), rtol=1e-5)
+  np.testing.assert_allclose(_match(g_real, g_syn, metric="mse"), np.sum((r - s) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(
+    _match(g_real, g_syn, metric="cos"),
+    1 - r @ s / (np.linalg.norm(r) * np.linalg.norm(s) + 1e-6),
+    rtol=1e-5,
+  )
 
 
 def test_match_loss_bad_input():
   g = _random_grads(0)
-  with pytest.raises(ValueError, match='ours'):
-    distill.match_loss(g, g, metric='l1')
-  with pytest.raises(ValueError, match='structure'):
-    distill.match_loss(g, {'a': g['conv']})
+  with pytest.raises(ValueError, match="ours"):
+    distill.match_loss(g, g, metric="l1")
+  with pytest.raises(ValueError, match="structure"):
+    distill.match_loss(g, {"a": g["conv"]})
 
 
 def test_match_loss_gradient_finite_at_zero():
@@ -162,7 +166,7 @@ def _cnn_setup(act=nn.tanh):
   return _apply(module), params, x, y, mask
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def cnn():
   return _cnn_setup()
 
@@ -172,13 +176,17 @@ def test_per_class_grads_equals_loop_and_combines_to_batch_gradient(cnn):
 
   @jax.jit
   def everything(p):
-    by_method = {m: distill.per_class_grads(apply_fn, p, x, y, mask, 3, method=m)
-                 for m in ('per_example', 'vmap', 'unroll')}
-    loop = [jax.grad(lambda q, c=c: losses.masked_ce(apply_fn(q, x), y, mask & (y == c)))(p)
-            for c in range(3)]
+    by_method = {
+      m: distill.per_class_grads(apply_fn, p, x, y, mask, 3, method=m)
+      for m in ("per_example", "vmap", "unroll")
+    }
+    loop = [
+      jax.grad(lambda q, c=c: losses.masked_ce(apply_fn(q, x), y, mask & (y == c)))(p)
+      for c in range(3)
+    ]
     full = jax.grad(lambda q: losses.masked_ce(apply_fn(q, x), y, mask))(p)
     counts = distill.class_counts(y, mask, 3)
-    combined = distill.combine_class_grads(by_method['per_example'], counts)
+    combined = distill.combine_class_grads(by_method["per_example"], counts)
     return by_method, loop, full, combined, counts
 
   by_method, loop, full, combined, counts = everything(params)
@@ -190,8 +198,8 @@ def test_per_class_grads_equals_loop_and_combines_to_batch_gradient(cnn):
     assert all(float(jnp.abs(a[2]).max()) == 0.0 for a in jax.tree.leaves(got)), method
   np.testing.assert_array_equal(counts, [5, 5, 0])
   jax.tree.map(close, combined, full)
-  with pytest.raises(ValueError, match='per_example'):
-    distill.per_class_grads(apply_fn, params, x, y, mask, 3, method='loop')
+  with pytest.raises(ValueError, match="per_example"):
+    distill.per_class_grads(apply_fn, params, x, y, mask, 3, method="loop")
 
 
 # --------------------------------------------------------------------------- synthetic sets
@@ -202,13 +210,14 @@ def test_synthetic_sizes():
   np.testing.assert_array_equal(distill.synthetic_sizes(counts, 0.01), [0, 1, 1, 1, 2, 3, 10])
   ref = [math.ceil(n * 0.1 - 1e-9) if n else 0 for n in counts]
   np.testing.assert_array_equal(distill.synthetic_sizes(counts, 0.1), ref)
-  np.testing.assert_array_equal(distill.synthetic_sizes(counts, images_per_class=5),
-                                [0, 1, 5, 5, 5, 5, 5])
+  np.testing.assert_array_equal(
+    distill.synthetic_sizes(counts, images_per_class=5), [0, 1, 5, 5, 5, 5, 5]
+  )
   per_client = np.array([[3, 0, 250], [1000, 7, 0]])
   assert distill.synthetic_sizes(per_client, 0.01).shape == (2, 3)
-  with pytest.raises(ValueError, match='scale'):
+  with pytest.raises(ValueError, match="scale"):
     distill.synthetic_sizes(counts, 0.0)
-  with pytest.raises(ValueError, match='images_per_class'):
+  with pytest.raises(ValueError, match="images_per_class"):
     distill.synthetic_sizes(counts, images_per_class=0)
 
 
@@ -216,8 +225,9 @@ def _client(n_per_class=(7, 0, 3), pad=2, shape=(4, 4, 1)):
   y = np.concatenate([np.full(n, c) for c, n in enumerate(n_per_class)] + [np.zeros(pad, int)])
   valid = np.arange(len(y)) < sum(n_per_class)
   # Image i is constant i+1 so every selected image can be traced back to its source row.
-  x = np.broadcast_to((np.arange(len(y)) + 1.0).reshape(-1, 1, 1, 1),
-                      (len(y),) + shape).astype(np.float32)
+  x = np.broadcast_to((np.arange(len(y)) + 1.0).reshape(-1, 1, 1, 1), (len(y),) + shape).astype(
+    np.float32
+  )
   x = np.where(valid.reshape(-1, 1, 1, 1), x, 0.0)
   return x, y.astype(np.int32), valid
 
@@ -248,20 +258,23 @@ def _assert_distinct_sources(syn, x, y, valid, sizes):
 
 def test_init_synthetic_splits_large_classes_into_chunks():
   x, y, valid = _client((9, 0, 3, 1))
-  syn = distill.init_synthetic(x, y, valid, 4, images_per_class=9, chunk_size=4, num_chunks=6,
-                               key=jax.random.PRNGKey(3))
+  syn = distill.init_synthetic(
+    x, y, valid, 4, images_per_class=9, chunk_size=4, num_chunks=6, key=jax.random.PRNGKey(3)
+  )
   # class 0: 9 images -> chunks of 4, 4, 1; class 2: 3; class 3: 1; one padding chunk
   np.testing.assert_array_equal(np.asarray(syn.valid).sum(1), [4, 4, 1, 3, 1, 0])
   np.testing.assert_array_equal(np.asarray(syn.y)[:, 0], [0, 0, 0, 2, 3, 0])
   assert (np.asarray(syn.y) == np.asarray(syn.y)[:, :1]).all()
   _assert_distinct_sources(syn, x, y, valid, [9, 0, 3, 1])
-  np.testing.assert_array_equal(distill.class_masks(syn, (2, 3)),
-                                np.asarray(syn.valid) & np.isin(np.asarray(syn.y), (2, 3)))
+  np.testing.assert_array_equal(
+    distill.class_masks(syn, (2, 3)), np.asarray(syn.valid) & np.isin(np.asarray(syn.y), (2, 3))
+  )
   by_class = distill.images_by_class(syn, 4)
   assert [len(a) for a in by_class] == [9, 0, 3, 1]
-  with pytest.raises(ValueError, match='num_chunks=4 < 5'):
-    distill.init_synthetic(x, y, valid, 4, images_per_class=9, chunk_size=4, num_chunks=4,
-                           key=jax.random.PRNGKey(3))
+  with pytest.raises(ValueError, match="num_chunks=4 < 5"):
+    distill.init_synthetic(
+      x, y, valid, 4, images_per_class=9, chunk_size=4, num_chunks=4, key=jax.random.PRNGKey(3)
+    )
 
 
 def test_synthetic_layout_picks_the_cheapest_chunk_size():
@@ -275,7 +288,7 @@ def test_synthetic_layout_picks_the_cheapest_chunk_size():
   assert distill.synthetic_layout(skewed) == (5, 20)  # C: the first client's 20 chunks
   assert distill.synthetic_layout(skewed, chunk_size=20) == (20, 10)
   assert distill.synthetic_layout(np.zeros((2, 3), int)) == (1, 1)
-  with pytest.raises(ValueError, match='chunk_size'):
+  with pytest.raises(ValueError, match="chunk_size"):
     distill.synthetic_layout(skewed, chunk_size=0)
 
 
@@ -288,8 +301,13 @@ def test_init_synthetic_images_per_class_and_vmap_over_clients():
   assert (b, c) == (3, 3)
   xs, ys, vs = (np.stack(a) for a in zip(*clients))
   keys = jax.random.split(jax.random.PRNGKey(1), 2)
-  init = jax.jit(jax.vmap(lambda x, y, v, s, k: distill.init_synthetic(
-      x, y, v, 3, sizes=s, chunk_size=b, num_chunks=c, key=k)))
+  init = jax.jit(
+    jax.vmap(
+      lambda x, y, v, s, k: distill.init_synthetic(
+        x, y, v, 3, sizes=s, chunk_size=b, num_chunks=c, key=k
+      )
+    )
+  )
   syn = init(xs, ys, vs, jnp.asarray(sizes), keys)
   assert syn.x.shape == (2, 3, 3, 4, 4, 1)
   for k in range(2):
@@ -297,9 +315,10 @@ def test_init_synthetic_images_per_class_and_vmap_over_clients():
     _assert_distinct_sources(one, *clients[k], sizes[k])
   one = distill.init_synthetic(*clients[1], 3, images_per_class=3, chunk_size=3, key=keys[1])
   np.testing.assert_array_equal(one.x, syn.x[1])
-  with pytest.raises(ValueError, match='synthetic_layout'):
+  with pytest.raises(ValueError, match="synthetic_layout"):
     jax.vmap(lambda x, y, v, s, k: distill.init_synthetic(x, y, v, 3, sizes=s, key=k))(
-        xs, ys, vs, jnp.asarray(sizes), keys)
+      xs, ys, vs, jnp.asarray(sizes), keys
+    )
 
 
 # ------------------------------------------------------------------------- synthetic update
@@ -307,21 +326,28 @@ def test_init_synthetic_images_per_class_and_vmap_over_clients():
 
 def _update_setup(setup):
   apply_fn, params, x, y, mask = setup
-  g_real, counts = jax.jit(lambda p: (distill.per_class_grads(apply_fn, p, x, y, mask, 3),
-                                      distill.class_counts(y, mask, 3)))(params)
+  g_real, counts = jax.jit(
+    lambda p: (
+      distill.per_class_grads(apply_fn, p, x, y, mask, 3),
+      distill.class_counts(y, mask, 3),
+    )
+  )(params)
   syn_x = jnp.asarray(np.random.default_rng(11).normal(size=(3, 2, 6, 6, 2)), jnp.float32)
   syn_valid = jnp.array([[True, True], [True, False], [True, True]])
   syn = distill.SyntheticSet(syn_x, jnp.repeat(jnp.arange(3)[:, None], 2, 1), syn_valid)
   return apply_fn, params, g_real, counts, syn
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def update(cnn):
   """The CNN setup plus one compiled synthetic_update (SGD lr 0.05, momentum 0.5)."""
   apply_fn, params, g_real, counts, syn = _update_setup(cnn)
   opt = optax.sgd(0.05, momentum=0.5)
-  step = jax.jit(lambda s, g, st, n: distill.synthetic_update(
-      apply_fn, params, s, g, st, optimizer=opt, real_counts=n, vectorize='vmap'))
+  step = jax.jit(
+    lambda s, g, st, n: distill.synthetic_update(
+      apply_fn, params, s, g, st, optimizer=opt, real_counts=n, vectorize="vmap"
+    )
+  )
   return apply_fn, params, g_real, counts, syn, opt, step
 
 
@@ -330,22 +356,27 @@ def test_class_match_losses_vmap_equals_unroll_and_loop(update):
 
   @jax.jit
   def everything(sx):
-    by = [distill.class_match_losses(apply_fn, params, syn._replace(x=sx), g_real,
-                                     vectorize=v) for v in ('vmap', 'unroll')]
-    g_syn = [jax.grad(lambda p, c=c: losses.masked_ce(apply_fn(p, sx[c]), syn.y[c],
-                                                      syn.valid[c]))(params) for c in range(3)]
+    by = [
+      distill.class_match_losses(apply_fn, params, syn._replace(x=sx), g_real, vectorize=v)
+      for v in ("vmap", "unroll")
+    ]
+    g_syn = [
+      jax.grad(lambda p, c=c: losses.masked_ce(apply_fn(p, sx[c]), syn.y[c], syn.valid[c]))(params)
+      for c in range(3)
+    ]
     return by, g_syn
 
   (by_vmap, by_unroll), g_syn = everything(syn.x)
   np.testing.assert_allclose(by_vmap, by_unroll, rtol=1e-5)
   for c in range(3):
     np.testing.assert_allclose(
-        by_vmap[c], _np_ours(jax.tree.map(lambda a, c=c: a[c], g_real), g_syn[c]), rtol=1e-5)
+      by_vmap[c], _np_ours(jax.tree.map(lambda a, c=c: a[c], g_real), g_syn[c]), rtol=1e-5
+    )
   # synthetic_update reports the sum over active classes only (class 2 has no real data).
   _, _, loss = step(syn, g_real, opt.init(syn.x), counts)
   np.testing.assert_allclose(loss, by_vmap[0] + by_vmap[1], rtol=1e-5)
-  with pytest.raises(ValueError, match='unroll'):
-    distill.class_match_losses(apply_fn, params, syn, g_real, vectorize='pmap')
+  with pytest.raises(ValueError, match="unroll"):
+    distill.class_match_losses(apply_fn, params, syn, g_real, vectorize="pmap")
 
 
 def test_synthetic_update_lowers_match_loss_and_masks_classes(update):
@@ -377,8 +408,7 @@ def _one_image_chunks(syn):
   xs.append(jnp.zeros_like(syn.x[0, 0]))
   ys.append(0)
   valid = jnp.arange(len(xs)) < len(xs) - 1
-  return distill.SyntheticSet(jnp.stack(xs)[:, None], jnp.asarray(ys)[:, None],
-                              valid[:, None]), idx
+  return distill.SyntheticSet(jnp.stack(xs)[:, None], jnp.asarray(ys)[:, None], valid[:, None]), idx
 
 
 def test_chunked_layout_matches_one_chunk_per_class(update):
@@ -386,10 +416,11 @@ def test_chunked_layout_matches_one_chunk_per_class(update):
   # and the image step must be those of the one-chunk-per-class layout.
   apply_fn, params, g_real, counts, syn, opt, step = update
   chunked, idx = _one_image_chunks(syn)
-  for v in ('vmap', 'unroll'):
+  for v in ("vmap", "unroll"):
     # Jitted, as the distilling program calls it (op by op, this test took a minute).
-    match = jax.jit(lambda s, v=v: distill.class_match_losses(apply_fn, params, s, g_real,
-                                                              vectorize=v))
+    match = jax.jit(
+      lambda s, v=v: distill.class_match_losses(apply_fn, params, s, g_real, vectorize=v)
+    )
     np.testing.assert_allclose(match(chunked), match(syn), rtol=1e-5)
   s_ref, st_ref, loss_ref = step(syn, g_real, opt.init(syn.x), counts)
   s_new, st_new, loss_new = step(chunked, g_real, opt.init(chunked.x), counts)
@@ -443,7 +474,7 @@ def test_second_order_gradient_matches_finite_difference(update):
 
 
 def _digits():
-  sklearn_datasets = pytest.importorskip('sklearn.datasets')
+  sklearn_datasets = pytest.importorskip("sklearn.datasets")
   d = sklearn_datasets.load_digits()
   x = (d.images / 16.0).astype(np.float32)[..., None]
   y = d.target.astype(np.int32)
@@ -468,8 +499,15 @@ def test_distilled_digits_beat_random_real_subset():
   def distil_step(params, syn, state, x, y):
     valid = jnp.ones(y.shape, bool)
     g_real = distill.per_class_grads(apply_fn, params, x, y, valid, 10)
-    return distill.synthetic_update(apply_fn, params, syn, g_real, state, optimizer=img_opt,
-                                    real_counts=distill.class_counts(y, valid, 10))
+    return distill.synthetic_update(
+      apply_fn,
+      params,
+      syn,
+      g_real,
+      state,
+      optimizer=img_opt,
+      real_counts=distill.class_counts(y, valid, 10),
+    )
 
   @jax.jit
   def train(params, x, y, valid):
@@ -478,8 +516,8 @@ def test_distilled_digits_beat_random_real_subset():
       g = jax.grad(lambda q: losses.masked_ce(apply_fn(q, x), y, valid))(p)
       u, s = net_opt.update(g, s, p)
       return (optax.apply_updates(p, u), s), None
-    return jax.lax.scan(step, (params, net_opt.init(params)), None, length=10)[0][0]
 
+    return jax.lax.scan(step, (params, net_opt.init(params)), None, length=10)[0][0]
 
   @jax.jit
   def accuracy(params):
@@ -487,8 +525,9 @@ def test_distilled_digits_beat_random_real_subset():
 
   acc_syn, acc_rand = [], []
   for seed in range(3):
-    syn0 = distill.init_synthetic(xtr, ytr, np.ones(len(ytr), bool), 10, images_per_class=10,
-                                  key=jax.random.PRNGKey(seed))
+    syn0 = distill.init_synthetic(
+      xtr, ytr, np.ones(len(ytr), bool), 10, images_per_class=10, key=jax.random.PRNGKey(seed)
+    )
     syn, state = syn0, img_opt.init(syn0.x)
     rng = np.random.default_rng(seed)
     for it in range(10):
@@ -504,5 +543,5 @@ def test_distilled_digits_beat_random_real_subset():
       for _ in range(30):  # 300 steps
         p = train(p, *distill.flatten(s))
       out.append(float(accuracy(p)))
-  print(f'distilled {acc_syn} random {acc_rand}')
+  print(f"distilled {acc_syn} random {acc_rand}")
   assert np.mean(acc_syn) > np.mean(acc_rand), (acc_syn, acc_rand)

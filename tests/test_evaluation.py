@@ -3,6 +3,7 @@
 End to end on digits with a small MLP; one trained model per module fixture, shared by the
 tests that only read its results.
 """
+
 import json
 import math
 import os
@@ -26,8 +27,14 @@ def small_config(method, **overrides):
 # ---------------------------------------------------------------------------------------
 # Membership inference and forget_train_acc under a backdoor.
 
-BACKDOOR = {"unlearn.kind": "client_class", "backdoor.enabled": True,
-            "data.num_clients": 2, "fl.rounds": 5, "mia.enabled": True, "mia.shadows": 0}
+BACKDOOR = {
+  "unlearn.kind": "client_class",
+  "backdoor.enabled": True,
+  "data.num_clients": 2,
+  "fl.rounds": 5,
+  "mia.enabled": True,
+  "mia.shadows": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +79,10 @@ def test_metric_names_for_a_client_class_request(backdoor_runs):
 def test_evaluate_names_metrics_per_kind():
   # The same model evaluated under each request kind: only the names' scopes change.
   from fu_jax.methods import base
-  cfgs = {k: small_config("fedavg", **{"unlearn.kind": k})
-          for k in ("class", "client_class", "client")}
+
+  cfgs = {
+    k: small_config("fedavg", **{"unlearn.kind": k}) for k in ("class", "client_class", "client")
+  }
   tasks = {k: run_lib.build_task(c) for k, c in cfgs.items()}
   params = base.init_params(tasks["class"])
   ev = {k: run_lib.evaluate(t, params) for k, t in tasks.items()}
@@ -91,7 +100,8 @@ def test_evaluate_names_metrics_per_kind():
   keep = [c for c in range(10) if c not in (0, 3)]
   assert seq["retain_acc"] == pytest.approx(np.sum(per_class[keep] * n[keep]) / n[keep].sum())
   assert seq["forget_acc"] == pytest.approx(
-      (per_class[0] * n[0] + per_class[3] * n[3]) / (n[0] + n[3]))
+    (per_class[0] * n[0] + per_class[3] * n[3]) / (n[0] + n[3])
+  )
   with pytest.raises(run_lib.ConfigError, match="unlearn.kind='nosuch'"):
     run_lib.metric_names("nosuch")
 
@@ -102,16 +112,19 @@ def test_evaluate_names_metrics_per_kind():
 
 @pytest.mark.parametrize("kind", ["class", "client_class", "client"])
 def test_build_task_masks(kind):
-  cfg = small_config("fedavg", **{"unlearn.kind": kind, "unlearn.forget_class": 3,
-                                  "unlearn.forget_client": 2})
+  cfg = small_config(
+    "fedavg", **{"unlearn.kind": kind, "unlearn.forget_class": 3, "unlearn.forget_client": 2}
+  )
   task = run_lib.build_task(cfg)
   c = task.clients
   valid = np.asarray(c.valid)
   y = np.asarray(task.y_true)
   owner = np.broadcast_to(np.arange(valid.shape[0])[:, None], valid.shape)
-  want = {"class": valid & (y == 3),
-          "client_class": valid & (y == 3) & (owner == 2),
-          "client": valid & (owner == 2)}[kind]
+  want = {
+    "class": valid & (y == 3),
+    "client_class": valid & (y == 3) & (owner == 2),
+    "client": valid & (owner == 2),
+  }[kind]
   np.testing.assert_array_equal(np.asarray(task.forget), want)
   np.testing.assert_array_equal(np.asarray(task.retain_valid), valid & ~want)
   # Labels are the dataset's at each row's index.
@@ -131,8 +144,9 @@ def test_build_task_masks(kind):
 
 
 def test_round_cost_counts_only_clients_that_train():
-  got = fl.round_cost(np.array([5, 0, 3, 7]), np.array([5.0, 0.0, 0.0, 7.0]),
-                      model_bytes=100, epochs=2)
+  got = fl.round_cost(
+    np.array([5, 0, 3, 7]), np.array([5.0, 0.0, 0.0, 7.0]), model_bytes=100, epochs=2
+  )
   assert got == {"bytes_up": 200, "bytes_down": 200, "examples": 24}
   got = fl.round_cost([4, 4], [1, 1], model_bytes=100, epochs=1, upload_bytes=30)
   assert got == {"bytes_up": 60, "bytes_down": 200, "examples": 8}
@@ -142,8 +156,14 @@ def test_round_cost_counts_only_clients_that_train():
 def shards_runs(tmp_path_factory):
   """One class per client (10 clients), class 0 forgotten: its holder has nothing left."""
   wd = str(tmp_path_factory.mktemp("shards"))
-  kw = {"data.num_clients": 10, "data.partition": "shards", "data.classes_per_client": 1,
-        "fl.rounds": 2, "finetune.rounds": 1, "sga.recovery_rounds": 1}
+  kw = {
+    "data.num_clients": 10,
+    "data.partition": "shards",
+    "data.classes_per_client": 1,
+    "fl.rounds": 2,
+    "finetune.rounds": 1,
+    "sga.recovery_rounds": 1,
+  }
   out = {}
   for m in ("retrain", "finetune", "sga"):
     cfg = small_config(m, **kw)
@@ -157,6 +177,7 @@ def test_bytes_skip_a_client_with_nothing_to_train(shards_runs):
   holder = [k for k in range(10) if np.asarray(task.forget)[k].any()]
   assert len(holder) == 1 and not np.asarray(task.retain_valid)[holder[0]].any()
   from fu_jax.methods import base
+
   model = tu.tree_num_bytes(base.init_params(task))
   # Retrain: 2 rounds of the 9 clients that hold retained data.
   assert runs["retrain"]["bytes_up"] == runs["retrain"]["bytes_down"] == 2 * 9 * model
@@ -177,7 +198,9 @@ def test_client_clock_times_each_loop_client():
   import jax.numpy as jnp
   import optax
   from flax import linen as nn
+
   from fu_jax import models
+
   model = nn.Dense(3)
   params = model.init(jax.random.key(0), jnp.zeros((1, 4)))["params"]
   program = fl.sgd_program(models.logits_fn(model), optax.sgd(0.1))
@@ -188,10 +211,12 @@ def test_client_clock_times_each_loop_client():
   valid = jnp.ones((3, 8), bool)
   keys = jax.random.split(jax.random.key(1), 3)
   fl.ClientRunner(program, kind="loop", epochs=1, batch_size=4, clock=clock).run(
-      params, (x, y), valid, None, keys)
+    params, (x, y), valid, None, keys
+  )
   assert clock.totals() == (1.0 + 3.0 + 0.5, 3.0)
   fl.ClientRunner(program, kind="vmap", epochs=1, batch_size=4, clock=clock).run(
-      params, (x, y), valid, None, keys)
+    params, (x, y), valid, None, keys
+  )
   assert clock.totals() == (4.5, 3.0)  # a vmapped call is already parallel
   assert fl.parallel_seconds(10.0, (0.0, 0.0), clock.totals()) == pytest.approx(8.5)
 
@@ -213,6 +238,7 @@ def _delayed(fn, clock, seconds):
   def wrapped(*args, **kwargs):
     clock.advance(seconds)
     return fn(*args, **kwargs)
+
   return wrapped
 
 
@@ -222,8 +248,9 @@ def test_timers_hold_unlearning_and_not_evaluation(backdoor_runs, monkeypatch):
   monkeypatch.setattr(run_lib, "time", clock)
   # Evaluation (also inside rounds) and MIA: never in unlearn_*.
   monkeypatch.setattr(run_lib, "evaluate", _delayed(run_lib.evaluate, clock, 1000.0))
-  monkeypatch.setattr(run_lib, "membership_scores",
-                      _delayed(run_lib.membership_scores, clock, 1000.0))
+  monkeypatch.setattr(
+    run_lib, "membership_scores", _delayed(run_lib.membership_scores, clock, 1000.0)
+  )
   # FedAF's teacher labels and Fisher (one target client): on both unlearning clocks.
   monkeypatch.setattr(fedaf, "new_labels", _delayed(fedaf.new_labels, clock, 100.0))
   monkeypatch.setattr(fedaf, "client_fisher", _delayed(fedaf.client_fisher, clock, 100.0))
@@ -233,9 +260,11 @@ def test_timers_hold_unlearning_and_not_evaluation(backdoor_runs, monkeypatch):
   # Against retrain's results in the same workdir (real seconds, no virtual ones).
   retrain = json.load(open(os.path.join(wd, "retrain", "results.json")))
   assert res["speedup_vs_retrain"] == pytest.approx(
-      retrain["unlearn_seconds"] / res["unlearn_seconds"])
+    retrain["unlearn_seconds"] / res["unlearn_seconds"]
+  )
   assert res["speedup_parallel_vs_retrain"] == pytest.approx(
-      retrain["unlearn_parallel_seconds"] / res["unlearn_parallel_seconds"])
+    retrain["unlearn_parallel_seconds"] / res["unlearn_parallel_seconds"]
+  )
   assert retrain["speedup_vs_retrain"] == retrain["speedup_parallel_vs_retrain"] == 1.0
   assert res["train_overhead_vs_fedavg"] == 1.0
 
@@ -243,17 +272,24 @@ def test_timers_hold_unlearning_and_not_evaluation(backdoor_runs, monkeypatch):
 def test_server_work_and_recovery_are_unlearning_time(tmp_path, monkeypatch):
   # Channel CE's effects (server work outside rounds) and QuickDrop's SGA and recovery
   # phases (rounds) count on both clocks; evaluation never does.
-  from fu_jax.methods import channel
-  from fu_jax.methods import quickdrop_runner
+  from fu_jax.methods import channel, quickdrop_runner
+
   clock = _VirtualTime()
   monkeypatch.setattr(run_lib, "time", clock)
   monkeypatch.setattr(run_lib, "evaluate", _delayed(run_lib.evaluate, clock, 1000.0))
-  monkeypatch.setattr(channel, "effects_and_selection",
-                      _delayed(channel.effects_and_selection, clock, 100.0))
-  monkeypatch.setattr(quickdrop_runner.SetPhases, "run",
-                      _delayed(quickdrop_runner.SetPhases.run, clock, 100.0))
-  kw = {"data.num_clients": 2, "fl.rounds": 2, "quickdrop.recovery_rounds": 1,
-        "model.hidden": (32,), "quickdrop.artifacts": False}
+  monkeypatch.setattr(
+    channel, "effects_and_selection", _delayed(channel.effects_and_selection, clock, 100.0)
+  )
+  monkeypatch.setattr(
+    quickdrop_runner.SetPhases, "run", _delayed(quickdrop_runner.SetPhases.run, clock, 100.0)
+  )
+  kw = {
+    "data.num_clients": 2,
+    "fl.rounds": 2,
+    "quickdrop.recovery_rounds": 1,
+    "model.hidden": (32,),
+    "quickdrop.artifacts": False,
+  }
   for method, at_least in (("channel_ce", 100.0), ("quickdrop", 200.0)):
     res = pretrain_cache.run(small_config(method, **kw), str(tmp_path))
     assert at_least <= res["unlearn_parallel_seconds"] <= res["unlearn_seconds"] < 1000.0
@@ -262,10 +298,18 @@ def test_server_work_and_recovery_are_unlearning_time(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("per_round, strictly_less", [(0.5, False), (1.0, True)])
 def test_parallel_clock_is_the_slowest_client(tmp_path, per_round, strictly_less):
-  res = pretrain_cache.run(small_config("retrain", **{"fl.runner": "loop", "data.num_clients": 2,
-                                               "fl.rounds": 2,
-                                               "fl.clients_per_round": per_round}),
-                    str(tmp_path))
+  res = pretrain_cache.run(
+    small_config(
+      "retrain",
+      **{
+        "fl.runner": "loop",
+        "data.num_clients": 2,
+        "fl.rounds": 2,
+        "fl.clients_per_round": per_round,
+      },
+    ),
+    str(tmp_path),
+  )
   total, par = res["unlearn_seconds"], res["unlearn_parallel_seconds"]
   if strictly_less:  # two clients a round: the faster one's time leaves the critical path
     assert 0 < par < total
@@ -284,6 +328,7 @@ def client_runs(tmp_path_factory):
   forgetting shows as the forgotten records' accuracy (trigger -> shifted label) and
   backdoor accuracy falling to retrain's."""
   from fu_jax import methods
+
   wd = str(tmp_path_factory.mktemp("client"))
   # fedaf at its shipped defaults: the 17 steps of its floor would leave ~half of the
   # client's backdoor on this MLP; the forgetting rule (fedaf.max_steps) continues to ~8
@@ -298,8 +343,14 @@ def client_runs(tmp_path_factory):
 # seed 0: retrain 0.7%, the trained model 60%; fedaf 1.1%, fedaf_c 1.1%, finetune 26%,
 # sga 35%: SGA's bounded ascent plus one recovery round removes about half of a whole
 # client's backdoor here; federaser 0.0%, frr 2.7%).
-CLIENT_FORGET_MARGIN = {"fedaf": 0.05, "fedaf_c": 0.05, "finetune": 0.35, "sga": 0.45,
-                        "federaser": 0.05, "frr": 0.05}
+CLIENT_FORGET_MARGIN = {
+  "fedaf": 0.05,
+  "fedaf_c": 0.05,
+  "finetune": 0.35,
+  "sga": 0.45,
+  "federaser": 0.05,
+  "frr": 0.05,
+}
 
 
 def test_every_client_method_forgets_a_whole_client(client_runs):
@@ -320,6 +371,7 @@ def test_every_client_method_forgets_a_whole_client(client_runs):
     assert res["retain_acc"] >= retrain["retain_acc"] - 0.1, name
   # The forgotten client never communicates after the request: 3 of 4 clients a round.
   from fu_jax.methods import base
+
   task = run_lib.build_task(small_config("retrain", **{"unlearn.kind": "client"}))
   model = tu.tree_num_bytes(base.init_params(task))
   for name in ("retrain", "finetune"):

@@ -1,4 +1,5 @@
 """Tests for fu_jax.ewc (diagonal / CountSketch Fisher, EWC penalty and transform)."""
+
 import functools
 
 import chex
@@ -10,8 +11,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from fu_jax import ewc
-from fu_jax import models
+from fu_jax import ewc, models
 
 K = 3
 N_VALID, N_PAD = 10, 13
@@ -38,10 +38,11 @@ def _setup():
   y = rng.randint(0, K, N_PAD).astype(np.int32)
   mask = np.arange(N_PAD) < N_VALID
   x[N_VALID:] = 50.0  # padding rows hold garbage that must not matter
-  params = jax.jit(MODULE.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2)))['params']
+  params = jax.jit(MODULE.init)(jax.random.PRNGKey(0), jnp.zeros((1, 2)))["params"]
   grad_one = jax.jit(jax.grad(LOSS))
-  jac = np.stack([np.asarray(ravel_pytree(grad_one(params, x[i], y[i]))[0], np.float64)
-                  for i in range(N_VALID)])  # [n_valid, d]: rows are per-example gradients
+  jac = np.stack(
+    [np.asarray(ravel_pytree(grad_one(params, x[i], y[i]))[0], np.float64) for i in range(N_VALID)]
+  )  # [n_valid, d]: rows are per-example gradients
   return params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask), jac
 
 
@@ -55,8 +56,8 @@ def _flat_rows(tree):
   return np.stack([_flat(jax.tree.map(lambda a: a[r], tree)) for r in range(t)])
 
 
-_fisher = jax.jit(ewc.fisher_diagonal, static_argnums=0, static_argnames='chunk_size')
-_sketch = jax.jit(ewc.count_sketch, static_argnums=0, static_argnames=('width', 'chunk_size'))
+_fisher = jax.jit(ewc.fisher_diagonal, static_argnums=0, static_argnames="chunk_size")
+_sketch = jax.jit(ewc.count_sketch, static_argnums=0, static_argnames=("width", "chunk_size"))
 
 
 def test_per_example_grads_match_loop():
@@ -67,18 +68,17 @@ def test_per_example_grads_match_loop():
   np.testing.assert_allclose(_flat_rows(g), jac, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize('chunk_size', [None, 4, 13])
+@pytest.mark.parametrize("chunk_size", [None, 4, 13])
 def test_fisher_diagonal_matches_loop(chunk_size):
   params, x, y, mask, jac = _setup()
   f = _fisher(LOSS, params, x, y, mask, chunk_size=chunk_size)
-  np.testing.assert_allclose(_flat(f), (jac ** 2).mean(0), rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(_flat(f), (jac**2).mean(0), rtol=1e-5, atol=1e-8)
 
 
 def test_fisher_padding_and_empty():
   params, x, y, mask, _ = _setup()
   padded = _fisher(LOSS, params, x, y, mask, chunk_size=4)
-  unpadded = _fisher(LOSS, params, x[:N_VALID], y[:N_VALID], jnp.ones(N_VALID, bool),
-                     chunk_size=4)
+  unpadded = _fisher(LOSS, params, x[:N_VALID], y[:N_VALID], jnp.ones(N_VALID, bool), chunk_size=4)
   np.testing.assert_allclose(_flat(padded), _flat(unpadded), rtol=1e-6)
   empty = _fisher(LOSS, params, x, y, jnp.zeros(N_PAD, bool), chunk_size=4)
   np.testing.assert_array_equal(_flat(empty), 0.0)
@@ -102,8 +102,9 @@ def test_count_sketch_equals_explicit_s_times_j():
   np.testing.assert_array_equal((s != 0).sum(0), 1)  # one bucket per example
   np.testing.assert_allclose(_flat_rows(sk), s @ jac, rtol=1e-5, atol=1e-6)
   # Padding rows appended at the end change nothing (same key -> same buckets).
-  sk2 = _sketch(LOSS, params, x[:N_VALID], y[:N_VALID], jnp.ones(N_VALID, bool), key,
-                width=4, chunk_size=4)
+  sk2 = _sketch(
+    LOSS, params, x[:N_VALID], y[:N_VALID], jnp.ones(N_VALID, bool), key, width=4, chunk_size=4
+  )
   np.testing.assert_allclose(_flat_rows(sk2), _flat_rows(sk), rtol=1e-6, atol=1e-7)
   # Another key hashes differently.
   assert not np.allclose(_explicit_s(jax.random.PRNGKey(8), 4), s)
@@ -129,11 +130,11 @@ def test_sketch_quadratic_form_is_unbiased():
   quad = np.asarray(quad, np.float64)
   se = quad.std() / np.sqrt(num_keys)
   assert quad.std() > 0.05 * exact  # the estimate really is random at this width
-  print(f'sketch quad: mean {quad.mean():.5f} exact {exact:.5f} se {se:.5f}')
+  print(f"sketch quad: mean {quad.mean():.5f} exact {exact:.5f} se {se:.5f}")
   assert abs(quad.mean() - exact) < 5 * se, (quad.mean(), exact, se)
   # E diag((SJ)^T SJ) / n = the diagonal empirical Fisher.
   diag = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(diag), np.float64)
-  want = (jac ** 2).mean(0)
+  want = (jac**2).mean(0)
   se_d = diag.std(0) / np.sqrt(num_keys)
   assert np.all(np.abs(diag.mean(0) - want) < 5 * se_d + 1e-7)
 
@@ -143,21 +144,21 @@ def _max_intermediate_size(jaxpr):
   best = 0
   for eqn in jaxpr.eqns:
     for v in eqn.outvars:
-      best = max(best, int(np.prod(getattr(v.aval, 'shape', ()))))
+      best = max(best, int(np.prod(getattr(v.aval, "shape", ()))))
     for p in eqn.params.values():
       subs = p if isinstance(p, (list, tuple)) else [p]
       for sub in subs:
-        sub = getattr(sub, 'jaxpr', sub)
-        if hasattr(sub, 'eqns'):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
           best = max(best, _max_intermediate_size(sub))
   return best
 
 
-@pytest.mark.parametrize('fn', ['fisher', 'sketch'])
+@pytest.mark.parametrize("fn", ["fisher", "sketch"])
 def test_never_materialises_per_example_jacobian(fn):
   wide = TinyMLP(hidden=64)
   loss = ewc.example_ce_loss(models.logits_fn(wide))
-  params = jax.eval_shape(wide.init, jax.random.PRNGKey(0), jnp.zeros((1, 2)))['params']
+  params = jax.eval_shape(wide.init, jax.random.PRNGKey(0), jnp.zeros((1, 2)))["params"]
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
   n = 256
   x = jnp.zeros((n, 2))
@@ -166,10 +167,11 @@ def test_never_materialises_per_example_jacobian(fn):
   biggest_leaf = max(a.size for a in jax.tree.leaves(params))
 
   def run(chunk):
-    if fn == 'fisher':
+    if fn == "fisher":
       return ewc.fisher_diagonal(loss, params, x, y, mask, chunk_size=chunk)
-    return ewc.count_sketch(loss, params, x, y, mask, jax.random.PRNGKey(0), width=4,
-                            chunk_size=chunk)
+    return ewc.count_sketch(
+      loss, params, x, y, mask, jax.random.PRNGKey(0), width=4, chunk_size=chunk
+    )
 
   size = lambda chunk: _max_intermediate_size(jax.make_jaxpr(lambda: run(chunk))().jaxpr)
   assert size(8) < n * biggest_leaf / 4
@@ -178,8 +180,7 @@ def test_never_materialises_per_example_jacobian(fn):
 
 def test_penalties_match_numpy():
   params, x, y, mask, jac = _setup()
-  anchor = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)),
-                        params)
+  anchor = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
   d = _flat(params) - _flat(anchor)
   f = _fisher(LOSS, params, x, y, mask, chunk_size=4)
   got = ewc.ewc_penalty_diag(params, anchor, f, 10.0)
@@ -199,10 +200,10 @@ def _states():
   return params, ewc.ewc_state_diag(anchor, f), ewc.ewc_state_sketch(anchor, sk, N_VALID)
 
 
-@pytest.mark.parametrize('kind', ['diag', 'sketch'])
+@pytest.mark.parametrize("kind", ["diag", "sketch"])
 def test_transform_adds_gradient_of_penalty(kind):
   params, diag_state, sketch_state = _states()
-  state = diag_state if kind == 'diag' else sketch_state
+  state = diag_state if kind == "diag" else sketch_state
   lam = 10.0
   tx = ewc.add_ewc_gradient(lam, kind=kind, width=4)
   g_in = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
@@ -222,9 +223,13 @@ def test_transform_in_chain_per_client_vmap_and_no_retrace():
   tx = optax.chain(ewc.add_ewc_gradient(2.0), optax.sgd(0.1))
   zero_g = jax.tree.map(jnp.zeros_like, params)
   # Two clients with different anchors / Fisher values, stacked on a leading axis.
-  states = [diag_state,
-            ewc.ewc_state_diag(jax.tree.map(lambda a: a + 1.0, diag_state.anchor),
-                               jax.tree.map(lambda f: 3.0 * f, diag_state.fisher))]
+  states = [
+    diag_state,
+    ewc.ewc_state_diag(
+      jax.tree.map(lambda a: a + 1.0, diag_state.anchor),
+      jax.tree.map(lambda f: 3.0 * f, diag_state.fisher),
+    ),
+  ]
 
   def step(p, s):
     opt_state = (s, tx.init(p)[1])
@@ -236,26 +241,34 @@ def test_transform_in_chain_per_client_vmap_and_no_retrace():
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
   batched = jax.jit(jax.vmap(step, in_axes=(None, 0)))(params, stacked)
   for c in range(2):
-    want = jax.tree.map(lambda p, a, f: p - 0.1 * 2.0 * f * (p - a), params,
-                        states[c].anchor, states[c].fisher)
+    want = jax.tree.map(
+      lambda p, a, f: p - 0.1 * 2.0 * f * (p - a), params, states[c].anchor, states[c].fisher
+    )
     np.testing.assert_allclose(_flat(singles[c]), _flat(want), rtol=1e-6)
-    np.testing.assert_allclose(_flat(jax.tree.map(lambda a: a[c], batched)), _flat(want),
-                               rtol=1e-6)
+    np.testing.assert_allclose(_flat(jax.tree.map(lambda a: a[c], batched)), _flat(want), rtol=1e-6)
 
 
 def test_bad_inputs():
   params, diag_state, _ = _states()
-  with pytest.raises(ValueError, match='diag, sketch'):
-    ewc.add_ewc_gradient(1.0, kind='kfac')
-  with pytest.raises(ValueError, match='width'):
-    ewc.add_ewc_gradient(1.0, kind='sketch')
-  with pytest.raises(ValueError, match='params'):
+  with pytest.raises(ValueError, match="diag, sketch"):
+    ewc.add_ewc_gradient(1.0, kind="kfac")
+  with pytest.raises(ValueError, match="width"):
+    ewc.add_ewc_gradient(1.0, kind="sketch")
+  with pytest.raises(ValueError, match="params"):
     ewc.add_ewc_gradient(1.0).update(params, diag_state)
-  with pytest.raises(ValueError, match='EwcDiagState or EwcSketchState'):
+  with pytest.raises(ValueError, match="EwcDiagState or EwcSketchState"):
     ewc.ewc_penalty(params, (params, params), 1.0)
-  with pytest.raises(ValueError, match='width'):
-    ewc.count_sketch(LOSS, params, jnp.zeros((2, 2)), jnp.zeros(2, jnp.int32),
-                     jnp.ones(2, bool), jax.random.PRNGKey(0), width=0)
-  with pytest.raises(ValueError, match='chunk_size'):
-    ewc.fisher_diagonal(LOSS, params, jnp.zeros((2, 2)), jnp.zeros(2, jnp.int32),
-                        jnp.ones(2, bool), chunk_size=0)
+  with pytest.raises(ValueError, match="width"):
+    ewc.count_sketch(
+      LOSS,
+      params,
+      jnp.zeros((2, 2)),
+      jnp.zeros(2, jnp.int32),
+      jnp.ones(2, bool),
+      jax.random.PRNGKey(0),
+      width=0,
+    )
+  with pytest.raises(ValueError, match="chunk_size"):
+    ewc.fisher_diagonal(
+      LOSS, params, jnp.zeros((2, 2)), jnp.zeros(2, jnp.int32), jnp.ones(2, bool), chunk_size=0
+    )

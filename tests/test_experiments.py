@@ -1,5 +1,6 @@
 """The experiment runner end to end on digits: outputs, caching, resume, bad input, the
 command line's behaviour (one-line errors, Ctrl-C, finished runs not recomputed)."""
+
 import glob
 import json
 import os
@@ -15,16 +16,22 @@ import pytest
 
 from experiments import run as run_lib
 from experiments.configs import digits
-from tests import pretrain_cache
-from tests import tb_events
+from tests import pretrain_cache, tb_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A small but real digits run: 4 rounds of FedAvg over 5 clients, membership inference
 # with 2 shadow models of 3 epochs.
-SMALL = ["--config.fl.rounds=4", "--config.data.num_clients=5", "--config.checkpoint_every=1",
-         "--config.eval_every=2", "--config.finetune.rounds=2", "--config.model.name=mlp",
-         "--config.mia.shadows=2", "--config.mia.shadow_epochs=3"]
+SMALL = [
+  "--config.fl.rounds=4",
+  "--config.data.num_clients=5",
+  "--config.checkpoint_every=1",
+  "--config.eval_every=2",
+  "--config.finetune.rounds=2",
+  "--config.model.name=mlp",
+  "--config.mia.shadows=2",
+  "--config.mia.shadow_epochs=3",
+]
 
 
 def small_config(**overrides):
@@ -39,8 +46,16 @@ def small_config(**overrides):
 
 
 def _main(workdir, method, *extra, check=True):
-  cmd = [sys.executable, "-m", "experiments.main", f"--method={method}",
-         "--config=experiments/configs/digits.py", f"--workdir={workdir}", *SMALL, *extra]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    f"--method={method}",
+    "--config=experiments/configs/digits.py",
+    f"--workdir={workdir}",
+    *SMALL,
+    *extra,
+  ]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check)
 
 
@@ -50,17 +65,31 @@ def _strip_timing(results):
 
 def _same_params(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) and all(x.shape == y.shape and np.array_equal(x, y)
-                                    for x, y in zip(la, lb))
+  return len(la) == len(lb) and all(
+    x.shape == y.shape and np.array_equal(x, y) for x, y in zip(la, lb)
+  )
 
 
 def test_retrain_and_finetune_share_the_trained_model(tmp_path, monkeypatch):
   wd = str(tmp_path)
   cfg = small_config(method="retrain")
   res = run_lib.run(cfg, wd)
-  for key in ("method", "seed", "test_acc", "retain_acc", "forget_acc", "per_class_acc",
-              "train_seconds", "unlearn_seconds", "compile_seconds", "rounds", "bytes_up",
-              "bytes_down", "mia_auc", "mia_attack_acc"):
+  for key in (
+    "method",
+    "seed",
+    "test_acc",
+    "retain_acc",
+    "forget_acc",
+    "per_class_acc",
+    "train_seconds",
+    "unlearn_seconds",
+    "compile_seconds",
+    "rounds",
+    "bytes_up",
+    "bytes_down",
+    "mia_auc",
+    "mia_attack_acc",
+  ):
     assert key in res, key
   assert res["forget_acc"] < 0.05  # class 0 never seen by the retrained model
   assert res["original"]["forget_acc"] > 0.8
@@ -74,11 +103,14 @@ def test_retrain_and_finetune_share_the_trained_model(tmp_path, monkeypatch):
   # cached beside it.
   trained, scored = [], []
   pretrained = run_lib.pretrained
-  monkeypatch.setattr(run_lib, "pretrained",
-                      lambda *a: trained.append(pretrained(*a)) or trained[-1])
+  monkeypatch.setattr(
+    run_lib, "pretrained", lambda *a: trained.append(pretrained(*a)) or trained[-1]
+  )
   for name in ("evaluate", "membership_scores"):
     fn = getattr(run_lib, name)
-    monkeypatch.setattr(run_lib, name, lambda task, p, *a, fn=fn: scored.append(p) or fn(task, p, *a))
+    monkeypatch.setattr(
+      run_lib, name, lambda task, p, *a, fn=fn: scored.append(p) or fn(task, p, *a)
+    )
   res_ft = run_lib.run(cfg, wd)
   assert len(trained) == 1 and len(scored) >= 2  # per-round and final evaluations ran
   assert not any(_same_params(p, trained[0][0].params) for p in scored)
@@ -99,10 +131,16 @@ def finished(tmp_path_factory):
 
 
 def _popen(workdir):
-  cmd = [sys.executable, "-m", "experiments.main", "--method=retrain",
-         "--config=experiments/configs/digits.py", f"--workdir={workdir}", *SMALL]
-  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    "--method=retrain",
+    "--config=experiments/configs/digits.py",
+    f"--workdir={workdir}",
+    *SMALL,
+  ]
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _signal_after_checkpoint(proc, workdir, step, sig):
@@ -128,7 +166,8 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, finished):
   _, err = _signal_after_checkpoint(proc, kill_dir, 2, signal.SIGINT)
   assert proc.returncode == 130
   assert err.strip().splitlines() == [
-      "interrupted; rerun the same command to resume from the last checkpoint"], err
+    "interrupted; rerun the same command to resume from the last checkpoint"
+  ], err
   proc = _popen(kill_dir)
   _signal_after_checkpoint(proc, kill_dir, 3, signal.SIGKILL)
   assert not os.path.exists(os.path.join(kill_dir, "retrain", "results.json"))
@@ -169,13 +208,16 @@ def test_resume_with_a_different_config_is_refused(finished):
   assert open(os.path.join(wd, "retrain", "results.json")).read() == before
 
 
-@pytest.mark.parametrize("flag, expect", [
+@pytest.mark.parametrize(
+  "flag, expect",
+  [
     ("--config.fl.roundz=3", "config.fl has no key 'roundz'; did you mean config.fl.rounds?"),
     ("--config.fll.rounds=3", "config has no key 'fll'; did you mean config.fl?"),
     ("--config.fl.rounds.x=3", "config.fl.rounds is a value"),
     ("--config.fl.rounds=abc", "--config.fl.rounds=abc"),
     ("--methd=retrain", "methd"),
-])
+  ],
+)
 def test_bad_flag_is_one_line(tmp_path, flag, expect):
   out = _main(str(tmp_path), "retrain", flag, check=False)
   assert out.returncode == 2
@@ -184,7 +226,9 @@ def test_bad_flag_is_one_line(tmp_path, flag, expect):
   assert not os.listdir(str(tmp_path))
 
 
-@pytest.mark.parametrize("flag, expect", [
+@pytest.mark.parametrize(
+  "flag, expect",
+  [
     ("--config.data.num_clients=0", "data.num_clients"),
     ("--config.data.alpha=-1.0", "data.alpha"),
     ("--config.unlearn.forget_class=10", "unlearn.forget_class=10"),
@@ -193,7 +237,8 @@ def test_bad_flag_is_one_line(tmp_path, flag, expect):
     ("--config.model.name=alexnet", "model.name='alexnet'"),
     ("--config.data.source=idx:/nonexistent", "/nonexistent"),
     ("--config.fl.client_lr=1e6", "NaN"),
-])
+  ],
+)
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, flag, expect):
   out = _main(str(tmp_path), "retrain", flag, check=False)
   assert out.returncode != 0
@@ -220,15 +265,32 @@ def test_train_size_subsamples_before_partitioning_and_is_validated():
 
 def test_build_task_holds_one_copy_and_index_blocks():
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fu_jax import data as data_lib, images  # pylint: disable=g-import-not-at-top
-  cfg = small_config(**{"data.partition": "client_dirichlet", "data.num_clients": 40,
-                        "data.alpha": 0.3, "data.size_sigma": 1.0, "data.min_size": 1})
+
+  from fu_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from fu_jax import images
+
+  cfg = small_config(
+    **{
+      "data.partition": "client_dirichlet",
+      "data.num_clients": 40,
+      "data.alpha": 0.3,
+      "data.size_sigma": 1.0,
+      "data.min_size": 1,
+    }
+  )
   task = run_lib.build_task(cfg)
   x = task.clients.x
   assert isinstance(x, images.ClientImages) and x.table.codes.dtype == np.uint8
   assert x.index is task.clients.index  # the index block is stored once
-  parts = data_lib.partition(task.dataset.y_train, 40, kind="client_dirichlet", seed=cfg.seed,
-                             alpha=0.3, size_sigma=1.0, min_size=1)
+  parts = data_lib.partition(
+    task.dataset.y_train,
+    40,
+    kind="client_dirichlet",
+    seed=cfg.seed,
+    alpha=0.3,
+    size_sigma=1.0,
+    min_size=1,
+  )
   old = data_lib.stack_clients(task.dataset.x_train, task.dataset.y_train, parts)
   np.testing.assert_array_equal(np.asarray(x).view(np.uint32), old.x.view(np.uint32))
   np.testing.assert_array_equal(np.asarray(task.clients.y), old.y)

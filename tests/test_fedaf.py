@@ -1,5 +1,6 @@
 """FedAF (fu_jax/methods/fedaf.py): its local programs against independent computations, and
 end-to-end runs on digits (client_class with a backdoor, class-wide with the sketch)."""
+
 import functools
 import os
 
@@ -13,12 +14,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from experiments.configs import digits
-from fu_jax import ewc
-from fu_jax import fl
-from fu_jax import labels
-from fu_jax import models
-from fu_jax.methods import base
-from fu_jax.methods import fedaf
+from fu_jax import ewc, fl, labels, models
+from fu_jax.methods import base, fedaf
 from tests import pretrain_cache
 from tests.test_sga import small_config as _small_config
 
@@ -28,11 +25,11 @@ def small_config(method, **overrides):
   forget on this MLP, the shipped 0.002 left 84% forget accuracy (class-wide, seed 0)."""
   return _small_config(method, **{"fedaf.lr": 0.005, **overrides})
 
+
 K = 3
 
 
 class TinyMLP(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = jnp.tanh(nn.Dense(3)(x.reshape(x.shape[0], -1)))
@@ -63,8 +60,9 @@ def _flat(tree):
 
 def test_fisher_program_diag_equals_fisher_diagonal():
   params, x, y, valid, keys = _clients()
-  runner = fl.ClientRunner(fedaf.fisher_program(LOSS, "diag", 4), kind="vmap", epochs=1,
-                           batch_size=3)
+  runner = fl.ClientRunner(
+    fedaf.fisher_program(LOSS, "diag", 4), kind="vmap", epochs=1, batch_size=3
+  )
   acc, n = runner.run(params, (x, y), valid, None, keys).params
   np.testing.assert_array_equal(np.asarray(n), [7, 5])
   for c in range(2):
@@ -78,8 +76,9 @@ def test_fisher_program_sketch_is_a_count_sketch_of_all_examples():
   # from the rows of S J and the per-example gradients J (full row rank: n=7 < d=21).
   params, x, y, valid, keys = _clients()
   t = 4
-  runner = fl.ClientRunner(fedaf.fisher_program(LOSS, "sketch", t), kind="vmap", epochs=1,
-                           batch_size=3)
+  runner = fl.ClientRunner(
+    fedaf.fisher_program(LOSS, "sketch", t), kind="vmap", epochs=1, batch_size=3
+  )
   acc, n = runner.run(params, (x, y), valid, None, keys).params
   grad_one = jax.grad(LOSS)
   jac = np.stack([_flat(grad_one(params, x[0, i], y[0, i])) for i in range(7)])  # [n, d]
@@ -97,16 +96,18 @@ def test_model_labels_follow_the_softmax_and_ignore_padding():
   params, x, _, _, _ = _clients()
   xs = x[0, :4]
   p = np.asarray(jax.nn.softmax(MODULE.apply({"params": params}, xs)), np.float64)
-  draws = np.stack([np.asarray(ewc.model_labels(APPLY, params, xs, jax.random.key(k)))
-                    for k in range(2000)])  # [M, 4]
+  draws = np.stack(
+    [np.asarray(ewc.model_labels(APPLY, params, xs, jax.random.key(k))) for k in range(2000)]
+  )  # [M, 4]
   freq = np.stack([(draws == c).mean(0) for c in range(K)], 1)  # [4, K]
   # Binomial std <= sqrt(0.25 / 2000) = 0.011: 0.05 is > 4 sigma.
   np.testing.assert_allclose(freq, p, atol=0.05)
   # Row i's label depends on fold_in(key, i) only: rows appended do not change it.
   key = jax.random.key(5)
   more = ewc.model_labels(APPLY, params, x[0], key)
-  np.testing.assert_array_equal(np.asarray(more)[:4],
-                                np.asarray(ewc.model_labels(APPLY, params, xs, key)))
+  np.testing.assert_array_equal(
+    np.asarray(more)[:4], np.asarray(ewc.model_labels(APPLY, params, xs, key))
+  )
 
 
 def test_fisher_program_model_labels_estimate_the_true_fisher():
@@ -117,18 +118,22 @@ def test_fisher_program_model_labels_estimate_the_true_fisher():
   xs, ys, m = np.asarray(x[0, :5]), np.asarray(y[0, :5]), 4000
   grad_one = jax.jit(jax.grad(LOSS))
   probs = np.asarray(jax.nn.softmax(MODULE.apply({"params": params}, xs)), np.float64)
-  true = sum(probs[i, c] * _flat(grad_one(params, xs[i], c)) ** 2
-             for i in range(5) for c in range(K)) / 5
+  true = (
+    sum(probs[i, c] * _flat(grad_one(params, xs[i], c)) ** 2 for i in range(5) for c in range(K))
+    / 5
+  )
   empirical = sum(_flat(grad_one(params, xs[i], ys[i])) ** 2 for i in range(5)) / 5
   label_fn = functools.partial(ewc.model_labels, APPLY)
   xr, yr = np.tile(xs, (m, 1))[None], np.tile(ys, m)[None]
   valid_r = np.ones((1, 5 * m), bool)
   got = {}
   for name, fn in (("model", label_fn), ("empirical", None)):
-    runner = fl.ClientRunner(fedaf.fisher_program(LOSS, "diag", 4, fn), kind="loop", epochs=1,
-                             batch_size=1000)
-    acc, n = runner.run(params, (jnp.asarray(xr), jnp.asarray(yr)), jnp.asarray(valid_r), None,
-                        keys[:1]).params
+    runner = fl.ClientRunner(
+      fedaf.fisher_program(LOSS, "diag", 4, fn), kind="loop", epochs=1, batch_size=1000
+    )
+    acc, n = runner.run(
+      params, (jnp.asarray(xr), jnp.asarray(yr)), jnp.asarray(valid_r), None, keys[:1]
+    ).params
     got[name] = _flat(jax.tree.map(lambda a: a[0] / n[0], acc))
   rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
   np.testing.assert_allclose(got["empirical"], empirical, rtol=1e-4, atol=1e-8)
@@ -142,12 +147,14 @@ def test_fisher_program_sketch_uses_the_label_fn():
   zeros = lambda p, xb, key: jnp.zeros(xb.shape[0], jnp.int32)
   out = {}
   for name, fn, yy in (("fn", zeros, y), ("given", None, jnp.zeros_like(y))):
-    runner = fl.ClientRunner(fedaf.fisher_program(LOSS, "sketch", 4, fn), kind="vmap",
-                             epochs=1, batch_size=3)
+    runner = fl.ClientRunner(
+      fedaf.fisher_program(LOSS, "sketch", 4, fn), kind="vmap", epochs=1, batch_size=3
+    )
     out[name] = runner.run(params, (x, yy), valid, None, keys).params
   np.testing.assert_allclose(_flat(out["fn"]), _flat(out["given"]), rtol=1e-6, atol=1e-8)
-  runner = fl.ClientRunner(fedaf.fisher_program(LOSS, "sketch", 4, None), kind="vmap",
-                           epochs=1, batch_size=3)
+  runner = fl.ClientRunner(
+    fedaf.fisher_program(LOSS, "sketch", 4, None), kind="vmap", epochs=1, batch_size=3
+  )
   held = runner.run(params, (x, y), valid, None, keys).params
   assert not np.allclose(_flat(held), _flat(out["fn"]))
 
@@ -158,8 +165,9 @@ def test_unlearn_program_equals_hand_written_ewc_sgd():
   params, x, y, valid, keys = _clients()
   lr, lam = 0.3, 5.0
   y_new = jax.nn.softmax(jnp.asarray(np.random.RandomState(2).randn(2, 9, K), jnp.float32))
-  fisher = jax.tree.map(lambda p: jnp.abs(jax.random.normal(jax.random.key(3), (2,) + p.shape)),
-                        params)
+  fisher = jax.tree.map(
+    lambda p: jnp.abs(jax.random.normal(jax.random.key(3), (2,) + p.shape)), params
+  )
   prog = fedaf.unlearn_program(APPLY, optax.sgd(lr), ewc_kind="diag", lam=lam, width=1)
   runner = fl.ClientRunner(prog, kind="loop", epochs=3, batch_size=9)
   counts = jnp.sum(valid, axis=1).astype(jnp.float32)
@@ -175,25 +183,36 @@ def test_unlearn_program_equals_hand_written_ewc_sgd():
     p = params
     for _ in range(3):
       g = jax.grad(loss)(p)
-      p = jax.tree.map(lambda pi, gi, fi, p0: pi - lr * (gi + lam * fi * (pi - p0)), p, g, fc,
-                       params)
+      p = jax.tree.map(
+        lambda pi, gi, fi, p0: pi - lr * (gi + lam * fi * (pi - p0)), p, g, fc, params
+      )
     return p
 
   for c in range(2):
-    want = reference(x[c], y[c], y_new[c], valid[c].astype(jnp.float32),
-                     jax.tree.map(lambda a: a[c], fisher))
-    np.testing.assert_allclose(_flat(jax.tree.map(lambda a: a[c], got)), _flat(want),
-                               rtol=1e-5, atol=1e-6)
+    want = reference(
+      x[c], y[c], y_new[c], valid[c].astype(jnp.float32), jax.tree.map(lambda a: a[c], fisher)
+    )
+    np.testing.assert_allclose(
+      _flat(jax.tree.map(lambda a: a[c], got)), _flat(want), rtol=1e-5, atol=1e-6
+    )
 
 
 def _tiny_task(forget, valid, x, y):
   cfg = ml_collections.ConfigDict({"seed": 0})
   clients = base.ClientData(x, y, valid, jnp.sum(valid, 1), jnp.zeros(valid.shape, jnp.int32))
-  return base.Task(config=cfg, dataset=None, clients=clients, y_true=y,
-                   forget=jnp.asarray(forget), retain_valid=valid & ~jnp.asarray(forget),
-                   client_weights=np.ones(2, np.float32),
-                   request=base.Request("class", (0,), -1), model=MODULE, input_shape=(2,),
-                   num_classes=K)
+  return base.Task(
+    config=cfg,
+    dataset=None,
+    clients=clients,
+    y_true=y,
+    forget=jnp.asarray(forget),
+    retain_valid=valid & ~jnp.asarray(forget),
+    client_weights=np.ones(2, np.float32),
+    request=base.Request("class", (0,), -1),
+    model=MODULE,
+    input_shape=(2,),
+    num_classes=K,
+  )
 
 
 def test_fisher_mask_subsamples_local_or_retained_rows():
@@ -207,8 +226,9 @@ def test_fisher_mask_subsamples_local_or_retained_rows():
   assert not (m & ~np.asarray(valid)).any()
   m_all = np.asarray(fedaf.fisher_mask(task, dict(s, fisher_samples=0), np.array([0, 1])))
   np.testing.assert_array_equal(m_all, np.asarray(valid))
-  m_ret = np.asarray(fedaf.fisher_mask(task, {"fisher_data": "retain", "fisher_samples": 0},
-                                       np.array([0])))
+  m_ret = np.asarray(
+    fedaf.fisher_mask(task, {"fisher_data": "retain", "fisher_samples": 0}, np.array([0]))
+  )
   np.testing.assert_array_equal(m_ret[0], np.asarray(valid)[0] & ~forget[0])
 
 
@@ -227,8 +247,9 @@ def test_new_labels_only_on_target_rows(variant):
     key = jax.random.fold_in(fl.stream_key(0, fl.STREAM_UNLEARN, fedaf.FEDAF_ID, 0, 1), 0)
     teachers = labels.init_teachers(MODULE, key, (2,), 4)
     rows = np.flatnonzero(forget[1])
-    want = labels.teacher_labels(APPLY, teachers, x[1, rows], variant="debias",
-                                 target_class=y[1, rows])
+    want = labels.teacher_labels(
+      APPLY, teachers, x[1, rows], variant="debias", target_class=y[1, rows]
+    )
     np.testing.assert_allclose(got[1, rows], np.asarray(want), rtol=1e-5, atol=1e-7)
   if variant == "uniform":
     np.testing.assert_allclose(got[forget], 1.0 / K)
@@ -254,8 +275,14 @@ def test_bad_settings_name_the_key():
 # it back. At the defaults (1 epoch, lambda 10) fedaf and fedaf_c coincide.
 # The ablation's setting (BUILD.md, digits_small): lr 0.02 for 3 epochs, no step floor and
 # no forgetting rule (a fixed budget, so both methods take the same steps).
-PRESERVER = {"fedaf.epochs": 3, "fedaf.lam": 1000.0, "fedaf.fisher_labels": "model",
-             "fedaf.lr": 0.02, "fedaf.min_steps": 0, "fedaf.max_steps": 0}
+PRESERVER = {
+  "fedaf.epochs": 3,
+  "fedaf.lam": 1000.0,
+  "fedaf.fisher_labels": "model",
+  "fedaf.lr": 0.02,
+  "fedaf.min_steps": 0,
+  "fedaf.max_steps": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -303,8 +330,9 @@ def test_the_knowledge_preserver_preserves(backdoor_runs):
 
 def test_fedaf_class_wide_with_sketch(tmp_path):
   # Every client holds class 0: all five run the unlearning loop; their models are averaged.
-  res = pretrain_cache.run(small_config("fedaf", **{"unlearn.kind": "class",
-                                             "fedaf.fisher": "sketch"}), str(tmp_path))
+  res = pretrain_cache.run(
+    small_config("fedaf", **{"unlearn.kind": "class", "fedaf.fisher": "sketch"}), str(tmp_path)
+  )
   assert res["fedaf_target_clients"] == [0, 1, 2, 3, 4]
   assert res["original"]["forget_acc"] >= 0.8
   assert res["forget_acc"] <= 0.1

@@ -1,5 +1,6 @@
 """FedEraser (fu_jax/methods/federaser.py): the trainer's model and store, the calibration
 formula against numpy, refusals, and end-to-end runs on digits."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +19,16 @@ def small_config(method, **overrides):
 
 
 def one_class_per_client(method, **overrides):
-  return small_config(method, **{"data.partition": "shards", "data.classes_per_client": 1,
-                                 "data.num_clients": 10, "unlearn.kind": "class",
-                                 **overrides})
+  return small_config(
+    method,
+    **{
+      "data.partition": "shards",
+      "data.classes_per_client": 1,
+      "data.num_clients": 10,
+      "unlearn.kind": "class",
+      **overrides,
+    },
+  )
 
 
 def _flat(tree):
@@ -43,15 +51,20 @@ def test_trainer_equals_fedavg_and_stores_its_rounds(tmp_path):
   for t in range(4):
     g = jax.tree.map(lambda a, t=t: a[t], store.globals)
     u = jax.tree.map(lambda a, t=t: a[t], store.updates)
-    step = np.einsum("k,kd->d", counts, np.stack([_flat(jax.tree.map(lambda a, i=i: a[i], u))
-                                                  for i in range(5)])) / counts.sum()
+    step = (
+      np.einsum(
+        "k,kd->d", counts, np.stack([_flat(jax.tree.map(lambda a, i=i: a[i], u)) for i in range(5)])
+      )
+      / counts.sum()
+    )
     np.testing.assert_allclose(_flat(g) + step, _flat(nxt[t]), rtol=1e-5, atol=1e-6)
   # A second call restores the cached store from the checkpoint.
   again, _ = run_lib.pretrained(task, str(tmp_path), "federaser")
   for a, b in zip(jax.tree.leaves(again.extra), jax.tree.leaves(store)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert federaser.store_bytes(store)["stored_update_bytes"] == 4 * 5 * tu.tree_num_bytes(
-      got.params)
+    got.params
+  )
 
 
 def test_interval_stores_every_kth_round(tmp_path):
@@ -77,13 +90,21 @@ def test_calibrated_updates_against_numpy():
   for k in ("a", "b"):
     mo = np.tensordot(np.asarray(w), old[k], 1) / 8.0
     mc = np.tensordot(np.asarray(w), cal[k], 1) / 8.0
-    np.testing.assert_allclose(np.asarray(mean[k]), np.linalg.norm(mo) * mc / np.linalg.norm(mc),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+      np.asarray(mean[k]), np.linalg.norm(mo) * mc / np.linalg.norm(mc), rtol=1e-5, atol=1e-7
+    )
 
 
-@pytest.mark.parametrize("epochs, ratio, want", [(1, 0.5, (1, 0.5)), (1, 1.0, (1, 1.0)),
-                                                 (4, 0.5, (2, 1.0)), (5, 0.5, (3, 5 / 6)),
-                                                 (2, 0.25, (1, 0.5))])
+@pytest.mark.parametrize(
+  "epochs, ratio, want",
+  [
+    (1, 0.5, (1, 0.5)),
+    (1, 1.0, (1, 1.0)),
+    (4, 0.5, (2, 1.0)),
+    (5, 0.5, (3, 5 / 6)),
+    (2, 0.25, (1, 0.5)),
+  ],
+)
 def test_calib_schedule(epochs, ratio, want):
   got = federaser.calib_schedule(epochs, ratio)
   assert got[0] == want[0] and got[1] == pytest.approx(want[1])
@@ -102,21 +123,25 @@ def test_bad_settings_name_the_key():
 def test_refusals_are_one_line(tmp_path):
   # client_class: refused through the method's kinds.
   with pytest.raises(run_lib.ConfigError, match="cannot serve unlearn.kind='client_class'"):
-    run_lib.validate(small_config("federaser", **{"unlearn.kind": "client_class"}),
-                     "federaser")
+    run_lib.validate(small_config("federaser", **{"unlearn.kind": "client_class"}), "federaser")
   # class: IID clients all hold class 0, so no single client can be removed for it.
-  with pytest.raises(ValueError, match=r"exactly one client holds the class, but classes "
-                                       r"\[0\] are held by clients \[0, 1, 2, 3, 4\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"exactly one client holds the class, but classes "
+    r"\[0\] are held by clients \[0, 1, 2, 3, 4\]",
+  ):
     run_lib.run(small_config("federaser", **{"unlearn.kind": "class"}), str(tmp_path))
 
 
 def test_class_in_one_class_per_client_setting(tmp_path):
-  runs = {m: pretrain_cache.run(one_class_per_client(m), str(tmp_path))
-          for m in ("retrain", "fedavg", "federaser")}
+  runs = {
+    m: pretrain_cache.run(one_class_per_client(m), str(tmp_path))
+    for m in ("retrain", "fedavg", "federaser")
+  }
   fe, noop, ref = runs["federaser"], runs["fedavg"], runs["retrain"]
   assert noop["forget_acc"] >= 0.5
   assert fe["forget_acc"] <= 0.1 and fe["forget_train_acc"] <= 0.1  # beyond the no-op
-  assert abs(fe["retain_acc"] - ref["retain_acc"]) <= 0.1           # utility near retrain
+  assert abs(fe["retain_acc"] - ref["retain_acc"]) <= 0.1  # utility near retrain
   # 4 stored rounds; rounds 1..3 calibrate the 9 remaining clients (download + upload).
   model_bytes = fe["stored_model_bytes"] // 4
   assert fe["rounds"] == 4 and fe["federaser_stored_rounds"] == 4

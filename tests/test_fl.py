@@ -1,4 +1,5 @@
 """FedAvg, runners and sampling against independent computations."""
+
 import chex
 import flax.linen as nn
 import jax
@@ -57,7 +58,8 @@ def test_loop_over_devices_equals_one_client_at_a_time():
   ref = _runner(model, "loop").run(params, (x, y), valid, None, _keys(5))
   clock = fl.ClientClock()
   out = _runner(model, "loop", devices=jax.devices(), clock=clock).run(
-      params, (x, y), valid, None, _keys(5))
+    params, (x, y), valid, None, _keys(5)
+  )
   chex.assert_trees_all_close(out.params, ref.params, atol=1e-6)
   np.testing.assert_allclose(out.metrics["loss"], ref.metrics["loss"], rtol=1e-6)
   assert out.params["Dense_0"]["kernel"].shape[0] == 5
@@ -87,8 +89,18 @@ def test_one_client_fedavg_equals_centralized_sgd():
   model, params, x, y, valid = _setup(num_clients=1)
   runner = _runner(model, "loop", batch_size=4, epochs=1)
   server = fl.server_init(params, optax.sgd(1.0))
-  res = fl.fedavg_round(server, runner, (x, y), valid, None, seed=0, round_idx=0,
-                        client_weights=np.ones(1), num_sampled=1, server_opt=optax.sgd(1.0))
+  res = fl.fedavg_round(
+    server,
+    runner,
+    (x, y),
+    valid,
+    None,
+    seed=0,
+    round_idx=0,
+    client_weights=np.ones(1),
+    num_sampled=1,
+    server_opt=optax.sgd(1.0),
+  )
   # Independent reference: the same batches in a Python loop with optax.sgd.
   key = fl.stream_key(0, fl.STREAM_CLIENT, 0, 0)
   order = np.asarray(fl.epoch_order(jax.random.fold_in(key, 0), valid[0]))
@@ -96,7 +108,7 @@ def test_one_client_fedavg_equals_centralized_sgd():
   p, opt = params, optax.sgd(0.1)
   st = opt.init(p)
   for s in range(0, n, 4):
-    idx = order[s:min(s + 4, n)]
+    idx = order[s : min(s + 4, n)]
     loss = lambda q: losses.cross_entropy(model.apply({"params": q}, x[0, idx]), y[0, idx]).mean()
     g = jax.grad(loss)(p)
     u, st = opt.update(g, st)
@@ -146,21 +158,42 @@ def test_removing_a_client_does_not_retrace():
   for r in range(3):
     if r == 2:
       weights[1] = 0.0  # forget client 1: a weight change
-    res = fl.fedavg_round(server, runner, (x, y), valid, None, seed=0, round_idx=r,
-                          client_weights=weights, num_sampled=3, server_opt=optax.sgd(1.0))
+    res = fl.fedavg_round(
+      server,
+      runner,
+      (x, y),
+      valid,
+      None,
+      seed=0,
+      round_idx=r,
+      client_weights=weights,
+      num_sampled=3,
+      server_opt=optax.sgd(1.0),
+    )
     server = res.server
   assert 1 not in np.asarray(res.sampled)
 
 
 def test_same_seed_identical_different_seed_different():
   model, params, x, y, valid = _setup()
+
   def run(seed):
     server = fl.server_init(params, optax.sgd(1.0))
     for r in range(2):
-      server = fl.fedavg_round(server, _runner(model, "vmap"), (x, y), valid, None, seed=seed,
-                               round_idx=r, client_weights=np.ones(4), num_sampled=2,
-                               server_opt=optax.sgd(1.0)).server
+      server = fl.fedavg_round(
+        server,
+        _runner(model, "vmap"),
+        (x, y),
+        valid,
+        None,
+        seed=seed,
+        round_idx=r,
+        client_weights=np.ones(4),
+        num_sampled=2,
+        server_opt=optax.sgd(1.0),
+      ).server
     return server.params
+
   chex.assert_trees_all_equal(run(0), run(0))
   assert not np.allclose(jax.tree.leaves(run(0))[0], jax.tree.leaves(run(1))[0])
 
@@ -180,6 +213,7 @@ def test_runner_rejects_a_scheduled_step_without_its_schedule():
 
 def test_auto_runner_per_backend():
   from fu_jax import models
+
   assert fl.choose_runner("cnn", "cpu") == "loop"
   assert fl.choose_runner("mlp", "cpu") == "vmap"
   for backend in ("gpu", "tpu", "some_new_accelerator"):  # vmap split over every device

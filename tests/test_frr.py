@@ -1,5 +1,6 @@
 """FRR rapid retraining (fu_jax/methods/frr.py): the local step against a numpy computation
 of per-example gradients, diagonal Fisher and the momentum update; end-to-end on digits."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,11 +8,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import digits
-from fu_jax import fl
-from fu_jax import models
+from fu_jax import fl, models
 from fu_jax import tree as tu
-from fu_jax.methods import base
-from fu_jax.methods import frr
+from fu_jax.methods import base, frr
 from tests import pretrain_cache
 from tests.test_sga import small_config as _small_config
 
@@ -19,7 +18,6 @@ K = 3
 
 
 class Linear(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     return nn.Dense(K)(x)
@@ -35,15 +33,15 @@ def _numpy_steps(w, b, x, y, mask, steps, *, lr, b1, b2, eps):
     logits = x @ w + b
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    r = p - onehot                                   # dl_i/dlogits
-    gw_i = x[:, :, None] * r[:, None, :]             # [n, d, K]
+    r = p - onehot  # dl_i/dlogits
+    gw_i = x[:, :, None] * r[:, None, :]  # [n, d, K]
     gb_i = r
     for j, gi in enumerate((gw_i, gb_i)):
       e = wt.reshape((-1,) + (1,) * (gi.ndim - 1))
       g, f = np.sum(e * gi, 0), np.sum(e * gi * gi, 0)
       m[j] = b1 * m[j] + (1 - b1) * g
       v[j] = b2 * v[j] + (1 - b2) * f * f
-      d = (m[j] / (1 - b1 ** t)) / (np.sqrt(v[j] / (1 - b2 ** t)) + eps)
+      d = (m[j] / (1 - b1**t)) / (np.sqrt(v[j] / (1 - b2**t)) + eps)
       if j == 0:
         w = w - lr * d
       else:
@@ -67,13 +65,20 @@ def test_local_steps_match_numpy(b1, b2):
   step = jax.jit(prog.step)
   for _ in range(3):
     state, metrics = step(state, batch, jax.random.key(0))
-  w, b = _numpy_steps(np.asarray(params["Dense_0"]["kernel"], np.float64),
-                      np.asarray(params["Dense_0"]["bias"], np.float64), x.astype(np.float64),
-                      y, mask.astype(np.float64), 3, lr=0.01, b1=b1, b2=b2, eps=1e-3)
-  np.testing.assert_allclose(np.asarray(state.params["Dense_0"]["kernel"]), w, rtol=2e-4,
-                             atol=1e-6)
-  np.testing.assert_allclose(np.asarray(state.params["Dense_0"]["bias"]), b, rtol=2e-4,
-                             atol=1e-6)
+  w, b = _numpy_steps(
+    np.asarray(params["Dense_0"]["kernel"], np.float64),
+    np.asarray(params["Dense_0"]["bias"], np.float64),
+    x.astype(np.float64),
+    y,
+    mask.astype(np.float64),
+    3,
+    lr=0.01,
+    b1=b1,
+    b2=b2,
+    eps=1e-3,
+  )
+  np.testing.assert_allclose(np.asarray(state.params["Dense_0"]["kernel"]), w, rtol=2e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.params["Dense_0"]["bias"]), b, rtol=2e-4, atol=1e-6)
   assert int(state.t) == 3 and np.isfinite(float(metrics["loss"]))
 
 
@@ -136,16 +141,18 @@ def small_config(method, **overrides):
 
 
 def test_class_forgets_beyond_a_no_op_and_keeps_utility(tmp_path):
-  runs = {m: pretrain_cache.run(small_config(m), str(tmp_path))
-          for m in ("retrain", "fedavg", "frr")}
+  runs = {
+    m: pretrain_cache.run(small_config(m), str(tmp_path)) for m in ("retrain", "fedavg", "frr")
+  }
   fr, noop, ref = runs["frr"], runs["fedavg"], runs["retrain"]
   assert noop["forget_acc"] >= 0.9
-  assert fr["forget_acc"] <= noop["forget_acc"] - 0.5        # beyond the no-op
+  assert fr["forget_acc"] <= noop["forget_acc"] - 0.5  # beyond the no-op
   assert abs(fr["retain_acc"] - ref["retain_acc"]) <= 0.05  # utility near retrain
   cfg = small_config("frr")
   assert fr["rounds"] == cfg.frr.rounds and fr["frr_init"] == "trained"
   # Every round each of the 5 clients downloads and uploads the model (55210 float32).
-  model_bytes = tu.tree_num_bytes(models.init_params(models.create("mlp", 10), jax.random.key(0),
-                                                     (8, 8, 1)))
+  model_bytes = tu.tree_num_bytes(
+    models.init_params(models.create("mlp", 10), jax.random.key(0), (8, 8, 1))
+  )
   assert model_bytes == 4 * 55210
   assert fr["bytes_up"] == fr["bytes_down"] == cfg.frr.rounds * 5 * model_bytes

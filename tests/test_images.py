@@ -1,4 +1,5 @@
 """One copy of the training images: lookup-table normalisation, index blocks, runners."""
+
 import chex
 import flax.linen as nn
 import jax
@@ -16,34 +17,45 @@ def _bits(a):
 
 def _npz_dataset(tmp_path, channels=3, seed=0):
   rng = np.random.default_rng(seed)
-  path = str(tmp_path / 'd.npz')
-  np.savez(path, x=rng.integers(0, 256, (40, 5, 4, channels), dtype=np.uint8),
-           y=np.arange(40) % 4, x_test=rng.integers(0, 256, (9, 5, 4, channels), dtype=np.uint8),
-           y_test=np.arange(9) % 4)
-  return data.load_dataset('npz:' + path)
+  path = str(tmp_path / "d.npz")
+  np.savez(
+    path,
+    x=rng.integers(0, 256, (40, 5, 4, channels), dtype=np.uint8),
+    y=np.arange(40) % 4,
+    x_test=rng.integers(0, 256, (9, 5, 4, channels), dtype=np.uint8),
+    y_test=np.arange(9) % 4,
+  )
+  return data.load_dataset("npz:" + path)
 
 
 def test_lookup_table_reproduces_the_float_images_bit_for_bit(tmp_path):
-  for ds in (data.load_dataset('digits'), _npz_dataset(tmp_path)):
+  for ds in (data.load_dataset("digits"), _npz_dataset(tmp_path)):
     assert ds.train_codes.dtype == np.uint8 and ds.train_lut.shape == (256, ds.x_train.shape[-1])
     # Independent of images.py: numpy fancy indexing per channel.
-    by_hand = np.stack([ds.train_lut[ds.train_codes[..., c], c]
-                        for c in range(ds.x_train.shape[-1])], -1)
+    by_hand = np.stack(
+      [ds.train_lut[ds.train_codes[..., c], c] for c in range(ds.x_train.shape[-1])], -1
+    )
     np.testing.assert_array_equal(_bits(by_hand), _bits(ds.x_train))
     table = images.dataset_table(ds)
     got = table.gather(jnp.arange(len(ds.y_train)))
     np.testing.assert_array_equal(_bits(got), _bits(ds.x_train))
   # digits' 1/16 scaling reproduces the former x / 16 exactly (multiplying by 2^-4 is exact).
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   assert np.all(datasets.load_digits().images == datasets.load_digits().images.astype(np.uint8))
 
 
 def test_float_sources_keep_a_float_table(tmp_path):
   rng = np.random.default_rng(0)
-  path = str(tmp_path / 'f.npz')
-  np.savez(path, x=rng.normal(size=(20, 3, 3, 2)).astype(np.float32), y=np.arange(20) % 2,
-           x_test=rng.normal(size=(4, 3, 3, 2)).astype(np.float32), y_test=np.arange(4) % 2)
-  ds = data.load_dataset('npz:' + path)
+  path = str(tmp_path / "f.npz")
+  np.savez(
+    path,
+    x=rng.normal(size=(20, 3, 3, 2)).astype(np.float32),
+    y=np.arange(20) % 2,
+    x_test=rng.normal(size=(4, 3, 3, 2)).astype(np.float32),
+    y_test=np.arange(4) % 2,
+  )
+  ds = data.load_dataset("npz:" + path)
   assert ds.train_codes is None and ds.train_lut is None
   table = images.dataset_table(ds)
   assert table.lut is None and table.codes.dtype == jnp.float32
@@ -51,12 +63,13 @@ def test_float_sources_keep_a_float_table(tmp_path):
 
 
 def test_client_images_index_like_the_padded_block():
-  ds = data.load_dataset('digits')
-  parts = data.partition(ds.y_train, 7, kind='client_dirichlet', seed=0, alpha=0.3,
-                         size_sigma=1.0, min_size=1)
+  ds = data.load_dataset("digits")
+  parts = data.partition(
+    ds.y_train, 7, kind="client_dirichlet", seed=0, alpha=0.3, size_sigma=1.0, min_size=1
+  )
   old = data.stack_clients(ds.x_train, ds.y_train, parts)
   new = data.index_clients(ds.y_train, parts)
-  for f in ('y', 'valid', 'count', 'index'):
+  for f in ("y", "valid", "count", "index"):
     np.testing.assert_array_equal(getattr(new, f), getattr(old, f))
   assert new.x is None
   x = images.ClientImages(jnp.asarray(new.index), images.dataset_table(ds))
@@ -76,24 +89,26 @@ def test_client_images_index_like_the_padded_block():
 
 
 def test_detach_attach_round_trip_and_shared_tables():
-  ds = data.load_dataset('digits')
+  ds = data.load_dataset("digits")
   table = images.dataset_table(ds)
   a = images.ClientImages(jnp.zeros((2, 3), jnp.int32), table)
   b = images.ClientImages(jnp.ones((2, 3), jnp.int32), table)
-  tree, tables = images.detach({'a': a, 'b': (b, jnp.ones(2))})
+  tree, tables = images.detach({"a": a, "b": (b, jnp.ones(2))})
   assert len(tables) == 1 and tables[0][0] is table.codes  # one copy, passed once
   # Equal layouts give equal treedefs: jitted functions are reused, not retraced.
-  again, _ = images.detach({'a': a, 'b': (b, jnp.ones(2))})
+  again, _ = images.detach({"a": a, "b": (b, jnp.ones(2))})
   assert jax.tree.structure(tree) == jax.tree.structure(again)
   back = images.attach(tree, tables)
-  np.testing.assert_array_equal(np.asarray(back['b'][0]), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(back["b"][0]), np.asarray(b))
 
 
 def test_map_client_blocks_equals_one_call_on_the_padded_block():
   from fu_jax import distill  # pylint: disable=g-import-not-at-top
-  ds = data.load_dataset('digits')
-  parts = data.partition(ds.y_train, 7, kind='client_dirichlet', seed=1, alpha=0.3,
-                         size_sigma=1.0, min_size=1)
+
+  ds = data.load_dataset("digits")
+  parts = data.partition(
+    ds.y_train, 7, kind="client_dirichlet", seed=1, alpha=0.3, size_sigma=1.0, min_size=1
+  )
   c = data.index_clients(ds.y_train, parts)
   x = images.ClientImages(jnp.asarray(c.index), images.dataset_table(ds))
   keys = jax.vmap(jax.random.key)(jnp.arange(7))
@@ -104,9 +119,11 @@ def test_map_client_blocks_equals_one_call_on_the_padded_block():
 
   @jax.jit
   def build(x, y, valid, keys, sizes):  # QuickDrop's init_sets: every client's synthetic set
-    return jax.vmap(lambda *a: distill.init_synthetic(*a[:3], 10, key=a[3], chunk_size=b,
-                                                      num_chunks=nc, sizes=a[4]))(
-        x, y, valid, keys, sizes)
+    return jax.vmap(
+      lambda *a: distill.init_synthetic(
+        *a[:3], 10, key=a[3], chunk_size=b, num_chunks=nc, sizes=a[4]
+      )
+    )(x, y, valid, keys, sizes)
 
   def fn(imgs, *args):
     seen.append(imgs.shape[0])
@@ -129,24 +146,39 @@ class TinyCNN(nn.Module):
     return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
-@pytest.mark.parametrize('kind', ['loop', 'vmap', 'shard'])
+@pytest.mark.parametrize("kind", ["loop", "vmap", "shard"])
 def test_fedavg_rounds_bit_identical_to_the_padded_layout(kind):
-  ds = data.load_dataset('digits')
-  parts = data.partition(ds.y_train, 12, kind='client_dirichlet', seed=1, alpha=0.5,
-                         size_sigma=1.0, min_size=1)
+  ds = data.load_dataset("digits")
+  parts = data.partition(
+    ds.y_train, 12, kind="client_dirichlet", seed=1, alpha=0.5, size_sigma=1.0, min_size=1
+  )
   old = data.stack_clients(ds.x_train, ds.y_train, parts)
   x_new = images.ClientImages(jnp.asarray(old.index), images.dataset_table(ds))
   model = TinyCNN()
-  params = model.init(jax.random.key(0), old.x[0, :1])['params']
-  runner = fl.ClientRunner(fl.sgd_program(models.logits_fn(model), optax.sgd(0.1)), kind=kind, epochs=2,
-                           batch_size=16, chunk_size=3)
+  params = model.init(jax.random.key(0), old.x[0, :1])["params"]
+  runner = fl.ClientRunner(
+    fl.sgd_program(models.logits_fn(model), optax.sgd(0.1)),
+    kind=kind,
+    epochs=2,
+    batch_size=16,
+    chunk_size=3,
+  )
   out = []
   for x in (jnp.asarray(old.x), x_new):
     server = fl.server_init(params, optax.sgd(1.0))
     for r in range(2):
-      res = fl.fedavg_round(server, runner, (x, jnp.asarray(old.y)), jnp.asarray(old.valid),
-                            None, seed=0, round_idx=r, client_weights=np.ones(12),
-                            num_sampled=5, server_opt=optax.sgd(1.0))
+      res = fl.fedavg_round(
+        server,
+        runner,
+        (x, jnp.asarray(old.y)),
+        jnp.asarray(old.valid),
+        None,
+        seed=0,
+        round_idx=r,
+        client_weights=np.ones(12),
+        num_sampled=5,
+        server_opt=optax.sgd(1.0),
+      )
       server = res.server
     out.append((server.params, res.metrics))
   chex.assert_trees_all_equal(out[0][0], out[1][0])
@@ -161,10 +193,11 @@ def test_runner_passes_the_table_as_an_argument_not_a_constant():
   y = jnp.zeros((2, 32), jnp.int32)
   valid = jnp.ones((2, 32), bool)
   model = nn.Dense(3)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 64)))['params']
+  params = model.init(jax.random.key(0), jnp.zeros((1, 64)))["params"]
   apply = lambda p, xb: model.apply({"params": p}, xb.reshape((xb.shape[0], -1)))
-  runner = fl.ClientRunner(fl.sgd_program(apply, optax.sgd(0.1)), kind='vmap', epochs=1,
-                           batch_size=8)
+  runner = fl.ClientRunner(
+    fl.sgd_program(apply, optax.sgd(0.1)), kind="vmap", epochs=1, batch_size=8
+  )
   data_d, tables = images.detach((x, y))
   state = runner._init(params, None, jnp.stack([jax.random.key(0)] * 2))
   order = jnp.tile(jnp.arange(32), (2, 1))
@@ -172,4 +205,4 @@ def test_runner_passes_the_table_as_an_argument_not_a_constant():
   hlo = runner._step.lower(state, data_d, valid, order, 0, keys, tables).as_text()
   assert len(hlo) < codes.nbytes / 10, len(hlo)  # the 1.3 MB table is not in the program
   res = runner.run(params, (x, y), valid, None, keys)  # and the public path runs
-  assert np.all(np.isfinite(np.asarray(res.metrics['loss'])))
+  assert np.all(np.isfinite(np.asarray(res.metrics["loss"])))

@@ -1,4 +1,5 @@
 """fu_jax.logging.RunLogger: tag names, the summary group, no duplicated steps on resume."""
+
 import glob
 import os
 import time
@@ -10,21 +11,39 @@ from tests import tb_events
 def _log_rounds(logdir, steps):
   logger = log_lib.RunLogger(logdir)
   for s in steps:
-    logger.scalars(s, {"train": {"loss": 1.0 / s}, "eval": {"test_acc": 0.1 * s,
-                                                            "per_class_acc": [0.5, 0.25]},
-                       "time": {"round_s": 0.01}})
+    logger.scalars(
+      s,
+      {
+        "train": {"loss": 1.0 / s},
+        "eval": {"test_acc": 0.1 * s, "per_class_acc": [0.5, 0.25]},
+        "time": {"round_s": 0.01},
+      },
+    )
   return logger
 
 
 def test_tags_are_slash_separated_and_the_summary_sorts_after_the_curves(tmp_path):
   logger = _log_rounds(str(tmp_path), [1, 2])
-  logger.summary(3, {"fl": {"rounds": 2}, "seed": 0},
-                 {"test_acc": 0.9, "unlearn_seconds": 1.5, "method": "retrain",
-                  "forget_acc": float("nan"), "per_class_acc": [0.9]})
+  logger.summary(
+    3,
+    {"fl": {"rounds": 2}, "seed": 0},
+    {
+      "test_acc": 0.9,
+      "unlearn_seconds": 1.5,
+      "method": "retrain",
+      "forget_acc": float("nan"),
+      "per_class_acc": [0.9],
+    },
+  )
   logger.close()
   got = tb_events.scalars(str(tmp_path))
-  curves = {"train/loss", "eval/test_acc", "eval/per_class_acc/0", "eval/per_class_acc/1",
-            "time/round_s"}
+  curves = {
+    "train/loss",
+    "eval/test_acc",
+    "eval/per_class_acc/0",
+    "eval/per_class_acc/1",
+    "time/round_s",
+  }
   summary = {"trial/test_acc", "trial/unlearn_seconds"}  # strings, NaN, lists: skipped
   assert set(got) == curves | summary
   assert got["train/loss"] == [(1, 1.0), (2, 0.5)]

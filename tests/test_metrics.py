@@ -1,4 +1,5 @@
 """Tests for fu_jax.metrics: accuracy, membership inference, backdoor."""
+
 import math
 
 import flax.linen as nn
@@ -8,8 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from fu_jax import metrics
-from fu_jax import models
+from fu_jax import metrics, models
 from fu_jax.metrics import accuracy as acc_lib
 from fu_jax.metrics import backdoor, mia
 
@@ -30,15 +30,18 @@ def manual_ce(logits, y):
 # ---------------------------------------------------------------- accuracy
 
 
-LOGITS = np.array([
-    [3., 0., 0.],   # y=0 ok
-    [0., 2., 0.],   # y=0 wrong
-    [0., 5., 1.],   # y=1 ok
-    [1., 4., 0.],   # y=1 ok
-    [0., 0., 1.],   # y=2 ok
-    [2., 0., 1.],   # y=2 wrong
-    [0., 1., 3.],   # y=2 ok
-], np.float32)
+LOGITS = np.array(
+  [
+    [3.0, 0.0, 0.0],  # y=0 ok
+    [0.0, 2.0, 0.0],  # y=0 wrong
+    [0.0, 5.0, 1.0],  # y=1 ok
+    [1.0, 4.0, 0.0],  # y=1 ok
+    [0.0, 0.0, 1.0],  # y=2 ok
+    [2.0, 0.0, 1.0],  # y=2 wrong
+    [0.0, 1.0, 3.0],  # y=2 ok
+  ],
+  np.float32,
+)
 LABELS = np.array([0, 0, 1, 1, 2, 2, 2], np.int32)
 
 
@@ -86,19 +89,21 @@ def test_per_class_accuracy_absent_class():
 
 
 def test_loss_from_logits_keeps_tiny_losses():
-  logits = np.array([[60., 0., 0.], [40., 0., 1.], [0., 3., -2.], [1e3, -1e3, 0.]], np.float32)
+  logits = np.array(
+    [[60.0, 0.0, 0.0], [40.0, 0.0, 1.0], [0.0, 3.0, -2.0], [1e3, -1e3, 0.0]], np.float32
+  )
   y = np.array([0, 0, 2, 1])
   loss = acc_lib.loss_from_logits(logits, y)
   assert loss.dtype == np.float64
-  np.testing.assert_allclose(loss[:2], [2 * math.exp(-60), math.exp(-40) + math.exp(-39)],
-                             rtol=1e-12)  # float32 cross-entropy gives exactly 0 for both
+  np.testing.assert_allclose(
+    loss[:2], [2 * math.exp(-60), math.exp(-40) + math.exp(-39)], rtol=1e-12
+  )  # float32 cross-entropy gives exactly 0 for both
   np.testing.assert_allclose(loss[2], manual_ce(logits[2:3], y[2:3]), rtol=1e-12)
   assert loss[3] == pytest.approx(2e3)  # no overflow
   np.testing.assert_allclose(np.exp(acc_lib.log_softmax64(logits)).sum(-1), 1.0, rtol=1e-12)
 
 
 class TinyCNN(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.relu(nn.Conv(4, (3, 3))(x))
@@ -114,16 +119,21 @@ def test_batch_padding_invariance():
   full = np.asarray(jax.jit(model.apply)({"params": params}, x))  # one unpadded batch
   for bs in (7, 1024):  # 7: two full batches + a padded one; 1024: one batch padded to 32
     np.testing.assert_allclose(
-        metrics.predict_logits(models.logits_fn(model), params, x, batch_size=bs), full,
-        rtol=1e-5, atol=1e-6)
+      metrics.predict_logits(models.logits_fn(model), params, x, batch_size=bs),
+      full,
+      rtol=1e-5,
+      atol=1e-6,
+    )
   a = metrics.evaluate(models.logits_fn(model), params, x, y, 5, [1], batch_size=7)
   b = metrics.evaluate(models.logits_fn(model), params, x, y, 5, [1], batch_size=1024)
   assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
   for k in ("test_acc", "retain_acc", "forget_acc"):
     assert a[k] == b[k]
   np.testing.assert_allclose(
-      metrics.per_example_loss(models.logits_fn(model), params, x, y, batch_size=7),
-      manual_ce(full, y), rtol=1e-5)
+    metrics.per_example_loss(models.logits_fn(model), params, x, y, batch_size=7),
+    manual_ce(full, y),
+    rtol=1e-5,
+  )
 
 
 def test_predict_logits_compiles_few_shapes():
@@ -136,8 +146,7 @@ def test_predict_logits_compiles_few_shapes():
   params = {"w": jnp.float32(2.0)}
   for n in (1, 3, 5, 8, 13, 21, 30):
     x = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
-    np.testing.assert_array_equal(metrics.predict_logits(apply_fn, params, x, batch_size=8),
-                                  2 * x)
+    np.testing.assert_array_equal(metrics.predict_logits(apply_fn, params, x, batch_size=8), 2 * x)
   assert seen == {1, 4, 8}  # n=1 -> 1, n=3 -> 4, everything else pads into batches of 8
 
 
@@ -192,26 +201,27 @@ def test_nonfinite_losses_give_nan():
 
 def test_trained_attack_accuracy():
   rng = np.random.default_rng(0)
-  same = mia.trained_attack_accuracy(rng.exponential(size=1000), rng.exponential(size=1200),
-                                     seed=0)
+  same = mia.trained_attack_accuracy(rng.exponential(size=1000), rng.exponential(size=1200), seed=0)
   assert 0.44 < same < 0.56
   members = np.exp(-rng.normal(6, 1, 300))  # memorised: tiny losses
   nonmembers = rng.gamma(4, 0.5, 300)
   assert mia.trained_attack_accuracy(members, nonmembers, seed=0) > 0.9
-  assert mia.trained_attack_accuracy(members, nonmembers, seed=0) == \
-      mia.trained_attack_accuracy(members, nonmembers, seed=0)
+  assert mia.trained_attack_accuracy(members, nonmembers, seed=0) == mia.trained_attack_accuracy(
+    members, nonmembers, seed=0
+  )
   # Fewer samples than folds: folds drop to the per-side count.
-  assert mia.trained_attack_accuracy([1e-6, 1e-5, 1e-7], [2., 3., 1.], seed=0) == 1.0
+  assert mia.trained_attack_accuracy([1e-6, 1e-5, 1e-7], [2.0, 3.0, 1.0], seed=0) == 1.0
 
 
 def test_membership_inference_convenience():
   k = 4
   member_y = np.arange(12) % k
   nonmember_y = np.arange(10) % k
-  member_x = 8.0 * np.eye(k, dtype=np.float32)[member_y]            # confident, correct
+  member_x = 8.0 * np.eye(k, dtype=np.float32)[member_y]  # confident, correct
   nonmember_x = 1.0 * np.eye(k, dtype=np.float32)[(nonmember_y + 1) % k]  # unsure, wrong
-  r = mia.membership_inference(identity_apply, {}, member_x, member_y, nonmember_x,
-                               nonmember_y, seed=0)
+  r = mia.membership_inference(
+    identity_apply, {}, member_x, member_y, nonmember_x, nonmember_y, seed=0
+  )
   assert set(r) == {"mia_auc", "mia_attack_acc"}
   assert r["mia_auc"] == 1.0 and r["mia_attack_acc"] == 1.0
 
@@ -230,8 +240,12 @@ def mlp_train_fn(key, x, y, mask):
   compiling those (under vmap especially) dominated this test's runtime with flax init.
   """
   w = jax.random.normal(key, (D * H + H * 4,))
-  params = {"w1": w[:D * H].reshape(D, H) / np.sqrt(D), "b1": jnp.zeros(H),
-            "w2": w[D * H:].reshape(H, 4) / np.sqrt(H), "b2": jnp.zeros(4)}
+  params = {
+    "w1": w[: D * H].reshape(D, H) / np.sqrt(D),
+    "b1": jnp.zeros(H),
+    "w2": w[D * H :].reshape(H, 4) / np.sqrt(H),
+    "b2": jnp.zeros(4),
+  }
   opt = optax.adam(1e-2)
 
   def loss(p):
@@ -256,8 +270,17 @@ def test_shadow_attack_detects_memorised_members():
   tx, ty = x[160:], y[160:]  # target pool: first 80 members, last 80 non-members
   train_fn = jax.jit(mlp_train_fn)  # one compile serves the target and the looped shadows
   target_params = train_fn(jax.random.key(1), tx, ty, np.arange(160) < 80)
-  args = (mlp_train_fn, mlp_apply, target_params, shadow_x, shadow_y,
-          tx[:80], ty[:80], tx[80:], ty[80:])
+  args = (
+    mlp_train_fn,
+    mlp_apply,
+    target_params,
+    shadow_x,
+    shadow_y,
+    tx[:80],
+    ty[:80],
+    tx[80:],
+    ty[80:],
+  )
 
   r = mia.shadow_attack(*args, num_shadows=4, key=jax.random.key(2), vectorize=True)
   assert set(r) == {"mia_shadow_recall", "mia_shadow_nonmember_rate", "mia_shadow_attack_acc"}
@@ -265,11 +288,13 @@ def test_shadow_attack_detects_memorised_members():
   assert r["mia_shadow_recall"] > r["mia_shadow_nonmember_rate"] + 0.3
 
   args = (train_fn,) + args[1:]
-  loop = mia.shadow_attack(*args, num_shadows=2, key=jax.random.key(3), attack="logreg",
-                           use_label=True)
+  loop = mia.shadow_attack(
+    *args, num_shadows=2, key=jax.random.key(3), attack="logreg", use_label=True
+  )
   assert loop["mia_shadow_recall"] > loop["mia_shadow_nonmember_rate"] + 0.3
-  assert loop == mia.shadow_attack(*args, num_shadows=2, key=jax.random.key(3),
-                                   attack="logreg", use_label=True)
+  assert loop == mia.shadow_attack(
+    *args, num_shadows=2, key=jax.random.key(3), attack="logreg", use_label=True
+  )
   print(r, loop)
 
 
@@ -287,7 +312,7 @@ def test_key_entropy_typed_and_legacy_keys():
 
 
 def test_sorted_log_softmax_features():
-  logits = np.array([[1., 3., 2.], [0., 0., 5.]], np.float32)
+  logits = np.array([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]], np.float32)
   f = mia.sorted_log_softmax(logits, np.array([0, 2]), top_k=2)
   logp = np.log(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))
   np.testing.assert_allclose(f[:, :2], -np.sort(-logp, 1)[:, :2], rtol=1e-5)
@@ -299,17 +324,22 @@ def test_sorted_log_softmax_features():
 # ---------------------------------------------------------------- backdoor
 
 
-@pytest.mark.parametrize("position,rows,cols", [
+@pytest.mark.parametrize(
+  "position,rows,cols",
+  [
     ("bottom_right", slice(5, 8), slice(3, 6)),
     ("top_left", slice(0, 3), slice(0, 3)),
     ("bottom_left", slice(5, 8), slice(0, 3)),
     ((2, 1), slice(2, 5), slice(1, 4)),
-])
+  ],
+)
 def test_apply_trigger_modifies_only_patch(position, rows, cols):
   x = np.random.default_rng(0).normal(size=(4, 8, 6, 2)).astype(np.float32)
   trig = backdoor.Trigger(size=3, value=9.0, position=position)
-  for out in (backdoor.apply_trigger(x, trig),
-              np.asarray(backdoor.apply_trigger(jnp.asarray(x), trig))):
+  for out in (
+    backdoor.apply_trigger(x, trig),
+    np.asarray(backdoor.apply_trigger(jnp.asarray(x), trig)),
+  ):
     assert out.shape == x.shape and out.dtype == x.dtype
     patch = np.zeros(x.shape, bool)
     patch[:, rows, cols, :] = True
@@ -321,7 +351,7 @@ def test_apply_trigger_modifies_only_patch(position, rows, cols):
 def test_trigger_per_channel_value_and_errors():
   x = np.zeros((5, 5, 3), np.float32)  # a single image
   out = backdoor.apply_trigger(x, backdoor.Trigger(2, (1.0, 2.0, 3.0)))
-  np.testing.assert_array_equal(out[3:, 3:], np.broadcast_to([1., 2., 3.], (2, 2, 3)))
+  np.testing.assert_array_equal(out[3:, 3:], np.broadcast_to([1.0, 2.0, 3.0], (2, 2, 3)))
   assert out[:3].sum() == 0 and out[:, :3].sum() == 0
   assert backdoor.trigger_for(np.array([[-1.0, 4.5]]), size=2).value == 4.5
   with pytest.raises(ValueError, match="position"):

@@ -1,6 +1,7 @@
 """Several processes, one run: two local processes of one CPU device each run the `shard`
 runner over one global mesh, resume from a checkpoint, and end bit-identical (results and
 checkpoints) to one process with two devices."""
+
 import glob
 import json
 import os
@@ -23,9 +24,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # FedAvg (2 rounds, 4 clients, MLP) then fine-tuning on the retained data (1 round), class
 # request: few distinct programs, since process 1 compiles all of its own (its device is
 # part of every cache key, and only process 0 writes the compilation cache).
-OVERRIDES = {"fl.rounds": 2, "data.num_clients": 4, "model.name": "mlp",
-             "fl.runner": "shard", "checkpoint_every": 1, "eval_every": 2,
-             "finetune.rounds": 1, "mia.enabled": False}
+OVERRIDES = {
+  "fl.rounds": 2,
+  "data.num_clients": 4,
+  "model.name": "mlp",
+  "fl.runner": "shard",
+  "checkpoint_every": 1,
+  "eval_every": 2,
+  "finetune.rounds": 1,
+  "mia.enabled": False,
+}
 METHOD = "finetune"
 
 
@@ -39,16 +47,32 @@ def _two_processes(workdir: str, timeout: float = 600):
   """Runs experiments.main as processes 0 and 1 of one run (one CPU device each)."""
   port = _free_port()
   env = dict(os.environ)
-  flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                   if "xla_force_host_platform_device_count" not in f)
+  flags = " ".join(
+    f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
+  )
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=1".strip()
-  cmd = [sys.executable, "-m", "experiments.main", f"--method={METHOD}",
-         "--config=experiments/configs/digits.py", f"--workdir={workdir}",
-         *[f"--config.{k}={v}" for k, v in OVERRIDES.items()],
-         f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for i in (1, 0)][::-1]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    f"--method={METHOD}",
+    "--config=experiments/configs/digits.py",
+    f"--workdir={workdir}",
+    *[f"--config.{k}={v}" for k, v in OVERRIDES.items()],
+    f"--coordinator_address=localhost:{port}",
+    "--num_processes=2",
+  ]
+  procs = [
+    subprocess.Popen(
+      cmd + [f"--process_id={i}"],
+      cwd=ROOT,
+      env=env,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    for i in (1, 0)
+  ][::-1]
   try:
     outs = [p.communicate(timeout=timeout) for p in procs]
   finally:
@@ -87,8 +111,7 @@ def _checkpoint_arrays(step_dir: str) -> list:
   return jax.tree.leaves(ckpt.restore(path, restore_args=args))
 
 
-def test_two_processes_resume_and_equal_one_process_with_as_many_devices(tmp_path,
-                                                                         reference):
+def test_two_processes_resume_and_equal_one_process_with_as_many_devices(tmp_path, reference):
   ref_dir, ref = reference
   wd = str(tmp_path)
   # Resume: the trained model's directory as the reference left it after round 1 (its
@@ -108,33 +131,48 @@ def test_two_processes_resume_and_equal_one_process_with_as_many_devices(tmp_pat
   assert got["runner"] == "shard" and got["rounds"] == 1
   assert got["test_acc"] > 0.5 and got["forget_acc"] < got["original"]["forget_acc"]
   # The checkpoints the two processes wrote together hold the one-process run's arrays.
-  for phase in (os.path.join("pretrain", os.path.basename(pre), "ckpt", "train", "steps", "2"),
-                os.path.join(METHOD, "ckpt", METHOD, "steps", "1")):
+  for phase in (
+    os.path.join("pretrain", os.path.basename(pre), "ckpt", "train", "steps", "2"),
+    os.path.join(METHOD, "ckpt", METHOD, "steps", "1"),
+  ):
     a, b = (_checkpoint_arrays(os.path.join(d, phase)) for d in (wd, ref_dir))
-    assert len(a) == len(b) > 0 and all(x.shape == y.shape and (x == y).all()
-                                        for x, y in zip(a, b)), phase
+    assert len(a) == len(b) > 0 and all(
+      x.shape == y.shape and (x == y).all() for x, y in zip(a, b)
+    ), phase
   # Process 0 alone writes results and TensorBoard events; process 1 prints no progress.
   assert len(glob.glob(os.path.join(wd, METHOD, "events.out.tfevents.*"))) == 1
   assert "[finetune] round 1/1" in outs[0] and "[finetune] round" not in outs[1]
 
 
 def test_bad_process_flags_are_one_line(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.main", "--method=retrain",
-         "--config=experiments/configs/digits.py", f"--workdir={tmp_path}",
-         "--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    "--method=retrain",
+    "--config=experiments/configs/digits.py",
+    f"--workdir={tmp_path}",
+    "--coordinator_address=localhost:1",
+    "--num_processes=2",
+    "--process_id=2",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
-      "error: --process_id=2: allowed 0..1 (distinct for every process)"]
+    "error: --process_id=2: allowed 0..1 (distinct for every process)"
+  ]
   assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("args, match", [
+@pytest.mark.parametrize(
+  "args, match",
+  [
     (("localhost:1", 2, None), "--process_id=None"),
     ((None, 2, 0), "--coordinator_address is required"),
     (("localhost", 2, 0), "expected host:port"),
     (("localhost:1", 0, 0), "--num_processes=0"),
-])
+  ],
+)
 def test_check_args_names_the_bad_value(args, match):
   with pytest.raises(ValueError, match=match):
     multihost.check_args(*args)

@@ -1,4 +1,5 @@
 """QuickDrop: the distilling local program, its pieces, and the method end to end on digits."""
+
 import glob
 import math
 import os
@@ -12,10 +13,7 @@ import optax
 import pytest
 
 from experiments import run as run_lib
-from fu_jax import distill
-from fu_jax import fl
-from fu_jax import losses
-from fu_jax import models
+from fu_jax import distill, fl, losses, models
 from fu_jax.methods import quickdrop as qd
 from fu_jax.methods import quickdrop_runner as qr
 from tests import pretrain_cache
@@ -58,7 +56,8 @@ def test_real_mode_takes_the_plain_fedavg_step_and_moves_only_batch_classes():
   new, metrics = jax.jit(prog.step)(state, batch, jax.random.key(4))
   # Independent computation: one SGD step on the masked-mean CE of the batch.
   loss, g = jax.value_and_grad(
-      lambda p: losses.masked_ce(model.apply({"params": p}, batch.x), batch.y, batch.mask))(params)
+    lambda p: losses.masked_ce(model.apply({"params": p}, batch.x), batch.y, batch.mask)
+  )(params)
   want = jax.tree.map(lambda p, gg: p - 0.1 * gg, params, g)
   for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -109,10 +108,12 @@ def test_runner_takes_the_scheduled_distilling_step_on_each_client_s_first_step(
   syn = jax.tree.map(lambda a: jnp.stack([a] * n), _syn())
   extra = (syn, jax.vmap(img.init)(syn.x))
   keys = jax.random.split(jax.random.key(8), n)
-  res = fl.ClientRunner(prog, kind=kind, epochs=1, batch_size=4).run(params, (x, y), valid,
-                                                                      extra, keys)
-  plain = fl.ClientRunner(fl.sgd_program(models.logits_fn(model), optax.sgd(0.1)), kind="loop",
-                          epochs=1, batch_size=4)
+  res = fl.ClientRunner(prog, kind=kind, epochs=1, batch_size=4).run(
+    params, (x, y), valid, extra, keys
+  )
+  plain = fl.ClientRunner(
+    fl.sgd_program(models.logits_fn(model), optax.sgd(0.1)), kind="loop", epochs=1, batch_size=4
+  )
   want = plain.run(params, (x, y), valid, None, keys)
   for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(want.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -120,8 +121,9 @@ def test_runner_takes_the_scheduled_distilling_step_on_each_client_s_first_step(
   for c in range(n):
     order = fl.epoch_order(jax.random.fold_in(keys[c], 0), valid[c])
     first = fl.take_batch((x[c], y[c]), valid[c], order, 0, 4)
-    by_hand, _ = scheduled_step(prog.init(params, jax.tree.map(lambda a: a[c], extra), None),
-                                first, None)
+    by_hand, _ = scheduled_step(
+      prog.init(params, jax.tree.map(lambda a: a[c], extra), None), first, None
+    )
     np.testing.assert_allclose(res.state.syn.x[c], by_hand.syn.x, rtol=1e-5, atol=1e-6)
 
 
@@ -138,8 +140,9 @@ def test_used_chunks_runner_equals_the_uncut_run():
   sx = jax.random.normal(jax.random.key(9), (n, c, 1, 3, 3, 1))
   cls = jnp.tile(jnp.arange(c, dtype=jnp.int32) % K, (n, 1))[..., None]
   ok = jnp.asarray(np.arange(c)[None, :, None] < used[:, None, None])
-  syn = distill.SyntheticSet(jnp.where(ok[..., None, None, None], sx, 0.0),
-                             jnp.where(ok, cls, 0), ok)  # empty chunks: class 0, as init_synthetic
+  syn = distill.SyntheticSet(
+    jnp.where(ok[..., None, None, None], sx, 0.0), jnp.where(ok, cls, 0), ok
+  )  # empty chunks: class 0, as init_synthetic
   extra = (syn, jax.vmap(img.init)(syn.x))
   keys = jax.random.split(jax.random.key(8), n)
   inner = fl.ClientRunner(prog, kind="loop", epochs=1, batch_size=4)
@@ -180,8 +183,9 @@ def test_synthetic_masks_select_classes_and_client():
   y = np.repeat(cls[..., None], m, -1)
   valid = np.ones((n, 4, m), bool)
   valid[1, 1, 1] = False
-  syn = distill.SyntheticSet(jnp.zeros((n, 4, m, 3, 3, 1)), jnp.asarray(y, jnp.int32),
-                             jnp.asarray(valid))
+  syn = distill.SyntheticSet(
+    jnp.zeros((n, 4, m, 3, 3, 1)), jnp.asarray(y, jnp.int32), jnp.asarray(valid)
+  )
   got = np.asarray(qd.synthetic_masks(syn, (2, 3)))
   np.testing.assert_array_equal(got, valid & np.isin(y, (2, 3)))
   got = np.asarray(qd.synthetic_masks(syn, (2,), client=1))
@@ -193,17 +197,23 @@ def test_synthetic_masks_select_classes_and_client():
 def test_normalized_sga_moves_by_exactly_lr_and_ascends():
   model, params = _tiny()
   batch = _batch()
-  loss_of = lambda p: float(losses.masked_ce(model.apply({"params": p}, batch.x), batch.y,
-                                             batch.mask))
+  loss_of = lambda p: float(
+    losses.masked_ce(model.apply({"params": p}, batch.x), batch.y, batch.mask)
+  )
   for normalize, lr in ((True, 0.3), (False, 0.5)):
-    prog = fl.sgd_program(models.logits_fn(model), qd.sga_optimizer(
-        {"unlearn_normalize": normalize, "unlearn_lr": lr}))
+    prog = fl.sgd_program(
+      models.logits_fn(model), qd.sga_optimizer({"unlearn_normalize": normalize, "unlearn_lr": lr})
+    )
     new, m = prog.step(prog.init(params, None, None), batch, None)
     assert loss_of(new.params) > loss_of(params) == pytest.approx(float(m["loss"]), rel=1e-5)
-    step = np.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in
-                       zip(jax.tree.leaves(new.params), jax.tree.leaves(params))))
+    step = np.sqrt(
+      sum(
+        float(np.sum((a - b) ** 2))
+        for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(params))
+      )
+    )
     g = jax.grad(loss_of_jax(model, batch))(params)
-    gnorm = np.sqrt(sum(float(np.sum(x ** 2)) for x in jax.tree.leaves(g)))
+    gnorm = np.sqrt(sum(float(np.sum(x**2)) for x in jax.tree.leaves(g)))
     assert step == pytest.approx(lr if normalize else lr * gnorm, rel=1e-4)
 
 
@@ -215,8 +225,9 @@ def test_synthetic_phases_clamp_the_batch_without_changing_the_step():
   cfg = small_config()
   cfg.fl.batch_size = 64
   task = types.SimpleNamespace(apply_fn=models.logits_fn(model), config=cfg)
-  env = types.SimpleNamespace(runner=lambda p, e, b: fl.ClientRunner(
-      p, kind="loop", epochs=e, batch_size=b))
+  env = types.SimpleNamespace(
+    runner=lambda p, e, b: fl.ClientRunner(p, kind="loop", epochs=e, batch_size=b)
+  )
   phases = qd.unlearning_phases(task, env, qd.settings(cfg))
   assert phases.runner("sga", 6).batch_size == 8
   assert phases.runner("recovery", 13).batch_size == 16
@@ -235,8 +246,9 @@ def test_synthetic_phases_clamp_the_batch_without_changing_the_step():
     got = phases.runner(name, 7).run(params, (x, y), jnp.asarray(valid), None, keys).params
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-                zip(jax.tree.leaves(got), jax.tree.leaves(params)))
+    moved = max(
+      float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params))
+    )
     assert moved > 1e-4  # the clients did step
 
 
@@ -244,7 +256,9 @@ def loss_of_jax(model, batch):
   return lambda p: losses.masked_ce(model.apply({"params": p}, batch.x), batch.y, batch.mask)
 
 
-@pytest.mark.parametrize("key, value, expect", [
+@pytest.mark.parametrize(
+  "key, value, expect",
+  [
     ("model_update", "both", "quickdrop.model_update"),
     ("scale", 0.0, "quickdrop.scale"),
     ("metric", "l1", "quickdrop.metric"),
@@ -252,7 +266,8 @@ def loss_of_jax(model, batch):
     ("recovery_rounds", -1, "quickdrop.recovery_rounds"),
     ("sequence", (1, 1), "quickdrop.sequence"),
     ("distill_every", -1, "quickdrop.distill_every"),
-])
+  ],
+)
 def test_settings_reject_bad_values(key, value, expect):
   c = small_config()
   c.quickdrop[key] = value
@@ -266,9 +281,16 @@ QD_FORGET_MARGIN, QD_RETAIN_MARGIN = 0.2, 0.1
 
 def _digits(**overrides):
   # Smaller than test_experiments' small config: a 32-unit MLP keeps compilation short.
-  base = {"method": "quickdrop", "mia.enabled": False, "model.hidden": (32,),
-          "fl.rounds": 4, "fl.batch_size": 32, "checkpoint_every": 2, "eval_every": 4,
-          "quickdrop.recovery_rounds": 3}
+  base = {
+    "method": "quickdrop",
+    "mia.enabled": False,
+    "model.hidden": (32,),
+    "fl.rounds": 4,
+    "fl.batch_size": 32,
+    "checkpoint_every": 2,
+    "eval_every": 4,
+    "quickdrop.recovery_rounds": 3,
+  }
   base.update(overrides)
   c = small_config()
   c.update_from_flattened_dict(base)
@@ -286,11 +308,11 @@ def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
   assert res["forget_acc"] <= ref["forget_acc"] + QD_FORGET_MARGIN < orig["forget_acc"] - 0.55
   assert res["retain_acc"] >= ref["retain_acc"] - QD_RETAIN_MARGIN
   assert res["retain_acc"] > orig["retain_acc"] - 0.1
-  assert res["speedup_vs_retrain"] == pytest.approx(
-      ref["unlearn_seconds"] / res["unlearn_seconds"])
+  assert res["speedup_vs_retrain"] == pytest.approx(ref["unlearn_seconds"] / res["unlearn_seconds"])
   # The distilling trainer's time against FedAvg's (retrain's run trained it here).
   assert res["train_overhead_vs_fedavg"] == pytest.approx(
-      res["train_seconds"] / ref["train_seconds"])
+    res["train_seconds"] / ref["train_seconds"]
+  )
   # One SGA round and recovery_rounds rounds, all on synthetic data.
   assert res["rounds"] == 1 + cfg.quickdrop.recovery_rounds
   assert res["bytes_up"] > 0 and 0 < res["examples"] < 1347
@@ -329,8 +351,9 @@ def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
 
   # Sequential requests: class 0, then class 1; the curve has a start point plus 2 steps.
   shutil.rmtree(os.path.join(wd, "quickdrop"))
-  res3 = pretrain_cache.run(_digits(**{"quickdrop.sequence": (0, 1),
-                                "quickdrop.recovery_rounds": 1}), wd)
+  res3 = pretrain_cache.run(
+    _digits(**{"quickdrop.sequence": (0, 1), "quickdrop.recovery_rounds": 1}), wd
+  )
   seq = res3["sequence"]
   assert [s["forgotten"] for s in seq] == [[], [0], [0, 1]]
   # Class 1, forgotten before the end, is not counted as retained in the final metrics.
@@ -344,9 +367,16 @@ def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
 
 
 def test_quickdrop_synthetic_model_update_runs(tmp_path):
-  cfg = _digits(**{"quickdrop.model_update": "synthetic", "fl.rounds": 2,
-                   "fl.client_lr": 0.01, "fl.client_momentum": 0.0,
-                   "quickdrop.artifacts": False, "quickdrop.recovery_rounds": 1})
+  cfg = _digits(
+    **{
+      "quickdrop.model_update": "synthetic",
+      "fl.rounds": 2,
+      "fl.client_lr": 0.01,
+      "fl.client_momentum": 0.0,
+      "quickdrop.artifacts": False,
+      "quickdrop.recovery_rounds": 1,
+    }
+  )
   res = pretrain_cache.run(cfg, str(tmp_path))
   assert res["model_update"] == "synthetic"
   assert math.isfinite(res["test_acc"]) and res["rounds"] == 2

@@ -2,6 +2,7 @@
 replaces the distilled sets by their real-image initialisation. Both halves of that are
 checked here on digits: the model does not depend on the image steps (model_update='real'),
 and the method runs the same pipeline on the undistilled sets."""
+
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
@@ -42,8 +43,7 @@ def test_nodistill_runs_the_pipeline_on_the_initial_sets(tmp_path):
   assert q["synthetic"] == "distilled" and n["synthetic"] == "real_init"
   # One trained model for both (the trainer's cache), the same set sizes and phases.
   assert n["original"] == q["original"]
-  for k in ("synthetic_images", "forget_synthetic_images", "retain_synthetic_images",
-            "rounds"):
+  for k in ("synthetic_images", "forget_synthetic_images", "retain_synthetic_images", "rounds"):
     assert n[k] == q[k], k
   # The undistilled sets are real images of the forgotten class: SGA on them forgets it.
   assert n["forget_acc"] < 0.25 < n["original"]["forget_acc"] - 0.55
@@ -53,8 +53,15 @@ def test_nodistill_runs_the_pipeline_on_the_initial_sets(tmp_path):
 
 
 def test_nodistill_refuses_the_synthetic_model_update(tmp_path):
-  cfg = _digits(**{"method": "quickdrop_nodistill", "quickdrop.model_update": "synthetic",
-                   "fl.rounds": 1, "fl.client_lr": 0.01, "fl.client_momentum": 0.0,
-                   "quickdrop.artifacts": False})
+  cfg = _digits(
+    **{
+      "method": "quickdrop_nodistill",
+      "quickdrop.model_update": "synthetic",
+      "fl.rounds": 1,
+      "fl.client_lr": 0.01,
+      "fl.client_momentum": 0.0,
+      "quickdrop.artifacts": False,
+    }
+  )
   with pytest.raises(ValueError, match="quickdrop.model_update='real'"):
     run_lib.run(cfg, str(tmp_path))

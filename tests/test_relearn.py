@@ -1,5 +1,6 @@
 """Relearn time (fu_jax/metrics/relearn.py): exact step counts against a numpy loop on a
 tiny softmax regression, the cap, and retrain vs a no-op on digits."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,6 @@ LR, MOMENTUM = 0.2, 0.5
 
 
 class Linear(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     return nn.Dense(2)(x)
@@ -29,11 +29,26 @@ APPLY = models.logits_fn(MODULE)  # (params, x) -> logits
 def _problem():
   # 8 points, label = sign of the first coordinate; the starting model predicts class 0
   # everywhere (bias) and leans the wrong way, so accuracy climbs 0.5 -> 1 in several steps.
-  x = np.array([[-2.0, 1.0], [-1.5, -1.0], [-1.0, 0.5], [-0.6, -0.5],
-                [0.3, 0.5], [0.8, -0.5], [1.5, 1.0], [2.5, -1.0]], np.float32)
+  x = np.array(
+    [
+      [-2.0, 1.0],
+      [-1.5, -1.0],
+      [-1.0, 0.5],
+      [-0.6, -0.5],
+      [0.3, 0.5],
+      [0.8, -0.5],
+      [1.5, 1.0],
+      [2.5, -1.0],
+    ],
+    np.float32,
+  )
   y = (x[:, 0] > 0).astype(np.int32)
-  params = {"Dense_0": {"kernel": np.array([[0.5, -0.5], [0.0, 0.0]], np.float32),
-                        "bias": np.array([1.0, -1.0], np.float32)}}
+  params = {
+    "Dense_0": {
+      "kernel": np.array([[0.5, -0.5], [0.0, 0.0]], np.float32),
+      "bias": np.array([1.0, -1.0], np.float32),
+    }
+  }
   return x, y, jax.tree.map(jnp.asarray, params)
 
 
@@ -63,9 +78,18 @@ def _numpy_steps(x, y, params, target, budget, score=None):
 
 def _relearn(target, budget):
   x, y, params = _problem()
-  return relearn.relearn_steps(APPLY, params, x, y, target=target, max_steps=budget,
-                               lr=LR, momentum=MOMENTUM, batch_size=8,
-                               key=jax.random.key(0))
+  return relearn.relearn_steps(
+    APPLY,
+    params,
+    x,
+    y,
+    target=target,
+    max_steps=budget,
+    lr=LR,
+    momentum=MOMENTUM,
+    batch_size=8,
+    key=jax.random.key(0),
+  )
 
 
 def test_step_count_matches_numpy_loop():
@@ -98,10 +122,30 @@ def test_minibatches_cycle_through_epochs():
   # batch 3 over 8 rows: 3 steps an epoch (the last short); still reaches the target and the
   # result is deterministic in the key.
   x, y, params = _problem()
-  a = relearn.relearn_steps(APPLY, params, x, y, target=1.0, max_steps=200, lr=LR,
-                            momentum=MOMENTUM, batch_size=3, key=jax.random.key(3))
-  b = relearn.relearn_steps(APPLY, params, x, y, target=1.0, max_steps=200, lr=LR,
-                            momentum=MOMENTUM, batch_size=3, key=jax.random.key(3))
+  a = relearn.relearn_steps(
+    APPLY,
+    params,
+    x,
+    y,
+    target=1.0,
+    max_steps=200,
+    lr=LR,
+    momentum=MOMENTUM,
+    batch_size=3,
+    key=jax.random.key(3),
+  )
+  b = relearn.relearn_steps(
+    APPLY,
+    params,
+    x,
+    y,
+    target=1.0,
+    max_steps=200,
+    lr=LR,
+    momentum=MOMENTUM,
+    batch_size=3,
+    key=jax.random.key(3),
+  )
   assert a.reached and a.steps > 3 and a == b
 
 
@@ -114,31 +158,70 @@ def test_score_mask_trains_on_all_rows_and_scores_the_marked_ones():
   _, accs_all = _numpy_steps(x, y, params, 1.01, 60)
   assert accs != accs_all and len(set(accs)) >= 3  # the mask changes what is measured
   for target in sorted(set(accs)):
-    got = relearn.relearn_steps(APPLY, params, x, y, target=target, max_steps=60, lr=LR,
-                                momentum=MOMENTUM, batch_size=8, key=jax.random.key(0),
-                                score=score)
-    assert (got.steps, got.reached) == (next(s for s, a in enumerate(accs) if a >= target),
-                                        True)
+    got = relearn.relearn_steps(
+      APPLY,
+      params,
+      x,
+      y,
+      target=target,
+      max_steps=60,
+      lr=LR,
+      momentum=MOMENTUM,
+      batch_size=8,
+      key=jax.random.key(0),
+      score=score,
+    )
+    assert (got.steps, got.reached) == (next(s for s, a in enumerate(accs) if a >= target), True)
     assert got.start_acc == accs[0]
 
 
 def test_bad_arguments():
   x, y, params = _problem()
   with pytest.raises(ValueError, match="max_steps"):
-    relearn.relearn_steps(APPLY, params, x, y, target=1.0, max_steps=-1, lr=LR,
-                          momentum=0.0, batch_size=8, key=jax.random.key(0))
+    relearn.relearn_steps(
+      APPLY,
+      params,
+      x,
+      y,
+      target=1.0,
+      max_steps=-1,
+      lr=LR,
+      momentum=0.0,
+      batch_size=8,
+      key=jax.random.key(0),
+    )
   with pytest.raises(ValueError, match="no forgotten samples"):
-    relearn.relearn_steps(APPLY, params, x[:0], y[:0], target=1.0, max_steps=1, lr=LR,
-                          momentum=0.0, batch_size=8, key=jax.random.key(0))
+    relearn.relearn_steps(
+      APPLY,
+      params,
+      x[:0],
+      y[:0],
+      target=1.0,
+      max_steps=1,
+      lr=LR,
+      momentum=0.0,
+      batch_size=8,
+      key=jax.random.key(0),
+    )
   for bad in (np.zeros(8, bool), np.ones(7, bool)):
     with pytest.raises(ValueError, match="score: a bool mask of shape"):
-      relearn.relearn_steps(APPLY, params, x, y, target=1.0, max_steps=1, lr=LR,
-                            momentum=0.0, batch_size=8, key=jax.random.key(0), score=bad)
+      relearn.relearn_steps(
+        APPLY,
+        params,
+        x,
+        y,
+        target=1.0,
+        max_steps=1,
+        lr=LR,
+        momentum=0.0,
+        batch_size=8,
+        key=jax.random.key(0),
+        score=bad,
+      )
 
 
 def _config(method, **overrides):
-  return _small_config(method, **{"unlearn.kind": "class", "eval.relearn_steps": 50,
-                                  **overrides})
+  return _small_config(method, **{"unlearn.kind": "class", "eval.relearn_steps": 50, **overrides})
 
 
 def test_retrain_relearns_slower_than_a_no_op(tmp_path):
@@ -163,8 +246,7 @@ def test_retained_mix_on_a_class_request(tmp_path):
   # samples per forgotten one it must tell the class apart again: more steps. The
   # forgotten-only count is the unmixed run's, exactly (same key).
   alone = run_lib.run(_config("retrain"), str(tmp_path / "alone"))
-  mixed = run_lib.run(_config("retrain", **{"eval.relearn_retained": 9.0}),
-                      str(tmp_path / "mixed"))
+  mixed = run_lib.run(_config("retrain", **{"eval.relearn_retained": 9.0}), str(tmp_path / "mixed"))
   assert "relearn_forgotten_only_steps" not in alone
   assert mixed["relearn_forgotten_only_steps"] == alone["relearn_steps_to_recover"]
   assert mixed["relearn_forgotten_only_capped"] == alone["relearn_capped"]

@@ -1,4 +1,5 @@
 """unlearn.kind='samples': forget selection, validation, methods end to end on digits."""
+
 import math
 
 import numpy as np
@@ -25,8 +26,9 @@ def config(**overrides):
 
 def owners(cfg):
   ds = data_lib.load_dataset("digits", seed=run_lib.data_seed(cfg))
-  parts = data_lib.partition(ds.y_train, cfg.data.num_clients, kind="iid",
-                             seed=run_lib.data_seed(cfg))
+  parts = data_lib.partition(
+    ds.y_train, cfg.data.num_clients, kind="iid", seed=run_lib.data_seed(cfg)
+  )
   owner = np.full(len(ds.y_train), -1)
   for k, p in enumerate(parts):
     owner[p] = k
@@ -70,12 +72,15 @@ def test_indices_file(tmp_path):
   assert task.request.kind == "samples" and task.request.classes == ()
 
 
-@pytest.mark.parametrize("content,expect", [
+@pytest.mark.parametrize(
+  "content,expect",
+  [
     (None, "no such file"),
     (np.array([0, 99999]), "99999 out of range; allowed 0..1346"),
     (np.array([], np.int64), "is empty"),
     (np.array([0.5]), "1-D integer array"),
-])
+  ],
+)
 def test_bad_indices_are_refused_in_one_line(tmp_path, content, expect):
   path = str(tmp_path / "bad.npy")
   if content is not None:
@@ -86,23 +91,29 @@ def test_bad_indices_are_refused_in_one_line(tmp_path, content, expect):
   assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("overrides,expect", [
+@pytest.mark.parametrize(
+  "overrides,expect",
+  [
     ({"unlearn.forget_fraction": 0.0}, "forget_fraction=0.0: must be in \\(0, 1\\]"),
     ({"unlearn.forget_fraction": 1.5}, "forget_fraction=1.5"),
     ({"unlearn.forget_client": 9}, "forget_client=9: allowed -1 \\(every client\\) or 0..3"),
     ({"unlearn.forget_indices": "x.npy"}, "set one of them, not both"),
-])
+  ],
+)
 def test_bad_fraction_and_client(overrides, expect):
   with pytest.raises(run_lib.ConfigError, match=expect):
     run_lib.validate(config(**overrides), "retrain")
 
 
-@pytest.mark.parametrize("method,why", [
+@pytest.mark.parametrize(
+  "method,why",
+  [
     ("quickdrop", "per-class distilled sets"),
     ("channel_de", "addresses classes"),
     ("channel_ce", "addresses classes"),
     ("cdp", "addresses classes only"),
-])
+  ],
+)
 def test_class_level_methods_refuse_samples_saying_why(method, why):
   with pytest.raises(run_lib.ConfigError, match=why) as e:
     run_lib.validate(config(), method)

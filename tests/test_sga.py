@@ -1,5 +1,6 @@
 """SGA baseline (fu_jax/methods/sga.py): the ascent program against fu_jax.ascent, and
 end-to-end runs on digits."""
+
 import functools
 import math
 
@@ -11,9 +12,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from experiments.configs import digits
-from fu_jax import ascent
-from fu_jax import fl
-from fu_jax import models
+from fu_jax import ascent, fl, models
 from fu_jax.methods import sga
 from tests import pretrain_cache
 
@@ -21,7 +20,6 @@ K = 3
 
 
 class TinyMLP(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     return nn.Dense(K)(jnp.tanh(nn.Dense(4)(x)))
@@ -55,10 +53,12 @@ def test_program_equals_ascent_sga_epoch_full_batch(radius, max_loss):
   lr = 0.5
   prog = sga.sga_program(APPLY, lr, project=radius is not None, max_loss=max_loss)
   extra = None if radius is None else jnp.full((2,), radius, jnp.float32)
-  got = fl.ClientRunner(prog, kind="vmap", epochs=4, batch_size=8).run(
-      params, (x, y), valid, extra, keys).params
-  step = jax.jit(functools.partial(ascent.sga_epoch, APPLY, lr=lr, batch_size=8,
-                                   max_loss=max_loss))
+  got = (
+    fl.ClientRunner(prog, kind="vmap", epochs=4, batch_size=8)
+    .run(params, (x, y), valid, extra, keys)
+    .params
+  )
+  step = jax.jit(functools.partial(ascent.sga_epoch, APPLY, lr=lr, batch_size=8, max_loss=max_loss))
   for c in range(2):
     p = params
     for e in range(4):
@@ -66,13 +66,15 @@ def test_program_equals_ascent_sga_epoch_full_batch(radius, max_loss):
       p_next = step(p, x[c], y[c], valid[c], key=jax.random.key(e), **kw)
       if max_loss is not None:  # sga_epoch's stop lasts one call; the program's for good
         logits = MODULE.apply({"params": p}, x[c])
-        loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[c][:, None], 1)[
-            valid[c]])
+        loss = -jnp.mean(
+          jnp.take_along_axis(jax.nn.log_softmax(logits), y[c][:, None], 1)[valid[c]]
+        )
         if loss > max_loss:
           break
       p = p_next
-    np.testing.assert_allclose(_flat(jax.tree.map(lambda a: a[c], got)), _flat(p),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      _flat(jax.tree.map(lambda a: a[c], got)), _flat(p), rtol=1e-5, atol=1e-6
+    )
     if radius is not None:
       dist = np.linalg.norm(_flat(jax.tree.map(lambda a: a[c], got)) - _flat(params))
       assert dist <= radius + 1e-5
@@ -80,8 +82,11 @@ def test_program_equals_ascent_sga_epoch_full_batch(radius, max_loss):
 
 def test_program_ascends_the_loss():
   params, x, y, valid, keys = _setup()
-  got = fl.ClientRunner(sga.sga_program(APPLY, 0.2), kind="loop", epochs=2,
-                        batch_size=3).run(params, (x, y), valid, None, keys).params
+  got = (
+    fl.ClientRunner(sga.sga_program(APPLY, 0.2), kind="loop", epochs=2, batch_size=3)
+    .run(params, (x, y), valid, None, keys)
+    .params
+  )
 
   def loss(p, c):
     logp = jax.nn.log_softmax(MODULE.apply({"params": p}, x[c]))
@@ -113,8 +118,9 @@ def small_config(method, **overrides):
 
 
 def test_sga_client_class_with_backdoor(tmp_path):
-  res = pretrain_cache.run(small_config("sga", **{"unlearn.kind": "client_class",
-                                           "backdoor.enabled": True}), str(tmp_path))
+  res = pretrain_cache.run(
+    small_config("sga", **{"unlearn.kind": "client_class", "backdoor.enabled": True}), str(tmp_path)
+  )
   # The ascent on client 0's triggered class-0 samples (flipped labels) breaks the backdoor:
   # those samples (scored as trained: trigger, flipped label) no longer get the flipped label.
   assert res["original"]["forget_train_acc"] >= 0.8

@@ -1,6 +1,7 @@
 """The unlearning budget in steps (fedaf.min_steps, sga.min_steps): every target client takes
 at least min_steps optimizer steps whatever its number of forget samples (steps counted
 exactly by a program whose state counts the non-empty batches it steps on)."""
+
 import math
 import types
 
@@ -13,18 +14,19 @@ from jax.flatten_util import ravel_pytree
 
 from experiments import run as run_lib
 from fu_jax import fl
-from fu_jax.methods import base
-from fu_jax.methods import fedaf
+from fu_jax.methods import base, fedaf
 from fu_jax.methods import sga as sga_lib
 from tests import pretrain_cache
-from tests.test_fedaf import APPLY, K, MODULE, _clients, small_config
+from tests.test_fedaf import APPLY, MODULE, K, _clients, small_config
 
 
 def _counting_program():
   """State: the number of steps on a batch holding at least one valid row."""
-  return fl.LocalProgram(lambda p, extra, key: jnp.zeros((), jnp.int32),
-                         lambda s, batch, key: (s + (jnp.sum(batch.mask) > 0), {}),
-                         lambda s: s)
+  return fl.LocalProgram(
+    lambda p, extra, key: jnp.zeros((), jnp.int32),
+    lambda s, batch, key: (s + (jnp.sum(batch.mask) > 0), {}),
+    lambda s: s,
+  )
 
 
 def _fake_task(counts, max_n):
@@ -35,15 +37,19 @@ def _fake_task(counts, max_n):
 
 
 @pytest.mark.parametrize("kind", ["loop", "vmap"])
-@pytest.mark.parametrize("counts,batch,epochs,min_steps,want_epochs", [
-    ([40, 41, 100], 64, 1, 24, 24),   # 1 step an epoch for the smallest client
-    ([130, 200], 64, 1, 24, 8),       # 3 steps an epoch -> ceil(24 / 3)
-    ([1500], 64, 1, 24, 1),           # 24 steps in one epoch: epochs as given
-    ([13, 0, 20], 16, 2, 0, 2),       # min_steps 0: epochs as given
-    ([5, 9], 4, 3, 5, 3),             # epochs already give >= min_steps
-])
-def test_every_target_client_takes_at_least_min_steps(kind, counts, batch, epochs, min_steps,
-                                                      want_epochs):
+@pytest.mark.parametrize(
+  "counts,batch,epochs,min_steps,want_epochs",
+  [
+    ([40, 41, 100], 64, 1, 24, 24),  # 1 step an epoch for the smallest client
+    ([130, 200], 64, 1, 24, 8),  # 3 steps an epoch -> ceil(24 / 3)
+    ([1500], 64, 1, 24, 1),  # 24 steps in one epoch: epochs as given
+    ([13, 0, 20], 16, 2, 0, 2),  # min_steps 0: epochs as given
+    ([5, 9], 4, 3, 5, 3),  # epochs already give >= min_steps
+  ],
+)
+def test_every_target_client_takes_at_least_min_steps(
+  kind, counts, batch, epochs, min_steps, want_epochs
+):
   task = _fake_task(counts, max(counts) + 3)
   clients = np.flatnonzero(task.forget.any(axis=1))
   got = base.budget_epochs(task, clients, epochs, min_steps, batch)
@@ -64,6 +70,7 @@ def test_min_steps_rejects_negative_values():
   c = small_config("fedaf")
   c.fedaf.min_steps = -1
   from fu_jax.methods import fedaf  # pylint: disable=import-outside-toplevel
+
   with pytest.raises(ValueError, match="fedaf.min_steps=-1"):
     fedaf.validate(c)
   c = small_config("sga")
@@ -96,10 +103,12 @@ def _rule_reference(params, x, y_new, y_old, lr, min_epochs, acc, epochs):
   """Full-batch epochs of Eq. 13 without EWC, written out: per epoch, count the rows whose
   argmax is the old label (before the step), step, and stop after the first epoch >=
   min_epochs whose count is <= acc * n. Returns (params, epochs stepped, whether it stopped)."""
+
   def loss(p):
     logp = jax.nn.log_softmax(MODULE.apply({"params": p}, x))
     return jnp.mean(-jnp.sum(y_new * logp, -1)) + jnp.mean(
-        jnp.take_along_axis(logp, y_old[:, None], 1))
+      jnp.take_along_axis(logp, y_old[:, None], 1)
+    )
 
   p = params
   for e in range(1, epochs + 1):
@@ -115,19 +124,20 @@ def test_stop_rule_stops_after_the_first_forgotten_epoch(min_epochs, acc):
   params, x, y, valid, keys = _clients()
   y_new = jax.nn.softmax(jnp.asarray(np.random.RandomState(4).randn(2, 9, K), jnp.float32))
   lr, epochs = 2.0, 12
-  prog = fedaf.unlearn_program(APPLY, optax.sgd(lr), ewc_kind=None, lam=0.0, width=1,
-                               stop=fedaf.StopRule(min_epochs, acc))
+  prog = fedaf.unlearn_program(
+    APPLY, optax.sgd(lr), ewc_kind=None, lam=0.0, width=1, stop=fedaf.StopRule(min_epochs, acc)
+  )
   counts = jnp.sum(valid, axis=1).astype(jnp.float32)
   runner = fl.ClientRunner(prog, kind="loop", epochs=epochs, batch_size=9)  # 1 step an epoch
   res = runner.run(params, (x, (y_new, y)), valid, (None, counts, None), keys)
   stopped_at = []
   for c in range(2):
     n = int(counts[c])
-    want, e, fired = _rule_reference(params, x[c, :n], y_new[c, :n], y[c, :n], lr, min_epochs, acc,
-                              epochs)
+    want, e, fired = _rule_reference(
+      params, x[c, :n], y_new[c, :n], y[c, :n], lr, min_epochs, acc, epochs
+    )
     got = jax.tree.map(lambda a: a[c], res.params)
-    np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(want)[0], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(want)[0], rtol=1e-5, atol=1e-6)
     assert bool(res.state.stopped[c]) == fired
     stopped_at.append(e)
   if acc == 0.5:  # the setting is informative: the rule fires before the last epoch
@@ -148,21 +158,25 @@ def test_run_until_forgotten_resumes_and_ends_when_every_client_stopped():
       return r
 
   task = types.SimpleNamespace(forget=valid, clients=types.SimpleNamespace(x=x))
-  prog = fedaf.unlearn_program(APPLY, optax.sgd(2.0), ewc_kind=None, lam=0.0, width=1,
-                               stop=fedaf.StopRule(1, 0.5))
-  kw = dict(y=(y_new, y), targets=np.array([0, 1]), counts=counts, curv=None, keys=keys,
-            batch_size=9)
-  _, _, done = fedaf.run_until_forgotten(task, Env(), prog, params, chunk_epochs=2,
-                                         max_epochs=40, **kw)
+  prog = fedaf.unlearn_program(
+    APPLY, optax.sgd(2.0), ewc_kind=None, lam=0.0, width=1, stop=fedaf.StopRule(1, 0.5)
+  )
+  kw = dict(
+    y=(y_new, y), targets=np.array([0, 1]), counts=counts, curv=None, keys=keys, batch_size=9
+  )
+  _, _, done = fedaf.run_until_forgotten(
+    task, Env(), prog, params, chunk_epochs=2, max_epochs=40, **kw
+  )
   assert calls == [2] * len(calls) and done == 2 * len(calls) < 40  # ended early
   # Without a rule every chunk runs; resumed chunks continue the same trajectory as one
   # call would (plain SGD, full batches: the epoch order does not matter).
   nostop = fedaf.unlearn_program(APPLY, optax.sgd(0.5), ewc_kind=None, lam=0.0, width=1)
   calls.clear()
-  chunked, _, done = fedaf.run_until_forgotten(task, Env(), nostop, params, chunk_epochs=2,
-                                               max_epochs=6, **kw)
+  chunked, _, done = fedaf.run_until_forgotten(
+    task, Env(), nostop, params, chunk_epochs=2, max_epochs=6, **kw
+  )
   assert calls == [2, 2, 2] and done == 6
-  whole, _, _ = fedaf.run_until_forgotten(task, Env(), nostop, params, chunk_epochs=6,
-                                          max_epochs=6, **kw)
-  np.testing.assert_allclose(ravel_pytree(chunked)[0], ravel_pytree(whole)[0], rtol=1e-5,
-                             atol=1e-6)
+  whole, _, _ = fedaf.run_until_forgotten(
+    task, Env(), nostop, params, chunk_epochs=6, max_epochs=6, **kw
+  )
+  np.testing.assert_allclose(ravel_pytree(chunked)[0], ravel_pytree(whole)[0], rtol=1e-5, atol=1e-6)

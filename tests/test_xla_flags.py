@@ -1,5 +1,6 @@
 """fu_jax.xla_flags: defaults are added, a user's own setting wins, and a call after JAX
 created its backends (as in this test session) is refused rather than silently ignored."""
+
 import jax.numpy as jnp
 import pytest
 

@@ -18,6 +18,7 @@ vmapped bank (the MLP vmaps on CPU): ~4 min per side on 2 busy cores. These figu
 measured when data.train_size drew a plain random subset; it now draws a class-stratified
 one, so the 600 images differ and the figures are to be re-measured.
 """
+
 from experiments.configs import digits
 
 

@@ -6,6 +6,7 @@
 
 Not measured here: these machines have no prepared TFDS CelebA.
 """
+
 from experiments.configs import default
 
 

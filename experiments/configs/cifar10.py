@@ -7,6 +7,7 @@ epochs, batch 128, lr 0.1 in the paper).
 
 Not measured here: these machines have no prepared TFDS CIFAR-10.
 """
+
 from experiments.configs import default
 
 

@@ -5,6 +5,7 @@
 
 BUILD.md has its accuracy, timing and the table of every method on it (`--method=all`).
 """
+
 from experiments.configs import default
 
 

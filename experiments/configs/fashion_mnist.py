@@ -10,6 +10,7 @@ setting: 4 clients, unlearn class 0 of client 0 with a backdoor), `:quickdrop5` 
 benchmarks/quickdrop_5round.py).
 BUILD.md has its FedAvg accuracy, timing and every method on it.
 """
+
 from experiments.configs import default
 
 
@@ -48,6 +49,5 @@ def get_config(variant: str = "iid"):
     c.unlearn.forget_class = 9
     c.mia.enabled = False
   elif variant != "iid":
-    raise ValueError(
-        f"variant {variant!r}: allowed iid, dirichlet, shards, fedaf, quickdrop5")
+    raise ValueError(f"variant {variant!r}: allowed iid, dirichlet, shards, fedaf, quickdrop5")
   return c

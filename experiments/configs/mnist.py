@@ -6,6 +6,7 @@ TensorFlow, no download), CNN, 10 clients.
 
 Not measured here: these machines have no prepared TFDS MNIST (only its mock is tested).
 """
+
 from experiments.configs import fashion_mnist
 
 

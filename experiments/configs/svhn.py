@@ -5,6 +5,7 @@
 
 Not measured here: these machines have no prepared TFDS SVHN.
 """
+
 from experiments.configs import default
 
 

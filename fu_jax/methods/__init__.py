@@ -1,10 +1,16 @@
 """Method registry: a plain dict from name to `base.Method` (each carries its trainer)."""
-from fu_jax.methods import base
-from fu_jax.methods import baselines
-from fu_jax.methods import cdp, channel  # channel-explanation unlearning + CDP baseline
-from fu_jax.methods import quickdrop
-from fu_jax.methods import fedaf, sga  # FedAF (+ FedAF-C ablation) and the SGA baseline
-from fu_jax.methods import federaser, frr  # FedEraser and FRR (rapid retraining) baselines
+
+from fu_jax.methods import (  # channel-explanation unlearning + CDP baseline  # FedAF (+ FedAF-C ablation) and the SGA baseline  # FedEraser and FRR (rapid retraining) baselines
+  base,
+  baselines,
+  cdp,
+  channel,
+  fedaf,
+  federaser,
+  frr,
+  quickdrop,
+  sga,
+)
 
 REGISTRY = {}
 REGISTRY.update(baselines.METHODS)

@@ -25,11 +25,13 @@ it runs checkpointed, logged, timed rounds (`env.rounds`), builds client runners
 configured runner kind, and evaluates a model. Methods therefore stay free of orbax,
 TensorBoard and flags.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +50,7 @@ class Request(NamedTuple):
   (kind 'client_class'), all of `client`'s data (kind 'client'; classes empty), or
   individual training samples (kind 'samples'; classes empty; client = the client they were
   drawn from, -1 for every client or an index file). Task.forget marks the samples."""
+
   kind: str
   classes: tuple
   client: int
@@ -60,6 +63,7 @@ class Task(NamedTuple):
   original labels. forget [N, max_n] marks the samples to forget; retain_valid = valid &
   ~forget; client_weights [N] is 0 for a forgotten client, 1 otherwise.
   """
+
   config: Any
   dataset: Dataset
   clients: ClientData
@@ -68,7 +72,7 @@ class Task(NamedTuple):
   retain_valid: Any
   client_weights: np.ndarray
   request: Request
-  model: Any            # flax module
+  model: Any  # flax module
   input_shape: tuple
   num_classes: int
 
@@ -76,18 +80,21 @@ class Task(NamedTuple):
   def apply_fn(self):
     """(params, x) -> logits; equal for equal models, so jit caches keyed on it hit."""
     from fu_jax import models  # local import, as in init_params below
+
     return models.logits_fn(self.model)
 
 
 class Trained(NamedTuple):
   """The model before unlearning: parameters plus what its trainer kept (e.g. QuickDrop's
   synthetic sets; None for plain FedAvg)."""
+
   params: Any
   extra: Any = None
 
 
 class Outcome(NamedTuple):
   """A method's result: the unlearned parameters and extra results.json fields."""
+
   params: Any
   results: dict
 
@@ -103,6 +110,7 @@ class Env(NamedTuple):
   evaluate(params) -> dict of test metrics.
   add_cost(**amounts) adds cost outside rounds (e.g. a one-shot unlearning step).
   """
+
   rounds: Callable
   runner: Callable
   evaluate: Callable
@@ -120,6 +128,7 @@ class Trainer(NamedTuple):
   keys: the keys of config.<name> that determine the trained model (with seed, data, fl,
   model and backdoor they form its cache key; experiments.run.training_config).
   """
+
   name: str
   train: Callable
   keys: tuple = ()
@@ -131,8 +140,8 @@ class Method(NamedTuple):
   trainer: Trainer
   unlearn: Callable
   why: str = ""  # why the kinds not listed are refused (shown when one is requested)
-  check: Optional[Callable] = None  # check(task) raises Unservable; None = always served
-  validate: Optional[Callable] = None  # validate(config) raises ConfigError; None = nothing
+  check: Callable | None = None  # check(task) raises Unservable; None = always served
+  validate: Callable | None = None  # validate(config) raises ConfigError; None = nothing
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,6 +160,7 @@ def require(ok: bool, msg: str):
 
 class Rule(NamedTuple):
   """ok(value) -> bool, and what is allowed, as the error message says it."""
+
   ok: Callable
   allowed: str
 
@@ -170,10 +180,11 @@ def positive(note: str = "") -> Rule:
 
 def in_range(low, high, *, low_open: bool = False, high_open: bool = False) -> Rule:
   """low <= v <= high, with either end open."""
+
   def ok(v):
     return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-  return Rule(ok, f"must be in {'(' if low_open else '['}{low}, {high}"
-                  f"{')' if high_open else ']'}")
+
+  return Rule(ok, f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
 
 
 def check_section(config, section: str, rules: dict):
@@ -188,6 +199,7 @@ def check_section(config, section: str, rules: dict):
 def new_section():
   """An empty config section (ml_collections.ConfigDict)."""
   import ml_collections  # the runner's dependency; the transforms do not need it
+
   return ml_collections.ConfigDict()
 
 
@@ -215,8 +227,7 @@ def client_program(task: Task) -> fl.LocalProgram:
   momentum), so every runner built from it shares compiled steps (fl.ClientRunner) where a
   fresh program per phase would recompile them, e.g. once per model of an audit's bank."""
   cfg = task.config
-  return _sgd_program(task.apply_fn, float(cfg.fl.client_lr),
-                      float(cfg.fl.client_momentum or 0.0))
+  return _sgd_program(task.apply_fn, float(cfg.fl.client_lr), float(cfg.fl.client_momentum or 0.0))
 
 
 @functools.lru_cache(maxsize=32)
@@ -230,9 +241,22 @@ def num_sampled(config) -> int:
   return fl.num_sampled_clients(config.fl.clients_per_round, config.data.num_clients)
 
 
-def fedavg_phase(task: Task, env: Env, phase: str, params, num_rounds: int, *,
-                 valid=None, y=None, client_weights=None, program=None, extra=None,
-                 epochs=None, stream: int = fl.STREAM_CLIENT, round_offset: int = 0):
+def fedavg_phase(
+  task: Task,
+  env: Env,
+  phase: str,
+  params,
+  num_rounds: int,
+  *,
+  valid=None,
+  y=None,
+  client_weights=None,
+  program=None,
+  extra=None,
+  epochs=None,
+  stream: int = fl.STREAM_CLIENT,
+  round_offset: int = 0,
+):
   """`num_rounds` FedAvg rounds from `params` over the clients' `valid` examples.
 
   Defaults: all valid examples, the training labels, every client, plain SGD. Rounds are
@@ -253,11 +277,22 @@ def fedavg_phase(task: Task, env: Env, phase: str, params, num_rounds: int, *,
   k = num_sampled(cfg)
 
   def round_fn(server, r):
-    res = fl.fedavg_round(server, runner, (c.x, y), valid, extra, seed=cfg.seed,
-                          round_idx=round_offset + r, client_weights=weights, num_sampled=k,
-                          server_opt=server_opt, stream=stream)
-    cost = fl.round_cost(res.counts, res.weights, model_bytes=model_bytes,
-                         epochs=epochs or cfg.fl.local_epochs)
+    res = fl.fedavg_round(
+      server,
+      runner,
+      (c.x, y),
+      valid,
+      extra,
+      seed=cfg.seed,
+      round_idx=round_offset + r,
+      client_weights=weights,
+      num_sampled=k,
+      server_opt=server_opt,
+      stream=stream,
+    )
+    cost = fl.round_cost(
+      res.counts, res.weights, model_bytes=model_bytes, epochs=epochs or cfg.fl.local_epochs
+    )
     return res.server, dict(res.metrics, **cost)
 
   server = fl.server_init(params, server_opt)
@@ -267,6 +302,7 @@ def fedavg_phase(task: Task, env: Env, phase: str, params, num_rounds: int, *,
 
 def init_params(task: Task, key=None):
   from fu_jax import models  # local import: models pulls in all architectures
+
   key = fl.stream_key(task.config.seed, fl.STREAM_INIT) if key is None else key
   return models.init_params(task.model, key, task.input_shape)
 
@@ -300,8 +336,9 @@ def old_labels(task: Task, source: str):
 
 def client_keys(seed: int, method_id: int, part: int, clients) -> jax.Array:
   """One key per client: stream_key(seed, STREAM_UNLEARN, method_id, part, client)."""
-  return jnp.stack([fl.stream_key(seed, fl.STREAM_UNLEARN, method_id, part, int(c))
-                    for c in clients])
+  return jnp.stack(
+    [fl.stream_key(seed, fl.STREAM_UNLEARN, method_id, part, int(c)) for c in clients]
+  )
 
 
 def budget_epochs(task: Task, clients, epochs: int, min_steps: int, batch_size: int) -> int:
@@ -323,11 +360,11 @@ def budget_epochs(task: Task, clients, epochs: int, min_steps: int, batch_size: 
 
 
 class TargetResult(NamedTuple):
-  params: Any         # the aggregated model
+  params: Any  # the aggregated model
   clients: np.ndarray  # target client indices
-  counts: np.ndarray   # their forget-sample counts (the aggregation weights)
-  metrics: dict        # example-weighted means of the programs' metrics
-  cost: dict           # fl.round_cost of the round
+  counts: np.ndarray  # their forget-sample counts (the aggregation weights)
+  metrics: dict  # example-weighted means of the programs' metrics
+  cost: dict  # fl.round_cost of the round
 
 
 @jax.jit
@@ -335,9 +372,19 @@ def _apply_mean_delta(params, client_params, weights):
   return optax.tree.add(params, fl.aggregate(params, client_params, weights))
 
 
-def run_on_targets(task: Task, env: Env, program: fl.LocalProgram, params, *, y,
-                   epochs: int, batch_size: int, keys, extra=None,
-                   clients=None) -> TargetResult:
+def run_on_targets(
+  task: Task,
+  env: Env,
+  program: fl.LocalProgram,
+  params,
+  *,
+  y,
+  epochs: int,
+  batch_size: int,
+  keys,
+  extra=None,
+  clients=None,
+) -> TargetResult:
   """Runs `program` on each target client's forget samples, from `params`; returns
   params + sum_k n_k (theta_k - params) / sum_k n_k over the targets (n_k = forget count).
 
@@ -365,6 +412,13 @@ def recover(task: Task, env: Env, phase: str, params, rounds: int):
   after the training rounds and the unlearning round."""
   if rounds <= 0:
     return params
-  return fedavg_phase(task, env, phase, params, int(rounds), valid=task.retain_valid,
-                      client_weights=task.client_weights,
-                      round_offset=task.config.fl.rounds + 1)
+  return fedavg_phase(
+    task,
+    env,
+    phase,
+    params,
+    int(rounds),
+    valid=task.retain_valid,
+    client_weights=task.client_weights,
+    round_offset=task.config.fl.rounds + 1,
+  )

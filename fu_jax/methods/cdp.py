@@ -20,6 +20,7 @@ rounds (fedavg_phase).
 Requests: class-wide only (the method scores classes; client_class / client requests have
 no class-discriminative channels to prune without hurting the class elsewhere).
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,29 +30,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from fu_jax import cdp as cdp_lib
-from fu_jax import fl
-from fu_jax import masking
+from fu_jax import fl, masking
 from fu_jax import tree as tu
-from fu_jax.methods import base
-from fu_jax.methods import channel
+from fu_jax.methods import base, channel
 
 
 def config_section(fl_cfg):
   """The `cdp` section (`fl_cfg`: the config's fl section; unused)."""
   del fl_cfg
   s = base.new_section()
-  s.sparsity = 0.3           # fraction of each conv layer's channels pruned per class
-  s.finetune_rounds = 2      # FedAvg rounds on retained data after pruning
-  s.stat_samples = 256       # examples per client for class activations (0 = all)
-  s.coe = 0.0                # TF-IDF width balance (Wang et al.'s coe; 0 = none)
+  s.sparsity = 0.3  # fraction of each conv layer's channels pruned per class
+  s.finetune_rounds = 2  # FedAvg rounds on retained data after pruning
+  s.stat_samples = 256  # examples per client for class activations (0 = all)
+  s.coe = 0.0  # TF-IDF width balance (Wang et al.'s coe; 0 = none)
   return s
 
 
 RULES = {
-    "sparsity": base.in_range(0, 1, low_open=True, high_open=True),
-    "finetune_rounds": base.at_least(0),
-    "stat_samples": base.at_least(0, "0 = all"),
-    "coe": base.at_least(0, "0 = no width balance"),
+  "sparsity": base.in_range(0, 1, low_open=True, high_open=True),
+  "finetune_rounds": base.at_least(0),
+  "stat_samples": base.at_least(0, "0 = all"),
+  "coe": base.at_least(0, "0 = no width balance"),
 }
 
 
@@ -82,14 +81,20 @@ def class_statistics(task: base.Task, params, layers, stat_samples: int):
   for k in range(n):
     if float(task.client_weights[k]) <= 0:
       continue
-    key = fl.stream_key(task.config.seed, fl.STREAM_UNLEARN, channel.stream_tag("cdp/stats"),
-                        k)
+    key = fl.stream_key(task.config.seed, fl.STREAM_UNLEARN, channel.stream_tag("cdp/stats"), k)
     order = fl.epoch_order(key, c.valid[k])[:m]
     mask = jnp.take(c.valid[k], order)
     if not bool(jnp.any(mask)):
       continue
-    sums = _client_sums(task.model, params, jnp.take(c.x[k], order, axis=0),
-                        jnp.take(task.y_true[k], order), mask, task.num_classes, layers)
+    sums = _client_sums(
+      task.model,
+      params,
+      jnp.take(c.x[k], order, axis=0),
+      jnp.take(task.y_true[k], order),
+      mask,
+      task.num_classes,
+      layers,
+    )
     up = tu.tree_num_bytes(sums)
     used[k] = int(jnp.sum(mask))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
@@ -104,8 +109,9 @@ def _cdp(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   params = trained.params
   layers = tuple(cdp_lib.cdp_layers(task.model, params, task.clients.x[0, :1]))
   stats, up, used = class_statistics(task, params, layers, s.stat_samples)
-  cost = fl.round_cost(used, task.client_weights, model_bytes=tu.tree_num_bytes(params),
-                       epochs=1, upload_bytes=up)
+  cost = fl.round_cost(
+    used, task.client_weights, model_bytes=tu.tree_num_bytes(params), epochs=1, upload_bytes=up
+  )
   env.add_cost(**cost)
   scores = cdp_lib.tfidf_scores(cdp_lib.class_means(stats), coe=s.coe)
   prune = None
@@ -115,27 +121,45 @@ def _cdp(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   prune = {p: np.asarray(v) for p, v in prune.items()}
   pruned, keep = _prune(prune, params)
   program = channel.masked_program(task, cfg.fl.client_lr, cfg.fl.client_momentum)
-  out = base.fedavg_phase(task, env, "cdp_finetune", pruned, s.finetune_rounds,
-                          valid=task.retain_valid, client_weights=task.client_weights,
-                          program=program, extra=channel.per_client(keep,
-                                                                    task.clients.count.shape[0]),
-                          round_offset=cfg.fl.rounds) if s.finetune_rounds else pruned
+  out = (
+    base.fedavg_phase(
+      task,
+      env,
+      "cdp_finetune",
+      pruned,
+      s.finetune_rounds,
+      valid=task.retain_valid,
+      client_weights=task.client_weights,
+      program=program,
+      extra=channel.per_client(keep, task.clients.count.shape[0]),
+      round_offset=cfg.fl.rounds,
+    )
+    if s.finetune_rounds
+    else pruned
+  )
   n_pruned = sum(int(v.sum()) for v in prune.values())
   n_conv = sum(int(v.size) for v in prune.values())
   results = {
-      "sparsity": s.sparsity,
-      "finetune_rounds": s.finetune_rounds,
-      "stat_examples": cost["examples"],
-      "stat_bytes_up": cost["bytes_up"],
-      "pruned_channels": n_pruned,
-      "pruned_channel_fraction_of_conv": n_pruned / max(n_conv, 1),
-      "pruned": {"/".join(map(str, p)): np.flatnonzero(v).tolist() for p, v in prune.items()},
-      "model_bytes": tu.tree_num_bytes(params),
+    "sparsity": s.sparsity,
+    "finetune_rounds": s.finetune_rounds,
+    "stat_examples": cost["examples"],
+    "stat_bytes_up": cost["bytes_up"],
+    "pruned_channels": n_pruned,
+    "pruned_channel_fraction_of_conv": n_pruned / max(n_conv, 1),
+    "pruned": {"/".join(map(str, p)): np.flatnonzero(v).tolist() for p, v in prune.items()},
+    "model_bytes": tu.tree_num_bytes(params),
   }
   return base.Outcome(out, results)
 
 
-METHODS = {"cdp": base.Method("cdp", ("class",), base.FEDAVG, _cdp,
-                              "class-discriminative pruning removes the channels that "
-                              "discriminate a class: it addresses classes only",
-                              validate=validate)}
+METHODS = {
+  "cdp": base.Method(
+    "cdp",
+    ("class",),
+    base.FEDAVG,
+    _cdp,
+    "class-discriminative pruning removes the channels that "
+    "discriminate a class: it addresses classes only",
+    validate=validate,
+  )
+}

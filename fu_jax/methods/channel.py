@@ -50,6 +50,7 @@ the other clients' data, which a class-wide channel selection plus random relabe
 would destroy; a client request has no class whose channels could be ranked (the paper
 leaves both to future work). Both are refused.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,8 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fu_jax import fl
-from fu_jax import masking
+from fu_jax import fl, masking
 from fu_jax import tree as tu
 from fu_jax.methods import base
 
@@ -84,29 +84,29 @@ def config_section(fl_cfg):
   config's fl section, which the fine-tuning's local_epochs, lr and batch_size follow; its
   momentum is fl.client_momentum)."""
   s = base.new_section()
-  s.delta = 0.2          # fraction of output channels selected per layer (ceil)
-  s.epochs = 2           # fine-tune epochs: DE FedAvg rounds / CE passes (paper <= 4)
+  s.delta = 0.2  # fraction of output channels selected per layer (ceil)
+  s.epochs = 2  # fine-tune epochs: DE FedAvg rounds / CE passes (paper <= 4)
   s.local_epochs = base.linked(fl_cfg, "local_epochs")  # DE local epochs per round
-  s.lr = base.linked(fl_cfg, "client_lr")          # fine-tune SGD lr
+  s.lr = base.linked(fl_cfg, "client_lr")  # fine-tune SGD lr
   s.batch_size = base.linked(fl_cfg, "batch_size")  # fine-tune batch size
   s.effect_samples = 128  # server's batch I of forget samples for channel effects
   s.effect_metric = "both"  # acc (paper) | loss | both (acc, ties broken by loss)
-  s.layers = "all"       # all (every conv/dense layer, paper) | conv
-  s.perturb = True       # add perturbation data (forget samples, random wrong labels)
+  s.layers = "all"  # all (every conv/dense layer, paper) | conv
+  s.perturb = True  # add perturbation data (forget samples, random wrong labels)
   s.server_samples = 1600  # CE: training examples the server holds (capped)
   return s
 
 
 RULES = {
-    "delta": base.in_range(0, 1, low_open=True),
-    "epochs": base.at_least(1),
-    "local_epochs": base.at_least(1),
-    "lr": base.positive(),
-    "batch_size": base.at_least(1),
-    "effect_samples": base.at_least(1),
-    "effect_metric": base.one_of(EFFECT_METRICS),
-    "layers": base.one_of(LAYER_SETS),
-    "server_samples": base.at_least(1),
+  "delta": base.in_range(0, 1, low_open=True),
+  "epochs": base.at_least(1),
+  "local_epochs": base.at_least(1),
+  "lr": base.positive(),
+  "batch_size": base.at_least(1),
+  "effect_samples": base.at_least(1),
+  "effect_metric": base.one_of(EFFECT_METRICS),
+  "layers": base.one_of(LAYER_SETS),
+  "server_samples": base.at_least(1),
 }
 
 
@@ -150,11 +150,11 @@ def perturbation_labels(key, y, index, forget, forget_classes: tuple, num_classe
   """
   keep = np.setdiff1d(np.arange(num_classes), np.asarray(forget_classes, int))
   if keep.size == 0:
-    raise ValueError(f"forget classes {tuple(forget_classes)} leave no class for the "
-                     "perturbation labels")
+    raise ValueError(
+      f"forget classes {tuple(forget_classes)} leave no class for the perturbation labels"
+    )
   idx = jnp.maximum(jnp.asarray(index), 0).reshape(-1)
-  draws = jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0,
-                                                keep.size))(idx)
+  draws = jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, keep.size))(idx)
   wrong = jnp.asarray(keep, jnp.int32)[draws].reshape(jnp.shape(index))
   return jnp.where(forget, wrong, jnp.asarray(y, jnp.int32))
 
@@ -192,8 +192,9 @@ def effects_and_selection(task: base.Task, params, s):
   x, y = forget_batch(task, s.effect_samples)
   layers = scored_layers(params, s.layers)
   x, y = jnp.asarray(x), jnp.asarray(y)
-  compiled = _effects.lower(apply_fn(task), params, x, y, metric=s.effect_metric,
-                            layers=layers).compile()
+  compiled = _effects.lower(
+    apply_fn(task), params, x, y, metric=s.effect_metric, layers=layers
+  ).compile()
   t0 = time.perf_counter()
   eff = jax.block_until_ready(compiled(params, x, y))
   seconds = time.perf_counter() - t0
@@ -243,14 +244,16 @@ def selection_summary(channel_masks, params) -> dict:
   sel_p = int(sum(int(np.sum(np.asarray(m))) for m in jax.tree.leaves(pmask)))
   all_ch = sum(c for _, c in masking.channel_layers(params))
   return {
-      "selected_channels": sel_ch,
-      "scored_channels": total_ch,
-      "model_channels": all_ch,
-      "selected_channel_fraction": sel_ch / max(all_ch, 1),
-      "selected_params": sel_p,
-      "selected_param_fraction": sel_p / max(optax.tree.size(params), 1),
-      "selected": {"/".join(map(str, p)): np.flatnonzero(np.asarray(m)).tolist()
-                   for p, m in channel_masks.items()},
+    "selected_channels": sel_ch,
+    "scored_channels": total_ch,
+    "model_channels": all_ch,
+    "selected_channel_fraction": sel_ch / max(all_ch, 1),
+    "selected_params": sel_p,
+    "selected_param_fraction": sel_p / max(optax.tree.size(params), 1),
+    "selected": {
+      "/".join(map(str, p)): np.flatnonzero(np.asarray(m)).tolist()
+      for p, m in channel_masks.items()
+    },
   }
 
 
@@ -295,9 +298,22 @@ def packed_exchange(channel_masks, params, server_opt: optax.GradientTransformat
   return upload, aggregate, masking.packed_num_bytes(jax.eval_shape(pack, params))
 
 
-def packed_fedavg_phase(task: base.Task, env: base.Env, phase: str, params, channel_masks,
-                        num_rounds: int, *, valid, y, local_epochs: int, batch_size: int,
-                        lr: float, momentum: float, round_offset: int):
+def packed_fedavg_phase(
+  task: base.Task,
+  env: base.Env,
+  phase: str,
+  params,
+  channel_masks,
+  num_rounds: int,
+  *,
+  valid,
+  y,
+  local_epochs: int,
+  batch_size: int,
+  lr: float,
+  momentum: float,
+  round_offset: int,
+):
   """FedAvg rounds in which clients train and exchange ONLY the selected channels (Alg. 2).
 
   Each round: sample clients (as fedavg_phase), each trains with the parameter mask of
@@ -333,8 +349,10 @@ def packed_fedavg_phase(task: base.Task, env: base.Env, phase: str, params, chan
     packed = upload(res.params, server.params)
     server = aggregate(server, packed, w)
     wn = np.asarray(w)
-    metrics = {m: float(np.sum(np.asarray(val) * wn) / max(wn.sum(), 1e-12))
-               for m, val in res.metrics.items()}
+    metrics = {
+      m: float(np.sum(np.asarray(val) * wn) / max(wn.sum(), 1e-12))
+      for m, val in res.metrics.items()
+    }
     metrics.update(fl.round_cost(cnt, wn, model_bytes=sel_bytes, epochs=local_epochs))
     return server, metrics
 
@@ -349,8 +367,7 @@ def packed_fedavg_phase(task: base.Task, env: base.Env, phase: str, params, chan
 
 def _check_request(task: base.Task):
   if task.request.kind != "class":
-    raise ValueError(f"channel unlearning serves class requests only, got "
-                     f"{task.request.kind!r}")
+    raise ValueError(f"channel unlearning serves class requests only, got {task.request.kind!r}")
 
 
 def _decentralized(task: base.Task, env: base.Env, trained: base.Trained, *, random: bool):
@@ -367,28 +384,40 @@ def _decentralized(task: base.Task, env: base.Env, trained: base.Trained, *, ran
   c = task.clients
   if s.perturb:
     key = fl.stream_key(cfg.seed, fl.STREAM_UNLEARN, stream_tag("channel/perturb"))
-    y = perturbation_labels(key, c.y, c.index, task.forget, tuple(task.request.classes),
-                            task.num_classes)
+    y = perturbation_labels(
+      key, c.y, c.index, task.forget, tuple(task.request.classes), task.num_classes
+    )
     valid = c.valid
   else:
     y, valid = c.y, task.retain_valid
   phase = "channel_de_random" if random else "channel_de"
   out, sel_bytes = packed_fedavg_phase(
-      task, env, phase, params, cmasks, s.epochs, valid=valid, y=y,
-      local_epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr,
-      momentum=cfg.fl.client_momentum, round_offset=cfg.fl.rounds)
+    task,
+    env,
+    phase,
+    params,
+    cmasks,
+    s.epochs,
+    valid=valid,
+    y=y,
+    local_epochs=s.local_epochs,
+    batch_size=s.batch_size,
+    lr=s.lr,
+    momentum=cfg.fl.client_momentum,
+    round_offset=cfg.fl.rounds,
+  )
   model_bytes = tu.tree_num_bytes(params)
   results = {
-      "finetune_epochs": s.epochs,
-      "local_epochs": s.local_epochs,
-      "delta": s.delta,
-      "effect_samples": n_effect,
-      "selection_seconds": sel_seconds,
-      "perturbation_examples": int(np.sum(np.asarray(task.forget))) if s.perturb else 0,
-      "upload_bytes_per_client_round": sel_bytes,
-      "model_bytes": model_bytes,
-      "upload_fraction_of_model": sel_bytes / model_bytes,
-      **selection_summary(cmasks, params),
+    "finetune_epochs": s.epochs,
+    "local_epochs": s.local_epochs,
+    "delta": s.delta,
+    "effect_samples": n_effect,
+    "selection_seconds": sel_seconds,
+    "perturbation_examples": int(np.sum(np.asarray(task.forget))) if s.perturb else 0,
+    "upload_bytes_per_client_round": sel_bytes,
+    "model_bytes": model_bytes,
+    "upload_fraction_of_model": sel_bytes / model_bytes,
+    **selection_summary(cmasks, params),
   }
   return base.Outcome(out, results)
 
@@ -417,8 +446,7 @@ def _centralized(task: base.Task, env: base.Env, trained: base.Trained):
   x, y, index, forget = server_sample(task, s.server_samples)
   if s.perturb:
     key = fl.stream_key(cfg.seed, fl.STREAM_UNLEARN, stream_tag("channel/perturb"))
-    y = perturbation_labels(key, y, index, forget, tuple(task.request.classes),
-                            task.num_classes)
+    y = perturbation_labels(key, y, index, forget, tuple(task.request.classes), task.num_classes)
     valid = np.ones(y.shape, bool)
   else:
     valid = ~forget
@@ -433,35 +461,50 @@ def _centralized(task: base.Task, env: base.Env, trained: base.Trained):
   def round_fn(p, r):
     key = fl.stream_key(cfg.seed, fl.STREAM_UNLEARN, stream_tag("channel/ce_epoch"), r)[None]
     res = runner.run(p, data, valid_b, extra, key)
-    return (jax.tree.map(lambda a: a[0], res.params),
-            {"loss": float(np.asarray(res.metrics["loss"])[0]), "examples": m})
+    return (
+      jax.tree.map(lambda a: a[0], res.params),
+      {"loss": float(np.asarray(res.metrics["loss"])[0]), "examples": m},
+    )
 
   env.add_cost(examples=n_effect)
   out = env.rounds("channel_ce", params, s.epochs, round_fn, lambda p: p)
   results = {
-      "finetune_epochs": s.epochs,
-      "delta": s.delta,
-      "effect_samples": n_effect,
-      "selection_seconds": sel_seconds,
-      "server_samples": int(x.shape[0]),
-      "server_retain_examples": int(np.sum(~forget)),
-      "perturbation_examples": int(np.sum(forget)) if s.perturb else 0,
-      "model_bytes": tu.tree_num_bytes(params),
-      **selection_summary(cmasks, params),
+    "finetune_epochs": s.epochs,
+    "delta": s.delta,
+    "effect_samples": n_effect,
+    "selection_seconds": sel_seconds,
+    "server_samples": int(x.shape[0]),
+    "server_retain_examples": int(np.sum(~forget)),
+    "perturbation_examples": int(np.sum(forget)) if s.perturb else 0,
+    "model_bytes": tu.tree_num_bytes(params),
+    **selection_summary(cmasks, params),
   }
   return base.Outcome(out, results)
 
 
-CLASS_ONLY = ("channel selection scores each channel by its effect on a forgotten class's "
-              "accuracy: it addresses classes, not individual samples or clients")
+CLASS_ONLY = (
+  "channel selection scores each channel by its effect on a forgotten class's "
+  "accuracy: it addresses classes, not individual samples or clients"
+)
 
 METHODS = {
-    "channel_de": base.Method("channel_de", ("class",), base.FEDAVG,
-                              functools.partial(_decentralized, random=False), CLASS_ONLY,
-                              validate=validate),
-    "channel_ce": base.Method("channel_ce", ("class",), base.FEDAVG, _centralized, CLASS_ONLY,
-                              validate=validate),
-    "channel_de_random": base.Method("channel_de_random", ("class",), base.FEDAVG,
-                                     functools.partial(_decentralized, random=True),
-                                     CLASS_ONLY, validate=validate),
+  "channel_de": base.Method(
+    "channel_de",
+    ("class",),
+    base.FEDAVG,
+    functools.partial(_decentralized, random=False),
+    CLASS_ONLY,
+    validate=validate,
+  ),
+  "channel_ce": base.Method(
+    "channel_ce", ("class",), base.FEDAVG, _centralized, CLASS_ONLY, validate=validate
+  ),
+  "channel_de_random": base.Method(
+    "channel_de_random",
+    ("class",),
+    base.FEDAVG,
+    functools.partial(_decentralized, random=True),
+    CLASS_ONLY,
+    validate=validate,
+  ),
 }

@@ -86,22 +86,20 @@ Communication (fl.round_cost): in the unlearning round each target client downlo
 and uploads one model (teachers, Fisher and labels never leave the client); recovery rounds
 are ordinary FedAvg rounds.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fu_jax import ewc
-from fu_jax import fl
-from fu_jax import labels
-from fu_jax import losses
-from fu_jax import models
+from fu_jax import ewc, fl, labels, losses, models
 from fu_jax import tree as tu
 from fu_jax.methods import base
 
@@ -115,60 +113,60 @@ LABEL_CHUNK = 128  # target samples per teacher-labelling call (memory: Q x chun
 def config_section(fl_cfg):
   """The `fedaf` section (`fl_cfg`: the config's fl section, which batch_size follows)."""
   s = base.new_section()
-  s.teachers = 10          # Q untrained Xavier teachers labelling the target data (paper 10)
-  s.label = "debias"       # new labels: uniform | random | teacher | debias (paper: debias)
+  s.teachers = 10  # Q untrained Xavier teachers labelling the target data (paper 10)
+  s.label = "debias"  # new labels: uniform | random | teacher | debias (paper: debias)
   s.debias_scope = "sample"  # debias weight w per sample | one w over the target set (batch)
-  s.lam = 10.0             # EWC strength lambda (paper 10); unused by fedaf_c
-  s.epochs = 1             # local epochs of the unlearning loss on the target data (paper 1)
-  s.min_steps = 10         # >= this many SGD steps per target client (epochs raised to
+  s.lam = 10.0  # EWC strength lambda (paper 10); unused by fedaf_c
+  s.epochs = 1  # local epochs of the unlearning loss on the target data (paper 1)
+  s.min_steps = 10  # >= this many SGD steps per target client (epochs raised to
   #                          ceil(min_steps / steps per epoch)): forgetting that does not
   #                          depend on how many images a client holds (0 = epochs only).
   #                          10 = one epoch of full Fashion-MNIST's class-wide request
   #                          (600 images at batch 64), where lr 0.002 was tuned
-  s.max_steps = 200        # forgetting rule: past min_steps, keep taking epochs (up to
+  s.max_steps = 200  # forgetting rule: past min_steps, keep taking epochs (up to
   #                          this many steps for the smallest target client) until an
   #                          epoch in which at most stop_acc of a client's target samples
   #                          got their old label; the client then stops. Class requests
   #                          and backdoors only (retraining would not predict those
   #                          labels); 0 = off (min_steps / epochs alone)
-  s.stop_acc = 0.02        # the rule's tolerance (argmax = old label, before each step)
-  s.fisher = "diag"        # H: diag (empirical Fisher diagonal) | sketch (CountSketch S J)
-  s.sketch_width = 50      # t, rows of the CountSketch (memory t * d per client)
+  s.stop_acc = 0.02  # the rule's tolerance (argmax = old label, before each step)
+  s.fisher = "diag"  # H: diag (empirical Fisher diagonal) | sketch (CountSketch S J)
+  s.sketch_width = 50  # t, rows of the CountSketch (memory t * d per client)
   s.fisher_labels = "empirical"  # labels of the Fisher's gradients: empirical (held,
   #                            paper) | model (sampled from p(.|x; theta*): true Fisher)
   s.fisher_data = "local"  # Fisher over all local data (paper, Eq. 7-13) | retain (ablation)
   s.fisher_samples = 1024  # local examples the Fisher is estimated from (0 = all)
-  s.fisher_chunk = 64      # examples per per-example-gradient call (memory chunk * d)
-  s.lr = 0.002             # unlearning SGD lr; paper: MNIST 0.001
-  s.momentum = 0.0         # unlearning SGD momentum (paper: plain SGD)
+  s.fisher_chunk = 64  # examples per per-example-gradient call (memory chunk * d)
+  s.lr = 0.002  # unlearning SGD lr; paper: MNIST 0.001
+  s.momentum = 0.0  # unlearning SGD momentum (paper: plain SGD)
   s.batch_size = base.linked(fl_cfg, "batch_size")  # unlearning batch size
-  s.true_weight = 1.0      # weight of the -CE(f(x), y_old) term (paper 1)
-  s.max_old_loss = -1.0    # stop a client once batch CE(y_old) > it (0 = log K; < 0 never)
+  s.true_weight = 1.0  # weight of the -CE(f(x), y_old) term (paper 1)
+  s.max_old_loss = -1.0  # stop a client once batch CE(y_old) > it (0 = log K; < 0 never)
   s.old_labels = "trained"  # y_old: trained (as held, backdoor flips incl.) | original
-  s.recovery_rounds = 0    # FedAvg rounds on retained data after the unlearned update
+  s.recovery_rounds = 0  # FedAvg rounds on retained data after the unlearned update
   return s
 
 
 RULES = {
-    "label": base.one_of(labels.VARIANTS),
-    "debias_scope": base.one_of(labels.DEBIAS_SCOPES),
-    "fisher": base.one_of(ewc.KINDS),
-    "fisher_labels": base.one_of(ewc.FISHER_LABELS),
-    "fisher_data": base.one_of(FISHER_DATA),
-    "old_labels": base.one_of(base.OLD_LABELS),
-    "teachers": base.at_least(1),
-    "lam": base.at_least(0),
-    "epochs": base.at_least(1),
-    "min_steps": base.at_least(0, "0 = off"),
-    "max_steps": base.at_least(0, "0 = off"),
-    "stop_acc": base.in_range(0, 1),
-    "sketch_width": base.at_least(1),
-    "fisher_samples": base.at_least(0, "0 = all"),
-    "fisher_chunk": base.at_least(1),
-    "lr": base.positive(),
-    "momentum": base.in_range(0, 1, high_open=True),
-    "batch_size": base.at_least(1),
-    "recovery_rounds": base.at_least(0),
+  "label": base.one_of(labels.VARIANTS),
+  "debias_scope": base.one_of(labels.DEBIAS_SCOPES),
+  "fisher": base.one_of(ewc.KINDS),
+  "fisher_labels": base.one_of(ewc.FISHER_LABELS),
+  "fisher_data": base.one_of(FISHER_DATA),
+  "old_labels": base.one_of(base.OLD_LABELS),
+  "teachers": base.at_least(1),
+  "lam": base.at_least(0),
+  "epochs": base.at_least(1),
+  "min_steps": base.at_least(0, "0 = off"),
+  "max_steps": base.at_least(0, "0 = off"),
+  "stop_acc": base.in_range(0, 1),
+  "sketch_width": base.at_least(1),
+  "fisher_samples": base.at_least(0, "0 = all"),
+  "fisher_chunk": base.at_least(1),
+  "lr": base.positive(),
+  "momentum": base.in_range(0, 1, high_open=True),
+  "batch_size": base.at_least(1),
+  "recovery_rounds": base.at_least(0),
 }
 
 
@@ -201,26 +199,30 @@ def new_labels(task: base.Task, s, clients, y_old) -> jax.Array:
       continue
     teachers = None
     if variant in ("teacher", "debias"):
-      teachers = labels.init_teachers(task.model, jax.random.fold_in(key, 0), task.input_shape,
-                                      s["teachers"], glorot=True)
-      teachers = [jax.tree.map(lambda a, q=q: a[q:q + 1], teachers)
-                  for q in range(s["teachers"])]
+      teachers = labels.init_teachers(
+        task.model, jax.random.fold_in(key, 0), task.input_shape, s["teachers"], glorot=True
+      )
+      teachers = [jax.tree.map(lambda a, q=q: a[q : q + 1], teachers) for q in range(s["teachers"])]
     x_c = np.asarray(task.clients.x[int(c)])
     probs = []
     for start in range(0, rows.size, LABEL_CHUNK):
-      r = rows[start:start + LABEL_CHUNK]
+      r = rows[start : start + LABEL_CHUNK]
       xb = x_c[np.concatenate([r, np.full(LABEL_CHUNK - r.size, r[0])])]  # one shape
       if teachers is None:
-        yb = labels.teacher_labels(None, None, xb, variant=variant, num_classes=k,
-                                   key=jax.random.fold_in(key, 1 + start))
+        yb = labels.teacher_labels(
+          None, None, xb, variant=variant, num_classes=k, key=jax.random.fold_in(key, 1 + start)
+        )
       else:
-        yb = sum(labels.teacher_labels(task.apply_fn, t, xb, variant="teacher", num_classes=k)
-                 for t in teachers) / len(teachers)
-      probs.append(np.asarray(yb)[:r.size])
+        yb = sum(
+          labels.teacher_labels(task.apply_fn, t, xb, variant="teacher", num_classes=k)
+          for t in teachers
+        ) / len(teachers)
+      probs.append(np.asarray(yb)[: r.size])
     probs = np.concatenate(probs)
     if variant == "debias":  # over the whole target set at once: scope='batch' sees all
-      probs = np.asarray(labels.debias(jnp.asarray(probs), jnp.asarray(y_old[c, rows]),
-                                       scope=s["debias_scope"]))
+      probs = np.asarray(
+        labels.debias(jnp.asarray(probs), jnp.asarray(y_old[c, rows]), scope=s["debias_scope"])
+      )
     out[c, rows] = probs
   return jnp.asarray(out)
 
@@ -230,13 +232,14 @@ def new_labels(task: base.Task, s, clients, y_old) -> jax.Array:
 
 
 class FisherState(NamedTuple):
-  anchor: Any   # theta*
-  acc: Any      # sum_i g_i^2 (diag) or S J (sketch, leaves (t,) + shape)
-  n: Any        # valid examples summarised
+  anchor: Any  # theta*
+  acc: Any  # sum_i g_i^2 (diag) or S J (sketch, leaves (t,) + shape)
+  n: Any  # valid examples summarised
 
 
-def fisher_program(loss_fn: Callable, kind: str, width: int,
-                   label_fn: Callable | None = None) -> fl.LocalProgram:
+def fisher_program(
+  loss_fn: Callable, kind: str, width: int, label_fn: Callable | None = None
+) -> fl.LocalProgram:
   """Accumulates the Fisher of a client's batches at theta* (= server params).
 
   finish -> (acc, n): diag F = acc / n; sketch state (S J = acc, n). Each batch's sketch
@@ -266,8 +269,9 @@ def fisher_program(loss_fn: Callable, kind: str, width: int,
       f = ewc.fisher_diagonal(loss_fn, state.anchor, batch.x, y, batch.mask)
       acc = jax.tree.map(lambda a, b: a + b * nb, state.acc, f)
     else:
-      acc = optax.tree.add(state.acc, ewc.count_sketch(loss_fn, state.anchor, batch.x, y,
-                                                       batch.mask, key, width=width))
+      acc = optax.tree.add(
+        state.acc, ewc.count_sketch(loss_fn, state.anchor, batch.x, y, batch.mask, key, width=width)
+      )
     return FisherState(state.anchor, acc, state.n + nb), {}
 
   return fl.LocalProgram(init, step, lambda s: (s.acc, s.n))
@@ -310,8 +314,9 @@ def client_fisher(task: base.Task, env: base.Env, s, params, clients, y_old):
   # im2col: vmapped per-example conv gradients become batched matmuls, not grouped convs.
   model = models.with_conv_impl(task.model, "im2col")
   apply_fn = models.logits_fn(model)
-  program = _client_fisher_program(apply_fn, s["fisher"], s["sketch_width"],
-                                   s["fisher_labels"] == "model")
+  program = _client_fisher_program(
+    apply_fn, s["fisher"], s["sketch_width"], s["fisher_labels"] == "model"
+  )
   valid = fisher_mask(task, s, clients)
   idx = np.asarray(clients)
   data = (task.clients.x[idx], np.asarray(y_old)[idx])  # only the targets' images
@@ -336,10 +341,10 @@ def _mean_fisher(acc, n):
 class UnlearnState(NamedTuple):
   params: Any
   opt_state: Any
-  stopped: Any   # bool: stopped by max_old_loss or the forgetting rule; no further step
-  seen: Any      # target samples seen in the current epoch (float32)
-  kept: Any      # of those, how many the model gave their old label, before the step
-  epochs: Any    # epochs completed (int32)
+  stopped: Any  # bool: stopped by max_old_loss or the forgetting rule; no further step
+  seen: Any  # target samples seen in the current epoch (float32)
+  kept: Any  # of those, how many the model gave their old label, before the step
+  epochs: Any  # epochs completed (int32)
   n_target: Any  # the client's number of target samples (float32; epoch ends)
 
 
@@ -348,14 +353,22 @@ class StopRule(NamedTuple):
   most `acc` of its target samples got their old label (argmax, each measured before its
   batch's step): its data no longer carries the old memory. The client's target count
   n_k comes in its `extra` (epoch ends are where n_k samples have been seen)."""
+
   min_epochs: int
   acc: float
 
 
-def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
-                    ewc_kind: str | None, lam: float, width: int, true_weight: float = 1.0,
-                    max_old_loss: float | None = None,
-                    stop: StopRule | None = None) -> fl.LocalProgram:
+def unlearn_program(
+  apply_fn: Callable,
+  optimizer: optax.GradientTransformation,
+  *,
+  ewc_kind: str | None,
+  lam: float,
+  width: int,
+  true_weight: float = 1.0,
+  max_old_loss: float | None = None,
+  stop: StopRule | None = None,
+) -> fl.LocalProgram:
   """Local steps on L = CE(f(x), y_new) - true_weight CE(f(x), y_old) (Eq. 13), plus the EWC
   penalty's gradient when ewc_kind is 'diag' or 'sketch'. batch.y = (y_new [B, K], y_old [B]).
   The client's `extra` is (curvature, n_k, resume): the diagonal Fisher or (S J, n) (None
@@ -367,6 +380,7 @@ def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation,
   stop: the forgetting rule (StopRule); None = run every epoch.
   Metrics: 'loss' (L), 'old_loss', 'old_acc' (fraction given the old label), 'stopped'.
   """
+
   def loss_fn(params, batch):
     y_new, y_old = batch.y
     logits = apply_fn(params, batch.x)
@@ -391,9 +405,15 @@ def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation,
     if extra[2] is not None:  # resume the client's state from an earlier runner call
       return extra[2]
     zero = jnp.zeros((), jnp.float32)
-    return UnlearnState(server_params, opt_init(server_params, extra[0]),
-                        jnp.zeros((), jnp.bool_), zero, zero, jnp.zeros((), jnp.int32),
-                        jnp.asarray(extra[1], jnp.float32))
+    return UnlearnState(
+      server_params,
+      opt_init(server_params, extra[0]),
+      jnp.zeros((), jnp.bool_),
+      zero,
+      zero,
+      jnp.zeros((), jnp.int32),
+      jnp.asarray(extra[1], jnp.float32),
+    )
 
   def step(state, batch, key):
     del key
@@ -404,8 +424,9 @@ def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation,
       halt = halt | (old > max_old_loss)
     updates, opt_state = chained.update(grads, state.opt_state, state.params)
     moved = (optax.apply_updates(state.params, updates), opt_state)
-    params, opt_state = jax.tree.map(lambda a, b: jnp.where(halt, b, a), moved,
-                                     (state.params, state.opt_state))
+    params, opt_state = jax.tree.map(
+      lambda a, b: jnp.where(halt, b, a), moved, (state.params, state.opt_state)
+    )
     nb = jnp.sum(batch.mask).astype(jnp.float32)
     seen, kept = state.seen + nb, state.kept + batch_kept
     epoch_end = (nb > 0) & (seen >= state.n_target)
@@ -414,22 +435,44 @@ def unlearn_program(apply_fn: Callable, optimizer: optax.GradientTransformation,
       forgotten = epoch_end & (epochs >= stop.min_epochs) & (kept <= stop.acc * seen)
       halt = halt | forgotten
     seen, kept = jnp.where(epoch_end, 0.0, seen), jnp.where(epoch_end, 0.0, kept)
-    return (UnlearnState(params, opt_state, halt, seen, kept, epochs, state.n_target),
-            {"loss": loss, "old_loss": old, "old_acc": batch_kept / jnp.maximum(nb, 1.0),
-             "stopped": halt.astype(jnp.float32)})
+    return (
+      UnlearnState(params, opt_state, halt, seen, kept, epochs, state.n_target),
+      {
+        "loss": loss,
+        "old_loss": old,
+        "old_acc": batch_kept / jnp.maximum(nb, 1.0),
+        "stopped": halt.astype(jnp.float32),
+      },
+    )
 
   return fl.LocalProgram(init, step, lambda s: s.params)
 
 
 @functools.lru_cache(maxsize=16)
-def _unlearn_program(apply_fn, lr: float, momentum: float, ewc_kind: str | None, lam: float,
-                     width: int, true_weight: float, max_old_loss: float | None,
-                     stop: StopRule | None):
+def _unlearn_program(
+  apply_fn,
+  lr: float,
+  momentum: float,
+  ewc_kind: str | None,
+  lam: float,
+  width: int,
+  true_weight: float,
+  max_old_loss: float | None,
+  stop: StopRule | None,
+):
   # One program object per setting (see _client_fisher_program): the client's Fisher and
   # anchor arrive as runtime state, so nothing per model is compiled in.
   optimizer = optax.sgd(lr, momentum=momentum or None)
-  return unlearn_program(apply_fn, optimizer, ewc_kind=ewc_kind, lam=lam, width=width,
-                         true_weight=true_weight, max_old_loss=max_old_loss, stop=stop)
+  return unlearn_program(
+    apply_fn,
+    optimizer,
+    ewc_kind=ewc_kind,
+    lam=lam,
+    width=width,
+    true_weight=true_weight,
+    max_old_loss=max_old_loss,
+    stop=stop,
+  )
 
 
 def forgets_labels(task: base.Task) -> bool:
@@ -445,9 +488,21 @@ def _apply_mean_delta(params, client_params, weights):
   return optax.tree.add(params, fl.aggregate(params, client_params, weights))
 
 
-def run_until_forgotten(task: base.Task, env: base.Env, program: fl.LocalProgram, params, *,
-                        y, targets, counts, curv, keys, chunk_epochs: int, max_epochs: int,
-                        batch_size: int):
+def run_until_forgotten(
+  task: base.Task,
+  env: base.Env,
+  program: fl.LocalProgram,
+  params,
+  *,
+  y,
+  targets,
+  counts,
+  curv,
+  keys,
+  chunk_epochs: int,
+  max_epochs: int,
+  batch_size: int,
+):
   """The unlearning loop on the target clients' forget samples, `chunk_epochs` epochs per
   runner call, each call resuming the clients' states, until every client has stopped
   (StopRule) or `max_epochs` are done. Returns (aggregated params, example-weighted metric
@@ -471,14 +526,17 @@ def run_until_forgotten(task: base.Task, env: base.Env, program: fl.LocalProgram
   return _apply_mean_delta(params, res.params, counts), metrics, done
 
 
-def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
-             use_ewc: bool) -> base.Outcome:
+def _unlearn(
+  task: base.Task, env: base.Env, trained: base.Trained, *, use_ewc: bool
+) -> base.Outcome:
   cfg = task.config
   s = cfg.fedaf
   name = "fedaf" if use_ewc else "fedaf_c"
   if use_ewc and s["fisher_data"] == "retain" and task.request.kind == "client":
-    raise ValueError("fedaf.fisher_data='retain' needs retained local data; a client "
-                     "request leaves the target client none (use 'local')")
+    raise ValueError(
+      "fedaf.fisher_data='retain' needs retained local data; a client "
+      "request leaves the target client none (use 'local')"
+    )
   targets = base.target_clients(task)
   y_old = base.old_labels(task, s["old_labels"])
   ewc_kind = s["fisher"] if use_ewc else None
@@ -493,8 +551,17 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
     cap = base.budget_epochs(task, targets, 1, s["max_steps"], s["batch_size"])
     epochs = floor * max(1, math.ceil(cap / floor))
   stop = StopRule(floor, s["stop_acc"]) if epochs > floor else None
-  program = _unlearn_program(task.apply_fn, s["lr"], s["momentum"], ewc_kind, s["lam"],
-                             s["sketch_width"], s["true_weight"], max_old_loss, stop)
+  program = _unlearn_program(
+    task.apply_fn,
+    s["lr"],
+    s["momentum"],
+    ewc_kind,
+    s["lam"],
+    s["sketch_width"],
+    s["true_weight"],
+    max_old_loss,
+    stop,
+  )
   counts = np.asarray(task.forget)[np.asarray(targets)].sum(axis=1).astype(np.float32)
   info = {}
 
@@ -505,9 +572,19 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
     if use_ewc:
       curv, fisher_examples = client_fisher(task, env, s, params, targets, y_old)
     new, metrics, done = run_until_forgotten(
-        task, env, program, params, y=(y_new, y_old), targets=targets, counts=counts,
-        curv=curv, keys=keys, chunk_epochs=floor, max_epochs=epochs,
-        batch_size=s["batch_size"])
+      task,
+      env,
+      program,
+      params,
+      y=(y_new, y_old),
+      targets=targets,
+      counts=counts,
+      curv=curv,
+      keys=keys,
+      chunk_epochs=floor,
+      max_epochs=epochs,
+      batch_size=s["batch_size"],
+    )
     info.update(metrics, fisher_examples=fisher_examples, epochs_run=done)
     m = fl.round_cost(counts, counts, model_bytes=tu.tree_num_bytes(params), epochs=done)
     m = dict(m, loss=metrics["loss"])
@@ -517,10 +594,13 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
   params = env.rounds(name, trained.params, 1, round_fn, lambda p: p)
   params = base.recover(task, env, name + "_recovery", params, s["recovery_rounds"])
   d = tu.tree_num_bytes(trained.params)
-  results = {f"{name}_target_clients": [int(c) for c in targets],
-             f"{name}_target_examples": int(np.asarray(task.forget).sum()),
-             f"{name}_label": s["label"], f"{name}_epochs": epochs,
-             f"{name}_min_epochs": floor}
+  results = {
+    f"{name}_target_clients": [int(c) for c in targets],
+    f"{name}_target_examples": int(np.asarray(task.forget).sum()),
+    f"{name}_label": s["label"],
+    f"{name}_epochs": epochs,
+    f"{name}_min_epochs": floor,
+  }
   if use_ewc:
     results[f"{name}_fisher"] = s["fisher"]
     results[f"{name}_fisher_labels"] = s["fisher_labels"]
@@ -537,10 +617,18 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained, *,
 
 
 METHODS = {
-    "fedaf": base.Method("fedaf", base.REQUEST_KINDS, base.FEDAVG,
-                         lambda t, e, tr: _unlearn(t, e, tr, use_ewc=True),
-                         validate=validate),
-    "fedaf_c": base.Method("fedaf_c", base.REQUEST_KINDS, base.FEDAVG,
-                           lambda t, e, tr: _unlearn(t, e, tr, use_ewc=False),
-                           validate=validate),
+  "fedaf": base.Method(
+    "fedaf",
+    base.REQUEST_KINDS,
+    base.FEDAVG,
+    lambda t, e, tr: _unlearn(t, e, tr, use_ewc=True),
+    validate=validate,
+  ),
+  "fedaf_c": base.Method(
+    "fedaf_c",
+    base.REQUEST_KINDS,
+    base.FEDAVG,
+    lambda t, e, tr: _unlearn(t, e, tr, use_ewc=False),
+    validate=validate,
+  ),
 }

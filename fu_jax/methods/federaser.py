@@ -48,6 +48,7 @@ Choices the paper leaves open, and ours:
 Communication: in stored round j >= 1 each calibrating client downloads M~^{t_j} and uploads
 its calibrated model (base.fedavg_phase's accounting); round 0 exchanges nothing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -75,23 +76,26 @@ def config_section(fl_cfg):
   (a change retrains the federaser model and its store): interval."""
   del fl_cfg
   s = base.new_section()
-  s.interval = 1         # Delta t: store rounds 0, Delta t, 2 Delta t, ... (1..fl.rounds)
-  s.calib_ratio = 0.5    # calibration work / local training work (paper 0.5; with 1
+  s.interval = 1  # Delta t: store rounds 0, Delta t, 2 Delta t, ... (1..fl.rounds)
+  s.calib_ratio = 0.5  # calibration work / local training work (paper 0.5; with 1
   #                        local epoch: one pass over a random half of the data)
-  s.combine = "client"   # per-client rescaled updates (paper) | mean (reference code)
+  s.combine = "client"  # per-client rescaled updates (paper) | mean (reference code)
   return s
 
 
 RULES = {
-    "calib_ratio": base.in_range(0, 1, low_open=True),
-    "combine": base.one_of(COMBINE),
+  "calib_ratio": base.in_range(0, 1, low_open=True),
+  "combine": base.one_of(COMBINE),
 }
 
 
 def validate(config):
   rounds = config.fl.rounds
-  base.check_section(config, "federaser", dict(
-      RULES, interval=base.Rule(lambda v: 1 <= v <= rounds, f"allowed 1..fl.rounds={rounds}")))
+  base.check_section(
+    config,
+    "federaser",
+    dict(RULES, interval=base.Rule(lambda v: 1 <= v <= rounds, f"allowed 1..fl.rounds={rounds}")),
+  )
 
 
 def num_stored(rounds: int, interval: int) -> int:
@@ -113,11 +117,12 @@ def calib_schedule(local_epochs: int, ratio: float) -> tuple[int, float]:
 
 class Store(NamedTuple):
   """What the server keeps for FedEraser; leading axis T = stored rounds, k = sampled."""
-  rounds: Any    # int32 [T]: the training round t_j
-  globals: Any   # params pytree [T, ...]: M^{t_j}, the model broadcast in round t_j
-  clients: Any   # int32 [T, k]: the clients sampled in round t_j
-  active: Any    # bool [T, k]: sampled and training (weight > 0)
-  updates: Any   # params pytree [T, k, ...]: U_k^{t_j} = theta_k - M^{t_j}
+
+  rounds: Any  # int32 [T]: the training round t_j
+  globals: Any  # params pytree [T, ...]: M^{t_j}, the model broadcast in round t_j
+  clients: Any  # int32 [T, k]: the clients sampled in round t_j
+  active: Any  # bool [T, k]: sampled and training (weight > 0)
+  updates: Any  # params pytree [T, k, ...]: U_k^{t_j} = theta_k - M^{t_j}
 
 
 class TrainState(NamedTuple):
@@ -127,26 +132,35 @@ class TrainState(NamedTuple):
 
 def empty_store(params, num_rounds: int, num_sampled: int) -> Store:
   t, k = num_rounds, num_sampled
-  return Store(jnp.zeros((t,), jnp.int32),
-               jax.tree.map(lambda p: jnp.zeros((t,) + p.shape, p.dtype), params),
-               jnp.zeros((t, k), jnp.int32), jnp.zeros((t, k), jnp.bool_),
-               jax.tree.map(lambda p: jnp.zeros((t, k) + p.shape, p.dtype), params))
+  return Store(
+    jnp.zeros((t,), jnp.int32),
+    jax.tree.map(lambda p: jnp.zeros((t,) + p.shape, p.dtype), params),
+    jnp.zeros((t, k), jnp.int32),
+    jnp.zeros((t, k), jnp.bool_),
+    jax.tree.map(lambda p: jnp.zeros((t, k) + p.shape, p.dtype), params),
+  )
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _put(store: Store, j, round_idx, global_params, clients, active, client_params) -> Store:
   upd = jax.tree.map(lambda c, g: c - g[None], client_params, global_params)
   at = lambda a, v: a.at[j].set(v)
-  return Store(at(store.rounds, round_idx), jax.tree.map(at, store.globals, global_params),
-               at(store.clients, clients), at(store.active, active),
-               jax.tree.map(at, store.updates, upd))
+  return Store(
+    at(store.rounds, round_idx),
+    jax.tree.map(at, store.globals, global_params),
+    at(store.clients, clients),
+    at(store.active, active),
+    jax.tree.map(at, store.updates, upd),
+  )
 
 
 def store_bytes(store: Store) -> dict:
   """Bytes the server keeps: client updates (only the active slots) and global models."""
   per_update = tu.tree_num_bytes(jax.tree.map(lambda a: a[0, 0], store.updates))
-  return {"stored_update_bytes": int(np.asarray(store.active).sum()) * per_update,
-          "stored_model_bytes": tu.tree_num_bytes(store.globals)}
+  return {
+    "stored_update_bytes": int(np.asarray(store.active).sum()) * per_update,
+    "stored_model_bytes": tu.tree_num_bytes(store.globals),
+  }
 
 
 def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
@@ -165,21 +179,40 @@ def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
   epochs = cfg.fl.local_epochs
 
   def round_fn(state: TrainState, r):
-    res = fl.fedavg_round(state.server, runner, (c.x, c.y), c.valid, None, seed=cfg.seed,
-                          round_idx=r, client_weights=weights, num_sampled=k,
-                          server_opt=server_opt, stream=fl.STREAM_CLIENT)
+    res = fl.fedavg_round(
+      state.server,
+      runner,
+      (c.x, c.y),
+      c.valid,
+      None,
+      seed=cfg.seed,
+      round_idx=r,
+      client_weights=weights,
+      num_sampled=k,
+      server_opt=server_opt,
+      stream=fl.STREAM_CLIENT,
+    )
     active_mask = weights[res.sampled] > 0
     store = state.store
     if r % s.interval == 0:
-      store = _put(store, r // s.interval, r, state.server.params,
-                   jnp.asarray(res.sampled, jnp.int32), jnp.asarray(active_mask),
-                   res.client.params)
-    m = dict(res.metrics, **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes,
-                                          epochs=epochs))
+      store = _put(
+        store,
+        r // s.interval,
+        r,
+        state.server.params,
+        jnp.asarray(res.sampled, jnp.int32),
+        jnp.asarray(active_mask),
+        res.client.params,
+      )
+    m = dict(
+      res.metrics, **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes, epochs=epochs)
+    )
     return TrainState(res.server, store), m
 
-  init = TrainState(fl.server_init(params, server_opt),
-                    empty_store(params, num_stored(cfg.fl.rounds, s.interval), k))
+  init = TrainState(
+    fl.server_init(params, server_opt),
+    empty_store(params, num_stored(cfg.fl.rounds, s.interval), k),
+  )
   state = env.rounds("train", init, cfg.fl.rounds, round_fn, lambda st: st.server.params)
   return base.Trained(state.server.params, extra=state.store)
 
@@ -198,9 +231,10 @@ def removed_client(task: base.Task) -> int:
     holders = base.target_clients(task)
     if len(holders) != 1:
       raise base.Unservable(
-          f"federaser removes whole clients: a class request is served only when exactly one "
-          f"client holds the class, but classes {list(req.classes)} are held by clients "
-          f"{[int(h) for h in holders]} (use unlearn.kind=client or another method)")
+        f"federaser removes whole clients: a class request is served only when exactly one "
+        f"client holds the class, but classes {list(req.classes)} are held by clients "
+        f"{[int(h) for h in holders]} (use unlearn.kind=client or another method)"
+      )
     return int(holders[0])
   raise ValueError(f"federaser serves client and class requests, got {req.kind!r}")
 
@@ -209,11 +243,13 @@ def removed_client(task: base.Task) -> int:
 def calibrated_updates(old, cal):
   """Per client (leading axis) and per leaf: ||old||_leaf * cal / ||cal||_leaf (0 where
   ||cal|| = 0)."""
+
   def one(o, c):
     axes = tuple(range(1, o.ndim))
     no = jnp.sqrt(jnp.sum(jnp.square(o), axis=axes, keepdims=True))
     nc = jnp.sqrt(jnp.sum(jnp.square(c), axis=axes, keepdims=True))
     return jnp.where(nc > 0, c * no / jnp.where(nc > 0, nc, 1.0), 0.0)
+
   return jax.tree.map(one, old, cal)
 
 
@@ -226,8 +262,9 @@ def combine_updates(old, cal, weights, mode: str):
   """The example-weighted mean update of a stored round: per client rescaled ('client', the
   paper) or the mean calibration update rescaled to the mean old update ('mean')."""
   if mode == "mean":
-    return tu.tree_weighted_mean(calibrated_updates(_mean(old, weights), _mean(cal, weights)),
-                                 jnp.ones((1,)))
+    return tu.tree_weighted_mean(
+      calibrated_updates(_mean(old, weights), _mean(cal, weights)), jnp.ones((1,))
+    )
   return tu.tree_weighted_mean(calibrated_updates(old, cal), weights)
 
 
@@ -246,8 +283,11 @@ def subset_mask(task: base.Task, clients, fraction: float, j: int) -> np.ndarray
   for i, c in enumerate(clients):
     rows = np.flatnonzero(v[i])
     m = math.ceil(fraction * rows.size - 1e-9)
-    u = np.asarray(_uniform(fl.stream_key(seed, fl.STREAM_UNLEARN, FEDERASER_ID,
-                                          _PART_SUBSET, j, int(c)), v.shape[1]))
+    u = np.asarray(
+      _uniform(
+        fl.stream_key(seed, fl.STREAM_UNLEARN, FEDERASER_ID, _PART_SUBSET, j, int(c)), v.shape[1]
+      )
+    )
     keep = rows[np.argsort(u[rows], kind="stable")[:m]]
     v[i] = False
     v[i, keep] = True
@@ -259,8 +299,10 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   s = cfg.federaser
   store = trained.extra
   if not isinstance(store, Store):
-    raise ValueError("federaser needs the updates stored by its own trainer ('federaser'); "
-                     f"the trained model came with {type(store).__name__}")
+    raise ValueError(
+      "federaser needs the updates stored by its own trainer ('federaser'); "
+      f"the trained model came with {type(store).__name__}"
+    )
   gone = removed_client(task)
   num = task.clients.count.shape[0]
   weights = np.ones(num)
@@ -290,8 +332,12 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
       m = {}
     else:
       valid = subset_mask(task, keep, fraction, j)
-      keys = jnp.stack([fl.stream_key(cfg.seed, fl.STREAM_UNLEARN, FEDERASER_ID, _PART_CALIB,
-                                      j, int(c)) for c in keep])
+      keys = jnp.stack(
+        [
+          fl.stream_key(cfg.seed, fl.STREAM_UNLEARN, FEDERASER_ID, _PART_CALIB, j, int(c))
+          for c in keep
+        ]
+      )
       res = runner.run(params, (x[keep], y[keep]), valid, None, keys)
       cal = jax.tree.map(lambda c, p: c - p[None], res.params, params)
       new = combine_updates(old, cal, w, s.combine)
@@ -302,13 +348,15 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
 
   params = env.rounds("federaser", params0, num_rounds, round_fn, lambda p: p)
   forget = np.asarray(task.forget)
-  results = {**store_bytes(store),
-             "federaser_stored_rounds": int(num_rounds),
-             "federaser_calib_epochs": epochs,
-             "federaser_calib_fraction": fraction,
-             "federaser_removed_client": gone,
-             "federaser_removed_examples": int(np.asarray(task.clients.valid)[gone].sum()),
-             "federaser_forget_examples": int(forget.sum())}
+  results = {
+    **store_bytes(store),
+    "federaser_stored_rounds": int(num_rounds),
+    "federaser_calib_epochs": epochs,
+    "federaser_calib_fraction": fraction,
+    "federaser_removed_client": gone,
+    "federaser_removed_examples": int(np.asarray(task.clients.valid)[gone].sum()),
+    "federaser_forget_examples": int(forget.sum()),
+  }
   return base.Outcome(params, results)
 
 
@@ -317,5 +365,8 @@ def _check(task: base.Task):
 
 
 TRAINER = base.Trainer("federaser", train_federaser, TRAIN_KEYS)
-METHODS = {"federaser": base.Method("federaser", ("class", "client"), TRAINER, _unlearn,
-                                    check=_check, validate=validate)}
+METHODS = {
+  "federaser": base.Method(
+    "federaser", ("class", "client"), TRAINER, _unlearn, check=_check, validate=validate
+  )
+}

@@ -41,6 +41,7 @@ Choices the paper leaves open, and ours:
 Serves every request kind in FRR_KINDS that the experiment defines (base.REQUEST_KINDS):
 it only needs the retained data.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -50,9 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fu_jax import ewc
-from fu_jax import fl
-from fu_jax import models
+from fu_jax import ewc, fl, models
 from fu_jax.methods import base
 
 INITS = ("trained", "scratch")
@@ -63,27 +62,27 @@ FRR_KINDS = ("class", "client_class", "client", "samples")
 def config_section(fl_cfg):
   """The `frr` section (`fl_cfg`: the config's fl section, which local_epochs follows)."""
   s = base.new_section()
-  s.init = "trained"         # start from the trained model | scratch (a fresh init)
-  s.rounds = 5               # FedAvg rounds of rapid retraining
+  s.init = "trained"  # start from the trained model | scratch (a fresh init)
+  s.rounds = 5  # FedAvg rounds of rapid retraining
   s.local_epochs = base.linked(fl_cfg, "local_epochs")  # local epochs per round
-  s.lr = 0.001               # eta (paper 0.001)
-  s.beta1 = 0.9              # momentum of the gradient (paper 0.9)
-  s.beta2 = 0.999            # momentum of the squared diagonal Fisher (paper 0.999)
-  s.eps = 1e-4               # damping added to the Fisher before dividing (not in the paper)
-  s.conv_impl = "im2col"     # per-example gradients: im2col (fast on CPU) | model (the
+  s.lr = 0.001  # eta (paper 0.001)
+  s.beta1 = 0.9  # momentum of the gradient (paper 0.9)
+  s.beta2 = 0.999  # momentum of the squared diagonal Fisher (paper 0.999)
+  s.eps = 1e-4  # damping added to the Fisher before dividing (not in the paper)
+  s.conv_impl = "im2col"  # per-example gradients: im2col (fast on CPU) | model (the
   #                            model's own convolution, e.g. to time FRR like retrain)
   return s
 
 
 RULES = {
-    "init": base.one_of(INITS),
-    "rounds": base.at_least(1),
-    "local_epochs": base.at_least(1),
-    "lr": base.positive(),
-    "beta1": base.in_range(0, 1, high_open=True),
-    "beta2": base.in_range(0, 1, high_open=True),
-    "eps": base.positive(),
-    "conv_impl": base.one_of(CONV_IMPLS),
+  "init": base.one_of(INITS),
+  "rounds": base.at_least(1),
+  "local_epochs": base.at_least(1),
+  "lr": base.positive(),
+  "beta1": base.in_range(0, 1, high_open=True),
+  "beta2": base.in_range(0, 1, high_open=True),
+  "eps": base.positive(),
+  "conv_impl": base.one_of(CONV_IMPLS),
 }
 
 
@@ -93,24 +92,24 @@ def validate(config):
 
 class FrrState(NamedTuple):
   params: Any
-  m: Any       # first moment of the gradient
-  v: Any       # second moment of the diagonal Fisher (EMA of F^2)
-  t: Any       # int32 steps taken
+  m: Any  # first moment of the gradient
+  v: Any  # second moment of the diagonal Fisher (EMA of F^2)
+  t: Any  # int32 steps taken
 
 
-def frr_direction(grads, fisher, state_m, state_v, t, *, beta1: float, beta2: float,
-                  eps: float):
+def frr_direction(grads, fisher, state_m, state_v, t, *, beta1: float, beta2: float, eps: float):
   """(update direction m^ / (sqrt(v^) + eps), m, v) after step t (1-based)."""
   m = jax.tree.map(lambda a, g: beta1 * a + (1 - beta1) * g, state_m, grads)
   v = jax.tree.map(lambda a, f: beta2 * a + (1 - beta2) * f * f, state_v, fisher)
-  c1 = 1 - beta1 ** t
-  c2 = 1 - beta2 ** t
+  c1 = 1 - beta1**t
+  c2 = 1 - beta2**t
   d = jax.tree.map(lambda a, b: (a / c1) / (jnp.sqrt(b / c2) + eps), m, v)
   return d, m, v
 
 
-def frr_program(model, *, lr: float, beta1: float, beta2: float, eps: float,
-                conv_impl: str = "im2col") -> fl.LocalProgram:
+def frr_program(
+  model, *, lr: float, beta1: float, beta2: float, eps: float, conv_impl: str = "im2col"
+) -> fl.LocalProgram:
   """Local rapid-retraining steps (see the module docstring) as a LocalProgram.
 
   model: the flax module; its per-example gradients are taken with conv_impl='im2col', or
@@ -137,8 +136,9 @@ def frr_program(model, *, lr: float, beta1: float, beta2: float, eps: float,
     g = jax.tree.map(lambda a: jnp.sum(expand(a) * a, axis=0), g_i)
     f = jax.tree.map(lambda a: jnp.sum(expand(a) * a * a, axis=0), g_i)
     t = state.t + 1
-    d, m, v = frr_direction(g, f, state.m, state.v, t.astype(jnp.float32), beta1=beta1,
-                            beta2=beta2, eps=eps)
+    d, m, v = frr_direction(
+      g, f, state.m, state.v, t.astype(jnp.float32), beta1=beta1, beta2=beta2, eps=eps
+    )
     params = jax.tree.map(lambda p, u: p - lr * u, state.params, d)
     return FrrState(params, m, v, t), {"loss": jnp.sum(w * losses_i)}
 
@@ -148,18 +148,31 @@ def frr_program(model, *, lr: float, beta1: float, beta2: float, eps: float,
 def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   cfg = task.config
   s = cfg.frr
-  program = frr_program(task.model, lr=s.lr, beta1=s.beta1, beta2=s.beta2,
-                        eps=s.eps, conv_impl=s.conv_impl)
+  program = frr_program(
+    task.model, lr=s.lr, beta1=s.beta1, beta2=s.beta2, eps=s.eps, conv_impl=s.conv_impl
+  )
   if s.init == "trained":
     params, offset = trained.params, cfg.fl.rounds
   else:
     params, offset = base.init_params(task), 0
-  params = base.fedavg_phase(task, env, "frr", params, s.rounds, valid=task.retain_valid,
-                             client_weights=task.client_weights, program=program,
-                             epochs=s.local_epochs, round_offset=offset)
+  params = base.fedavg_phase(
+    task,
+    env,
+    "frr",
+    params,
+    s.rounds,
+    valid=task.retain_valid,
+    client_weights=task.client_weights,
+    program=program,
+    epochs=s.local_epochs,
+    round_offset=offset,
+  )
   # Each client keeps 2 extra model-sized moments (m, v) while training.
-  results = {"frr_init": s.init, "frr_rounds": s.rounds,
-             "frr_retained_examples": int(np.asarray(task.retain_valid).sum())}
+  results = {
+    "frr_init": s.init,
+    "frr_rounds": s.rounds,
+    "frr_retained_examples": int(np.asarray(task.retain_valid).sum()),
+  }
   return base.Outcome(params, results)
 
 

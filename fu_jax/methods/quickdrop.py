@@ -71,6 +71,7 @@ Choices the paper and its official code leave open, and ours:
 Layout and runner plumbing (chunked sets, the loop runner cut to the chunks in use, set write-
 back, the SGA / recovery phase runners, artifacts) live in `quickdrop_runner`.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -80,12 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fu_jax import ascent
-from fu_jax import distill
-from fu_jax import fl
-from fu_jax import images
-from fu_jax import losses
-from fu_jax import models
+from fu_jax import ascent, distill, fl, images, losses, models
 from fu_jax import tree as tu
 from fu_jax.methods import base
 from fu_jax.methods import quickdrop_runner as qr
@@ -93,9 +89,19 @@ from fu_jax.methods import quickdrop_runner as qr
 MODEL_UPDATES = ("real", "synthetic")
 GRAD_METHODS = ("per_example", "vmap", "unroll")
 # Keys of config.quickdrop that determine the trained model (the rest is unlearning only).
-TRAIN_KEYS = ("scale", "images_per_class", "image_lr", "image_momentum", "metric",
-              "model_update", "grads", "distill_every", "chunk_size", "clip_images",
-              "artifacts")
+TRAIN_KEYS = (
+  "scale",
+  "images_per_class",
+  "image_lr",
+  "image_momentum",
+  "metric",
+  "model_update",
+  "grads",
+  "distill_every",
+  "chunk_size",
+  "clip_images",
+  "artifacts",
+)
 SYNTH_INIT_ID = 1  # fl.stream_key(seed, STREAM_INIT, SYNTH_INIT_ID, client): the sets' init
 
 
@@ -104,22 +110,22 @@ SYNTH_INIT_ID = 1  # fl.stream_key(seed, STREAM_INIT, SYNTH_INIT_ID, client): th
 
 
 RULES = {
-    "images_per_class": base.at_least(0, "0 = use quickdrop.scale"),
-    "image_lr": base.positive(),
-    "image_momentum": base.in_range(0, 1, high_open=True),
-    "metric": base.one_of(distill.METRICS),
-    "model_update": base.one_of(MODEL_UPDATES),
-    "grads": base.one_of(GRAD_METHODS),
-    "distill_every": base.at_least(0, "0 = once per round, at the first local step"),
-    "chunk_size": base.at_least(0, "0 = automatic"),
-    "unlearn_epochs": base.at_least(1),
-    "unlearn_lr": base.positive(),
-    "unlearn_batch_size": base.at_least(1),
-    "recovery_rounds": base.at_least(0),
-    "recovery_epochs": base.at_least(1),
-    "recovery_lr": base.positive(),
-    "clip_norm": base.at_least(0, "0 = off"),
-    "finetune_rounds": base.at_least(0),
+  "images_per_class": base.at_least(0, "0 = use quickdrop.scale"),
+  "image_lr": base.positive(),
+  "image_momentum": base.in_range(0, 1, high_open=True),
+  "metric": base.one_of(distill.METRICS),
+  "model_update": base.one_of(MODEL_UPDATES),
+  "grads": base.one_of(GRAD_METHODS),
+  "distill_every": base.at_least(0, "0 = once per round, at the first local step"),
+  "chunk_size": base.at_least(0, "0 = automatic"),
+  "unlearn_epochs": base.at_least(1),
+  "unlearn_lr": base.positive(),
+  "unlearn_batch_size": base.at_least(1),
+  "recovery_rounds": base.at_least(0),
+  "recovery_epochs": base.at_least(1),
+  "recovery_lr": base.positive(),
+  "clip_norm": base.at_least(0, "0 = off"),
+  "finetune_rounds": base.at_least(0),
 }
 
 
@@ -127,11 +133,15 @@ def validate(config):
   """Checks config.quickdrop; raises ConfigError naming the first bad value."""
   base.check_section(config, "quickdrop", RULES)
   q = config.quickdrop
-  base.require(bool(q.images_per_class) or 0.0 < q.scale <= 1.0,
-               f"quickdrop.scale={q.scale!r}: must be in (0, 1]")
+  base.require(
+    bool(q.images_per_class) or 0.0 < q.scale <= 1.0,
+    f"quickdrop.scale={q.scale!r}: must be in (0, 1]",
+  )
   sequence = tuple(q.sequence or ())
-  base.require(len(set(sequence)) == len(sequence),
-               f"quickdrop.sequence={q.sequence!r}: classes must be distinct")
+  base.require(
+    len(set(sequence)) == len(sequence),
+    f"quickdrop.sequence={q.sequence!r}: classes must be distinct",
+  )
 
 
 def settings(config) -> dict:
@@ -149,6 +159,7 @@ def settings(config) -> dict:
 
 class DistillState(NamedTuple):
   """A client's local state: model, its optimizer, synthetic set, image optimizer."""
+
   params: Any
   opt_state: Any
   syn: distill.SyntheticSet
@@ -157,6 +168,7 @@ class DistillState(NamedTuple):
 
 class TrainState(NamedTuple):
   """The trainer's round state: the server plus every client's set, leading axis N."""
+
   server: fl.ServerState
   syn: distill.SyntheticSet
   syn_opt: Any
@@ -171,10 +183,18 @@ def image_optimizer(s: dict) -> optax.GradientTransformation:
   return distill.default_image_optimizer(s["image_lr"], s["image_momentum"])
 
 
-def distill_program(model, num_classes: int, optimizer: optax.GradientTransformation,
-                    image_opt: optax.GradientTransformation, *, model_update: str = "real",
-                    metric: str = "ours", grads: str = "per_example", distill_every: int = 0,
-                    image_range=None) -> fl.LocalProgram:
+def distill_program(
+  model,
+  num_classes: int,
+  optimizer: optax.GradientTransformation,
+  image_opt: optax.GradientTransformation,
+  *,
+  model_update: str = "real",
+  metric: str = "ours",
+  grads: str = "per_example",
+  distill_every: int = 0,
+  image_range=None,
+) -> fl.LocalProgram:
   """QuickDrop's local program: a model step per batch, with a synthetic-image step on it.
 
   extra (per client) = (SyntheticSet, image optimizer state). On a distilling mini-batch B
@@ -207,12 +227,20 @@ def distill_program(model, num_classes: int, optimizer: optax.GradientTransforma
   def distilling(state, batch):
     p = state.params
     loss = ce(p, batch.x, batch.y, batch.mask)
-    g_class = distill.per_class_grads(fn, p, batch.x, batch.y, batch.mask, num_classes,
-                                      method=grads)
+    g_class = distill.per_class_grads(
+      fn, p, batch.x, batch.y, batch.mask, num_classes, method=grads
+    )
     counts = distill.class_counts(batch.y, batch.mask, num_classes)
     syn, syn_opt, match = distill.synthetic_update(
-        fn, p, state.syn, g_class, state.syn_opt, optimizer=image_opt, metric=metric,
-        real_counts=counts)
+      fn,
+      p,
+      state.syn,
+      g_class,
+      state.syn_opt,
+      optimizer=image_opt,
+      metric=metric,
+      real_counts=counts,
+    )
     if image_range is not None:
       syn = syn._replace(x=jnp.clip(syn.x, image_range[0], image_range[1]))
     if model_update == "real":
@@ -241,14 +269,16 @@ def distill_program(model, num_classes: int, optimizer: optax.GradientTransforma
       updates, opt_state = optimizer.update(g, state.opt_state, state.params)
       new = DistillState(optax.apply_updates(state.params, updates), opt_state, syn, syn_opt)
       return new, {"loss": loss, "match_loss": match}
+
     return step
 
   finish = lambda state: state.params
   if distill_every == 1:
     return fl.LocalProgram(init, model_step(distilling), finish)
   due = (lambda i: i == 0) if distill_every == 0 else (lambda i: i % distill_every == 0)
-  return fl.LocalProgram(init, model_step(plain), finish, scheduled_step=model_step(distilling),
-                         schedule=due)
+  return fl.LocalProgram(
+    init, model_step(plain), finish, scheduled_step=model_step(distilling), schedule=due
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,8 +289,9 @@ def class_counts_per_client(task: base.Task) -> np.ndarray:
   """int [N, K]: real training examples of each class held by each client."""
   y = np.asarray(task.clients.y)
   v = np.asarray(task.clients.valid)
-  return np.stack([np.bincount(y[k][v[k]], minlength=task.num_classes)
-                   for k in range(y.shape[0])]).astype(np.int64)
+  return np.stack(
+    [np.bincount(y[k][v[k]], minlength=task.num_classes) for k in range(y.shape[0])]
+  ).astype(np.int64)
 
 
 def init_sets(task: base.Task, s: dict) -> distill.SyntheticSet:
@@ -270,14 +301,15 @@ def init_sets(task: base.Task, s: dict) -> distill.SyntheticSet:
   chunk_size, num_chunks = distill.synthetic_layout(sizes, s["chunk_size"] or None)
   n = counts.shape[0]
   keys = jax.vmap(lambda k: fl.stream_key(task.config.seed, fl.STREAM_INIT, SYNTH_INIT_ID, k))(
-      jnp.arange(n))
+    jnp.arange(n)
+  )
   c = task.clients
 
   @jax.jit
   def build(x, y, valid, keys, sizes):
     one = lambda x, y, v, k, sz: distill.init_synthetic(
-        x, y, v, task.num_classes, key=k, chunk_size=chunk_size, num_chunks=num_chunks,
-        sizes=sz)
+      x, y, v, task.num_classes, key=k, chunk_size=chunk_size, num_chunks=num_chunks, sizes=sz
+    )
     return jax.vmap(one)(x, y, valid, keys, sizes)
 
   # The real images are materialised outside the jitted build, a block of clients at a time.
@@ -297,10 +329,17 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
   cfg = task.config
   c = task.clients
   image_opt = image_optimizer(s)
-  program = distill_program(task.model, task.num_classes, base.client_optimizer(cfg),
-                            image_opt, model_update=s["model_update"], metric=s["metric"],
-                            grads=s["grads"], distill_every=s["distill_every"],
-                            image_range=pixel_range(task) if s["clip_images"] else None)
+  program = distill_program(
+    task.model,
+    task.num_classes,
+    base.client_optimizer(cfg),
+    image_opt,
+    model_update=s["model_update"],
+    metric=s["metric"],
+    grads=s["grads"],
+    distill_every=s["distill_every"],
+    image_range=pixel_range(task) if s["clip_images"] else None,
+  )
   runner = env.runner(program, cfg.fl.local_epochs, cfg.fl.batch_size)
   if getattr(runner, "kind", None) == "loop":
     runner = qr.UsedChunksRunner(runner)
@@ -311,15 +350,29 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
   model_bytes = tu.tree_num_bytes(params)
 
   def round_fn(state: TrainState, r):
-    res = fl.fedavg_round(state.server, runner, (c.x, c.y), c.valid,
-                          (state.syn, state.syn_opt), seed=cfg.seed, round_idx=r,
-                          client_weights=weights, num_sampled=k, server_opt=server_opt)
+    res = fl.fedavg_round(
+      state.server,
+      runner,
+      (c.x, c.y),
+      c.valid,
+      (state.syn, state.syn_opt),
+      seed=cfg.seed,
+      round_idx=r,
+      client_weights=weights,
+      num_sampled=k,
+      server_opt=server_opt,
+    )
     active = weights[res.sampled] > 0
-    syn, syn_opt = qr.scatter_sets((state.syn, state.syn_opt), jnp.asarray(res.sampled),
-                            jnp.asarray(active), (res.client.state.syn,
-                                                  res.client.state.syn_opt))
-    m = dict(res.metrics, **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes,
-                                          epochs=cfg.fl.local_epochs))
+    syn, syn_opt = qr.scatter_sets(
+      (state.syn, state.syn_opt),
+      jnp.asarray(res.sampled),
+      jnp.asarray(active),
+      (res.client.state.syn, res.client.state.syn_opt),
+    )
+    m = dict(
+      res.metrics,
+      **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes, epochs=cfg.fl.local_epochs),
+    )
     return TrainState(res.server, syn, syn_opt), m
 
   syn = init_sets(task, s)
@@ -336,8 +389,7 @@ def train_quickdrop(task: base.Task, env: base.Env) -> base.Trained:
   """
   s = settings(task.config)
   init, round_fn = training_rounds(task, env, s)
-  state = env.rounds("train", init, task.config.fl.rounds, round_fn,
-                     lambda st: st.server.params)
+  state = env.rounds("train", init, task.config.fl.rounds, round_fn, lambda st: st.server.params)
   if s["artifacts"]:
     directory = qr.artifact_dir(env, "synthetic")
     if directory is not None:
@@ -352,6 +404,7 @@ def train_quickdrop(task: base.Task, env: base.Env) -> base.Trained:
 def normalized_updates(eps: float = 1e-12) -> optax.GradientTransformation:
   """g -> g / ||g|| (global L2 norm over the pytree; 0 stays 0): a following sgd(lr) then
   moves the parameters by exactly lr."""
+
   def init_fn(params):
     del params
     return optax.EmptyState()
@@ -380,12 +433,22 @@ def recovery_optimizer(s: dict, momentum: float) -> optax.GradientTransformation
 def unlearning_phases(task: base.Task, env: base.Env, s: dict) -> qr.SetPhases:
   """The two local programs of unlearning, 'sga' and 'recovery', ready to run in rounds."""
   cfg = task.config
-  return qr.SetPhases(task, env, {
-      "sga": (fl.sgd_program(task.apply_fn, sga_optimizer(s)), s["unlearn_epochs"],
-              s["unlearn_batch_size"]),
-      "recovery": (fl.sgd_program(task.apply_fn,
-                                  recovery_optimizer(s, cfg.fl.client_momentum)),
-                   s["recovery_epochs"], cfg.fl.batch_size)})
+  return qr.SetPhases(
+    task,
+    env,
+    {
+      "sga": (
+        fl.sgd_program(task.apply_fn, sga_optimizer(s)),
+        s["unlearn_epochs"],
+        s["unlearn_batch_size"],
+      ),
+      "recovery": (
+        fl.sgd_program(task.apply_fn, recovery_optimizer(s, cfg.fl.client_momentum)),
+        s["recovery_epochs"],
+        cfg.fl.batch_size,
+      ),
+    },
+  )
 
 
 def synthetic_masks(syn: distill.SyntheticSet, classes, client: int = -1):
@@ -406,16 +469,19 @@ def _steps(task: base.Task, s: dict) -> list:
   if not s["sequence"]:
     return [tuple(task.request.classes)]
   if task.request.kind != "class":
-    raise ValueError(f"quickdrop.sequence={s['sequence']} needs unlearn.kind='class', got "
-                     f"{task.request.kind!r}")
+    raise ValueError(
+      f"quickdrop.sequence={s['sequence']} needs unlearn.kind='class', got {task.request.kind!r}"
+    )
   bad = [c for c in s["sequence"] if not 0 <= c < task.num_classes]
   if bad:
     raise ValueError(f"quickdrop.sequence has classes {bad} outside 0..{task.num_classes - 1}")
   missing = [c for c in task.request.classes if c not in s["sequence"]]
   if missing:
-    raise ValueError(f"quickdrop.sequence={s['sequence']} must contain the requested classes "
-                     f"{tuple(task.request.classes)} (missing {missing}): the run evaluates "
-                     "the final model against the request")
+    raise ValueError(
+      f"quickdrop.sequence={s['sequence']} must contain the requested classes "
+      f"{tuple(task.request.classes)} (missing {missing}): the run evaluates "
+      "the final model against the request"
+    )
   return [(c,) for c in s["sequence"]]
 
 
@@ -424,8 +490,10 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   s = settings(cfg)
   syn = trained.extra
   if not isinstance(syn, distill.SyntheticSet):
-    raise ValueError("quickdrop needs the synthetic sets of its own trainer "
-                     f"(Trained.extra), got {type(syn).__name__}; use pretrain='quickdrop'")
+    raise ValueError(
+      "quickdrop needs the synthetic sets of its own trainer "
+      f"(Trained.extra), got {type(syn).__name__}; use pretrain='quickdrop'"
+    )
   req = task.request
   if req.kind not in ("class", "client_class"):
     raise ValueError(f"quickdrop serves class and client_class requests, got {req.kind!r}")
@@ -446,34 +514,61 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
     forget_mask = synthetic_masks(syn, classes, client)
     data, fvalid = _flat_data(syn, forget_mask)
     holders = (np.asarray(jnp.sum(fvalid, axis=1)) > 0).astype(np.float32) * weights
-    params = phases.run("sga" + tag, params, 1, data, fvalid, program="sga",
-                        weights=holders, num_sampled=n, round_offset=offset)
+    params = phases.run(
+      "sga" + tag,
+      params,
+      1,
+      data,
+      fvalid,
+      program="sga",
+      weights=holders,
+      num_sampled=n,
+      round_offset=offset,
+    )
     offset += 1
     keep = syn.valid & ~synthetic_masks(syn, forgotten, client)
     _, rvalid = _flat_data(syn, keep)
     if s["recovery_rounds"]:
-      params = phases.run("recovery" + tag, params, s["recovery_rounds"], data, rvalid,
-                          program="recovery", weights=weights, num_sampled=k,
-                          round_offset=offset)
+      params = phases.run(
+        "recovery" + tag,
+        params,
+        s["recovery_rounds"],
+        data,
+        rvalid,
+        program="recovery",
+        weights=weights,
+        num_sampled=k,
+        round_offset=offset,
+      )
       offset += s["recovery_rounds"]
     if s["finetune_rounds"]:
-      real_keep = task.retain_valid if client >= 0 else (
-          task.clients.valid & ~jnp.isin(task.y_true, jnp.asarray(forgotten)))
-      params = base.fedavg_phase(task, env, "finetune" + tag, params, s["finetune_rounds"],
-                                 valid=real_keep, client_weights=task.client_weights,
-                                 round_offset=offset)
+      real_keep = (
+        task.retain_valid
+        if client >= 0
+        else (task.clients.valid & ~jnp.isin(task.y_true, jnp.asarray(forgotten)))
+      )
+      params = base.fedavg_phase(
+        task,
+        env,
+        "finetune" + tag,
+        params,
+        s["finetune_rounds"],
+        valid=real_keep,
+        client_weights=task.client_weights,
+        round_offset=offset,
+      )
       offset += s["finetune_rounds"]
     totals["forget_synthetic"] += int(jnp.sum(forget_mask))
     totals["retain_synthetic"] = int(jnp.sum(keep))
     if s["sequence"]:
       records.append(qr.record(task, params, i + 1, classes, forgotten))
   results = {
-      "synthetic_images": int(jnp.sum(syn.valid)),
-      "synthetic_bytes": int(np.asarray(syn.valid).sum() * np.prod(syn.x.shape[3:]) * 4),
-      "forget_synthetic_images": totals["forget_synthetic"],
-      "retain_synthetic_images": totals["retain_synthetic"],
-      "model_update": s["model_update"],
-      "synthetic": "distilled",
+    "synthetic_images": int(jnp.sum(syn.valid)),
+    "synthetic_bytes": int(np.asarray(syn.valid).sum() * np.prod(syn.x.shape[3:]) * 4),
+    "forget_synthetic_images": totals["forget_synthetic"],
+    "retain_synthetic_images": totals["retain_synthetic"],
+    "model_update": s["model_update"],
+    "synthetic": "distilled",
   }
   if s["sequence"]:
     results["sequence"] = records
@@ -494,19 +589,27 @@ def _unlearn_nodistill(task: base.Task, env: base.Env, trained: base.Trained) ->
   """
   s = settings(task.config)
   if s["model_update"] != "real":
-    raise ValueError(f"quickdrop_nodistill needs quickdrop.model_update='real' (got "
-                     f"{s['model_update']!r}): only then is the trained model independent "
-                     "of the image steps")
+    raise ValueError(
+      f"quickdrop_nodistill needs quickdrop.model_update='real' (got "
+      f"{s['model_update']!r}): only then is the trained model independent "
+      "of the image steps"
+    )
   syn = trained.extra
   if not isinstance(syn, distill.SyntheticSet):
-    raise ValueError("quickdrop_nodistill needs the synthetic sets of the quickdrop trainer "
-                     f"(Trained.extra), got {type(syn).__name__}")
+    raise ValueError(
+      "quickdrop_nodistill needs the synthetic sets of the quickdrop trainer "
+      f"(Trained.extra), got {type(syn).__name__}"
+    )
   init = init_sets(task, s)
-  if (init.x.shape != syn.x.shape
-      or not np.array_equal(np.asarray(init.valid), np.asarray(syn.valid))
-      or not np.array_equal(np.asarray(init.y), np.asarray(syn.y))):
-    raise ValueError("quickdrop_nodistill: the trainer's sets do not have the layout "
-                     "init_sets rebuilds from this config")
+  if (
+    init.x.shape != syn.x.shape
+    or not np.array_equal(np.asarray(init.valid), np.asarray(syn.valid))
+    or not np.array_equal(np.asarray(init.y), np.asarray(syn.y))
+  ):
+    raise ValueError(
+      "quickdrop_nodistill: the trainer's sets do not have the layout "
+      "init_sets rebuilds from this config"
+    )
   out = _unlearn(task, env, trained._replace(extra=init))
   return out._replace(results=dict(out.results, synthetic="real_init"))
 
@@ -520,43 +623,51 @@ def config_section(fl_cfg):
   recovery_epochs and recovery_lr follow). Training keys (TRAIN_KEYS: a change retrains the
   quickdrop model): scale .. artifacts; the rest is unlearning only."""
   s = base.new_section()
-  s.scale = 0.01           # synthetic images per class = ceil(n_c * scale), >= 1
-  s.images_per_class = 0   # fixed count per present class instead (0 = use scale)
-  s.image_lr = 0.1         # SGD lr on the synthetic images (DC / QuickDrop)
-  s.image_momentum = 0.5   # its momentum
-  s.metric = "ours"        # gradient-matching distance: ours | mse | cos
+  s.scale = 0.01  # synthetic images per class = ceil(n_c * scale), >= 1
+  s.images_per_class = 0  # fixed count per present class instead (0 = use scale)
+  s.image_lr = 0.1  # SGD lr on the synthetic images (DC / QuickDrop)
+  s.image_momentum = 0.5  # its momentum
+  s.metric = "ours"  # gradient-matching distance: ours | mse | cos
   s.model_update = "real"  # real (reuse the real gradient, paper) | synthetic (official)
   s.grads = "per_example"  # per-class gradient algorithm: per_example | vmap | unroll
-  s.distill_every = 0      # image step on local steps 0, k, 2k, ... (1 = every step;
+  s.distill_every = 0  # image step on local steps 0, k, 2k, ... (1 = every step;
   #                          0 = once per round, at the first step: official schedule)
-  s.chunk_size = 0         # images per chunk of the stored sets (0 = automatic,
+  s.chunk_size = 0  # images per chunk of the stored sets (0 = automatic,
   #                          distill.synthetic_layout; a layout, not a hyperparameter)
-  s.clip_images = False    # keep synthetic pixels within the real data's [min, max]
-  s.artifacts = True       # write pretrain/<dir>/synthetic/client_<k>.{npz,png}
+  s.clip_images = False  # keep synthetic pixels within the real data's [min, max]
+  s.artifacts = True  # write pretrain/<dir>/synthetic/client_<k>.{npz,png}
   # Unlearning keys.
-  s.unlearn_epochs = 1     # SGA epochs on the distilled forget data
-  s.unlearn_lr = 1.0       # SGA step size (with unlearn_normalize: L2 step length)
+  s.unlearn_epochs = 1  # SGA epochs on the distilled forget data
+  s.unlearn_lr = 1.0  # SGA step size (with unlearn_normalize: L2 step length)
   s.unlearn_batch_size = base.linked(fl_cfg, "batch_size")  # SGA batch size
   s.unlearn_normalize = True  # ascend along g/||g||: unlearn_lr = step length
-  s.recovery_rounds = 5    # FedAvg rounds on the distilled retained data
+  s.recovery_rounds = 5  # FedAvg rounds on the distilled retained data
   s.recovery_epochs = base.linked(fl_cfg, "local_epochs")  # local epochs per recovery round
   s.recovery_lr = base.linked(fl_cfg, "client_lr")  # recovery lr; momentum fl.client_momentum
-  s.clip_norm = 1.0        # recovery: clip each client gradient to this norm (0 = off)
-  s.finetune_rounds = 0    # FedAvg rounds on the real retained data afterwards
-  s.sequence = ()          # classes forgotten one after another (must hold the request)
+  s.clip_norm = 1.0  # recovery: clip each client gradient to this norm (0 = off)
+  s.finetune_rounds = 0  # FedAvg rounds on the real retained data afterwards
+  s.sequence = ()  # classes forgotten one after another (must hold the request)
   return s
 
 
 TRAINER = base.Trainer("quickdrop", train_quickdrop, TRAIN_KEYS)
 
-WHY_CLASS_ONLY = ("it unlearns by ascent on per-class distilled sets, which hold no "
-                  "individual sample or client to remove")
+WHY_CLASS_ONLY = (
+  "it unlearns by ascent on per-class distilled sets, which hold no "
+  "individual sample or client to remove"
+)
 
 METHODS = {
-    "quickdrop": base.Method("quickdrop", ("class", "client_class"), TRAINER, _unlearn,
-                             why=WHY_CLASS_ONLY, validate=validate),
-    # Ablation: the same pipeline on the undistilled sets (their real-image initialisation).
-    "quickdrop_nodistill": base.Method("quickdrop_nodistill", ("class", "client_class"),
-                                       TRAINER, _unlearn_nodistill, why=WHY_CLASS_ONLY,
-                                       validate=validate),
+  "quickdrop": base.Method(
+    "quickdrop", ("class", "client_class"), TRAINER, _unlearn, why=WHY_CLASS_ONLY, validate=validate
+  ),
+  # Ablation: the same pipeline on the undistilled sets (their real-image initialisation).
+  "quickdrop_nodistill": base.Method(
+    "quickdrop_nodistill",
+    ("class", "client_class"),
+    TRAINER,
+    _unlearn_nodistill,
+    why=WHY_CLASS_ONLY,
+    validate=validate,
+  ),
 }

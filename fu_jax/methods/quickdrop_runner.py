@@ -11,6 +11,7 @@ this simulator and nothing a reader of the paper has to know:
 - `record`: the evaluation kept after each step of a sequence of requests.
 - `write_synthetic`: per-client .npz files and a .png mosaic of the final sets.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fu_jax import distill
-from fu_jax import fl
+from fu_jax import distill, fl
 from fu_jax import tree as tu
 from fu_jax.methods import base
 from fu_jax.metrics import accuracy as acc_lib
@@ -66,43 +66,57 @@ class UsedChunksRunner:
     for w in np.unique(widths):
       idx = np.flatnonzero(widths == w)
       take = lambda a, idx=idx: jnp.take(a, jnp.asarray(idx), axis=0)
-      res = self.runner.run(server_params, jax.tree.map(take, data), take(valid),
-                            _resize_chunks(jax.tree.map(take, extra), num_chunks, w, b),
-                            take(keys))
+      res = self.runner.run(
+        server_params,
+        jax.tree.map(take, data),
+        take(valid),
+        _resize_chunks(jax.tree.map(take, extra), num_chunks, w, b),
+        take(keys),
+      )
       st = res.state
-      parts.append(res._replace(state=st._replace(
-          syn=_resize_chunks(st.syn, w, num_chunks, b),
-          syn_opt=_resize_chunks(st.syn_opt, w, num_chunks, b))))
+      parts.append(
+        res._replace(
+          state=st._replace(
+            syn=_resize_chunks(st.syn, w, num_chunks, b),
+            syn_opt=_resize_chunks(st.syn_opt, w, num_chunks, b),
+          )
+        )
+      )
       order.append(idx)
     if len(parts) == 1:
       return parts[0]
     back = np.argsort(np.concatenate(order))
     merge = lambda *a: jnp.take(jnp.concatenate(a), jnp.asarray(back), axis=0)
-    return fl.ClientResult(jax.tree.map(merge, *[p.params for p in parts]),
-                           jax.tree.map(merge, *[p.state for p in parts]),
-                           jax.tree.map(lambda *a: np.concatenate(a)[back],
-                                        *[p.metrics for p in parts]))
+    return fl.ClientResult(
+      jax.tree.map(merge, *[p.params for p in parts]),
+      jax.tree.map(merge, *[p.state for p in parts]),
+      jax.tree.map(lambda *a: np.concatenate(a)[back], *[p.metrics for p in parts]),
+    )
 
 
 def _resize_chunks(tree, old: int, new: int, b: int):
   """Cuts or zero-pads the chunk axis (axis 1) of every leaf shaped [n, old, b, ...] (sets
   and their image-optimizer state) to `new` chunks; other leaves are left alone."""
+
   def resize(a):
     if a.ndim < 3 or a.shape[1:3] != (old, b) or old == new:
       return a
     if new < old:
       return a[:, :new]
     return jnp.pad(a, [(0, 0), (0, new - old)] + [(0, 0)] * (a.ndim - 2))
+
   return jax.tree.map(resize, tree)
 
 
 @jax.jit
 def scatter_sets(all_sets, idx, active, new_sets):
   """Writes the sampled clients' updated sets back into the [N, ...] stacks (active only)."""
+
   def put(a, n):
     cur = jnp.take(a, idx, axis=0)
     keep = active.reshape((-1,) + (1,) * (n.ndim - 1))
     return a.at[idx].set(jnp.where(keep, n, cur))
+
   return jax.tree.map(put, all_sets, new_sets)
 
 
@@ -138,8 +152,19 @@ class SetPhases:
       self._runners[name, batch] = self.env.runner(program, epochs, batch)
     return self._runners[name, batch]
 
-  def run(self, phase: str, params, num_rounds: int, data, valid, *, program: str, weights,
-          num_sampled: int, round_offset: int):
+  def run(
+    self,
+    phase: str,
+    params,
+    num_rounds: int,
+    data,
+    valid,
+    *,
+    program: str,
+    weights,
+    num_sampled: int,
+    round_offset: int,
+  ):
     """num_rounds rounds of `program` over (data, valid) [N, n, ...]; rounds are numbered
     round_offset + r for sampling and keys. Returns the final parameters."""
     cfg = self.task.config
@@ -149,12 +174,23 @@ class SetPhases:
     epochs = runner.epochs
 
     def round_fn(server, r):
-      res = fl.fedavg_round(server, runner, data, valid, None, seed=cfg.seed,
-                            round_idx=round_offset + r, client_weights=weights,
-                            num_sampled=num_sampled, server_opt=self.server_opt,
-                            stream=fl.STREAM_UNLEARN)
-      m = dict(res.metrics, **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes,
-                                            epochs=epochs))
+      res = fl.fedavg_round(
+        server,
+        runner,
+        data,
+        valid,
+        None,
+        seed=cfg.seed,
+        round_idx=round_offset + r,
+        client_weights=weights,
+        num_sampled=num_sampled,
+        server_opt=self.server_opt,
+        stream=fl.STREAM_UNLEARN,
+      )
+      m = dict(
+        res.metrics,
+        **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes, epochs=epochs),
+      )
       return res.server, m
 
     server = fl.server_init(params, self.server_opt)
@@ -165,12 +201,16 @@ class SetPhases:
 def record(task: base.Task, params, step: int, classes, forgotten) -> dict:
   """Test / retain / forget accuracy after one step of a sequence of requests."""
   ds = task.dataset
-  ev = acc_lib.evaluate(task.apply_fn, params, ds.x_test, ds.y_test, task.num_classes,
-                        forgotten)
-  return {"step": step, "classes": list(classes), "forgotten": list(forgotten),
-          "test_acc": ev["test_acc"], "retain_acc": ev["retain_acc"],
-          "forget_acc": ev["forget_acc"],
-          "class_acc": [ev["per_class_acc"][c] for c in classes]}
+  ev = acc_lib.evaluate(task.apply_fn, params, ds.x_test, ds.y_test, task.num_classes, forgotten)
+  return {
+    "step": step,
+    "classes": list(classes),
+    "forgotten": list(forgotten),
+    "test_acc": ev["test_acc"],
+    "retain_acc": ev["retain_acc"],
+    "forget_acc": ev["forget_acc"],
+    "class_acc": [ev["per_class_acc"][c] for c in classes],
+  }
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,7 +240,7 @@ def _mosaic(images: list):
         img = xs[j]
         lo, hi = float(img.min()), float(img.max())
         tile = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-      out[i * (h + 1):i * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = tile
+      out[i * (h + 1) : i * (h + 1) + h, j * (w + 1) : j * (w + 1) + w] = tile
   return out
 
 
@@ -213,6 +253,7 @@ def write_synthetic(directory: str, syn: distill.SyntheticSet, num_classes: int)
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
   os.makedirs(directory, exist_ok=True)
   host = jax.tree.map(np.asarray, syn)  # one device-to-host copy for all clients
   for k in range(host.valid.shape[0]):
@@ -224,8 +265,9 @@ def write_synthetic(directory: str, syn: distill.SyntheticSet, num_classes: int)
     sizes = np.array([len(x) for x in images])
     if not os.path.exists(npz):
       tmp = npz + ".tmp.npz"
-      np.savez_compressed(tmp, x=np.concatenate(images),
-                          y=np.repeat(np.arange(num_classes), sizes), sizes=sizes)
+      np.savez_compressed(
+        tmp, x=np.concatenate(images), y=np.repeat(np.arange(num_classes), sizes), sizes=sizes
+      )
       os.replace(tmp, npz)
     if not os.path.exists(png):
       grid = _mosaic(images)
@@ -234,8 +276,13 @@ def write_synthetic(directory: str, syn: distill.SyntheticSet, num_classes: int)
       fig = Figure(figsize=(1.5 + 0.4 * m, 0.8 + 0.4 * num_classes), dpi=100)
       FigureCanvasAgg(fig)
       ax = fig.add_subplot(1, 1, 1)
-      ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray",
-                interpolation="nearest", vmin=0.0, vmax=1.0)
+      ax.imshow(
+        grid[..., 0] if grid.shape[-1] == 1 else grid,
+        cmap="gray",
+        interpolation="nearest",
+        vmin=0.0,
+        vmax=1.0,
+      )
       ax.set_yticks([i * (h + 1) + h / 2 for i in range(num_classes)])
       ax.set_yticklabels([f"{i} ({n})" for i, n in enumerate(sizes)], fontsize=6)
       ax.set_xticks([])

@@ -35,19 +35,19 @@ as ordinary local training. `ascent.sga_epoch` computes the same thing inside on
 The target clients, their unlearning round and the recovery rounds are base's
 (`target_clients`, `budget_epochs`, `run_on_targets`, `recover`), shared with FedAF.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fu_jax import ascent
-from fu_jax import fl
-from fu_jax import losses
+from fu_jax import ascent, fl, losses
 from fu_jax.methods import base
 
 # fold_in ids under fl.STREAM_UNLEARN, so methods' randomness never overlaps.
@@ -60,14 +60,15 @@ SGA_ID = 21
 
 class SgaState(NamedTuple):
   params: Any
-  anchor: Any    # theta*: centre of the L2 ball
-  radius: Any    # the ball's radius (float32 scalar; +inf = no projection)
-  stopped: Any   # bool: a batch loss exceeded max_loss; no further step
+  anchor: Any  # theta*: centre of the L2 ball
+  radius: Any  # the ball's radius (float32 scalar; +inf = no projection)
+  stopped: Any  # bool: a batch loss exceeded max_loss; no further step
 
 
 @functools.lru_cache(maxsize=32)
-def sga_program(apply_fn: Callable, lr: float, *, project: bool = False,
-                max_loss: float | None = None) -> fl.LocalProgram:
+def sga_program(
+  apply_fn: Callable, lr: float, *, project: bool = False, max_loss: float | None = None
+) -> fl.LocalProgram:
   """Bounded ascent as a LocalProgram (same steps as `ascent.sga_epoch`).
 
   step: L_b = masked CE; stopped |= L_b > max_loss; theta' = theta + lr grad L_b,
@@ -78,6 +79,7 @@ def sga_program(apply_fn: Callable, lr: float, *, project: bool = False,
   compiled steps (fl.ClientRunner).
   Metrics: 'loss' (L_b, measured before the step) and 'stopped'.
   """
+
   def loss_fn(p, batch):
     return losses.masked_ce(apply_fn(p, batch.x), batch.y, batch.mask)
 
@@ -97,7 +99,9 @@ def sga_program(apply_fn: Callable, lr: float, *, project: bool = False,
       new = ascent.project_l2_ball(new, state.anchor, state.radius)
     p = jax.tree.map(lambda a, b: jnp.where(stopped, b, a), new, state.params)
     return SgaState(p, state.anchor, state.radius, stopped), {
-        "loss": loss, "stopped": stopped.astype(jnp.float32)}
+      "loss": loss,
+      "stopped": stopped.astype(jnp.float32),
+    }
 
   return fl.LocalProgram(init, step, lambda s: s.params)
 
@@ -105,25 +109,25 @@ def sga_program(apply_fn: Callable, lr: float, *, project: bool = False,
 def config_section(fl_cfg):
   """The `sga` section (`fl_cfg`: the config's fl section, which batch_size follows)."""
   s = base.new_section()
-  s.lr = 0.1                     # ascent step size
-  s.epochs = 5                   # ascent epochs (max_loss usually ends the ascent earlier)
-  s.min_steps = 0                # epochs raised so each target client has >= this many steps
+  s.lr = 0.1  # ascent step size
+  s.epochs = 5  # ascent epochs (max_loss usually ends the ascent earlier)
+  s.min_steps = 0  # epochs raised so each target client has >= this many steps
   s.batch_size = base.linked(fl_cfg, "batch_size")  # ascent batch size
-  s.radius_frac = 0.33           # L2 ball around theta*: frac * ||theta_random - theta*|| (0 = none)
-  s.max_loss = 0.0               # stop once a batch CE exceeds it (0 = log K; < 0 = never)
-  s.old_labels = "trained"       # labels ascended: trained (backdoor flips incl.) | original
-  s.recovery_rounds = 1          # FedAvg rounds on retained data afterwards
+  s.radius_frac = 0.33  # L2 ball around theta*: frac * ||theta_random - theta*|| (0 = none)
+  s.max_loss = 0.0  # stop once a batch CE exceeds it (0 = log K; < 0 = never)
+  s.old_labels = "trained"  # labels ascended: trained (backdoor flips incl.) | original
+  s.recovery_rounds = 1  # FedAvg rounds on retained data afterwards
   return s
 
 
 RULES = {
-    "lr": base.positive(),
-    "epochs": base.at_least(1),
-    "min_steps": base.at_least(0, "0 = off"),
-    "batch_size": base.at_least(1),
-    "radius_frac": base.at_least(0, "0 = no projection"),
-    "recovery_rounds": base.at_least(0),
-    "old_labels": base.one_of(base.OLD_LABELS),
+  "lr": base.positive(),
+  "epochs": base.at_least(1),
+  "min_steps": base.at_least(0, "0 = off"),
+  "batch_size": base.at_least(1),
+  "radius_frac": base.at_least(0, "0 = no projection"),
+  "recovery_rounds": base.at_least(0),
+  "old_labels": base.one_of(base.OLD_LABELS),
 }
 
 
@@ -159,19 +163,32 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
 
   def round_fn(p, r):
     del r
-    out = base.run_on_targets(task, env, program, p, y=y, epochs=epochs,
-                              batch_size=s.batch_size, keys=keys, extra=extra, clients=targets)
+    out = base.run_on_targets(
+      task,
+      env,
+      program,
+      p,
+      y=y,
+      epochs=epochs,
+      batch_size=s.batch_size,
+      keys=keys,
+      extra=extra,
+      clients=targets,
+    )
     info.update(out.metrics)
     return out.params, dict(out.cost, loss=out.metrics["loss"])
 
   params = env.rounds("sga", params, 1, round_fn, lambda p: p)
   params = base.recover(task, env, "sga_recovery", params, s.recovery_rounds)
-  results = {"sga_target_clients": [int(c) for c in targets],
-             "sga_radius": radius, "sga_max_loss": max_loss, "sga_epochs": epochs}
+  results = {
+    "sga_target_clients": [int(c) for c in targets],
+    "sga_radius": radius,
+    "sga_max_loss": max_loss,
+    "sga_epochs": epochs,
+  }
   if "stopped" in info:  # absent when the round was restored from a checkpoint
     results["sga_stopped_fraction"] = info["stopped"]
   return base.Outcome(params, results)
 
 
-METHODS = {"sga": base.Method("sga", base.REQUEST_KINDS, base.FEDAVG, _unlearn,
-                              validate=validate)}
+METHODS = {"sga": base.Method("sga", base.REQUEST_KINDS, base.FEDAVG, _unlearn, validate=validate)}

@@ -8,8 +8,9 @@ BatchNorm), so zero padding rows never change the other rows' logits.
 Protocol (docs/design.md §6): test accuracy; retain accuracy = test samples of the kept classes;
 forget accuracy = test samples of the forgotten classes; per-class accuracy.
 """
+
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -51,7 +52,7 @@ def predict_logits(apply_fn: ApplyFn, params, x, *, batch_size: int = 1024) -> n
   bs = _bucket(n, batch_size)
   outs = []
   for start in range(0, n, bs):
-    batch = x[start:start + bs]
+    batch = x[start : start + bs]
     m = batch.shape[0]
     if m < bs:
       pad = np.zeros((bs - m,) + batch.shape[1:], batch.dtype)
@@ -87,8 +88,7 @@ def loss_from_logits(logits, y) -> np.ndarray:
   return -np.take_along_axis(log_softmax64(logits), y[:, None], axis=-1)[:, 0]
 
 
-def per_example_loss(apply_fn: ApplyFn, params, x, y, *,
-                     batch_size: int = 1024) -> np.ndarray:
+def per_example_loss(apply_fn: ApplyFn, params, x, y, *, batch_size: int = 1024) -> np.ndarray:
   """Per-example cross-entropy of the model on (x, y): float64 [n]."""
   return loss_from_logits(predict_logits(apply_fn, params, x, batch_size=batch_size), y)
 
@@ -107,8 +107,7 @@ def _labels(y, num_classes: int | None = None) -> np.ndarray:
   if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"labels must be an int vector [n], got {y.dtype} {y.shape}")
   if num_classes is not None and y.size and (y.min() < 0 or y.max() >= num_classes):
-    raise ValueError(f"labels must lie in [0, {num_classes}), got range "
-                     f"[{y.min()}, {y.max()}]")
+    raise ValueError(f"labels must lie in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
   return y.astype(np.int64)
 
 
@@ -139,8 +138,16 @@ def _check_classes(classes: Sequence[int], num_classes: int) -> np.ndarray:
   return c
 
 
-def evaluate(apply_fn: ApplyFn, params, x_test, y_test, num_classes: int,
-             forget_classes: Sequence[int] = (), *, batch_size: int = 1024) -> dict:
+def evaluate(
+  apply_fn: ApplyFn,
+  params,
+  x_test,
+  y_test,
+  num_classes: int,
+  forget_classes: Sequence[int] = (),
+  *,
+  batch_size: int = 1024,
+) -> dict:
   """Test / retain / forget accuracy, per-class accuracy and test loss.
 
   retain_acc is over the test rows whose class is not in `forget_classes`, forget_acc over
@@ -155,9 +162,9 @@ def evaluate(apply_fn: ApplyFn, params, x_test, y_test, num_classes: int,
     raise ValueError(f"logits shape {logits.shape} != ({y.shape[0]}, {num_classes})")
   is_forget = np.isin(y, forget)
   return {
-      "test_acc": accuracy(logits, y),
-      "retain_acc": accuracy(logits[~is_forget], y[~is_forget]),
-      "forget_acc": accuracy(logits[is_forget], y[is_forget]),
-      "per_class_acc": [float(a) for a in per_class_accuracy(logits, y, num_classes)],
-      "test_loss": float(np.mean(loss_from_logits(logits, y))),
+    "test_acc": accuracy(logits, y),
+    "retain_acc": accuracy(logits[~is_forget], y[~is_forget]),
+    "forget_acc": accuracy(logits[is_forget], y[is_forget]),
+    "per_class_acc": [float(a) for a in per_class_accuracy(logits, y, num_classes)],
+    "test_loss": float(np.mean(loss_from_logits(logits, y))),
   }

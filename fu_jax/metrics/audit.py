@@ -50,6 +50,7 @@ all (model, example) pairs are pooled into one ROC (unlearned = positive): AUC a
 1% and 0.1% FPR. Variances get a floor (1e-6 of the pooled variance, at least 1e-12) so a
 constant side does not divide by zero.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,7 @@ import numpy as np
 DELTA = 1e-5
 EPSILON_CAP = 50.0
 THRESHOLDS_PER_UNIT = 100
-BUFFER = 2.0          # the double-threshold rule's search margin (competition's value)
+BUFFER = 2.0  # the double-threshold rule's search margin (competition's value)
 DEGENERATE_RATIO = 0.01
 CONF_BOUND = 45 * math.log(10)  # log(1 / 1e-45): the competition's effective bound on phi
 
@@ -88,13 +89,16 @@ def _check_pair(unlearned, retrained):
   u = u[:, None] if u.ndim == 1 else u
   r = r[:, None] if r.ndim == 1 else r
   if u.ndim != 2 or r.ndim != 2 or u.shape[1] != r.shape[1]:
-    raise ValueError(f"expected [models, examples] arrays with the same number of examples, "
-                     f"got {u.shape} and {r.shape}")
+    raise ValueError(
+      f"expected [models, examples] arrays with the same number of examples, "
+      f"got {u.shape} and {r.shape}"
+    )
   if u.shape[1] == 0:
     raise ValueError("no forgotten example to audit")
   if min(u.shape[0], r.shape[0]) < 2:
-    raise ValueError(f"need >= 2 models per side, got {u.shape[0]} unlearned and "
-                     f"{r.shape[0]} retrained")
+    raise ValueError(
+      f"need >= 2 models per side, got {u.shape[0]} unlearned and {r.shape[0]} retrained"
+    )
   if not (np.all(np.isfinite(u)) and np.all(np.isfinite(r))):
     raise ValueError("the statistics contain NaN or inf (a diverged model?)")
   return u, r
@@ -197,12 +201,14 @@ def forget_score(eps, num_models: int) -> float:
   return float(np.mean(np.where(b < points.size, points[np.minimum(b, points.size - 1)], 0.0)))
 
 
-def final_score(forget: float, *, retain_unlearned, retain_retrained, test_unlearned,
-                test_retrained) -> float:
+def final_score(
+  forget: float, *, retain_unlearned, retain_retrained, test_unlearned, test_retrained
+) -> float:
   """F x (mean unlearned / mean retrained retain acc) x (same for test acc)."""
   ratio = lambda a, b: float(np.mean(a)) / float(np.mean(b))
-  return float(forget * ratio(retain_unlearned, retain_retrained) *
-               ratio(test_unlearned, test_retrained))
+  return float(
+    forget * ratio(retain_unlearned, retain_retrained) * ratio(test_unlearned, test_retrained)
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,9 +232,9 @@ def ulira_scores(unlearned, retrained):
 
   def loo(a):  # mean and variance of each row's side without that row: [K, n]
     k = a.shape[0]
-    s, s2 = a.sum(0), (a ** 2).sum(0)
+    s, s2 = a.sum(0), (a**2).sum(0)
     mu = (s - a) / (k - 1)
-    var = ((s2 - a ** 2) - (k - 1) * mu ** 2) / (k - 2)
+    var = ((s2 - a**2) - (k - 1) * mu**2) / (k - 2)
     return mu, np.maximum(var, floor)
 
   def full(a):
@@ -280,17 +286,23 @@ def ulira(unlearned, retrained) -> dict:
   scores, labels = ulira_scores(unlearned, retrained)
   lab = np.broadcast_to(labels[:, None], scores.shape)
   per_example = [roc_auc(scores[:, i], labels) for i in range(scores.shape[1])]
-  return {"ulira_auc": roc_auc(scores, lab),
-          "ulira_tpr_at_1pct_fpr": tpr_at_fpr(scores, lab, 0.01),
-          "ulira_tpr_at_01pct_fpr": tpr_at_fpr(scores, lab, 0.001),
-          "ulira_example_auc": per_example}
+  return {
+    "ulira_auc": roc_auc(scores, lab),
+    "ulira_tpr_at_1pct_fpr": tpr_at_fpr(scores, lab, 0.01),
+    "ulira_tpr_at_01pct_fpr": tpr_at_fpr(scores, lab, 0.001),
+    "ulira_example_auc": per_example,
+  }
 
 
 def audit(unlearned, retrained, delta: float = DELTA) -> dict:
   """Forget score F, per-example epsilons and U-LiRA from statistics [K, n] per side."""
   u, r = _check_pair(unlearned, retrained)
   eps = epsilons(u, r, delta)
-  out = {"forget_score": forget_score(eps, u.shape[0]), "epsilons": eps.tolist(),
-         "num_models": int(u.shape[0]), "num_examples": int(u.shape[1])}
+  out = {
+    "forget_score": forget_score(eps, u.shape[0]),
+    "epsilons": eps.tolist(),
+    "num_models": int(u.shape[0]),
+    "num_examples": int(u.shape[1]),
+  }
   out.update(ulira(u, r))
   return out

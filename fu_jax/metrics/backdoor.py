@@ -9,7 +9,9 @@ level (FedAF Table 2: ~75-80% before, ~0-2% after).
 The paper flips to "a random class"; draw that class once from the run's seed and pass it
 as a fixed target (`Flip('target', c)`), or use a shift `(c + k) % K`.
 """
-from typing import Callable, NamedTuple, Sequence
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -28,6 +30,7 @@ class Trigger(NamedTuple):
   position: one of 'bottom_right', 'bottom_left', 'top_right', 'top_left', or a
             (row, col) pair for the patch's top-left pixel.
   """
+
   size: int
   value: float | Sequence[float]
   position: str | tuple[int, int] = "bottom_right"
@@ -35,6 +38,7 @@ class Trigger(NamedTuple):
 
 class Flip(NamedTuple):
   """How planted labels change: kind 'target' -> `value`; kind 'shift' -> (y + value) % K."""
+
   kind: str
   value: int
 
@@ -73,8 +77,9 @@ def apply_trigger(x, trigger: Trigger):
   r, c = _patch_origin(trigger, h, w)
   value = np.asarray(trigger.value, x.dtype).reshape(-1)
   if value.size not in (1, ch):
-    raise ValueError(f"trigger value must be a scalar or {ch} per-channel values, "
-                     f"got {trigger.value!r}")
+    raise ValueError(
+      f"trigger value must be a scalar or {ch} per-channel values, got {trigger.value!r}"
+    )
   value = np.broadcast_to(value, (ch,))
   idx = (Ellipsis, slice(r, r + trigger.size), slice(c, c + trigger.size), slice(None))
   if isinstance(x, jax.Array):
@@ -108,13 +113,15 @@ def flip_labels(y, flip, num_classes: int | None = None) -> np.ndarray:
   if num_classes is None:
     raise ValueError("a 'shift' flip needs num_classes")
   if flip.value % num_classes == 0:
-    raise ValueError(f"shift {flip.value} is a multiple of num_classes={num_classes}: "
-                     "labels would not change")
+    raise ValueError(
+      f"shift {flip.value} is a multiple of num_classes={num_classes}: labels would not change"
+    )
   return ((y.astype(np.int64) + flip.value) % num_classes).astype(np.int32)
 
 
-def plant_backdoor(x_train, y_train, indices, trigger: Trigger, flip, *,
-                   num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def plant_backdoor(
+  x_train, y_train, indices, trigger: Trigger, flip, *, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Copies of (x_train, y_train) with the trigger planted on `indices` and their labels
   flipped (`flip`: int target label or Flip). Other rows are unchanged.
 
@@ -135,9 +142,18 @@ def plant_backdoor(x_train, y_train, indices, trigger: Trigger, flip, *,
   return x, y
 
 
-def backdoor_accuracy(apply_fn: Callable, params, x_test, y_test, source_class: int | None,
-                      trigger: Trigger, flip, *, num_classes: int | None = None,
-                      batch_size: int = 1024) -> float:
+def backdoor_accuracy(
+  apply_fn: Callable,
+  params,
+  x_test,
+  y_test,
+  source_class: int | None,
+  trigger: Trigger,
+  flip,
+  *,
+  num_classes: int | None = None,
+  batch_size: int = 1024,
+) -> float:
   """Attack success rate: fraction of triggered test images predicted as their flipped label.
 
   Over the test rows of `source_class` (None: every row), skipping rows whose flipped label
@@ -145,8 +161,9 @@ def backdoor_accuracy(apply_fn: Callable, params, x_test, y_test, source_class: 
   nan when no row qualifies.
   """
   y = np.asarray(y_test)
-  if source_class is not None and (source_class < 0 or (
-      num_classes is not None and source_class >= num_classes)):
+  if source_class is not None and (
+    source_class < 0 or (num_classes is not None and source_class >= num_classes)
+  ):
     raise ValueError(f"source_class {source_class} outside [0, {num_classes})")
   target = flip_labels(y, flip, num_classes)
   rows = target != y

@@ -17,7 +17,8 @@ larger side, so its chance accuracy is 0.5; the AUC needs no balancing (it does 
 the two sides' proportions, and subsampling would only add variance); the shadow attack
 reports its two rates separately.
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -65,12 +66,12 @@ def loss_threshold_auc(member_losses, nonmember_losses) -> float:
   if not (np.all(np.isfinite(m)) and np.all(np.isfinite(o))):
     return float("nan")
   from sklearn import metrics
+
   labels = np.concatenate([np.ones_like(m), np.zeros_like(o)])
   return float(metrics.roc_auc_score(labels, -np.concatenate([m, o])))
 
 
-def trained_attack_accuracy(member_losses, nonmember_losses, *, seed: int,
-                            folds: int = 5) -> float:
+def trained_attack_accuracy(member_losses, nonmember_losses, *, seed: int, folds: int = 5) -> float:
   """Mean stratified k-fold CV accuracy of logistic regression on log(loss).
 
   The log spreads out the tiny losses of memorised samples, where the member / non-member
@@ -79,6 +80,7 @@ def trained_attack_accuracy(member_losses, nonmember_losses, *, seed: int,
   not finite.
   """
   from sklearn import linear_model, model_selection, pipeline, preprocessing
+
   m = _as_losses(member_losses, "member_losses")
   o = _as_losses(nonmember_losses, "nonmember_losses")
   if folds < 2:
@@ -90,26 +92,32 @@ def trained_attack_accuracy(member_losses, nonmember_losses, *, seed: int,
     raise ValueError(f"need >= 2 samples per side for cross-validation, got {len(m)}")
   feats = np.log(np.maximum(np.concatenate([m, o]), 1e-300))[:, None]
   labels = np.concatenate([np.ones(len(m), np.int64), np.zeros(len(o), np.int64)])
-  clf = pipeline.make_pipeline(preprocessing.StandardScaler(),
-                               linear_model.LogisticRegression())
-  cv = model_selection.StratifiedKFold(n_splits=min(folds, len(m)), shuffle=True,
-                                       random_state=seed)
+  clf = pipeline.make_pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression())
+  cv = model_selection.StratifiedKFold(n_splits=min(folds, len(m)), shuffle=True, random_state=seed)
   return float(np.mean(model_selection.cross_val_score(clf, feats, labels, cv=cv)))
 
 
-def membership_inference(apply_fn: Callable, params, member_x, member_y, nonmember_x,
-                         nonmember_y, *, seed: int, folds: int = 5,
-                         batch_size: int = 1024) -> dict:
+def membership_inference(
+  apply_fn: Callable,
+  params,
+  member_x,
+  member_y,
+  nonmember_x,
+  nonmember_y,
+  *,
+  seed: int,
+  folds: int = 5,
+  batch_size: int = 1024,
+) -> dict:
   """Loss-threshold AUC and trained-attack accuracy of the model on members vs non-members.
 
   Returns {'mia_auc': float, 'mia_attack_acc': float}.
   """
   lm = per_example_loss(apply_fn, params, member_x, member_y, batch_size=batch_size)
-  lo = per_example_loss(apply_fn, params, nonmember_x, nonmember_y,
-                                batch_size=batch_size)
+  lo = per_example_loss(apply_fn, params, nonmember_x, nonmember_y, batch_size=batch_size)
   return {
-      "mia_auc": loss_threshold_auc(lm, lo),
-      "mia_attack_acc": trained_attack_accuracy(lm, lo, seed=seed, folds=folds),
+    "mia_auc": loss_threshold_auc(lm, lo),
+    "mia_attack_acc": trained_attack_accuracy(lm, lo, seed=seed, folds=folds),
   }
 
 
@@ -126,19 +134,22 @@ def sorted_log_softmax(logits, y=None, *, top_k: int | None = None) -> np.ndarra
     raise ValueError(f"top_k must be in [1, {logp.shape[-1]}], got {top_k}")
   feats = -np.sort(-logp, axis=-1)[:, :k]
   if y is not None:
-    feats = np.concatenate([feats, np.take_along_axis(
-        logp, np.asarray(y, np.int64)[:, None], axis=-1)], axis=-1)
+    feats = np.concatenate(
+      [feats, np.take_along_axis(logp, np.asarray(y, np.int64)[:, None], axis=-1)], axis=-1
+    )
   return np.maximum(feats, _LOG_FLOOR)
 
 
 def _attack_model(kind: str, seed: int):
   from sklearn import ensemble, linear_model, pipeline, preprocessing
+
   if kind == "gbdt":
     # Not HistGradientBoosting: its OpenMP threads were 2-10x slower on our shared 2-core CPUs.
     return ensemble.GradientBoostingClassifier(random_state=seed)
   if kind == "logreg":
-    return pipeline.make_pipeline(preprocessing.StandardScaler(),
-                                  linear_model.LogisticRegression(max_iter=1000))
+    return pipeline.make_pipeline(
+      preprocessing.StandardScaler(), linear_model.LogisticRegression(max_iter=1000)
+    )
   raise ValueError(f"attack must be 'gbdt' or 'logreg', got {kind!r}")
 
 
@@ -153,15 +164,30 @@ def shadow_split_masks(rng: np.random.Generator, num_shadows: int, n: int) -> np
   """bool [num_shadows, n]: shadow s trains on exactly n // 2 random pool rows ("in")."""
   masks = np.zeros((num_shadows, n), bool)
   for s in range(num_shadows):
-    masks[s, rng.permutation(n)[:n // 2]] = True
+    masks[s, rng.permutation(n)[: n // 2]] = True
   return masks
 
 
-def shadow_attack(train_fn: Callable, apply_fn: Callable, target_params, shadow_x, shadow_y,
-                  target_member_x, target_member_y, target_nonmember_x, target_nonmember_y,
-                  *, num_shadows: int, key, top_k: int | None = None, use_label: bool = False,
-                  attack: str = "gbdt", vectorize: bool = False, holdout: float = 0.2,
-                  batch_size: int = 1024) -> dict:
+def shadow_attack(
+  train_fn: Callable,
+  apply_fn: Callable,
+  target_params,
+  shadow_x,
+  shadow_y,
+  target_member_x,
+  target_member_y,
+  target_nonmember_x,
+  target_nonmember_y,
+  *,
+  num_shadows: int,
+  key,
+  top_k: int | None = None,
+  use_label: bool = False,
+  attack: str = "gbdt",
+  vectorize: bool = False,
+  holdout: float = 0.2,
+  batch_size: int = 1024,
+) -> dict:
   """Shadow-model membership attack (Shokri et al. 2017) on the target's forgotten samples.
 
   Each of `num_shadows` shadow models is trained by `train_fn(key, x, y, mask) -> params`
@@ -182,6 +208,7 @@ def shadow_attack(train_fn: Callable, apply_fn: Callable, target_params, shadow_
   After a perfect unlearning, recall ~ nonmember_rate.
   """
   from sklearn import model_selection
+
   if num_shadows < 1:
     raise ValueError(f"num_shadows must be >= 1, got {num_shadows}")
   if not 0 < holdout < 1:
@@ -200,11 +227,11 @@ def shadow_attack(train_fn: Callable, apply_fn: Callable, target_params, shadow_
 
   if vectorize:
     stacked = jax.jit(jax.vmap(train_fn, in_axes=(0, None, None, 0)))(
-        train_keys, shadow_x, shadow_y, masks)
+      train_keys, shadow_x, shadow_y, masks
+    )
     shadows = [jax.tree.map(lambda a, s=s: a[s], stacked) for s in range(num_shadows)]
   else:
-    shadows = [train_fn(train_keys[s], shadow_x, shadow_y, masks[s])
-               for s in range(num_shadows)]
+    shadows = [train_fn(train_keys[s], shadow_x, shadow_y, masks[s]) for s in range(num_shadows)]
 
   def features(params, x, y):
     logits = predict_logits(apply_fn, params, x, batch_size=batch_size)
@@ -216,13 +243,14 @@ def shadow_attack(train_fn: Callable, apply_fn: Callable, target_params, shadow_
     labels.append(mask.astype(np.int64))
   feats, labels = np.concatenate(feats), np.concatenate(labels)
   f_tr, f_te, l_tr, l_te = model_selection.train_test_split(
-      feats, labels, test_size=holdout, stratify=labels, random_state=seed)
+    feats, labels, test_size=holdout, stratify=labels, random_state=seed
+  )
   clf = _attack_model(attack, seed).fit(f_tr, l_tr)
 
   member = clf.predict(features(target_params, target_member_x, target_member_y))
   nonmember = clf.predict(features(target_params, target_nonmember_x, target_nonmember_y))
   return {
-      "mia_shadow_recall": float(np.mean(member == 1)),
-      "mia_shadow_nonmember_rate": float(np.mean(nonmember == 1)),
-      "mia_shadow_attack_acc": float(clf.score(f_te, l_te)),
+    "mia_shadow_recall": float(np.mean(member == 1)),
+    "mia_shadow_nonmember_rate": float(np.mean(nonmember == 1)),
+    "mia_shadow_attack_acc": float(clf.score(f_te, l_te)),
   }

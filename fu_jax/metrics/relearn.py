@@ -20,9 +20,11 @@ forgotten rows only) means the class has to be told apart again rather than pred
 everywhere: the count then depends on what the model still knows (Golatkar et al., CVPR 2020,
 relearn on the whole training set).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +36,27 @@ from fu_jax.metrics import accuracy as acc_lib
 
 
 class Relearn(NamedTuple):
-  steps: int        # steps until acc >= target (max_steps when not reached)
+  steps: int  # steps until acc >= target (max_steps when not reached)
   reached: bool
   target: float
   start_acc: float  # accuracy of the unlearned model before fine-tuning
   final_acc: float  # accuracy after the last step taken
 
 
-def relearn_steps(apply_fn: Callable, params: Any, x, y, *, target: float, max_steps: int,
-                  lr: float, momentum: float, batch_size: int, key,
-                  score=None) -> Relearn:
+def relearn_steps(
+  apply_fn: Callable,
+  params: Any,
+  x,
+  y,
+  *,
+  target: float,
+  max_steps: int,
+  lr: float,
+  momentum: float,
+  batch_size: int,
+  key,
+  score=None,
+) -> Relearn:
   """Central fine-tuning steps on (x, y) until accuracy on (x, y)[score] reaches `target`.
 
   Args:
@@ -67,8 +80,10 @@ def relearn_steps(apply_fn: Callable, params: Any, x, y, *, target: float, max_s
     raise ValueError("relearn_steps got no forgotten samples (0 rows)")
   rows = np.ones(n, bool) if score is None else np.asarray(score, bool)
   if rows.shape != (n,) or not rows.any():
-    raise ValueError(f"score: a bool mask of shape ({n},) marking at least one row; got "
-                     f"shape {rows.shape} with {int(rows.sum())} rows marked")
+    raise ValueError(
+      f"score: a bool mask of shape ({n},) marking at least one row; got "
+      f"shape {rows.shape} with {int(rows.sum())} rows marked"
+    )
   program = fl.sgd_program(apply_fn, optax.sgd(lr, momentum=momentum or None))
   step = _step_fn(program, batch_size)
   x_score, y_score = (x, np.asarray(y)) if score is None else (x[rows], np.asarray(y)[rows])
@@ -95,4 +110,5 @@ def _step_fn(program: fl.LocalProgram, batch_size: int):
   def step(state, x, y, valid, order, i, ekey):
     batch = fl.take_batch((x, y), valid, order, i, batch_size)
     return program.step(state, batch, jax.random.fold_in(ekey, i))[0]
+
   return step
