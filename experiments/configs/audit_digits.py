@@ -11,12 +11,10 @@ digits' training images over 3 IID clients (200 each), 10 rounds of 5 local epoc
 of client 0's samples (20 digits, 3.3% of the data), drawn from the seed.
 
 Expected (K = 16, seed 0; BUILD.md): retrain against an independent retrain bank U-LiRA AUC
-0.53, F 0.17 (F's noise floor at K = 16: identical distributions give ~0.18, not 1);
-fedavg (no unlearning) U-LiRA AUC 0.70, TPR 17% at 1% FPR, F 0.11. The trained models
-classify every forgotten sample (100%); retrained ones 86%. Each side's FedAvg runs as one
-vmapped bank (the MLP vmaps on CPU): ~4 min per side on 2 busy cores. These figures were
-measured when data.train_size drew a plain random subset; it now draws a class-stratified
-one, so the 600 images differ and the figures are to be re-measured.
+0.54, F 0.16 (F's noise floor at K = 16: identical distributions give ~0.18, not 1);
+fedavg (no unlearning) U-LiRA AUC 0.72, TPR 7.5% at 1% FPR, F 0.11. The trained models
+classify every forgotten sample (100%); retrained ones 97%, so only the confidence tells
+them apart. Each side's FedAvg runs as one vmapped bank (the MLP vmaps on CPU).
 """
 
 from experiments.configs import digits
