@@ -20,6 +20,7 @@ sees. See README.md, "Several processes".
 
 import difflib
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -188,7 +189,16 @@ def _parse_flags(argv):
   sys.exit(2)
 
 
+def _on_sigint(signum, frame):
+  del signum, frame
+  run = sys.modules.get("experiments.run")
+  if run is not None:
+    run.INTERRUPTED.set()  # in case this exception is dropped (run.INTERRUPTED)
+  raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+  signal.signal(signal.SIGINT, _on_sigint)
   try:
     app.run(main, flags_parser=_parse_flags)
   except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 
 import jax
@@ -68,6 +69,11 @@ METRICS_BY_KIND = {
   "client": ("forget_train_acc", "retain_acc"),
   "samples": ("forget_train_acc", "retain_acc"),
 }
+
+# Set by experiments.main's SIGINT handler. Python prints and drops an exception raised
+# inside a garbage-collection callback (JAX runs some), so a KeyboardInterrupt that lands
+# there would be lost; every round checks this before it starts.
+INTERRUPTED = threading.Event()
 
 
 ConfigError = base.ConfigError
@@ -539,6 +545,8 @@ class RunEnv:
       print(f"[{phase}] resumed after round {start}/{num_rounds}", flush=True)
     started = time.perf_counter()
     for r in range(start, num_rounds):
+      if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
       before = self.clock.totals()
       with _clock().measure() as t:
         state, metrics = round_fn(state, r)

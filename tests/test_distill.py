@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from fu_jax import distill, losses
+from fu_jax import tree as tu
 
 
 class TinyCNN(nn.Module):
@@ -149,7 +150,7 @@ def test_match_loss_gradient_finite_at_zero():
   zeros = jax.tree.map(jnp.zeros_like, g_real)
   for metric in distill.METRICS:
     grad = jax.jit(jax.grad(lambda s: distill.match_loss(g_real, s, metric=metric)))(zeros)
-    assert bool(distill.tree.tree_all_finite(grad)), metric
+    assert bool(tu.tree_all_finite(grad)), metric
 
 
 # ---------------------------------------------------------------------- per-class gradients
@@ -388,7 +389,7 @@ def test_synthetic_update_lowers_match_loss_and_masks_classes(update):
     s, state, loss = step(s, g_real, state, counts)
     losses_.append(float(loss))
   assert losses_[-1] < losses_[0] - 1e-2, losses_
-  assert bool(distill.tree.tree_all_finite(s.x))
+  assert bool(tu.tree_all_finite(s.x))
   # Class 2 (no real data) and the padding slot of class 1 never change.
   np.testing.assert_array_equal(s.x[2], syn.x[2])
   np.testing.assert_array_equal(s.x[1, 1], syn.x[1, 1])
@@ -442,7 +443,7 @@ def test_synthetic_update_skipped_class_keeps_momentum_and_empty_set_no_nan(upda
   # Class 1 has no synthetic images at all.
   syn = syn._replace(valid=syn.valid.at[1].set(False))
   s1, st1, _ = step(syn, g_real, opt.init(syn.x), counts)
-  assert bool(distill.tree.tree_all_finite(s1.x)) and bool(distill.tree.tree_all_finite(st1))
+  assert bool(tu.tree_all_finite(s1.x)) and bool(tu.tree_all_finite(st1))
   np.testing.assert_array_equal(s1.x[1], syn.x[1])
   assert float(jnp.abs(s1.x[0] - syn.x[0]).max()) > 0
   # Next batch without real data of class 0: class 0 must not move by stale momentum.
