@@ -8,6 +8,11 @@ model's run = fl.fedavg_round with the client runner the experiments would pick
 (`fl.choose_runner`); the bank = fu_jax.bank.fedavg_bank over K training seeds. Each is run
 twice in this process: the first call includes compilation, the second is the compiled
 cost; the ratio of the second calls is the bank's cost in "runs".
+
+To tell dispatch-bound from arithmetic-bound it also prints each side's achieved GFLOP/s
+(XLA's cost analysis of one SGD step on a batch, times the batches both sides compute:
+rounds x epochs x ceil(n_k / batch) per client and model) next to a dense 1024 x 1024
+matmul's GFLOP/s in the same process.
 """
 
 import os
@@ -99,6 +104,25 @@ def main(argv):
     )
     return jax.block_until_ready(p)
 
+  def step_flops():
+    """XLA's FLOP count of one SGD step (forward, backward, update) on one batch."""
+    x = cl.x[0, : c.fl.batch_size]
+    y = cl.y[0, : c.fl.batch_size]
+    state = program.init(base.init_params(task), None, None)
+    batch = fl.Batch(x, y, jnp.ones(y.shape, bool))
+    compiled = jax.jit(lambda s, b: program.step(s, b, None)).lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+  def dense_gflops(n=1024, reps=10):
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(mm(a))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      jax.block_until_ready(mm(a))
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
   times = {}
   for name, fn in (("one", one_run), ("bank", bank_run)):
     t = []
@@ -120,6 +144,14 @@ def main(argv):
     f"bank / one run (compiled): {times['bank'][1] / times['one'][1]:.2f}x for "
     f"{FLAGS.models} models ({times['bank'][1] / times['one'][1] / FLAGS.models:.3f}x per "
     f"model); with compilation: {times['bank'][0] / times['one'][0]:.2f}x"
+  )
+  counts = np.asarray(cl.valid).sum(axis=1)
+  batches = c.fl.rounds * c.fl.local_epochs * int(np.sum(-(-counts // c.fl.batch_size)))
+  flops = step_flops() * batches
+  print(
+    f"achieved: one model {flops / times['one'][1] / 1e9:.1f} GFLOP/s, bank "
+    f"{FLAGS.models * flops / times['bank'][1] / 1e9:.1f} GFLOP/s ({batches} batches of "
+    f"{c.fl.batch_size} a model); dense 1024x1024 matmul {dense_gflops():.1f} GFLOP/s"
   )
 
 

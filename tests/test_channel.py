@@ -139,11 +139,16 @@ def test_channel_de_random_same_counts(workdir):
 
 
 def test_cdp_end_to_end(workdir):
-  cfg, res = _run(workdir, "cdp")
+  # A step budget above one epoch's steps (~17 at 258 retained images, batch 16): 2 epochs.
+  cfg, res = _run(workdir, "cdp", **{"cdp.min_steps": 30})
   _assert_forgot(res)
   assert res["rounds"] == cfg.cdp.finetune_rounds
+  task, trained = _trained(workdir, cfg)
+  retained = np.asarray(task.retain_valid).sum(axis=1)
+  epochs = -(-cfg.cdp.min_steps // -(-int(retained.min()) // cfg.fl.batch_size))
+  assert epochs == 2 and res["finetune_epochs_per_round"] == epochs
+  assert res["examples"] == res["stat_examples"] + cfg.cdp.finetune_rounds * epochs * retained.sum()
   # Statistics upload: per client K x C floats per conv layer plus K counts.
-  _, trained = _trained(workdir, cfg)
   convs = [c for p, c in masking.channel_layers(trained) if trained[p[0]]["kernel"].ndim == 4]
   assert res["stat_bytes_up"] == 5 * 4 * (10 * sum(convs) + 10)
   model_bytes = tu.tree_num_bytes(trained)

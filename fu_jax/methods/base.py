@@ -349,11 +349,17 @@ def budget_epochs(task: Task, clients, epochs: int, min_steps: int, batch_size: 
   take more). An epoch count alone makes the amount of unlearning depend on how many
   samples a client holds: 40 images at batch 64 are one step an epoch, 1,500 are 24.
   min_steps 0 = `epochs` as given."""
-  if min_steps <= 0:
-    return int(epochs)
   counts = np.asarray(task.forget)[np.asarray(clients)].sum(axis=1)
+  return epochs_for_steps(counts, epochs, min_steps, batch_size)
+
+
+def epochs_for_steps(counts, epochs: int, min_steps: int, batch_size: int) -> int:
+  """max(epochs, ceil(min_steps / s_min)), s_min = ceil(n_min / batch_size) for the
+  smallest positive entry n_min of `counts` (samples per client); `epochs` when min_steps
+  is 0 or no count is positive."""
+  counts = np.asarray(counts)
   counts = counts[counts > 0]
-  if counts.size == 0:
+  if min_steps <= 0 or counts.size == 0:
     return int(epochs)
   s_min = math.ceil(int(counts.min()) / int(batch_size))
   return max(int(epochs), math.ceil(int(min_steps) / s_min))
