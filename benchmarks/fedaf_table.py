@@ -26,9 +26,10 @@ the labels to forget exceeds it, bounding the unbounded -CE(y_old) term as SGA's
 does); fedaf_tw05 (that term at half weight); fedaf_lam300_stop8 / fedaf_lam1e3_stop8
 (both: a stronger penalty with the bound). Composed variants 'fedaf[_c]+key=value+...' set
 fedaf.* keys, e.g. the preserver ablation (BUILD.md):
-    --datasets=digits_small --seeds=0,1,2 --penalty=0 --variants=fedaf_c+epochs=3+max_steps=0,\
-    fedaf+epochs=3+lam=1000+max_steps=0,fedaf+epochs=3+lam=1000+fisher_labels=model+max_steps=0
-(max_steps=0: a fixed budget, without the forgetting rule, which postdates the ablation).
+    --datasets=digits_small --seeds=0,1,2 --penalty=0 --variants=fedaf_c+epochs=3+$F,\
+    fedaf+epochs=3+lam=1000+$F,fedaf+epochs=3+lam=1000+fisher_labels=model+$F
+with F=min_steps=0+max_steps=0 (a fixed budget: no step floor, no forgetting rule, both of
+which postdate the ablation).
 Every variant starts from the
 same trained model (one pretraining per dataset and seed, shared through a symlink).
 Finished runs are reused when rerun.
@@ -137,6 +138,7 @@ def make_config(dataset: str, seed: int, variant: str):
     c.model.name = "mlp"
     c.unlearn.kind = "client_class"
     c.backdoor.enabled = True
+    c.fedaf.lr = 0.02
   elif dataset == "fmnist":
     c = fmnist_cfg.get_config("fedaf")
   else:
