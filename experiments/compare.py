@@ -128,8 +128,8 @@ def _fmt(v, pct=True):
 
 
 def _bytes(b):
-  for unit in ("B", "KB", "MB", "GB"):
-    if b < 1024 or unit == "GB":
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if b < 1024 or unit == "GiB":
       return f"{b:.1f} {unit}"
     b /= 1024
 
