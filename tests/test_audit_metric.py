@@ -195,6 +195,19 @@ def test_bootstrap_auc_recomputes_the_fits_on_the_resampled_bank():
     assert reps[b] == pytest.approx(np.mean((p > n) + 0.5 * (p == n)), abs=1e-12)
 
 
+def test_bootstrap_redraws_sides_with_fewer_than_three_distinct_models():
+  # K = 4: a third of a side's draws have <= 2 distinct models, and their leave-one-out
+  # fits (copies of one model: variance 0) would score at the floor (AUC near 0 or 1).
+  d = audit_lib.bootstrap_draws(4, 4, 20, 500, seed=0)
+  for c in (d.unlearned, d.retrained):
+    assert np.all((c > 0).sum(1) >= 3) and np.all(c.sum(1) == 4)
+  assert np.all(d.examples.sum(1) == 20) and (d.examples == 0).any()
+  rng = np.random.default_rng(8)
+  u, r = rng.normal(size=(4, 20)), rng.normal(size=(4, 20))
+  lo, hi = audit_lib.percentile_interval(audit_lib.ulira_auc_replicates(u, r, d))
+  assert 0.2 < lo <= audit_lib.ulira(u, r)["ulira_auc"] <= hi < 0.8
+
+
 def _ci_width(ci):
   return ci[1] - ci[0]
 

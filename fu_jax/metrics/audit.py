@@ -63,7 +63,8 @@ draws K_u unlearned models, K_r retrained models (each side resampled within its
 forgotten samples, all with replacement, and recomputes the statistic on that bank:
   * U-LiRA AUC: the Gaussian fits are refitted on the resampled models (frequency-weighted
     mean and variance of the multiset), each drawn model scored leave-one-out with every
-    copy of itself left out (a copy is the same model: a fit that saw it would leak), and
+    copy of itself left out (a copy is the same model: a fit that saw it would leak; a
+    side drawn with fewer than 3 distinct models is drawn again, bootstrap_draws), and
     the pooled ROC weights each (model, example) score by its model's times its example's
     multiplicity. Vectorised over replicates (B = 1000 by default). A two-way bootstrap
     counts the model-by-sample noise twice, so it errs wide: with identical synthetic
@@ -361,11 +362,28 @@ class Draws(NamedTuple):
   examples: np.ndarray
 
 
+MIN_DISTINCT_MODELS = 3  # per side in a replicate: each leave-one-out fit keeps 2 models
+
+
 def bootstrap_draws(num_unlearned: int, num_retrained: int, num_examples: int, b: int, seed):
-  """B replicates' multiplicities: each side's models and the examples drawn with replacement."""
+  """B replicates' multiplicities: each side's models and the examples drawn with replacement.
+
+  A side drawn with fewer than MIN_DISTINCT_MODELS distinct models is drawn again (from the
+  same generator: still deterministic): one of its models would be scored by a leave-one-out
+  fit of copies of a single model, whose variance is 0 (the point estimate needs K >= 3 for
+  the same reason). Negligible at K = 16; at K = 4 about a third of a side's draws."""
   rng = np.random.default_rng(seed)
-  draw = lambda k: rng.multinomial(k, np.full(k, 1.0 / k), size=b)
-  return Draws(draw(num_unlearned), draw(num_retrained), draw(num_examples))
+
+  def draw(k, models):
+    c = rng.multinomial(k, np.full(k, 1.0 / k), size=b)
+    while models and k >= MIN_DISTINCT_MODELS:
+      bad = np.flatnonzero((c > 0).sum(1) < MIN_DISTINCT_MODELS)
+      if bad.size == 0:
+        break
+      c[bad] = rng.multinomial(k, np.full(k, 1.0 / k), size=bad.size)
+    return c
+
+  return Draws(draw(num_unlearned, True), draw(num_retrained, True), draw(num_examples, False))
 
 
 def percentile_interval(values, level: float = CI_LEVEL) -> tuple:
