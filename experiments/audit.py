@@ -14,9 +14,13 @@ sides is independent, and a larger K reuses the first models.
 Each forgotten sample is scored under each model by its logit-scaled confidence, and
 fu_jax.metrics.audit turns the two [K, n] arrays into the NeurIPS'23 forget score F (and the
 final score F x retain-accuracy ratio x test-accuracy ratio; retain accuracy on the retained
-training samples, as in the competition), per-example epsilons and U-LiRA. When the method
-starts from a trained model, the trained models themselves (no unlearning) are audited
-against the same reference too ("original").
+training samples, as in the competition), per-example epsilons and U-LiRA, with 95%
+bootstrap intervals (ulira_auc_ci, f_ci; --bootstrap replicates drawn from
+stream_key(config.seed, STREAM_BANK, BOOTSTRAP_ID): every method's audit of one setting uses
+the same draws) and TPRs only at the FPRs the K x n negatives support (None otherwise). When
+the method starts from a trained model, the trained models themselves (no unlearning) are
+audited against the same reference too ("original"). --method=retrain audits a retrain bank
+against the independent reference bank: the null every other method is read against.
 
 --bank: `sequential` runs the models one after another through experiments.run's machinery
 (any method, any model); `vmap` runs each side's FedAvg phases (training, retrain, finetune)
@@ -53,6 +57,7 @@ from fu_jax.metrics import accuracy as acc_lib
 from fu_jax.metrics import audit as audit_lib
 
 UNLEARNED, REFERENCE = 0, 1
+BOOTSTRAP_ID = 2  # the bootstrap's draws: an id under STREAM_BANK no bank side uses
 SIDE_NAMES = {UNLEARNED: "u", REFERENCE: "r"}
 BANKS = ("auto", "vmap", "sequential")
 
@@ -60,6 +65,12 @@ BANKS = ("auto", "vmap", "sequential")
 def bank_seed(seed: int, side: int, k: int) -> int:
   """The training seed of model k of a side: an int drawn from (seed, STREAM_BANK, side, k)."""
   key = fl.stream_key(seed, fl.STREAM_BANK, side, k)
+  return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+def bootstrap_seed(seed: int) -> int:
+  """The seed of the audit's bootstrap draws: an int drawn from (seed, STREAM_BANK, 2)."""
+  key = fl.stream_key(seed, fl.STREAM_BANK, BOOTSTRAP_ID)
   return int(jax.random.randint(key, (), 0, 2**31 - 1))
 
 
@@ -340,11 +351,14 @@ def _side(config, workdir, method, side, num_models, bank="sequential"):
   return out
 
 
-def summarize(unlearned: list, reference: list) -> dict:
-  """audit_lib.audit of the two sides plus accuracies and the final score."""
+def summarize(
+  unlearned: list, reference: list, *, seed: int = 0, bootstrap: int = audit_lib.BOOTSTRAP
+) -> dict:
+  """audit_lib.audit of the two sides (intervals from `bootstrap` replicates of `seed`'s
+  draws) plus accuracies and the final score."""
   u = np.array([s["phi"] for s in unlearned])
   r = np.array([s["phi"] for s in reference])
-  out = audit_lib.audit(u, r)
+  out = audit_lib.audit(u, r, seed=seed, bootstrap=bootstrap)
   acc = lambda side, k: [s[k] for s in side]
   out["final_score"] = audit_lib.final_score(
     out["forget_score"],
@@ -361,7 +375,14 @@ def summarize(unlearned: list, reference: list) -> dict:
   return out
 
 
-def audit(config, workdir: str, method_name: str, num_models: int, bank: str = "auto") -> dict:
+def audit(
+  config,
+  workdir: str,
+  method_name: str,
+  num_models: int,
+  bank: str = "auto",
+  bootstrap: int = audit_lib.BOOTSTRAP,
+) -> dict:
   """Runs the audit; writes <workdir>/audit/<method>/audit.json and epsilons.png."""
   method = methods_lib.get(method_name)
   bank = bank_kind(config, bank)
@@ -372,6 +393,8 @@ def audit(config, workdir: str, method_name: str, num_models: int, bank: str = "
     )
   run_lib.validate(config, method.name)
   run_lib.validate(config, "retrain")
+  if not isinstance(bootstrap, int) or bootstrap < 0:
+    raise run_lib.ConfigError(f"--bootstrap={bootstrap!r}: must be an int >= 0 (0 = no intervals)")
   if config.unlearn.kind == "client":
     raise run_lib.ConfigError(
       "unlearn.kind='client': the audit scores forgotten samples under "
@@ -382,17 +405,19 @@ def audit(config, workdir: str, method_name: str, num_models: int, bank: str = "
   t_ref = time.perf_counter()
   reference = _side(config, workdir, "retrain", REFERENCE, num_models, bank)
   t_ref = time.perf_counter() - t_ref
-  result = summarize(unlearned, reference)
+  boot = dict(seed=bootstrap_seed(config.seed), bootstrap=bootstrap)
+  result = summarize(unlearned, reference, **boot)
   if all(s.get("original") for s in unlearned):
-    orig = summarize([s["original"] for s in unlearned], reference)
+    orig = summarize([s["original"] for s in unlearned], reference, **boot)
     result["original"] = {
       k: orig[k]
       for k in (
         "forget_score",
+        "f_ci",
         "final_score",
         "ulira_auc",
-        "ulira_tpr_at_1pct_fpr",
-        "ulira_tpr_at_01pct_fpr",
+        "ulira_auc_ci",
+        *audit_lib.TPR_FPRS.values(),
       )
     }
   result.update(
@@ -421,17 +446,29 @@ def audit(config, workdir: str, method_name: str, num_models: int, bank: str = "
   plot_epsilons(result, os.path.join(out_dir, "epsilons.png"))
   print(
     f"[audit {method.name}] K={num_models} n={result['num_examples']}: "
-    f"F={result['forget_score']:.3f} final={result['final_score']:.3f} "
-    f"U-LiRA AUC={result['ulira_auc']:.3f} TPR@1%={result['ulira_tpr_at_1pct_fpr']:.3f}"
+    f"F={with_ci(result['forget_score'], result['f_ci'])} "
+    f"final={result['final_score']:.3f} "
+    f"U-LiRA AUC={with_ci(result['ulira_auc'], result['ulira_auc_ci'])} "
+    + " ".join(
+      f"TPR@{100 * fpr:g}%FPR={'—' if result[k] is None else f'{result[k]:.3f}'}"
+      for fpr, k in audit_lib.TPR_FPRS.items()
+    )
     + (
-      f" | original F={result['original']['forget_score']:.3f} U-LiRA AUC="
-      f"{result['original']['ulira_auc']:.3f}"
+      f" | original F={with_ci(result['original']['forget_score'], result['original']['f_ci'])}"
+      f" U-LiRA AUC={with_ci(result['original']['ulira_auc'], result['original']['ulira_auc_ci'])}"
       if "original" in result
       else ""
     ),
     flush=True,
   )
   return result
+
+
+def with_ci(value, ci) -> str:
+  """'0.723 [0.68, 0.77]' (the value alone without an interval; '—' for None)."""
+  if value is None:
+    return "—"
+  return f"{value:.3f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
 
 
 def plot_epsilons(result: dict, path: str):
@@ -461,7 +498,7 @@ def main(argv):
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=experiments/configs/audit_digits.py")
   try:
-    audit(FLAGS.config, FLAGS.workdir, FLAGS.method, FLAGS.models, FLAGS.bank)
+    audit(FLAGS.config, FLAGS.workdir, FLAGS.method, FLAGS.models, FLAGS.bank, FLAGS.bootstrap)
   except (ValueError, OSError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -484,6 +521,11 @@ if __name__ == "__main__":
     "How the K models of a side run: vmap (one vmapped "
     "program per FedAvg phase), sequential (one run after another), auto "
     "(vmap where the client runner vmaps).",
+  )
+  flags.DEFINE_integer(
+    "bootstrap",
+    1000,
+    "Bootstrap replicates of the 95% intervals of U-LiRA's AUC and F (0 = none).",
   )
   config_flags.DEFINE_config_file(
     "config", None, "Config file (a get_config() module).", lock_config=True

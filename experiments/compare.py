@@ -22,6 +22,8 @@ import sys
 
 import numpy as np
 
+from fu_jax.metrics import audit as audit_lib
+
 # (results key, column title, compare to retrain by difference)
 METRICS = (
   ("test_acc", "test acc", True),
@@ -251,44 +253,64 @@ def load_audits(workdir: str) -> dict:
   return out
 
 
+def _with_ci(value, ci) -> str:
+  """'0.723 [0.68, 0.77]': the value and its 95% interval (audits written before intervals
+  show the value alone)."""
+  if value is None:
+    return "—"
+  return f"{value:.3f}" + ("" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+
+
+def audit_tpr(a: dict, fpr: float):
+  """The audit's TPR at `fpr` where its K x n negatives support it (audit_lib.fpr_supported),
+  else None: audits written before the rule carried a TPR at 0.1% FPR over 320 negatives,
+  which is the TPR at FPR 0."""
+  key = audit_lib.TPR_FPRS[fpr]
+  n_neg = a.get("ulira_num_negatives", a["num_models"] * a["num_examples"])
+  return a.get(key) if audit_lib.fpr_supported(n_neg, fpr) else None
+
+
 def audit_markdown(audits: dict) -> str:
-  """The per-example audit table: F, final score, U-LiRA, K (retrain first)."""
-  head = [
-    "method",
-    "K",
-    "forget score F",
-    "final score",
-    "U-LiRA AUC",
-    "TPR@1%FPR",
-    "TPR@0.1%FPR",
-    "F before unlearning",
-    "AUC before unlearning",
+  """The per-example audit table (retrain's row first: the null), each F and U-LiRA AUC with
+  its 95% bootstrap interval, the TPRs at the FPRs the negatives support."""
+  tprs = [
+    fpr for fpr in audit_lib.TPR_FPRS if any(audit_tpr(a, fpr) is not None for a in audits.values())
   ]
+  head = (
+    ["method", "K", "n", "forget score F [95% CI]", "final score", "U-LiRA AUC [95% CI]"]
+    + [f"TPR@{100 * fpr:g}%FPR" for fpr in tprs]
+    + ["F before unlearning", "AUC before unlearning"]
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for m in sorted(audits, key=lambda m: (m != "retrain", m)):
     a, o = audits[m], audits[m].get("original") or {}
     f = lambda v: "—" if v is None else f"{v:.3f}"
-    lines.append(
-      "| "
-      + " | ".join(
-        [
-          m,
-          str(a["num_models"]),
-          f(a["forget_score"]),
-          f(a["final_score"]),
-          f(a["ulira_auc"]),
-          f(a["ulira_tpr_at_1pct_fpr"]),
-          f(a["ulira_tpr_at_01pct_fpr"]),
-          f(o.get("forget_score")),
-          f(o.get("ulira_auc")),
-        ]
-      )
-      + " |"
-    )
+    cells = [
+      "retrain (null: vs an independent retrain bank)" if m == "retrain" else m,
+      str(a["num_models"]),
+      str(a["num_examples"]),
+      _with_ci(a["forget_score"], a.get("f_ci")),
+      f(a["final_score"]),
+      _with_ci(a["ulira_auc"], a.get("ulira_auc_ci")),
+      *(f(audit_tpr(a, fpr)) for fpr in tprs),
+      _with_ci(o.get("forget_score"), o.get("f_ci")),
+      _with_ci(o.get("ulira_auc"), o.get("ulira_auc_ci")),
+    ]
+    lines.append("| " + " | ".join(cells) + " |")
+  null = (
+    "retrain's row is the null (a retrain bank against an independent one): read every "
+    "other row against it, intervals included"
+    if "retrain" in audits
+    else "no retrain audit here: run experiments.audit --method=retrain into this workdir for "
+    "the null every row is read against"
+  )
   return (
     "\nPer-example audit (experiments.audit): each method's K unlearned models against K "
-    "independently retrained ones; F in [0, 1] (1 = every epsilon < 0.5), U-LiRA AUC 0.5 "
-    "= indistinguishable from retraining.\n\n" + "\n".join(lines) + "\n"
+    "independently retrained ones, n forgotten samples; F in [0, 1] (1 = every epsilon < 0.5), "
+    "U-LiRA AUC 0.5 = indistinguishable from retraining; [95% CI]: percentile bootstrap, "
+    "two-way (models and samples) for the AUC, over samples for F. A TPR at FPR f is shown "
+    "only where the K x n retrained negatives put >= 10 past its threshold (K n f >= 10). "
+    f"{null}.\n\n" + "\n".join(lines) + "\n"
   )
 
 

@@ -150,6 +150,12 @@ def validate(
   _require(
     isinstance(r, int) and r >= 0, f"eval.relearn_steps={r!r}: must be an int >= 0 (0 = off)"
   )
+  _require(  # why: fu_jax/metrics/relearn.py's docstring
+    r == 0 or u.kind != "samples",
+    f"eval.relearn_steps={r} with unlearn.kind=samples: relearn time is undefined for a "
+    "samples request (retrained models still classify the forgotten samples); set "
+    "eval.relearn_steps=0 and audit it with experiments.audit",
+  )
   m = config.eval.relearn_retained
   _require(
     isinstance(m, (int, float)) and m >= 0,

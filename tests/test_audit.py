@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from experiments import audit as audit_exp
 from experiments import compare
 from experiments import run as run_lib
 from experiments.configs import audit_digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(**overrides):
@@ -55,13 +59,53 @@ def test_sequential_and_vmapped_banks_agree(tmp_path):
   ):
     assert key in vm
   assert 0.0 <= vm["forget_score"] <= 1.0
+  # 3 x 10 = 30 negatives support no TPR; each statistic has its interval, the trained
+  # models' too, from the config seed's draws.
+  assert vm["ulira_num_negatives"] == 30 and vm["ulira_tpr_at_5pct_fpr"] is None
+  for a in (vm, vm["original"]):
+    assert a["ulira_auc_ci"][0] <= a["ulira_auc"] <= a["ulira_auc_ci"][1]
+    assert a["f_ci"][0] <= a["forget_score"] <= a["f_ci"][1]
+  assert vm["bootstrap"]["seed"] == audit_exp.bootstrap_seed(0)
+  assert seq["ulira_auc_ci"] == pytest.approx(vm["ulira_auc_ci"], abs=0.02)
   assert os.path.exists(tmp_path / "vm" / "audit" / "finetune" / "epsilons.png")
   # A rerun reads every model from its audit_stats.json: same numbers.
   again = audit_exp.audit(tiny(), str(tmp_path / "vm"), "finetune", 3, "vmap")
   assert again["epsilons"] == vm["epsilons"]
+  audit_exp.audit(tiny(), str(tmp_path / "vm"), "retrain", 3, "vmap")  # the null
   compare.compare(str(tmp_path / "vm"))
   table = open(tmp_path / "vm" / "comparison.md").read()
-  assert "| finetune | 3 |" in table and "U-LiRA AUC" in table
+  ci = vm["ulira_auc_ci"]
+  assert "| finetune | 3 | 10 |" in table
+  assert f"{vm['ulira_auc']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" in table
+  rows = [l for l in table.splitlines() if l.startswith("| ")]
+  assert rows[1].startswith("| retrain (null: vs an independent retrain bank) | 3 | 10 |")
+  assert "TPR@" not in table  # 30 negatives support none
+
+
+def test_relearn_is_refused_for_samples_requests(tmp_path):
+  # Retrained models still classify the forgotten samples: no target tells methods apart.
+  c = tiny(**{"eval.relearn_steps": 50})
+  with pytest.raises(run_lib.ConfigError, match="eval.relearn_steps=50 with unlearn.kind=samples"):
+    run_lib.validate(c, "retrain")
+  run_lib.validate(tiny(**{"eval.relearn_steps": 50, "unlearn.kind": "class"}), "retrain")
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.main",
+      "--method=retrain",
+      "--config=experiments/configs/audit_digits.py",
+      f"--workdir={tmp_path}",
+      "--config.eval.relearn_steps=50",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert out.returncode == 2
+  err = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(err) == 1 and err[0].startswith("error: eval.relearn_steps=50 with unlearn.kind=")
+  assert os.listdir(tmp_path) == []  # refused before any training
 
 
 @pytest.mark.parametrize(

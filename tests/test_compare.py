@@ -119,6 +119,60 @@ def test_seeds_give_mean_and_spread(tmp_path):
   assert rows[0]["test_acc_std"] == pytest.approx(0.05)
 
 
+def _write_audit(workdir, method, **values):
+  d = os.path.join(workdir, "audit", method)
+  os.makedirs(d, exist_ok=True)
+  a = {"method": method, "num_models": 16, "num_examples": 20, "final_score": 0.1, **values}
+  with open(os.path.join(d, "audit.json"), "w") as f:
+    json.dump(a, f)
+
+
+def test_audit_table_intervals_null_row_and_supported_tprs(tmp_path):
+  wd = str(tmp_path)
+  _write_audit(
+    wd,
+    "retrain",
+    forget_score=0.163,
+    f_ci=[0.12, 0.21],
+    ulira_auc=0.543,
+    ulira_auc_ci=[0.47, 0.61],
+    ulira_tpr_at_5pct_fpr=0.08,
+    ulira_tpr_at_1pct_fpr=None,
+    ulira_tpr_at_01pct_fpr=None,
+  )
+  # An audit written before intervals and the TPR rule: 320 negatives, a "TPR at 0.1%".
+  _write_audit(
+    wd,
+    "fedavg",
+    forget_score=0.114,
+    ulira_auc=0.723,
+    ulira_tpr_at_1pct_fpr=0.075,
+    ulira_tpr_at_01pct_fpr=0.05,
+    original={"forget_score": 0.114, "ulira_auc": 0.72, "ulira_auc_ci": [0.68, 0.77]},
+  )
+  compare.compare(wd)
+  md = open(os.path.join(wd, "comparison.md")).read()
+  table = _md_rows(md[md.index("| method | K |") :])
+  null = table["retrain (null: vs an independent retrain bank)"]
+  assert null["U-LiRA AUC [95% CI]"] == "0.543 [0.47, 0.61]"
+  assert null["forget score F [95% CI]"] == "0.163 [0.12, 0.21]"
+  assert null["TPR@5%FPR"] == "0.080" and null["n"] == "20"
+  assert md.index("| retrain (null") < md.index("| fedavg |")
+  assert table["fedavg"]["U-LiRA AUC [95% CI]"] == "0.723"  # no interval recorded
+  assert table["fedavg"]["AUC before unlearning"] == "0.720 [0.68, 0.77]"
+  assert table["fedavg"]["TPR@5%FPR"] == "—"
+  # 16 x 20 = 320 negatives support neither 1% nor 0.1%: the columns are dropped.
+  assert "TPR@1%FPR" not in md and "TPR@0.1%FPR" not in md
+  assert "retrain's row is the null" in md
+  os.remove(os.path.join(wd, "audit", "retrain", "audit.json"))
+  compare.compare(wd)
+  assert "no retrain audit here" in open(os.path.join(wd, "comparison.md")).read()
+  assert (
+    compare.audit_tpr({"num_models": 20, "num_examples": 100, "ulira_tpr_at_1pct_fpr": 0.3}, 0.01)
+    == 0.3
+  )
+
+
 def test_no_retrain_is_a_clear_error(tmp_path):
   _write(str(tmp_path), "finetune", test_acc=0.8)
   out = subprocess.run(

@@ -47,13 +47,47 @@ other 2K - 1 (its own side minus itself), so no model is scored by a fit that sa
 leaves a slight bias toward the other side -- its own side's mean is estimated without it --
 so with identical distributions the AUC sits marginally under 0.5: conservative.) Scores of
 all (model, example) pairs are pooled into one ROC (unlearned = positive): AUC and the TPR at
-1% and 0.1% FPR. Variances get a floor (1e-6 of the pooled variance, at least 1e-12) so a
+5%, 1% and 0.1% FPR. Variances get a floor (1e-6 of the pooled variance, at least 1e-12) so a
 constant side does not divide by zero.
+
+What the sample size supports (ours). A TPR at FPR f is reported only when the ROC's
+negatives (K_r x n retrained (model, example) pairs) put at least MIN_NEGATIVES_PAST = 10 of
+them past the threshold: n_neg * f >= 10; otherwise it is None. Below that the threshold sits
+at one of the few largest negatives, and with n_neg * f < 1 (e.g. 0.1% of 320) the "TPR at
+0.1% FPR" is the TPR at FPR 0, set by the single largest negative. So 320 negatives (K = 16,
+20 samples) report the TPR at 5% FPR (16 negatives past) but not at 1% (3.2) or 0.1% (0.32);
+1% needs >= 1000 negatives, 0.1% >= 10000.
+
+Intervals (ours): percentile bootstraps, two-way (models and samples) for U-LiRA. Replicate b
+draws K_u unlearned models, K_r retrained models (each side resampled within itself) and n
+forgotten samples, all with replacement, and recomputes the statistic on that bank:
+  * U-LiRA AUC: the Gaussian fits are refitted on the resampled models (frequency-weighted
+    mean and variance of the multiset), each drawn model scored leave-one-out with every
+    copy of itself left out (a copy is the same model: a fit that saw it would leak; a
+    side drawn with fewer than 3 distinct models is drawn again, bootstrap_draws), and
+    the pooled ROC weights each (model, example) score by its model's times its example's
+    multiplicity. Vectorised over replicates (B = 1000 by default). A two-way bootstrap
+    counts the model-by-sample noise twice, so it errs wide: with identical synthetic
+    distributions (K = 8 and 16) the interval covered 0.5 in 40 of 40 repetitions.
+  * F: over the forgotten samples only, the models fixed: F is the mean of per-example
+    points, so replicate b is the multiplicity-weighted mean of the same points (vectorised,
+    B = 1000). Resampling the models too does not work for F: an epsilon is a max over
+    ~160k rules, and on a multiset with duplicated models it comes out larger (fewer distinct
+    values, emptier tails), so F's replicates sit below F -- on N(0,1) against N(0,1), K = 16,
+    n = 20, F = 0.200 and the two-way percentile interval was [0.084, 0.183], excluding it.
+    F's interval therefore leaves out the model-to-model variability shared by the samples
+    (each epsilon's own noise from its K + K models is in the per-example points).
+The interval is the 2.5th and 97.5th percentiles of the replicates. The draws come from
+np.random.default_rng(seed): the same seed gives the same interval. It describes the
+sampling variability of this audit (which K + K models, which forgotten samples); it is not a
+test of "indistinguishable from retraining": read a method's interval against retrain's own
+row (retrain's bank against an independent retrain bank, the null).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -281,21 +315,158 @@ def tpr_at_fpr(scores, labels, fpr: float) -> float:
   return float(np.mean(s[y] > t))
 
 
+MIN_NEGATIVES_PAST = 10  # negatives a reported TPR's threshold must have past it
+TPR_FPRS = {
+  0.05: "ulira_tpr_at_5pct_fpr",
+  0.01: "ulira_tpr_at_1pct_fpr",
+  0.001: "ulira_tpr_at_01pct_fpr",
+}
+
+
+def fpr_supported(num_negatives: int, fpr: float) -> bool:
+  """Whether num_negatives support a TPR at this FPR: num_negatives * fpr >= 10."""
+  return num_negatives * fpr >= MIN_NEGATIVES_PAST - 1e-9
+
+
+def supported_tpr(scores, labels, fpr: float) -> float | None:
+  """tpr_at_fpr where the negatives support it (fpr_supported), else None."""
+  n_neg = int(np.sum(~np.asarray(labels, bool)))
+  return tpr_at_fpr(scores, labels, fpr) if fpr_supported(n_neg, fpr) else None
+
+
 def ulira(unlearned, retrained) -> dict:
-  """U-LiRA AUC and TPR at 1% / 0.1% FPR over all (model, forgotten example) pairs."""
+  """U-LiRA AUC and the TPRs at 5% / 1% / 0.1% FPR (None where the negatives do not support
+  them) over all (model, forgotten example) pairs."""
   scores, labels = ulira_scores(unlearned, retrained)
   lab = np.broadcast_to(labels[:, None], scores.shape)
   per_example = [roc_auc(scores[:, i], labels) for i in range(scores.shape[1])]
-  return {
-    "ulira_auc": roc_auc(scores, lab),
-    "ulira_tpr_at_1pct_fpr": tpr_at_fpr(scores, lab, 0.01),
-    "ulira_tpr_at_01pct_fpr": tpr_at_fpr(scores, lab, 0.001),
-    "ulira_example_auc": per_example,
-  }
+  out = {"ulira_auc": roc_auc(scores, lab), "ulira_num_negatives": int(np.sum(~lab))}
+  out.update({key: supported_tpr(scores, lab, fpr) for fpr, key in TPR_FPRS.items()})
+  out["ulira_example_auc"] = per_example
+  return out
 
 
-def audit(unlearned, retrained, delta: float = DELTA) -> dict:
-  """Forget score F, per-example epsilons and U-LiRA from statistics [K, n] per side."""
+# ---------------------------------------------------------------------------------------
+# Bootstrap intervals.
+
+CI_LEVEL = 0.95
+BOOTSTRAP = 1000  # replicates
+_CHUNK = 100  # replicates vectorised at once (bounds memory)
+
+
+class Draws(NamedTuple):
+  """Multiplicities of a two-way bootstrap: [B, K_u], [B, K_r] models and [B, n] samples."""
+
+  unlearned: np.ndarray
+  retrained: np.ndarray
+  examples: np.ndarray
+
+
+MIN_DISTINCT_MODELS = 3  # per side in a replicate: each leave-one-out fit keeps 2 models
+
+
+def bootstrap_draws(num_unlearned: int, num_retrained: int, num_examples: int, b: int, seed):
+  """B replicates' multiplicities: each side's models and the examples drawn with replacement.
+
+  A side drawn with fewer than MIN_DISTINCT_MODELS distinct models is drawn again (from the
+  same generator: still deterministic): one of its models would be scored by a leave-one-out
+  fit of copies of a single model, whose variance is 0 (the point estimate needs K >= 3 for
+  the same reason). Negligible at K = 16; at K = 4 about a third of a side's draws."""
+  rng = np.random.default_rng(seed)
+
+  def draw(k, models):
+    c = rng.multinomial(k, np.full(k, 1.0 / k), size=b)
+    while models and k >= MIN_DISTINCT_MODELS:
+      bad = np.flatnonzero((c > 0).sum(1) < MIN_DISTINCT_MODELS)
+      if bad.size == 0:
+        break
+      c[bad] = rng.multinomial(k, np.full(k, 1.0 / k), size=bad.size)
+    return c
+
+  return Draws(draw(num_unlearned, True), draw(num_retrained, True), draw(num_examples, False))
+
+
+def percentile_interval(values, level: float = CI_LEVEL) -> tuple:
+  """(lo, hi): the (1 - level) / 2 and (1 + level) / 2 percentiles of the replicates."""
+  a = 100 * (1 - level) / 2
+  lo, hi = np.percentile(np.asarray(values, np.float64), [a, 100 - a])
+  return float(lo), float(hi)
+
+
+def _weighted_fits(a, c, floor):
+  """Fits of each side with multiplicities c [B, K] over statistics a [K, n]: the full fit
+  (mean, variance of the multiset) [B, 1, n] and each model's fit with all its copies left
+  out [B, K, n]. Fewer than 2 other draws (possible only when one model is drawn K - 1 or K
+  times) leave the variance at the floor."""
+  c = c[:, :, None].astype(np.float64)
+  tot = c.sum(1, keepdims=True)
+  s1, s2 = (c * a).sum(1, keepdims=True), (c * a**2).sum(1, keepdims=True)
+
+  def fit(n, m1, m2):
+    mu = m1 / np.maximum(n, 1)
+    var = (m2 - n * mu**2) / np.maximum(n - 1, 1)
+    return mu, np.maximum(var, floor)
+
+  return fit(tot, s1, s2), fit(tot - c, s1 - c * a, s2 - c * a**2)
+
+
+def _weighted_auc(s, w, y):
+  """Mann-Whitney AUC per row of scores s [B, N] with weights w [B, N], labels y [N]."""
+  order = np.argsort(s, axis=1, kind="stable")
+  s = np.take_along_axis(s, order, 1)
+  w = np.take_along_axis(w, order, 1)
+  pos = y[order]
+  wn = np.where(pos, 0.0, w)
+  wp = w - wn
+  cneg = np.concatenate([np.zeros((s.shape[0], 1)), np.cumsum(wn, 1)], 1)
+  idx = np.arange(s.shape[1])
+  new = np.concatenate([np.ones((s.shape[0], 1), bool), s[:, 1:] != s[:, :-1]], 1)
+  start = np.maximum.accumulate(np.where(new, idx, 0), axis=1)
+  last = np.concatenate([s[:, 1:] != s[:, :-1], np.ones((s.shape[0], 1), bool)], 1)
+  end = np.minimum.accumulate(np.where(last, idx, s.shape[1] - 1)[:, ::-1], axis=1)[:, ::-1]
+  below = np.take_along_axis(cneg, start, 1)
+  tied = np.take_along_axis(cneg, end + 1, 1) - below
+  return (wp * (below + 0.5 * tied)).sum(1) / (wp.sum(1) * wn.sum(1))
+
+
+def ulira_auc_replicates(unlearned, retrained, draws: Draws) -> np.ndarray:
+  """The U-LiRA AUC recomputed on each replicate's resampled bank (module docstring) [B].
+
+  With every multiplicity 1 it is ulira(...)["ulira_auc"] exactly."""
+  u, r = _check_pair(unlearned, retrained)
+  floor = max(1e-12, 1e-6 * float(np.var(np.concatenate([u, r]))))
+  y = np.r_[np.ones(u.size, bool), np.zeros(r.size, bool)]
+  out = []
+  for i in range(0, draws.examples.shape[0], _CHUNK):
+    cu, cr, cn = (d[i : i + _CHUNK] for d in draws)
+    (mu_u, var_u), (mu_u_loo, var_u_loo) = _weighted_fits(u, cu, floor)
+    (mu_r, var_r), (mu_r_loo, var_r_loo) = _weighted_fits(r, cr, floor)
+    s_u = _log_normal(u, mu_u_loo, var_u_loo) - _log_normal(u, mu_r, var_r)
+    s_r = _log_normal(r, mu_u, var_u) - _log_normal(r, mu_r_loo, var_r_loo)
+    w_u = cu[:, :, None] * cn[:, None, :]
+    w_r = cr[:, :, None] * cn[:, None, :]
+    b = cn.shape[0]
+    scores = np.concatenate([s_u.reshape(b, -1), s_r.reshape(b, -1)], 1)
+    weights = np.concatenate([w_u.reshape(b, -1), w_r.reshape(b, -1)], 1).astype(np.float64)
+    out.append(_weighted_auc(scores, weights, y))
+  return np.concatenate(out)
+
+
+def forget_score_replicates(eps, num_models: int, examples) -> np.ndarray:
+  """F over resampled forgotten samples [B]: the points of per-example epsilons eps [n]
+  weighted by each replicate's multiplicities examples [B, n] (the models fixed)."""
+  eps = np.asarray(eps, np.float64).reshape(-1)
+  points = bucket_points(num_models)
+  b = np.floor(eps / 0.5).astype(np.int64)
+  pts = np.where(b < points.size, points[np.minimum(b, points.size - 1)], 0.0)
+  c = np.asarray(examples, np.float64)
+  return c @ pts / c.sum(1)
+
+
+def audit(unlearned, retrained, delta: float = DELTA, *, seed=0, bootstrap: int = BOOTSTRAP):
+  """Forget score F, per-example epsilons and U-LiRA from statistics [K, n] per side, with
+  95% bootstrap intervals (ulira_auc_ci: two-way; f_ci: over samples; [lo, hi]) from
+  `bootstrap` replicates drawn from `seed` (0 replicates: both None)."""
   u, r = _check_pair(unlearned, retrained)
   eps = epsilons(u, r, delta)
   out = {
@@ -305,4 +476,16 @@ def audit(unlearned, retrained, delta: float = DELTA) -> dict:
     "num_examples": int(u.shape[1]),
   }
   out.update(ulira(u, r))
+  out["ulira_auc_ci"] = out["f_ci"] = None
+  if bootstrap > 0:
+    draws = bootstrap_draws(u.shape[0], r.shape[0], u.shape[1], bootstrap, seed)
+    out["ulira_auc_ci"] = list(percentile_interval(ulira_auc_replicates(u, r, draws)))
+    out["f_ci"] = list(percentile_interval(forget_score_replicates(eps, u.shape[0], draws[2])))
+  out["bootstrap"] = {
+    "ulira_auc": "two-way percentile: models (within each side) and forgotten samples",
+    "forget_score": "percentile over forgotten samples (models fixed)",
+    "level": CI_LEVEL,
+    "replicates": int(bootstrap),
+    "seed": int(seed),
+  }
   return out

@@ -19,6 +19,20 @@ every model that forgot. Mixing retained samples into the fine-tuning data (scor
 forgotten rows only) means the class has to be told apart again rather than predicted
 everywhere: the count then depends on what the model still knows (Golatkar et al., CVPR 2020,
 relearn on the whole training set).
+
+Not for samples requests (unlearn.kind=samples: experiments.run refuses eval.relearn_steps > 0
+with one line before any training). Relearn time measures how fast knowledge that retraining
+would not have comes back. A random subset of a class-balanced training set carries no such
+knowledge: retrained models generalise to it (on the audit's digits setting they classify
+97% of the forgotten samples, the trained model 100%), so every model starts above the
+target of half the original accuracy and scores 0 steps, retrain included. A loss target
+(steps until the samples' mean loss falls to the original model's) was the alternative; we
+do not adopt it: it counts how fast fine-tuning on the n samples themselves re-memorises
+them, which a model that never saw them must do too, so its count mostly reflects how
+confident a method leaves the samples to start with, a single number without retrain's
+spread to read it against. The per-example audit (experiments.audit: U-LiRA and the
+NeurIPS'23 forget score of the samples' confidence against a bank of retrained models, with
+intervals and retrain's own row as the null) measures that confidence directly.
 """
 
 from __future__ import annotations
