@@ -12,7 +12,7 @@ of client 0's samples (20 digits, 3.3% of the data), drawn from the seed.
 
 Expected (K = 16, seed 0; BUILD.md): retrain against an independent retrain bank U-LiRA AUC
 0.54, F 0.16 (F's noise floor at K = 16: identical distributions give ~0.18, not 1);
-fedavg (no unlearning) U-LiRA AUC 0.72, TPR 7.5% at 1% FPR, F 0.11. The trained models
+fedavg (no unlearning) U-LiRA AUC 0.72 [0.56, 0.81], TPR 21% at 5% FPR, F 0.11. The trained models
 classify every forgotten sample (100%); retrained ones 97%, so only the confidence tells
 them apart. Each side's FedAvg runs as one vmapped bank (the MLP vmaps on CPU).
 """
