@@ -50,6 +50,7 @@ TIMING_FIELDS = (
   "speedup_vs_retrain",
   "speedup_parallel_vs_retrain",
   "train_overhead_vs_fedavg",
+  "selection_seconds",  # channel methods' channel selection
 )
 PARTITIONS = data_lib.PARTITIONS
 
@@ -502,6 +503,9 @@ class RunEnv:
     # This process only; 'serial' / 'critical': fl.ClientClock totals inside rounds.
     self.process = {"wall": 0.0, "compile": 0.0, "eval": 0.0, "serial": 0.0, "critical": 0.0}
     self.step = 0  # TensorBoard step across this directory's phases
+    # Per phase, the metrics each of its rounds reported (cost keys removed), as they read
+    # back from JSON: saved with the phase's checkpoints, so restored rounds have them too.
+    self.metrics = {}
     self.clock = fl.ClientClock(_compiled_now)
     self._eval_fn = lambda p: evaluate(task, p)
     self.runner_kind = runner_kind(cfg)
@@ -537,10 +541,13 @@ class RunEnv:
     ckpt = checkpoint.Checkpointer(
       os.path.join(self.dir, "ckpt", phase), self.config_dict, every=cfg.checkpoint_every
     )
-    state, start, meta = ckpt.restore_or(init_state, meta_template=self._meta())
+    state, start, meta = ckpt.restore_or(init_state, meta_template=self._meta(phase))
+    self.metrics[phase] = []
     if meta is not None:
       self.cost, self.step = meta["cost"], meta["step"]
       self.seconds = {"parallel": 0.0, **meta["seconds"]}
+      # Absent from checkpoints written before round metrics were kept.
+      self.metrics[phase] = list(meta.get("metrics", []))
     if start:
       print(f"[{phase}] resumed after round {start}/{num_rounds}", flush=True)
     started = time.perf_counter()
@@ -565,6 +572,7 @@ class RunEnv:
       for k in list(self.cost):
         self.cost[k] += metrics.pop(k, 0)
       self.cost["rounds"] += 1
+      self.metrics[phase].append(checkpoint.json_value(metrics))
       for k in ("wall", "compile"):
         self.seconds[k] += t[k]
         self.process[k] += t[k]
@@ -590,12 +598,21 @@ class RunEnv:
         )
       self.logger.scalars(self.step, scalars)
       self.logger.flush()  # on disk before the checkpoint that covers it (resume: no gap)
-      ckpt.maybe_save(r + 1, state, meta=self._meta(), force=r + 1 == num_rounds)
+      ckpt.maybe_save(r + 1, state, meta=self._meta(phase), force=r + 1 == num_rounds)
     ckpt.close()
     return state
 
-  def _meta(self):
-    return {"cost": self.cost, "seconds": self.seconds, "step": self.step}
+  def round_metrics(self, phase):
+    """The metrics each round of `phase` reported (base.Env.round_metrics)."""
+    return list(self.metrics.get(phase, []))
+
+  def _meta(self, phase):
+    return {
+      "cost": self.cost,
+      "seconds": self.seconds,
+      "step": self.step,
+      "metrics": self.metrics.get(phase, []),
+    }
 
 
 # ---------------------------------------------------------------------------------------

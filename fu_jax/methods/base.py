@@ -106,15 +106,28 @@ class Env(NamedTuple):
       runs round_fn(state, r) -> (state, metrics) for r in [0, num_rounds), resuming from
       the phase's latest checkpoint; metrics may carry 'bytes_up', 'bytes_down' and
       'examples', which are summed into the run's cost. Logs, evaluates, checks for NaN.
+  round_metrics(phase) -> [metrics of each round of `phase`], cost keys removed, in round
+      order, as they read back from JSON. They are saved with the phase's checkpoints, so
+      rounds a resumed run restored have theirs too: a per-round statistic a method
+      reports in its results must come from here (returned by round_fn as a metric), never
+      from a variable round_fn fills, which restored rounds leave empty.
   runner(program, epochs, batch_size) -> fl.ClientRunner with the configured kind.
   evaluate(params) -> dict of test metrics.
   add_cost(**amounts) adds cost outside rounds (e.g. a one-shot unlearning step).
   """
 
   rounds: Callable
+  round_metrics: Callable
   runner: Callable
   evaluate: Callable
   add_cost: Callable
+
+
+def last_round_metrics(env: Env, phase: str) -> dict:
+  """The metrics the last round of `phase` reported (env.round_metrics), restored with it
+  on a resume; {} when none are known (a checkpoint written before they were kept)."""
+  rounds = env.round_metrics(phase)
+  return dict(rounds[-1]) if rounds else {}
 
 
 class Unservable(ValueError):
