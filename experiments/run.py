@@ -482,10 +482,10 @@ def training_config(config, trainer: base.Trainer | str) -> dict:
   }
   if d["backdoor"]["enabled"]:  # the trigger sits in the data to be forgotten
     key["unlearn"] = _request_key(d)
-  if t.keys:
-    # Only the trainer's keys of its section: unlearning-only keys (e.g.
-    # quickdrop.unlearn_lr) must not invalidate the cached model.
-    key[t.name] = {k: d[t.name][k] for k in t.keys}
+  if isinstance(d.get(t.name), dict):
+    # The trainer's section but its unlearning-only keys (e.g. quickdrop.unlearn_lr), which
+    # must not invalidate the cached model: a key nobody declared is in the key (safe).
+    key[t.name] = {k: v for k, v in d[t.name].items() if k not in t.unlearn_only}
   return key
 
 

@@ -66,3 +66,32 @@ def test_the_trained_models_evaluation_is_versioned(tmp_path, monkeypatch):
   run_lib.original_evaluation(task, trained.params, directory)
   assert len(calls) == 2  # another version: evaluated again, in a file of its own
   assert len([f for f in os.listdir(directory) if f.startswith("eval-")]) == 2
+
+
+def _changed(v):
+  """Another value of v's type."""
+  if isinstance(v, bool):
+    return not v
+  if isinstance(v, (int, float)):
+    return v * 2 + 1
+  if isinstance(v, str):
+    return v + "_other"
+  return tuple(v) + (1,)
+
+
+@pytest.mark.parametrize("trainer", ["quickdrop", "federaser"])
+def test_a_new_key_of_a_trainers_section_enters_its_cache_key(trainer):
+  from experiments.configs import digits  # pylint: disable=import-outside-toplevel
+  from fu_jax import methods  # pylint: disable=import-outside-toplevel
+
+  base = run_lib.training_config(digits.get_config(), trainer)
+  c = digits.get_config()
+  c[trainer].a_key_added_later = 1  # declared nowhere: it may change training
+  assert run_lib.training_config(c, trainer) != base
+  # The declared unlearning-only keys are keys of the section, and leave the key alone.
+  unlearn_only = methods.trainer(trainer).unlearn_only
+  assert unlearn_only and set(unlearn_only) < set(digits.get_config()[trainer])
+  for k in unlearn_only:
+    c = digits.get_config()
+    c[trainer][k] = _changed(c[trainer][k])
+    assert run_lib.training_config(c, trainer) == base, k

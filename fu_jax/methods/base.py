@@ -11,9 +11,10 @@ A method is a `Method(name, kinds, trainer, unlearn, why, check=None, validate=N
             request (run before training);
   validate  optional validate(config) raising ConfigError on a bad value of the method's
             config section (run before anything is loaded or trained).
-A `Trainer(name, train, keys)` is train(task, env) -> Trained, run once per workdir and
-training config; `keys` are the keys of config.<name> that shape the trained model (they
-enter the trained-model cache key; the section's other keys are unlearning-only).
+A `Trainer(name, train, unlearn_only)` is train(task, env) -> Trained, run once per workdir
+and training config; every key of config.<name> but those listed in `unlearn_only` enters
+the trained-model cache key, so a key added to the section retrains until it is declared
+unlearning-only (a forgotten declaration costs a retraining, never a stale model).
 
 Configuration: each method module owns its config section (`config_section(fl_cfg)`: defaults
 and what each key means; experiments/configs/default.py assembles them) and reads it
@@ -138,13 +139,15 @@ class Unservable(ValueError):
 class Trainer(NamedTuple):
   """How the model before unlearning is trained: train(task, env) -> Trained.
 
-  keys: the keys of config.<name> that determine the trained model (with seed, data, fl,
-  model and backdoor they form its cache key; experiments.run.training_config).
+  unlearn_only: the keys of config.<name> (the trainer's own section, when the config has
+  one) that do NOT change the trained model. Every other key of the section, with seed,
+  data, fl, model and backdoor, forms its cache key (experiments.run.training_config): the
+  list names what may be left out, so an omission is safe.
   """
 
   name: str
   train: Callable
-  keys: tuple = ()
+  unlearn_only: tuple = ()
 
 
 class Method(NamedTuple):

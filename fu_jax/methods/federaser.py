@@ -65,8 +65,9 @@ from fu_jax import tree as tu
 from fu_jax.methods import base
 
 COMBINE = ("client", "mean")
-# Keys of config.federaser that determine the trained model (and its store).
-TRAIN_KEYS = ("interval",)
+# Keys of config.federaser that do not change the trained model (and its store); every
+# other key of the section is in its cache key (base.Trainer).
+UNLEARN_ONLY_KEYS = ("calib_ratio", "combine")
 FEDERASER_ID = 31  # fold_in id under fl.STREAM_UNLEARN
 _PART_SUBSET, _PART_CALIB = 0, 1
 
@@ -364,7 +365,7 @@ def _check(task: base.Task):
   removed_client(task)
 
 
-TRAINER = base.Trainer("federaser", train_federaser, TRAIN_KEYS)
+TRAINER = base.Trainer("federaser", train_federaser, UNLEARN_ONLY_KEYS)
 METHODS = {
   "federaser": base.Method(
     "federaser", ("class", "client"), TRAINER, _unlearn, check=_check, validate=validate
