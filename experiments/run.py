@@ -50,6 +50,7 @@ TIMING_FIELDS = (
   "speedup_vs_retrain",
   "speedup_parallel_vs_retrain",
   "train_overhead_vs_fedavg",
+  "selection_seconds",  # channel methods' channel selection
 )
 PARTITIONS = data_lib.PARTITIONS
 
@@ -228,6 +229,32 @@ def data_seed(config) -> int:
   return int(config.seed) if s == -1 else s
 
 
+def load_forget_indices(path: str) -> np.ndarray:
+  """The 1-D integer array of training-set positions in the .npy file `path` (ConfigError
+  naming the file when it cannot be read, is not 1-D integer, or is empty)."""
+  try:
+    idx = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ConfigError(
+      f"unlearn.forget_indices={path!r}: cannot read it as a .npy array ({e})"
+    ) from None
+  _require(
+    idx.ndim == 1 and (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)),
+    f"unlearn.forget_indices={path!r}: expected a 1-D integer array, got {idx.dtype} {idx.shape}",
+  )
+  _require(idx.size > 0, f"unlearn.forget_indices={path!r} is empty: no sample to forget")
+  return idx
+
+
+def forget_indices_digest(path: str) -> str:
+  """sha256 (16 hex digits) of the sorted unique positions in unlearn.forget_indices: the
+  request's identity in every cache key and config.json, so a file rewritten in place with
+  other positions never reuses results computed for the old ones (and duplicates or order,
+  which forget_samples ignores, do not count)."""
+  idx = np.unique(load_forget_indices(path)).astype("<i8")
+  return hashlib.sha256(idx.tobytes()).hexdigest()[:16]
+
+
 def forget_samples(config, owner: np.ndarray) -> np.ndarray:
   """bool [n_train]: the training rows a kind='samples' request forgets.
 
@@ -241,17 +268,7 @@ def forget_samples(config, owner: np.ndarray) -> np.ndarray:
   rows = np.zeros(n, bool)
   path = u.get("forget_indices", "") or ""
   if path:
-    try:
-      idx = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-      raise ConfigError(
-        f"unlearn.forget_indices={path!r}: cannot read it as a .npy array ({e})"
-      ) from None
-    _require(
-      idx.ndim == 1 and (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)),
-      f"unlearn.forget_indices={path!r}: expected a 1-D integer array, got {idx.dtype} {idx.shape}",
-    )
-    _require(idx.size > 0, f"unlearn.forget_indices={path!r} is empty: no sample to forget")
+    idx = load_forget_indices(path)
     bad = idx[(idx < 0) | (idx >= n)]
     if bad.size:
       raise ConfigError(
@@ -432,7 +449,24 @@ def _clock() -> _CompileClock:
 
 
 def _to_dict(config) -> dict:
-  return json.loads(config.to_json_best_effort())
+  """The config as a JSON dict (what config.json holds and the caches are keyed on), with a
+  samples request's unlearn.forget_indices path as {"path": ..., "sha256": digest of the
+  positions} (forget_indices_digest): the file's content is part of the config."""
+  d = json.loads(config.to_json_best_effort())
+  u = d.get("unlearn", {})
+  path = u.get("forget_indices") or ""
+  if path and u.get("kind") == "samples":
+    u["forget_indices"] = {"path": path, "sha256": forget_indices_digest(path)}
+  return d
+
+
+def _request_key(d: dict) -> dict:
+  """d['unlearn'] (from _to_dict) as a cache key: an index file by its content alone, so
+  the same positions under another path share the cached results."""
+  u = dict(d["unlearn"])
+  if isinstance(u.get("forget_indices"), dict):
+    u["forget_indices"] = {"sha256": u["forget_indices"]["sha256"]}
+  return u
 
 
 def _hash(d: dict) -> str:
@@ -453,11 +487,11 @@ def training_config(config, trainer: base.Trainer | str) -> dict:
     "backdoor": d["backdoor"],
   }
   if d["backdoor"]["enabled"]:  # the trigger sits in the data to be forgotten
-    key["unlearn"] = d["unlearn"]
-  if t.keys:
-    # Only the trainer's keys of its section: unlearning-only keys (e.g.
-    # quickdrop.unlearn_lr) must not invalidate the cached model.
-    key[t.name] = {k: d[t.name][k] for k in t.keys}
+    key["unlearn"] = _request_key(d)
+  if isinstance(d.get(t.name), dict):
+    # The trainer's section but its unlearning-only keys (e.g. quickdrop.unlearn_lr), which
+    # must not invalidate the cached model: a key nobody declared is in the key (safe).
+    key[t.name] = {k: v for k, v in d[t.name].items() if k not in t.unlearn_only}
   return key
 
 
@@ -508,6 +542,9 @@ class RunEnv:
     # This process only; 'serial' / 'critical': fl.ClientClock totals inside rounds.
     self.process = {"wall": 0.0, "compile": 0.0, "eval": 0.0, "serial": 0.0, "critical": 0.0}
     self.step = 0  # TensorBoard step across this directory's phases
+    # Per phase, the metrics each of its rounds reported (cost keys removed), as they read
+    # back from JSON: saved with the phase's checkpoints, so restored rounds have them too.
+    self.metrics = {}
     self.clock = fl.ClientClock(_compiled_now)
     self._eval_fn = lambda p: evaluate(task, p)
     self.runner_kind = runner_kind(cfg)
@@ -543,10 +580,13 @@ class RunEnv:
     ckpt = checkpoint.Checkpointer(
       os.path.join(self.dir, "ckpt", phase), self.config_dict, every=cfg.checkpoint_every
     )
-    state, start, meta = ckpt.restore_or(init_state, meta_template=self._meta())
+    state, start, meta = ckpt.restore_or(init_state, meta_template=self._meta(phase))
+    self.metrics[phase] = []
     if meta is not None:
       self.cost, self.step = meta["cost"], meta["step"]
       self.seconds = {"parallel": 0.0, **meta["seconds"]}
+      # Absent from checkpoints written before round metrics were kept.
+      self.metrics[phase] = list(meta.get("metrics", []))
     if start:
       print(f"[{phase}] resumed after round {start}/{num_rounds}", flush=True)
     started = time.perf_counter()
@@ -571,6 +611,7 @@ class RunEnv:
       for k in list(self.cost):
         self.cost[k] += metrics.pop(k, 0)
       self.cost["rounds"] += 1
+      self.metrics[phase].append(checkpoint.json_value(metrics))
       for k in ("wall", "compile"):
         self.seconds[k] += t[k]
         self.process[k] += t[k]
@@ -596,12 +637,21 @@ class RunEnv:
         )
       self.logger.scalars(self.step, scalars)
       self.logger.flush()  # on disk before the checkpoint that covers it (resume: no gap)
-      ckpt.maybe_save(r + 1, state, meta=self._meta(), force=r + 1 == num_rounds)
+      ckpt.maybe_save(r + 1, state, meta=self._meta(phase), force=r + 1 == num_rounds)
     ckpt.close()
     return state
 
-  def _meta(self):
-    return {"cost": self.cost, "seconds": self.seconds, "step": self.step}
+  def round_metrics(self, phase):
+    """The metrics each round of `phase` reported (base.Env.round_metrics)."""
+    return list(self.metrics.get(phase, []))
+
+  def _meta(self, phase):
+    return {
+      "cost": self.cost,
+      "seconds": self.seconds,
+      "step": self.step,
+      "metrics": self.metrics.get(phase, []),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -813,7 +863,9 @@ def original_evaluation(task: base.Task, params, pretrain_dir: str) -> dict:
   to it like its membership scores: every method run on the same request evaluates the same
   model on the same data."""
   d = _to_dict(task.config)
-  key = {"seed": d["seed"], "unlearn": d["unlearn"]}  # the rest is in the pretrain key
+  # The rest is in the pretrain key; the evaluation is versioned (EVAL_VERSION) so numbers
+  # written by an earlier evaluation are not reused.
+  key = {"seed": d["seed"], "unlearn": _request_key(d), "evaluation": EVAL_VERSION}
   path = os.path.join(pretrain_dir, f"eval-{_hash(key)}.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -832,7 +884,7 @@ def original_membership_scores(task: base.Task, params, pretrain_dir: str) -> di
   d = _to_dict(task.config)
   # The directory is keyed by the training config (backdoor included); the members'
   # definition is versioned so caches written under an earlier definition are not reused.
-  key = {"seed": d["seed"], "unlearn": d["unlearn"], "mia": d["mia"], "members": MIA_MEMBERS}
+  key = {"seed": d["seed"], "unlearn": _request_key(d), "mia": d["mia"], "members": MIA_MEMBERS}
   path = os.path.join(pretrain_dir, f"mia-{_hash(key)}.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -843,6 +895,9 @@ def original_membership_scores(task: base.Task, params, pretrain_dir: str) -> di
 
 
 MIA_MEMBERS = "as_trained"  # see forgotten_records
+# The trained model's cached evaluation (eval-*.json): raise it whenever evaluate() or
+# sample_metrics() change what they compute, so workdirs do not keep the old numbers.
+EVAL_VERSION = 1
 
 
 def _vectorize_shadows(cfg) -> bool:

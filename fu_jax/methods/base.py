@@ -11,9 +11,10 @@ A method is a `Method(name, kinds, trainer, unlearn, why, check=None, validate=N
             request (run before training);
   validate  optional validate(config) raising ConfigError on a bad value of the method's
             config section (run before anything is loaded or trained).
-A `Trainer(name, train, keys)` is train(task, env) -> Trained, run once per workdir and
-training config; `keys` are the keys of config.<name> that shape the trained model (they
-enter the trained-model cache key; the section's other keys are unlearning-only).
+A `Trainer(name, train, unlearn_only)` is train(task, env) -> Trained, run once per workdir
+and training config; every key of config.<name> but those listed in `unlearn_only` enters
+the trained-model cache key, so a key added to the section retrains until it is declared
+unlearning-only (a forgotten declaration costs a retraining, never a stale model).
 
 Configuration: each method module owns its config section (`config_section(fl_cfg)`: defaults
 and what each key means; experiments/configs/default.py assembles them) and reads it
@@ -106,15 +107,28 @@ class Env(NamedTuple):
       runs round_fn(state, r) -> (state, metrics) for r in [0, num_rounds), resuming from
       the phase's latest checkpoint; metrics may carry 'bytes_up', 'bytes_down' and
       'examples', which are summed into the run's cost. Logs, evaluates, checks for NaN.
+  round_metrics(phase) -> [metrics of each round of `phase`], cost keys removed, in round
+      order, as they read back from JSON. They are saved with the phase's checkpoints, so
+      rounds a resumed run restored have theirs too: a per-round statistic a method
+      reports in its results must come from here (returned by round_fn as a metric), never
+      from a variable round_fn fills, which restored rounds leave empty.
   runner(program, epochs, batch_size) -> fl.ClientRunner with the configured kind.
   evaluate(params) -> dict of test metrics.
   add_cost(**amounts) adds cost outside rounds (e.g. a one-shot unlearning step).
   """
 
   rounds: Callable
+  round_metrics: Callable
   runner: Callable
   evaluate: Callable
   add_cost: Callable
+
+
+def last_round_metrics(env: Env, phase: str) -> dict:
+  """The metrics the last round of `phase` reported (env.round_metrics), restored with it
+  on a resume; {} when none are known (a checkpoint written before they were kept)."""
+  rounds = env.round_metrics(phase)
+  return dict(rounds[-1]) if rounds else {}
 
 
 class Unservable(ValueError):
@@ -125,13 +139,15 @@ class Unservable(ValueError):
 class Trainer(NamedTuple):
   """How the model before unlearning is trained: train(task, env) -> Trained.
 
-  keys: the keys of config.<name> that determine the trained model (with seed, data, fl,
-  model and backdoor they form its cache key; experiments.run.training_config).
+  unlearn_only: the keys of config.<name> (the trainer's own section, when the config has
+  one) that do NOT change the trained model. Every other key of the section, with seed,
+  data, fl, model and backdoor, forms its cache key (experiments.run.training_config): the
+  list names what may be left out, so an omission is safe.
   """
 
   name: str
   train: Callable
-  keys: tuple = ()
+  unlearn_only: tuple = ()
 
 
 class Method(NamedTuple):

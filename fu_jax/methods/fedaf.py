@@ -563,7 +563,6 @@ def _unlearn(
     stop,
   )
   counts = np.asarray(task.forget)[np.asarray(targets)].sum(axis=1).astype(np.float32)
-  info = {}
 
   def round_fn(params, r):
     del r
@@ -585,13 +584,13 @@ def _unlearn(
       max_epochs=epochs,
       batch_size=s["batch_size"],
     )
-    info.update(metrics, fisher_examples=fisher_examples, epochs_run=done)
     m = fl.round_cost(counts, counts, model_bytes=tu.tree_num_bytes(params), epochs=done)
-    m = dict(m, loss=metrics["loss"])
     m["examples"] += fisher_examples
-    return new, m
+    # Reported as round metrics so they survive a resume (base.Env.round_metrics).
+    return new, dict(m, **metrics, fisher_examples=fisher_examples, epochs_run=done)
 
   params = env.rounds(name, trained.params, 1, round_fn, lambda p: p)
+  info = base.last_round_metrics(env, name)  # restored with the round on a resume
   params = base.recover(task, env, name + "_recovery", params, s["recovery_rounds"])
   d = tu.tree_num_bytes(trained.params)
   results = {
@@ -606,7 +605,7 @@ def _unlearn(
     results[f"{name}_fisher_labels"] = s["fisher_labels"]
     # Curvature held by each target client: d floats (diag) or t * d (sketch).
     results[f"{name}_curvature_bytes"] = d * (1 if s["fisher"] == "diag" else s["sketch_width"])
-  if "loss" in info:  # absent when the round was restored from a checkpoint
+  if "loss" in info:  # absent from checkpoints written before round metrics were kept
     results[f"{name}_unlearn_loss"] = info["loss"]
     results[f"{name}_stopped_fraction"] = info["stopped"]
     results[f"{name}_old_acc"] = info["old_acc"]

@@ -65,8 +65,9 @@ from fu_jax import tree as tu
 from fu_jax.methods import base
 
 COMBINE = ("client", "mean")
-# Keys of config.federaser that determine the trained model (and its store).
-TRAIN_KEYS = ("interval",)
+# Keys of config.federaser that do not change the trained model (and its store); every
+# other key of the section is in its cache key (base.Trainer).
+UNLEARN_ONLY_KEYS = ("calib_ratio", "combine")
 FEDERASER_ID = 31  # fold_in id under fl.STREAM_UNLEARN
 _PART_SUBSET, _PART_CALIB = 0, 1
 
@@ -316,7 +317,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   num_rounds = clients_all.shape[0]
   params0 = jax.tree.map(lambda a: a[0], store.globals)
   model_bytes = tu.tree_num_bytes(params0)
-  x, y = np.asarray(task.clients.x), np.asarray(task.clients.y)
+  data = (task.clients.x, task.clients.y)
   server_lr = float(cfg.fl.server_lr)
 
   def round_fn(params, j):
@@ -338,7 +339,11 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
           for c in keep
         ]
       )
-      res = runner.run(params, (x[keep], y[keep]), valid, None, keys)
+      # The calibrating clients' index rows (clients.x is an index block into the one copy
+      # of the training images, fu_jax/images.py): their images are gathered per batch,
+      # as in training (fl.fedavg_round), never for every client at once.
+      rows = jax.tree.map(lambda a: jnp.take(a, jnp.asarray(keep), axis=0), data)
+      res = runner.run(params, rows, valid, None, keys)
       cal = jax.tree.map(lambda c, p: c - p[None], res.params, params)
       new = combine_updates(old, cal, w, s.combine)
       wn = np.asarray(w) / float(np.sum(w))
@@ -364,7 +369,7 @@ def _check(task: base.Task):
   removed_client(task)
 
 
-TRAINER = base.Trainer("federaser", train_federaser, TRAIN_KEYS)
+TRAINER = base.Trainer("federaser", train_federaser, UNLEARN_ONLY_KEYS)
 METHODS = {
   "federaser": base.Method(
     "federaser", ("class", "client"), TRAINER, _unlearn, check=_check, validate=validate

@@ -88,19 +88,19 @@ from fu_jax.methods import quickdrop_runner as qr
 
 MODEL_UPDATES = ("real", "synthetic")
 GRAD_METHODS = ("per_example", "vmap", "unroll")
-# Keys of config.quickdrop that determine the trained model (the rest is unlearning only).
-TRAIN_KEYS = (
-  "scale",
-  "images_per_class",
-  "image_lr",
-  "image_momentum",
-  "metric",
-  "model_update",
-  "grads",
-  "distill_every",
-  "chunk_size",
-  "clip_images",
-  "artifacts",
+# Keys of config.quickdrop that do not change the trained model; every other key of the
+# section is in its cache key (base.Trainer), so a new key retrains until listed here.
+UNLEARN_ONLY_KEYS = (
+  "unlearn_epochs",
+  "unlearn_lr",
+  "unlearn_batch_size",
+  "unlearn_normalize",
+  "recovery_rounds",
+  "recovery_epochs",
+  "recovery_lr",
+  "clip_norm",
+  "finetune_rounds",
+  "sequence",
 )
 SYNTH_INIT_ID = 1  # fl.stream_key(seed, STREAM_INIT, SYNTH_INIT_ID, client): the sets' init
 
@@ -620,8 +620,8 @@ def _unlearn_nodistill(task: base.Task, env: base.Env, trained: base.Trained) ->
 
 def config_section(fl_cfg):
   """The `quickdrop` section (`fl_cfg`: the config's fl section, which unlearn_batch_size,
-  recovery_epochs and recovery_lr follow). Training keys (TRAIN_KEYS: a change retrains the
-  quickdrop model): scale .. artifacts; the rest is unlearning only."""
+  recovery_epochs and recovery_lr follow). Training keys (a change retrains the quickdrop
+  model): scale .. artifacts; the rest is unlearning only (UNLEARN_ONLY_KEYS)."""
   s = base.new_section()
   s.scale = 0.01  # synthetic images per class = ceil(n_c * scale), >= 1
   s.images_per_class = 0  # fixed count per present class instead (0 = use scale)
@@ -650,7 +650,7 @@ def config_section(fl_cfg):
   return s
 
 
-TRAINER = base.Trainer("quickdrop", train_quickdrop, TRAIN_KEYS)
+TRAINER = base.Trainer("quickdrop", train_quickdrop, UNLEARN_ONLY_KEYS)
 
 WHY_CLASS_ONLY = (
   "it unlearns by ascent on per-class distilled sets, which hold no "

@@ -159,7 +159,6 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   y = base.old_labels(task, s.old_labels)
   keys = base.client_keys(cfg.seed, SGA_ID, 1, targets)
   epochs = base.budget_epochs(task, targets, s.epochs, s.min_steps, s.batch_size)
-  info = {}
 
   def round_fn(p, r):
     del r
@@ -175,10 +174,10 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
       extra=extra,
       clients=targets,
     )
-    info.update(out.metrics)
-    return out.params, dict(out.cost, loss=out.metrics["loss"])
+    return out.params, dict(out.cost, **out.metrics)  # loss, stopped
 
   params = env.rounds("sga", params, 1, round_fn, lambda p: p)
+  info = base.last_round_metrics(env, "sga")  # restored with the round on a resume
   params = base.recover(task, env, "sga_recovery", params, s.recovery_rounds)
   results = {
     "sga_target_clients": [int(c) for c in targets],
@@ -186,7 +185,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
     "sga_max_loss": max_loss,
     "sga_epochs": epochs,
   }
-  if "stopped" in info:  # absent when the round was restored from a checkpoint
+  if "stopped" in info:  # absent from checkpoints written before round metrics were kept
     results["sga_stopped_fraction"] = info["stopped"]
   return base.Outcome(params, results)
 
