@@ -16,8 +16,11 @@ one every process sees (a shared filesystem), as orbax requires.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -136,17 +139,46 @@ class Checkpointer:
     """Saves after step `step` (steps count completed rounds) when due or forced."""
     if force or step % self.every == 0:
       if self._manager.latest_step() != step:
-        self._manager.save(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_global(state)), meta=ocp.args.JsonSave(meta or {})
-          ),
-          force=True,
-        )
-        self._manager.wait_until_finished()
+        with sigint_deferred():
+          self._save(step, state, meta)
+
+  def _save(self, step: int, state, meta):
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_global(state)), meta=ocp.args.JsonSave(meta or {})
+      ),
+      force=True,
+    )
+    self._manager.wait_until_finished()
 
   def close(self):
     self._manager.close()
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+  """Holds a Ctrl-C (SIGINT) that arrives inside the block until the block ends, then
+  delivers it to the handler that was installed.
+
+  A KeyboardInterrupt raised in the middle of orbax's save leaves its helper threads
+  writing metadata while the interpreter shuts down (they print a traceback), so a save runs
+  to its end and the interrupt follows it. Only the main thread can install handlers;
+  elsewhere the block runs as is.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  held = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if held and callable(previous):  # e.g. Python's default, which raises KeyboardInterrupt
+    previous(*held[0])
+  elif held and previous == signal.SIG_DFL:
+    signal.raise_signal(signal.SIGINT)
 
 
 def _global(state):
