@@ -14,10 +14,11 @@ with the overrides printed above each table):
             the trigger with shifted labels, `unlearn.kind=client`; every method serving
             client requests. Relearning fine-tunes on client 0's triggered samples.
   fedaf     FedAF's Table 2 setting (`:fedaf`: 4 clients, 5 rounds, class 0 of client 0
-            with a backdoor) with retrain, fedaf, sga and frr twice: its per-example
-            gradients on XLA's convolution like retrain's steps (`frr.conv_impl=model`, the
-            fair timing) and on im2col (the default); --fedaf_scratch adds FRR from a fresh
-            initialisation, --fedaf_im2col retrain/fedavg/frr on an im2col model.
+            with a backdoor) with retrain, fedaf, sga and FRR's variant from the trained
+            model (`frr.init=trained`, 5 rounds) twice: its per-example gradients on XLA's
+            convolution like retrain's steps (`frr.conv_impl=model`, the fair timing) and on
+            im2col; --fedaf_scratch adds FRR as the paper runs it (a fresh initialisation,
+            the training's rounds), --fedaf_im2col retrain/fedavg/frr on an im2col model.
   relearn   class-wise unlearning (10 IID clients, forget class 0), every method, relearn
             time on the forgotten samples alone and mixed with retained samples
             (`eval.relearn_retained`).
@@ -65,6 +66,7 @@ def tables(args) -> dict:
   """name -> (variant, overrides, [(label, method, extra overrides, sub-workdir)])."""
   n = {"data.train_size": args.train_size, "mia.enabled": False}
   im2col = {"model.conv_impl": "im2col"}
+  frr_trained = {"frr.init": "trained", "frr.rounds": 5}  # FRR's variant (frr.py)
   return {
     "shards": (
       "shards",
@@ -90,16 +92,21 @@ def tables(args) -> dict:
         ("fedavg", "fedavg", {}, ""),
         ("fedaf", "fedaf", {}, ""),
         (
-          "frr, per-example grads on XLA's conv (as retrain)",
+          "frr (init=trained, variant), per-example grads on XLA's conv (as retrain)",
           "frr",
-          {"frr.conv_impl": "model"},
+          {**frr_trained, "frr.conv_impl": "model"},
           "frr_xla",
         ),
-        ("frr, per-example grads on im2col (default)", "frr", {}, ""),
+        (
+          "frr (init=trained, variant), per-example grads on im2col",
+          "frr",
+          {**frr_trained, "frr.conv_impl": "im2col"},
+          "",
+        ),
         ("sga", "sga", {}, ""),
       ]
       + (
-        [("frr, scratch", "frr", {"frr.init": "scratch"}, "frr_scratch")]
+        [("frr (paper: fresh init, fl.rounds)", "frr", {"frr.init": "scratch"}, "frr_scratch")]
         if args.fedaf_scratch
         else []
       )
@@ -107,7 +114,7 @@ def tables(args) -> dict:
         [
           ("retrain, im2col model", "retrain", im2col, "im2col"),
           ("fedavg, im2col model", "fedavg", im2col, "im2col"),
-          ("frr, im2col model", "frr", im2col, "im2col"),
+          ("frr (init=trained, variant), im2col model", "frr", {**im2col, **frr_trained}, "im2col"),
         ]
         if args.fedaf_im2col
         else []
@@ -265,7 +272,9 @@ def main():
   p.add_argument("--fedaf_train_size", type=int, default=12000)
   p.add_argument("--relearn_train_size", type=int, default=4000)
   p.add_argument(
-    "--fedaf_scratch", action="store_true", help="fedaf table: also FRR from a fresh initialisation"
+    "--fedaf_scratch",
+    action="store_true",
+    help="fedaf table: also FRR from a fresh initialisation (the paper's protocol)",
   )
   p.add_argument(
     "--fedaf_im2col",

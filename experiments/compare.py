@@ -82,7 +82,7 @@ def summarize(runs: dict) -> list[dict]:
   rows = []
   for method in ["retrain"] + sorted(m for m in runs if m != "retrain"):
     rs = runs[method]
-    row = {"method": method, "seeds": len(rs)}
+    row = {"method": row_name(method, rs), "seeds": len(rs)}
     for key, _, _ in METRICS:
       v, rv = _values(rs, key), _values(ref, key)
       row[key] = float(v.mean()) if v.size else None
@@ -106,6 +106,20 @@ def summarize(runs: dict) -> list[dict]:
     row["forgetting_metric"], row["utility_metric"] = metric_names(rs)
     rows.append(row)
   return rows
+
+
+def row_name(method: str, results: list) -> str:
+  """The table's name for a method's runs: the method, or for a variant of a published
+  protocol the method with the setting that makes it one (FRR fine-tuning the trained
+  model, frr.init=trained, where the paper retrains from a fresh initialisation)."""
+  inits = {r.get("frr_init") for r in results}
+  if method != "frr" or "trained" not in inits:
+    return method
+  if len(inits) > 1:
+    raise CompareError(
+      f"frr runs disagree on frr.init {sorted(map(str, inits))}: compare them apart"
+    )
+  return "frr (init=trained, variant)"
 
 
 def metric_names(results: list) -> tuple:

@@ -109,6 +109,30 @@ def test_kind_names_pick_the_metrics(tmp_path):
     compare.compare(wd)
 
 
+@pytest.mark.parametrize(
+  "init, name", [("scratch", "frr"), ("trained", "frr (init=trained, variant)"), (None, "frr")]
+)
+def test_frr_from_the_trained_model_is_named_a_variant(tmp_path, init, name):
+  # The paper retrains from a fresh initialisation; fine-tuning the trained model is ours.
+  wd = str(tmp_path)
+  _write(wd, "retrain", test_acc=0.9)
+  _write(wd, "frr", test_acc=0.9, **({} if init is None else {"frr_init": init}))
+  rows = compare.compare(wd)
+  assert [r["method"] for r in rows] == ["retrain", name]
+  assert set(_md_rows(open(os.path.join(wd, "comparison.md")).read())) == {"retrain", name}
+  with open(os.path.join(wd, "comparison.csv")) as f:
+    assert [r["method"] for r in csv.DictReader(f)] == ["retrain", name]
+
+
+def test_frr_seeds_of_both_starts_are_not_averaged(tmp_path):
+  wd = str(tmp_path)
+  for s, init in ((0, "scratch"), (1, "trained")):
+    _write(os.path.join(wd, f"seed_{s}"), "retrain", test_acc=0.9)
+    _write(os.path.join(wd, f"seed_{s}"), "frr", test_acc=0.9, frr_init=init)
+  with pytest.raises(compare.CompareError, match=r"frr runs disagree on frr.init"):
+    compare.compare(wd)
+
+
 def test_seeds_give_mean_and_spread(tmp_path):
   wd = str(tmp_path)
   for s, acc in ((0, 0.8), (1, 0.9)):

@@ -86,6 +86,7 @@ LINKED = {
   "fedaf.batch_size": "batch_size",
   "sga.batch_size": "batch_size",
   "frr.local_epochs": "local_epochs",
+  "frr.rounds": "rounds",
   "quickdrop.unlearn_batch_size": "batch_size",
   "quickdrop.recovery_epochs": "local_epochs",
   "quickdrop.recovery_lr": "client_lr",
@@ -132,6 +133,10 @@ def test_command_line_overrides_of_linked_keys(monkeypatch):
   assert c.channel.lr == 0.3 and c.fl.client_lr == 0.05 and c.quickdrop.recovery_lr == 0.05
   c = _parse(monkeypatch, "--config.sga.batch_size=4")
   assert c.sga.batch_size == 4 and c.fl.batch_size == 16 and c.fedaf.batch_size == 16
+  c = _parse(monkeypatch, "--config.fl.rounds=6")
+  assert c.frr.rounds == 6 and c.fl.rounds == 6
+  c = _parse(monkeypatch, "--config.frr.rounds=4")
+  assert c.frr.rounds == 4 and c.fl.rounds == 20
 
 
 @pytest.mark.parametrize(
@@ -143,6 +148,7 @@ def test_command_line_overrides_of_linked_keys(monkeypatch):
     ("channel_ce", "channel.delta", 0.0, r"channel.delta=0.0: must be in (0, 1]"),
     ("cdp", "cdp.sparsity", 1.0, "cdp.sparsity=1.0: must be in (0, 1)"),
     ("frr", "frr.local_epochs", 0, "frr.local_epochs=0: must be >= 1"),
+    ("frr", "frr.rounds", 0, "frr.rounds=0: must be >= 1"),
     ("federaser", "federaser.interval", 30, "federaser.interval=30: allowed 1..fl.rounds=20"),
     ("finetune", "finetune.rounds", -1, "finetune.rounds=-1: must be >= 0"),
     ("quickdrop", "quickdrop.grads", "loop", "quickdrop.grads='loop'"),
@@ -164,7 +170,8 @@ def test_a_config_json_from_before_the_linked_defaults_still_matches():
   for path in run_lib.FORMER_PLACEHOLDERS:
     section, key = path.split(".")
     old[section][key] = 0
-  assert sorted(run_lib.FORMER_PLACEHOLDERS) == sorted(LINKED)
+  # frr.rounds was a number of its own (5, from the trained model), never a placeholder.
+  assert sorted(run_lib.FORMER_PLACEHOLDERS) == sorted(set(LINKED) - {"frr.rounds"})
   assert run_lib.config_changes(old, new) == []
   # A real difference is still reported: the value set differs from the fl value.
   c = digits.get_config()
