@@ -1,5 +1,6 @@
 """FedEraser (fu_jax/methods/federaser.py): the trainer's model and store, the calibration
-formula against numpy, refusals, and end-to-end runs on digits."""
+formula against numpy, the unlearning loop against a numpy replay, refusals, and end-to-end
+runs on digits."""
 
 import jax
 import jax.numpy as jnp
