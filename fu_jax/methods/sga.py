@@ -34,6 +34,17 @@ as ordinary local training. `ascent.sga_epoch` computes the same thing inside on
 
 The target clients, their unlearning round and the recovery rounds are base's
 (`target_clients`, `budget_epochs`, `run_on_targets`, `recover`), shared with FedAF.
+
+`sga.stop='calibrated'` replaces the ascent by fu_jax.calibration's rule: each forgotten
+sample i gets a target confidence t_i (its confidence phi quantile-matched from the client's
+retained samples to the server's calibration split, `unlearn.calibration_size` images no
+client trains on) and the clients descend the hinge (1/|B|) sum_i max(0, phi_i - t_i): a
+sample moves the model only while it is more confident than a model that never saw it would
+be, and the ascent ends (a step changes nothing) once none is, instead of at a loss threshold
+that ignores where a retrained model would put the sample. `sga.recovery_order='before'` runs
+the recovery rounds first and takes the targets under the recovered model, so the model
+returned is the one whose forgotten samples were matched to its own held-out confidence
+(recovery after the ascent lifts them again).
 """
 
 from __future__ import annotations
@@ -45,10 +56,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from fu_jax import ascent, fl, losses
+from fu_jax import ascent, calibration, fl, losses
 from fu_jax.methods import base
+from fu_jax.metrics import accuracy as acc_lib
 
 # fold_in ids under fl.STREAM_UNLEARN, so methods' randomness never overlaps.
 SGA_ID = 21
@@ -106,6 +119,74 @@ def sga_program(
   return fl.LocalProgram(init, step, lambda s: s.params)
 
 
+@functools.lru_cache(maxsize=32)
+def calibrated_program(apply_fn: Callable, lr: float, *, project: bool = False) -> fl.LocalProgram:
+  """Gated confidence descent as a LocalProgram (fu_jax.calibration's rule).
+
+  Batches carry y = (labels, targets). step: L_b = calibration.hinge_excess (mean over the
+  batch's valid samples of max(0, phi_i - t_i)); theta' = theta - lr grad L_b, projected on
+  the ball ||theta' - theta*|| <= radius when `project` (each client's `extra` is its radius,
+  as in `sga_program`). A step with no sample above its target has a zero gradient and
+  leaves theta unchanged (the rule's stop); a later step reopens when a sample is lifted
+  above its target again. Metrics: 'loss' (L_b before the step), 'active' (fraction of the
+  batch's samples above target) and 'moved' (1 when any was, so the step changed theta).
+  """
+
+  def loss_fn(p, batch):
+    labels, targets = batch.y
+    return calibration.hinge_excess(apply_fn(p, batch.x), labels, targets, batch.mask)
+
+  def init(server_params, extra, key):
+    del key
+    radius = jnp.asarray(extra if project else jnp.inf, jnp.float32)
+    return SgaState(server_params, server_params, radius, jnp.zeros((), jnp.bool_))
+
+  def step(state, batch, key):
+    del key
+    (loss, active), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    new = ascent.sga_step(state.params, g, -lr)
+    if project:
+      new = ascent.project_l2_ball(new, state.anchor, state.radius)
+    moved = jnp.any(active)
+    p = jax.tree.map(lambda a, b: jnp.where(moved, a, b), new, state.params)
+    n = jnp.maximum(jnp.sum(batch.mask), 1)
+    return SgaState(p, state.anchor, state.radius, state.stopped), {
+      "loss": loss,
+      "active": jnp.sum(active) / n,
+      "moved": moved.astype(jnp.float32),
+    }
+
+  return fl.LocalProgram(init, step, lambda s: s.params)
+
+
+def calibrated_targets(task: base.Task, params, y) -> np.ndarray:
+  """Targets t [N, max_n] float32 for the forgotten samples (0 elsewhere): per target client,
+  calibration.quantile_transfer of its forgotten samples' phi under `params` (labels y) from
+  the phis of its retained samples (seen; its forgotten ones when it retains none) to the
+  calibration split's phis under `params` (unseen, its own labels)."""
+  if task.calibration is None:
+    raise base.ConfigError("sga.stop='calibrated' needs unlearn.calibration_size > 0")
+  x_cal, y_cal = task.calibration
+  phi_of = lambda x, labels: np.asarray(
+    calibration.margin(acc_lib.predict_logits(task.apply_fn, params, x), labels)
+  )
+  phi_cal = phi_of(x_cal, y_cal)
+  forget, retain = np.asarray(task.forget), np.asarray(task.retain_valid)
+  y = np.asarray(y)
+  out = np.zeros(forget.shape, np.float32)
+  for c in base.target_clients(task):
+    rows = np.flatnonzero(forget[c])
+    phi = phi_of(np.asarray(task.clients.x[np.full(rows.shape, c), rows]), y[c, rows])
+    kept = np.flatnonzero(retain[c])
+    seen = (
+      phi
+      if kept.size == 0
+      else phi_of(np.asarray(task.clients.x[np.full(kept.shape, c), kept]), y[c, kept])
+    )
+    out[c, rows] = calibration.quantile_transfer(phi, seen, phi_cal)
+  return out
+
+
 def config_section(fl_cfg):
   """The `sga` section (`fl_cfg`: the config's fl section, which batch_size follows)."""
   s = base.new_section()
@@ -117,22 +198,38 @@ def config_section(fl_cfg):
   s.max_loss = 0.0  # stop once a batch CE exceeds it (0 = log K; < 0 = never)
   s.old_labels = "trained"  # labels ascended: trained (backdoor flips incl.) | original
   s.recovery_rounds = 1  # FedAvg rounds on retained data afterwards
+  # loss: ascend until a batch loss exceeds max_loss; calibrated: descend each sample's
+  # confidence to its calibrated target (fu_jax.calibration; needs unlearn.calibration_size)
+  s.stop = "loss"
+  # step size of the calibrated descent: phi's gradient is 1/(1 - p_y) ~ e^phi times CE's,
+  # so `lr` (sized for CE ascent) would jump far past the targets in one step
+  s.calibrated_lr = 0.003
+  s.recovery_order = "after"  # recovery rounds after the ascent | before it
   return s
 
 
+STOPS = ("loss", "calibrated")
+
 RULES = {
   "lr": base.positive(),
+  "calibrated_lr": base.positive(),
   "epochs": base.at_least(1),
   "min_steps": base.at_least(0, "0 = off"),
   "batch_size": base.at_least(1),
   "radius_frac": base.at_least(0, "0 = no projection"),
   "recovery_rounds": base.at_least(0),
   "old_labels": base.one_of(base.OLD_LABELS),
+  "stop": base.one_of(STOPS),
+  "recovery_order": base.one_of(("after", "before")),
 }
 
 
 def validate(config):
   base.check_section(config, "sga", RULES)
+  base.require(
+    config.sga.stop != "calibrated" or config.unlearn.get("calibration_size", 0) > 0,
+    "sga.stop='calibrated' needs a calibration split: set unlearn.calibration_size > 0",
+  )
 
 
 def ball_radius(task: base.Task, params, frac: float) -> float | None:
@@ -157,6 +254,12 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   targets = base.target_clients(task)
   extra = None if radius is None else jnp.full((len(targets),), radius, jnp.float32)
   y = base.old_labels(task, s.old_labels)
+  if s.recovery_order == "before":
+    params = base.recover(task, env, "sga_recovery", params, s.recovery_rounds)
+  if s.stop == "calibrated":
+    max_loss = None
+    program = calibrated_program(task.apply_fn, s.calibrated_lr, project=radius is not None)
+    y = (y, jnp.asarray(calibrated_targets(task, params, y)))
   keys = base.client_keys(cfg.seed, SGA_ID, 1, targets)
   epochs = base.budget_epochs(task, targets, s.epochs, s.min_steps, s.batch_size)
   info = {}
@@ -179,7 +282,8 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
     return out.params, dict(out.cost, loss=out.metrics["loss"])
 
   params = env.rounds("sga", params, 1, round_fn, lambda p: p)
-  params = base.recover(task, env, "sga_recovery", params, s.recovery_rounds)
+  if s.recovery_order == "after":
+    params = base.recover(task, env, "sga_recovery", params, s.recovery_rounds)
   results = {
     "sga_target_clients": [int(c) for c in targets],
     "sga_radius": radius,
@@ -188,6 +292,10 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   }
   if "stopped" in info:  # absent when the round was restored from a checkpoint
     results["sga_stopped_fraction"] = info["stopped"]
+  if s.stop == "calibrated":
+    results["sga_mean_target"] = float(np.asarray(y[1])[np.asarray(task.forget)].mean())
+    if "moved" in info:  # fraction of the ascent's steps that moved the model
+      results["sga_moved_fraction"] = info["moved"]
   return base.Outcome(params, results)
 
 
