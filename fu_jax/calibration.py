@@ -96,13 +96,26 @@ def margin(logits, y):
   return zy - jax.nn.logsumexp(others, axis=-1)
 
 
-def hinge_excess(logits, y, target, mask):
-  """(L, active): L = sum_i mask_i max(0, phi_i - t_i) / max(sum_i mask_i, 1), active_i =
-  mask_i & (phi_i > t_i) (bool [B], the samples that move the model)."""
+def hinge_excess(logits, y, target, mask, band=None):
+  """(L, active): L = sum_i mask_i h(phi_i - t_i) / max(sum_i mask_i, 1) with
+  h(e) = max(0, e) + max(0, -e - band) (band None: the one-sided max(0, e)); active_i =
+  mask_i & (h'(e_i) != 0), the samples that move the model (bool [B]).
+
+  The two-sided form (a dead band [t - band, t]) pulls back up a sample that the other
+  samples' steps pushed more than `band` below its target: with shared parameters, lowering
+  one sample's confidence lowers its neighbours' too, so the one-sided rule drifts below the
+  targets (measured: ~0.8 below on average on the audit's digits request)."""
   mask = jnp.asarray(mask, jnp.bool_)
   excess = margin(logits, y) - jnp.asarray(target, jnp.float32)
-  active = mask & (excess > 0)
-  loss = jnp.sum(jnp.where(active, excess, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+  above = excess > 0
+  h = jnp.where(above, excess, 0.0)
+  active = above
+  if band is not None:
+    below = excess < -band
+    h = h + jnp.where(below, -excess - band, 0.0)
+    active = above | below
+  active = mask & active
+  loss = jnp.sum(jnp.where(mask, h, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
   return loss, active
 
 

@@ -39,22 +39,26 @@ def _np_phi(z, y):
   return zy - (m + np.log(np.exp(others - m[:, None]).sum(1)))
 
 
-def _hand_loop(w, b, x, y, t, lr, steps):
+def _hand_loop(w, b, x, y, t, lr, steps, band=None):
   """Full-batch gated descent of phi on logits = x w + b, in float64 numpy: each step
-  w -= lr/n sum_{i: phi_i > t_i} x_i (e_y - q_i)^T, q_i the softmax over the classes
-  other than y_i. Returns (w, b, the number of steps that moved the model)."""
+  w -= lr/n sum_i s_i x_i (e_y - q_i)^T, q_i the softmax over the classes other than y_i,
+  s_i = 1 while phi_i > t_i, -1 while phi_i < t_i - band (with a band), else 0.
+  Returns (w, b, the number of steps that moved the model)."""
   w, b = w.astype(np.float64), b.astype(np.float64)
   moved = 0
   for _ in range(steps):
     z = x @ w + b
-    active = _np_phi(z, y) > t
-    if not active.any():
+    phi = _np_phi(z, y)
+    sign = (phi > t).astype(np.float64)
+    if band is not None:
+      sign -= phi < t - band
+    if not sign.any():
       continue
     moved += 1
     others = np.where(np.eye(K, dtype=bool)[y], -np.inf, z)
     q = np.exp(others - others.max(1, keepdims=True))
     q /= q.sum(1, keepdims=True)
-    dz = (np.eye(K)[y] - q) * active[:, None] / len(y)  # d mean-hinge / dz
+    dz = (np.eye(K)[y] - q) * sign[:, None] / len(y)  # d mean-hinge / dz
     w, b = w - lr * x.T @ dz, b - lr * dz.sum(0)
   return w, b, moved
 
@@ -133,20 +137,25 @@ def test_margin_and_hinge():
   np.testing.assert_allclose(g_ce, (1 - p_y)[:, None] * g_phi, atol=1e-5)
 
 
-@pytest.mark.parametrize("drop", [0.5, 2.0, 30.0])
-def test_program_equals_hand_written_loop(drop):
+@pytest.mark.parametrize(
+  "drop, band, lr, epochs",
+  [(0.5, None, 0.5, 40), (2.0, None, 0.5, 40), (30.0, None, 0.5, 40), (2.0, 0.3, 0.1, 200)],
+)
+def test_program_equals_hand_written_loop(drop, band, lr, epochs):
   # drop: how far below its starting phi each target lies (30 = never reached in the cap).
   x, y, w, b = _setup()
   phi0 = _np_phi(x.astype(np.float64) @ w + b, y)
   t = (phi0 - drop).astype(np.float32)
-  lr, epochs = 0.5, 40
-  got, metrics = _run(sga.calibrated_program(APPLY, lr), _params(w, b), x, (y, t), epochs)
-  w_ref, b_ref, moved = _hand_loop(w, b, x, y, t, lr, epochs)
+  prog = sga.calibrated_program(APPLY, lr, band=band)
+  got, metrics = _run(prog, _params(w, b), x, (y, t), epochs)
+  w_ref, b_ref, moved = _hand_loop(w, b, x, y, t, lr, epochs, band)
   np.testing.assert_allclose(got["Dense_0"]["kernel"], w_ref, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(got["Dense_0"]["bias"], b_ref, rtol=1e-4, atol=1e-5)
   assert round(float(metrics["moved"][0]) * epochs) == moved  # same stop step
   phi = _np_phi(x @ w_ref + b_ref, y)
-  if drop < 30:
+  if band is not None:  # stopped with every sample in its band [t - band, t]
+    assert 0 < moved < epochs and np.all(phi <= t) and np.all(phi >= t - band)
+  elif drop < 30:
     assert 0 < moved < epochs and np.all(phi <= t)  # stopped by itself, every sample at target
   else:
     assert moved == epochs and np.any(phi > t)  # a sample still above target: never stopped
@@ -284,7 +293,7 @@ def test_sga_calibrated_end_to_end(tmp_path):
   c.method = "sga"
   c.unlearn.kind, c.unlearn.forget_client, c.unlearn.forget_fraction = "samples", 0, 0.1
   c.unlearn.calibration_size = 100
-  c.sga.stop, c.sga.min_steps = "calibrated", 20
+  c.sga.stop = "calibrated"
   res = pretrain_cache.run(c, str(tmp_path))
   assert res["sga_max_loss"] is None and res["sga_target_clients"] == [0]
   assert res["test_acc"] >= res["original"]["test_acc"] - 0.03
