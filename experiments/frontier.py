@@ -31,6 +31,7 @@ def write_frontier(rows: list[dict], path: str) -> None:
 
   matplotlib.use("Agg")  # files only: no display needed
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
 
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   nulls = [r["null_ci"] for r in rows if r.get("null_ci") is not None]
@@ -46,6 +47,9 @@ def write_frontier(rows: list[dict], path: str) -> None:
     label = r["method"] + ("" if acc is None else f"\ntest {100 * float(acc):.1f}%")
     ax.annotate(label, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8)
   ax.set_xscale("log")
+  ax.margins(x=0.25)  # room for the labels beside the outermost points
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # minor labels collide on a log axis
   ax.set_xlabel("parallel speed-up vs retraining (log)")
   ax.set_ylabel("U-LiRA AUC (0.5 = as retrained)")
   ax.set_ylim(0.4, 1.02)
