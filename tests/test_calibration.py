@@ -300,3 +300,17 @@ def test_sga_calibrated_end_to_end(tmp_path):
   # the targets are held-out confidences of a model at ~95% test accuracy, so the
   # forgotten samples stay mostly classified (zero accuracy is not the goal)
   assert res["forget_train_acc"] >= 0.6
+
+
+def test_calibration_size_is_validated_against_the_pool():
+  c = digits.get_config()
+  c.method = "sga"
+  c.data.train_size = 600
+  c.unlearn.calibration_size = 800  # digits: 1,347 training images, 747 outside the subsample
+  with pytest.raises(ValueError, match=r"calibration_size=800: allowed 0..747"):
+    run_lib.validate(c, "sga", 10, num_train=1347)
+  c.unlearn.calibration_size = 747
+  run_lib.validate(c, "sga", 10, num_train=1347)
+  c.unlearn.calibration_size = -1
+  with pytest.raises(ValueError, match="calibration_size=-1"):
+    run_lib.validate(c, "sga", 10, num_train=1347)
