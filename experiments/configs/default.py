@@ -56,7 +56,8 @@ def get_config():
   c.unlearn.forget_indices = ""  # samples: .npy of training-set positions instead
   # Server-held calibration split (images no client trains on; fu_jax.calibration's targets):
   # drawn outside data.train_size's subsample, or carved off the training set when
-  # train_size is 0 (that changes the trained model). 0 = none.
+  # train_size is 0 (that changes the trained model, and forget_indices then count the images
+  # left). 0 = none.
   c.unlearn.calibration_size = 0
 
   c.finetune = baselines.config_section(c.fl)
