@@ -144,6 +144,18 @@ def validate(
     )
   if u.kind == "samples":
     _validate_samples(config)
+  cal = u.get("calibration_size", 0)
+  _require(
+    isinstance(cal, int) and not isinstance(cal, bool) and cal >= 0,
+    f"unlearn.calibration_size={cal!r}: must be an int >= 0 (0 = no calibration split)",
+  )
+  if num_train is not None and cal:
+    room = num_train - size if size else num_train - 1
+    _require(
+      cal <= room,
+      f"unlearn.calibration_size={cal}: allowed 0..{room} (the training images "
+      + ("outside the data.train_size subsample)" if size else "less one)"),
+    )
   if num_classes is not None and u.kind not in ("client", "samples"):
     for c in request_classes(config):
       _require(0 <= c < num_classes, f"unlearn.forget_class={c}: allowed 0..{num_classes - 1}")
@@ -298,7 +310,12 @@ def build_task(config) -> base.Task:
     max_test=config.data.get("test_size", 0) or None,
   )
   validate(config, config.method, ds.num_classes, num_train=len(ds.y_train))
-  ds = data_lib.subsample_train(ds, config.data.get("train_size", 0), data_seed(config))
+  ds, calibration = data_lib.split_calibration(
+    ds,
+    config.data.get("train_size", 0),
+    config.unlearn.get("calibration_size", 0),
+    data_seed(config),
+  )
   parts = data_lib.partition(
     ds.y_train,
     config.data.num_clients,
@@ -376,6 +393,7 @@ def build_task(config) -> base.Task:
     model=model,
     input_shape=tuple(ds.x_train.shape[1:]),
     num_classes=ds.num_classes,
+    calibration=None if calibration is None else (dev(calibration[0]), calibration[1]),
   )
 
 
@@ -487,7 +505,10 @@ def training_config(config, trainer: base.Trainer | str) -> dict:
     "backdoor": d["backdoor"],
   }
   if d["backdoor"]["enabled"]:  # the trigger sits in the data to be forgotten
-    key["unlearn"] = _request_key(d)
+    key["unlearn"] = {k: v for k, v in _request_key(d).items() if k != "calibration_size"}
+  cal = d["unlearn"].get("calibration_size", 0)
+  if cal and not d["data"].get("train_size", 0):  # carved off the clients' training data
+    key["calibration_size"] = cal
   if isinstance(d.get(t.name), dict):
     # The trainer's section but its unlearning-only keys (e.g. quickdrop.unlearn_lr), which
     # must not invalidate the cached model: a key nobody declared is in the key (safe).

@@ -54,6 +54,11 @@ def get_config():
   c.unlearn.forget_client = 0  # samples: -1 = a fraction of every client's samples
   c.unlearn.forget_fraction = 0.0  # samples: fraction of the client's samples (random)
   c.unlearn.forget_indices = ""  # samples: .npy of training-set positions instead
+  # Server-held calibration split (images no client trains on; fu_jax.calibration's targets):
+  # drawn outside data.train_size's subsample, or carved off the training set when
+  # train_size is 0 (that changes the trained model, and forget_indices then count the images
+  # left). 0 = none.
+  c.unlearn.calibration_size = 0
 
   c.finetune = baselines.config_section(c.fl)
 

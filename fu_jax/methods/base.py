@@ -62,7 +62,9 @@ class Task(NamedTuple):
 
   clients.y holds the training labels as trained on (backdoor flips included); y_true the
   original labels. forget [N, max_n] marks the samples to forget; retain_valid = valid &
-  ~forget; client_weights [N] is 0 for a forgotten client, 1 otherwise.
+  ~forget; client_weights [N] is 0 for a forgotten client, 1 otherwise. calibration: the
+  server's calibration split (x [m, H, W, C] float32, y int32 [m]) that no client trains
+  on (`unlearn.calibration_size`), or None.
   """
 
   config: Any
@@ -76,6 +78,7 @@ class Task(NamedTuple):
   model: Any  # flax module
   input_shape: tuple
   num_classes: int
+  calibration: Any = None
 
   @property
   def apply_fn(self):
