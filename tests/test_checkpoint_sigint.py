@@ -9,6 +9,15 @@ import pytest
 from fu_jax import checkpoint
 
 
+@pytest.fixture(autouse=True)
+def python_default_sigint():
+  """Python's own handler (raises KeyboardInterrupt), whatever an earlier test in this
+  worker installed (a test runner's worker may ignore SIGINT)."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
 def test_sigint_inside_the_block_is_delivered_after_it():
   before = signal.getsignal(signal.SIGINT)
   done = []
