@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+from experiments import frontier
 from fu_jax.metrics import audit as audit_lib
 
 # (results key, column title, compare to retrain by difference)
@@ -328,6 +329,30 @@ def audit_markdown(audits: dict) -> str:
   )
 
 
+def frontier_rows(audits: dict, rows: list[dict]) -> list[dict]:
+  """experiments.frontier's rows: each audited method that has a parallel speed-up over
+  retrain from runs of experiments.main in the same workdir (retrain itself at 1x; no
+  unlearning, e.g. fedavg, has none). The audit's own seconds are not used: its retrain
+  side runs as one vmapped bank, the methods model by model, so their ratio is no speed-up."""
+  speedups = {r["method"]: r["speedup_parallel"] for r in rows}
+  null = (audits.get("retrain") or {}).get("ulira_auc_ci")
+  out = []
+  for m in sorted(audits, key=lambda m: (m != "retrain", m)):
+    a = audits[m]
+    if speedups.get(m) and a.get("ulira_auc") is not None:
+      out.append(
+        {
+          "method": m,
+          "ulira_auc": a["ulira_auc"],
+          "ulira_auc_ci": a.get("ulira_auc_ci"),
+          "speedup": speedups[m],
+          "test_acc": a.get("unlearned_test_acc"),
+          "null_ci": null,
+        }
+      )
+  return out
+
+
 def compare(workdir: str) -> list[dict]:
   audits = load_audits(workdir)
   if audits and not glob.glob(os.path.join(workdir, "*", "results.json")) + glob.glob(
@@ -337,8 +362,17 @@ def compare(workdir: str) -> list[dict]:
       f.write(audit_markdown(audits))
     return []
   rows = summarize(load_runs(workdir))
+  points = frontier_rows(audits, rows)
+  if points:
+    frontier.write_frontier(points, os.path.join(workdir, "audit", "frontier.png"))
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
     f.write(to_markdown(rows) + (audit_markdown(audits) if audits else ""))
+    if points:
+      f.write(
+        "\naudit/frontier.png: U-LiRA AUC [95% CI] against the parallel speed-up over "
+        f"retrain of this workdir's runs, for {[p['method'] for p in points]}"
+        "; the band is retrain's null interval.\n"
+      )
   with open(os.path.join(workdir, "comparison.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()

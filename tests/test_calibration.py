@@ -15,7 +15,8 @@ from experiments import frontier
 from experiments import run as run_lib
 from experiments.configs import digits
 from fu_jax import calibration, data, fl, models
-from fu_jax.methods import sga
+from fu_jax import methods as methods_lib
+from fu_jax.methods import base, sga
 from tests import pretrain_cache
 
 K, D, N = 3, 4, 6
@@ -300,6 +301,15 @@ def test_sga_calibrated_end_to_end(tmp_path):
   # the targets are held-out confidences of a model at ~95% test accuracy, so the
   # forgotten samples stay mostly classified (zero accuracy is not the goal)
   assert res["forget_train_acc"] >= 0.6
+  # The method sga_calibrated is this run under its own name: the same numbers.
+  c.method = "sga_calibrated"
+  named = pretrain_cache.run(c, str(tmp_path))
+  for k in ("test_acc", "forget_train_acc", "forget_train_loss", "sga_mean_target"):
+    assert named[k] == res[k], k
+  # Without a calibration split it is refused with the reason (and --method=all skips it).
+  c.unlearn.calibration_size = 0
+  with pytest.raises(base.Unservable, match="unlearn.calibration_size > 0"):
+    methods_lib.get("sga_calibrated").check(run_lib.build_task(c))
 
 
 def test_calibration_size_is_validated_against_the_pool():

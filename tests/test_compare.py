@@ -197,6 +197,24 @@ def test_audit_table_intervals_null_row_and_supported_tprs(tmp_path):
   )
 
 
+def test_frontier_of_an_audited_workdir(tmp_path):
+  wd = str(tmp_path)
+  _write(wd, "retrain", unlearn_parallel_seconds=10.0)
+  _write(wd, "sga", unlearn_parallel_seconds=2.0)
+  _write(wd, "finetune", unlearn_parallel_seconds=5.0)  # run, not audited: no point
+  _write(wd, "fedavg", unlearn_parallel_seconds=0.0)  # audited, no speed-up: no point
+  _write_audit(wd, "retrain", ulira_auc=0.54, ulira_auc_ci=[0.4, 0.6], unlearned_test_acc=0.95)
+  _write_audit(wd, "sga", ulira_auc=0.72, ulira_auc_ci=[0.6, 0.8], unlearned_test_acc=0.96)
+  _write_audit(wd, "fedavg", ulira_auc=0.75)
+  rows = compare.compare(wd)
+  points = compare.frontier_rows(compare.load_audits(wd), rows)
+  assert [(p["method"], p["speedup"]) for p in points] == [("retrain", 1.0), ("sga", 5.0)]
+  assert points[1]["null_ci"] == [0.4, 0.6] and points[1]["test_acc"] == 0.96
+  with open(os.path.join(wd, "audit", "frontier.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "audit/frontier.png" in open(os.path.join(wd, "comparison.md")).read()
+
+
 def test_no_retrain_is_a_clear_error(tmp_path):
   _write(str(tmp_path), "finetune", test_acc=0.8)
   out = subprocess.run(
