@@ -52,7 +52,8 @@ def write_frontier(rows: list[dict], path: str) -> None:
   ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # minor labels collide on a log axis
   ax.set_xlabel("parallel speed-up vs retraining (log)")
   ax.set_ylabel("U-LiRA AUC (0.5 = as retrained)")
-  ax.set_ylim(0.4, 1.02)
+  lows = [float(c[0]) for c in [r.get("ulira_auc_ci") for r in rows] + nulls if c is not None]
+  ax.set_ylim(min([0.4] + [lo - 0.02 for lo in lows]), 1.02)  # every interval whole
   ax.set_title("Per-example privacy vs cost")
   if nulls:
     ax.legend(loc="upper left", fontsize=8)
