@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from experiments import run as run_lib  # noqa: E402
+from experiments import task as task_lib  # noqa: E402
 from experiments.configs import audit_digits  # noqa: E402
 from fu_jax import (
   bank,  # noqa: E402
@@ -56,7 +56,7 @@ def main(argv):
   c.model.name = FLAGS.model
   if FLAGS.rounds:
     c.fl.rounds = FLAGS.rounds
-  task = run_lib.build_task(c)
+  task = task_lib.build_task(c)
   cl = task.clients
   program = fl.sgd_program(task.apply_fn, base.client_optimizer(c))
   kind = fl.choose_runner(c.model.name) if FLAGS.runner == "auto" else FLAGS.runner

@@ -37,7 +37,9 @@ from fu_jax import xla_flags  # pylint: disable=wrong-import-position
 
 xla_flags.use_defaults()  # before any JAX computation
 
+from experiments import caches  # pylint: disable=wrong-import-position
 from experiments import run as run_lib  # pylint: disable=wrong-import-position
+from experiments import task as task_lib  # pylint: disable=wrong-import-position
 from experiments.configs import digits as digits_cfg  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist as fmnist_cfg  # pylint: disable=wrong-import-position
 from fu_jax import (
@@ -182,8 +184,8 @@ def print_table(results):
 def table3(args, wd, frac=0.3):
   """Prune important / random / non-important channels of one layer (Xu et al. Table 3)."""
   cfg = make_config(args, "retrain")
-  task = run_lib.build_task(cfg)
-  trained, _ = run_lib.pretrained(task, wd, "fedavg")
+  task = task_lib.build_task(cfg)
+  trained, _ = caches.pretrained(task, wd, "fedavg")
   params = trained.params
   x, y = channel.forget_batch(task, cfg.channel.effect_samples)
   convs = [p for p in channel.scored_layers(params, "conv")]

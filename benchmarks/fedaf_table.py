@@ -61,6 +61,7 @@ from fu_jax import xla_flags  # pylint: disable=wrong-import-position
 
 xla_flags.use_defaults()  # before any JAX computation
 
+from experiments import caches  # pylint: disable=wrong-import-position
 from experiments import run as run_lib  # pylint: disable=wrong-import-position
 from experiments.configs import digits as digits_cfg  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist as fmnist_cfg  # pylint: disable=wrong-import-position
@@ -178,7 +179,7 @@ def run_variant(root: str, dataset: str, seed: int, variant: str) -> dict:
       os.symlink(os.path.join(base_wd, "pretrain"), link)
   out = os.path.join(wd, method)
   res_path, cfg_path = os.path.join(out, "results.json"), os.path.join(out, "config.json")
-  want = _relevant(run_lib._to_dict(cfg), method)  # pylint: disable=protected-access
+  want = _relevant(caches.config_dict(cfg), method)
   if os.path.exists(res_path) and os.path.exists(cfg_path):
     with open(cfg_path) as f:
       if _relevant(json.load(f), method) == want:

@@ -12,7 +12,7 @@ accuracy after SGA and after recovery, retained accuracy against retrain's, seco
 training round (FedAvg and QuickDrop's distilling trainer) and for the unlearning, and both
 speed-ups (total compute and the parallel critical path).
 
-What the timers hold (experiments/run.py): `unlearn_seconds` = the method's compiled round
+What the timers hold (experiments/run.py, experiments/env.py): `unlearn_seconds` = the method's compiled round
 time plus its work outside rounds, without compilation and without evaluation; retrain's is
 its R FedAvg rounds on the retained data; QuickDrop's is the SGA round and the recovery
 rounds on the synthetic sets. `train_seconds` likewise for the training phase. MIA is off.

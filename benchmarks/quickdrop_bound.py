@@ -47,7 +47,8 @@ from fu_jax import xla_flags  # pylint: disable=wrong-import-position
 
 xla_flags.use_defaults()  # before any JAX computation
 
-from experiments import run as run_lib  # pylint: disable=wrong-import-position
+from experiments import caches  # pylint: disable=wrong-import-position
+from experiments import task as task_lib  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist as fmnist_cfg  # pylint: disable=wrong-import-position
 from fu_jax import (
   checkpoint,  # pylint: disable=wrong-import-position
@@ -99,7 +100,7 @@ class _Env:
 
 def trained_model(task: base.Task, args, pretrain_dir: str | None) -> base.Trained:
   if pretrain_dir is None:
-    trained, env = run_lib.pretrained(task, args.workdir, "quickdrop")
+    trained, env = caches.pretrained(task, args.workdir, "quickdrop")
     del env
     return trained
   ckpt_dir = os.path.join(pretrain_dir, "ckpt", "train")
@@ -169,7 +170,7 @@ def evaluate(task: base.Task, params, forgotten, apply_fn=None) -> dict:
 
 
 def probe(args, seed: int, pretrain_dir: str | None) -> dict:
-  task = run_lib.build_task(make_config(args, seed))
+  task = task_lib.build_task(make_config(args, seed))
   trained = trained_model(task, args, pretrain_dir)
   forgotten = tuple(task.request.classes)
   env = _Env(task)
@@ -186,21 +187,21 @@ def probe(args, seed: int, pretrain_dir: str | None) -> dict:
   out["oracle SGA"] = oracle(task, env, trained.params, 0, forgotten, sga=True)[0]
   sga_real = qd._unlearn(
     with_recovery(task, 0),
-    env,  # pylint: disable=protected-access
+    env,
     trained._replace(extra=real),
   ).params
   out["after SGA (distilled)"] = evaluate(
     task,
-    qd._unlearn(with_recovery(task, 0), env, trained).params,  # pylint: disable=protected-access
+    qd._unlearn(with_recovery(task, 0), env, trained).params,
     forgotten,
   )
   out["after SGA (real subset)"] = evaluate(task, sga_real, forgotten)
   for rec in args.recovery:
     t = with_recovery(task, rec)
-    out[f"distilled@{rec}"] = evaluate(task, qd._unlearn(t, env, trained).params, forgotten)  # pylint: disable=protected-access
+    out[f"distilled@{rec}"] = evaluate(task, qd._unlearn(t, env, trained).params, forgotten)
     out[f"real subset@{rec}"] = evaluate(
       task,
-      qd._unlearn(t, env, trained._replace(extra=real)).params,  # pylint: disable=protected-access
+      qd._unlearn(t, env, trained._replace(extra=real)).params,
       forgotten,
     )
     out[f"oracle@{rec}"] = oracle(task, env, sga_real, rec, forgotten)[0]

@@ -55,6 +55,7 @@ from fu_jax import xla_flags  # pylint: disable=wrong-import-position
 xla_flags.use_defaults()  # before any JAX computation
 
 from experiments import run as run_lib  # pylint: disable=wrong-import-position
+from experiments import task as task_lib  # pylint: disable=wrong-import-position
 from experiments.configs import digits as digits_cfg  # pylint: disable=wrong-import-position
 from experiments.configs import fashion_mnist as fmnist_cfg  # pylint: disable=wrong-import-position
 from fu_jax import fl  # pylint: disable=wrong-import-position
@@ -118,7 +119,7 @@ def overhead(name: str, args, every: int) -> dict:
   cfg.quickdrop.distill_every = every
   if name != "digits":
     cfg.fl.clients_per_round = args.overhead_clients
-  task = run_lib.build_task(cfg)
+  task = task_lib.build_task(cfg)
   env = _TimingEnv(task)
   c = task.clients
   s = qd.settings(cfg)

@@ -7,7 +7,7 @@ Full Fashion-MNIST (`experiments/configs/fashion_mnist.py`), 100 clients sampled
 (fl.clients_per_round=100), 1 local epoch, batch 64; partitions `client_dirichlet` (alpha 0.1,
 size_sigma 1.0, min_size 1) and `iid`. Each (partition, clients, layout) runs in its own
 subprocess so peak resident memory (resource.getrusage ru_maxrss) is that configuration's
-alone. In it: the task is built as an experiment builds it (`experiments.run.build_task`),
+alone. In it: the task is built as an experiment builds it (`experiments.task.build_task`),
 then one warm-up FedAvg round (compilation) and `--rounds` timed rounds through
 `fl.fedavg_round`, exactly as `base.fedavg_phase` calls it.
 
@@ -54,7 +54,7 @@ def one(args):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
-  from experiments import run as run_lib  # pylint: disable=g-import-not-at-top
+  from experiments import task as task_lib  # pylint: disable=g-import-not-at-top
   from experiments.configs import fashion_mnist  # pylint: disable=g-import-not-at-top
   from fu_jax import fl  # pylint: disable=g-import-not-at-top
   from fu_jax.methods import base  # pylint: disable=g-import-not-at-top
@@ -69,7 +69,7 @@ def one(args):
   cfg.fl.clients_per_round = 100
   cfg.model.name = args.model
   t0 = time.perf_counter()
-  task = run_lib.build_task(cfg)
+  task = task_lib.build_task(cfg)
   build_s = time.perf_counter() - t0
   c = task.clients
   n_clients, max_n = c.valid.shape

@@ -22,7 +22,7 @@ the method starts from a trained model, the trained models themselves (no unlear
 audited against the same reference too ("original"). --method=retrain audits a retrain bank
 against the independent reference bank: the null every other method is read against.
 
---bank: `sequential` runs the models one after another through experiments.run's machinery
+--bank: `sequential` runs the models one after another through the runner's machinery
 (any method, any model); `vmap` runs each side's FedAvg phases (training, retrain, finetune)
 for all K models as one vmapped program (fu_jax.bank; equal to the sequential models to float
 tolerance), then a method with its own unlearning (sga, fedaf, ...) runs it per model from
@@ -48,7 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import run as run_lib
+from experiments import caches, validation
+from experiments import env as env_lib
+from experiments import task as task_lib
 from fu_jax import bank as bank_lib
 from fu_jax import checkpoint, fl
 from fu_jax import methods as methods_lib
@@ -78,7 +80,7 @@ def model_config(config, method: str, seed: int):
   """config for one bank model: its training seed, the data seed pinned, no MIA."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    c.data.seed = run_lib.data_seed(config)
+    c.data.seed = task_lib.data_seed(config)
     c.seed = seed
     c.method = method
     c.mia.enabled = False
@@ -91,8 +93,8 @@ def _section(method: str) -> str:
 
 def stats_key(config, method: base.Method) -> dict:
   """What determines one model's audit statistics (and its checkpoints)."""
-  d = run_lib._to_dict(config)  # pylint: disable=protected-access
-  key = run_lib.training_config(config, method.trainer)
+  d = caches.config_dict(config)
+  key = caches.training_config(config, method.trainer)
   key.update(method=method.name, unlearn=d["unlearn"])
   if _section(method.name) in d:
     key[_section(method.name)] = d[_section(method.name)]
@@ -141,13 +143,13 @@ def run_model(config, workdir: str, method_name: str, side: int, k: int) -> dict
       cached = json.load(f)
     if cached["key"] == json.loads(json.dumps(key)):
       return cached
-  task = run_lib.build_task(cfg)
+  task = task_lib.build_task(cfg)
   trained, train_seconds, original = None, 0.0, None
   if method.name != "retrain":
-    trained, train_env = run_lib.pretrained(task, directory, method.trainer)
+    trained, train_env = caches.pretrained(task, directory, method.trainer)
     train_seconds = train_env.seconds["wall"] - train_env.seconds["compile"]
     original = model_stats(task, trained.params)
-  env = run_lib.RunEnv(task, out_dir, key)
+  env = env_lib.RunEnv(task, out_dir, key)
   t0 = time.perf_counter()
   outcome = method.unlearn(task, env, trained)
   jax.block_until_ready(outcome.params)
@@ -185,7 +187,7 @@ def bank_kind(config, requested: str) -> str:
   """'vmap' or 'sequential': auto = vmap where the client runner would vmap (dense models on
   CPU, every model on accelerators), since the bank adds a model axis to the same steps."""
   if requested not in BANKS:
-    raise run_lib.ConfigError(f"--bank={requested!r}: allowed {BANKS}")
+    raise validation.ConfigError(f"--bank={requested!r}: allowed {BANKS}")
   if requested != "auto":
     return requested
   return "sequential" if fl.choose_runner(config.model.name) == "loop" else "vmap"
@@ -194,8 +196,8 @@ def bank_kind(config, requested: str) -> str:
 def _trained_bank(workdir: str, cfgs: list, like, train):
   """The bank's trained models, cached in <workdir>/audit/models/trained-<hash>.npz (keyed by
   every model's training config) so the audits of several methods train them once."""
-  key = [run_lib.training_config(c, "fedavg") for c in cfgs]
-  digest = run_lib._hash({"k": key})  # pylint: disable=protected-access
+  key = [caches.training_config(c, "fedavg") for c in cfgs]
+  digest = caches.config_hash({"k": key})
   path = os.path.join(workdir, "audit", "models", f"trained-{digest}.npz")
   leaves, treedef = jax.tree.flatten(like)
   if os.path.exists(path):
@@ -227,7 +229,7 @@ def _bank_side(
   method = methods_lib.get(method_name)
   seeds = [bank_seed(config.seed, side, k) for k in range(num_models)]
   cfgs = [model_config(config, method_name, s) for s in seeds]
-  task = run_lib.build_task(cfgs[0])
+  task = task_lib.build_task(cfgs[0])
   tasks = [task._replace(config=c) for c in cfgs]
   cfg = cfgs[0]
   c = task.clients
@@ -256,7 +258,7 @@ def _bank_side(
     trained, train_seconds = None, 0.0
   else:
     if method.trainer.name != "fedavg":
-      raise run_lib.ConfigError(
+      raise validation.ConfigError(
         f"--bank=vmap trains FedAvg models; {method.name} starts from "
         f"its own trainer {method.trainer.name!r}: use --bank=sequential"
       )
@@ -305,7 +307,7 @@ def _bank_side(
     key = stats_key(cfgs[k], method)
     one = lambda tree: jax.tree.map(lambda a: a[k], tree)
     if params is None:  # the method's own unlearning, per model, from its bank-trained model
-      env = run_lib.RunEnv(tasks[k], out_dir, key)
+      env = env_lib.RunEnv(tasks[k], out_dir, key)
       t1 = time.perf_counter()
       outcome = method.unlearn(tasks[k], env, base.Trained(one(trained)))
       jax.block_until_ready(outcome.params)
@@ -387,16 +389,18 @@ def audit(
   method = methods_lib.get(method_name)
   bank = bank_kind(config, bank)
   if num_models < 3:
-    raise run_lib.ConfigError(
+    raise validation.ConfigError(
       f"--models={num_models}: the audit needs >= 3 models per side "
       "(U-LiRA's leave-one-out fits and F's buckets)"
     )
-  run_lib.validate(config, method.name)
-  run_lib.validate(config, "retrain")
+  validation.validate(config, method.name)
+  validation.validate(config, "retrain")
   if not isinstance(bootstrap, int) or bootstrap < 0:
-    raise run_lib.ConfigError(f"--bootstrap={bootstrap!r}: must be an int >= 0 (0 = no intervals)")
+    raise validation.ConfigError(
+      f"--bootstrap={bootstrap!r}: must be an int >= 0 (0 = no intervals)"
+    )
   if config.unlearn.kind == "client":
-    raise run_lib.ConfigError(
+    raise validation.ConfigError(
       "unlearn.kind='client': the audit scores forgotten samples under "
       "each model; use samples, client_class or class"
     )
@@ -428,7 +432,7 @@ def audit(
       "client": int(config.unlearn.forget_client),
       "fraction": float(config.unlearn.get("forget_fraction", 0.0)),
     },
-    data_seed=run_lib.data_seed(config),
+    data_seed=task_lib.data_seed(config),
     seeds_unlearned=[s["seed"] for s in unlearned],
     seeds_retrained=[s["seed"] for s in reference],
     cost={

@@ -95,14 +95,18 @@ def main(argv):
     compilation_cache.resolve_dir(FLAGS.compilation_cache_dir, FLAGS.compilation_cache)
   )
   cache_stats = compilation_cache.stats()
-  from experiments import run as run_lib  # heavy imports after flag parsing: --help stays fast
+  # Heavy imports after flag parsing: --help stays fast.
+  from experiments import clock as clock_lib
+  from experiments import run as run_lib
+  from experiments import validation
+  from fu_jax.methods import base
 
-  clock = run_lib.compile_clock()  # from here on: the process's whole compile time
+  clock = clock_lib.compile_clock()  # from here on: the process's whole compile time
   config = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=experiments/configs/digits.py")
   try:
-    names = run_lib.methods_for(FLAGS.method, config.unlearn.kind)
+    names = validation.methods_for(FLAGS.method, config.unlearn.kind)
     seeds = [int(s) for s in FLAGS.seeds] or [None]
     for seed in seeds:
       workdir = FLAGS.workdir if seed is None else os.path.join(FLAGS.workdir, f"seed_{seed}")
@@ -113,7 +117,7 @@ def main(argv):
             config.seed = seed
         try:
           run_lib.run(config, workdir, rerun=FLAGS.rerun)
-        except run_lib.base.Unservable as e:
+        except base.Unservable as e:
           if FLAGS.method != "all":
             raise
           print(f"--method=all: {name} skipped: {e}", flush=True)
@@ -191,9 +195,9 @@ def _parse_flags(argv):
 
 def _on_sigint(signum, frame):
   del signum, frame
-  run = sys.modules.get("experiments.run")
-  if run is not None:
-    run.INTERRUPTED.set()  # in case this exception is dropped (run.INTERRUPTED)
+  env = sys.modules.get("experiments.env")
+  if env is not None:
+    env.INTERRUPTED.set()  # in case this exception is dropped (env.INTERRUPTED)
   raise KeyboardInterrupt
 
 

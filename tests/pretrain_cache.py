@@ -24,18 +24,19 @@ ENV_VAR = "FU_JAX_TEST_PRETRAIN_CACHE"
 def name(config, trainer: str | None = None) -> str:
   """The directory under <workdir>/pretrain/ that run.run trains `config`'s model into."""
   # Imported here: conftest.py imports this module before it sets XLA's flags.
-  from experiments import run as run_lib  # pylint: disable=import-outside-toplevel
+  from experiments import caches  # pylint: disable=import-outside-toplevel
   from fu_jax import methods as methods_lib  # pylint: disable=import-outside-toplevel
 
   trainer = methods_lib.trainer(trainer or methods_lib.get(config.method).trainer)
-  key = run_lib.training_config(config, trainer)
-  return f"{trainer.name}-{run_lib._hash(key)}"  # pylint: disable=protected-access
+  key = caches.training_config(config, trainer)
+  return f"{trainer.name}-{caches.config_hash(key)}"
 
 
 def pretrain(config, workdir: str, trainer: str | None = None) -> str:
   """Makes <workdir>/pretrain hold the model `config`'s method starts from (or `trainer`'s),
   trained at most once per session; returns its directory."""
-  from experiments import run as run_lib  # pylint: disable=import-outside-toplevel
+  from experiments import caches  # pylint: disable=import-outside-toplevel
+  from experiments import task as task_lib  # pylint: disable=import-outside-toplevel
   from fu_jax import methods as methods_lib  # pylint: disable=import-outside-toplevel
 
   trainer = methods_lib.trainer(trainer or methods_lib.get(config.method).trainer)
@@ -48,7 +49,7 @@ def pretrain(config, workdir: str, trainer: str | None = None) -> str:
   with open(cached + ".lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not os.path.isdir(cached):
-      run_lib.pretrained(run_lib.build_task(config), workdir, trainer)
+      caches.pretrained(task_lib.build_task(config), workdir, trainer)
       tmp = tempfile.mkdtemp(dir=root)
       shutil.copytree(dest, os.path.join(tmp, sub))
       os.rename(os.path.join(tmp, sub), cached)

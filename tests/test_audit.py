@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from experiments import audit as audit_exp
-from experiments import compare
-from experiments import run as run_lib
+from experiments import compare, validation
+from experiments import env as env_lib
+from experiments import task as task_lib
 from experiments.configs import audit_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,9 +86,11 @@ def test_sequential_and_vmapped_banks_agree(tmp_path):
 def test_relearn_is_refused_for_samples_requests(tmp_path):
   # Retrained models still classify the forgotten samples: no target tells methods apart.
   c = tiny(**{"eval.relearn_steps": 50})
-  with pytest.raises(run_lib.ConfigError, match="eval.relearn_steps=50 with unlearn.kind=samples"):
-    run_lib.validate(c, "retrain")
-  run_lib.validate(tiny(**{"eval.relearn_steps": 50, "unlearn.kind": "class"}), "retrain")
+  with pytest.raises(
+    validation.ConfigError, match="eval.relearn_steps=50 with unlearn.kind=samples"
+  ):
+    validation.validate(c, "retrain")
+  validation.validate(tiny(**{"eval.relearn_steps": 50, "unlearn.kind": "class"}), "retrain")
   out = subprocess.run(
     [
       sys.executable,
@@ -116,13 +119,13 @@ def test_relearn_is_refused_for_samples_requests(tmp_path):
   ],
 )
 def test_bad_requests(tmp_path, overrides, models, expect):
-  with pytest.raises(run_lib.ConfigError, match=expect):
+  with pytest.raises(validation.ConfigError, match=expect):
     audit_exp.audit(tiny(**overrides), str(tmp_path), "finetune", models)
 
 
 def test_bank_refuses_a_method_with_its_own_trainer(tmp_path):
   c = tiny(**{"unlearn.kind": "class"})
-  with pytest.raises(run_lib.ConfigError, match="use --bank=sequential"):
+  with pytest.raises(validation.ConfigError, match="use --bank=sequential"):
     audit_exp.audit(c, str(tmp_path), "quickdrop", 3, "vmap")
 
 
@@ -147,8 +150,8 @@ def test_per_model_unlearning_compiles_once(tmp_path, method):
   counts = []
   for k in range(2):
     cfg = audit_exp.model_config(c, method, audit_exp.bank_seed(c.seed, 0, k))
-    task = run_lib.build_task(cfg)
-    env = run_lib.RunEnv(task, str(tmp_path / str(k)), {"k": k})
+    task = task_lib.build_task(cfg)
+    env = env_lib.RunEnv(task, str(tmp_path / str(k)), {"k": k})
     before = len(lowered)
     out = methods_lib.get(method).unlearn(task, env, base.Trained(base.init_params(task)))
     jax.block_until_ready(out.params)

@@ -6,7 +6,10 @@ import os
 import numpy as np
 import pytest
 
+from experiments import caches
+from experiments import evaluation as eval_lib
 from experiments import run as run_lib
+from experiments import task as task_lib
 from fu_jax import checkpoint
 from tests import pretrain_cache
 from tests.test_experiments import small_config
@@ -43,27 +46,27 @@ def test_an_index_file_rewritten_in_place_is_not_served_stale_results(tmp_path):
   # The same positions (in another order, with duplicates) under another path share them.
   other = str(tmp_path / "same.npy")
   np.save(other, np.concatenate([np.arange(639, 599, -1), [600]]))
-  assert run_lib.training_config(cfg, "fedavg") == run_lib.training_config(
+  assert caches.training_config(cfg, "fedavg") == caches.training_config(
     _samples_config(other), "fedavg"
   )
-  a, b = (run_lib._to_dict(_samples_config(p)) for p in (path, other))  # pylint: disable=protected-access
-  assert run_lib._request_key(a) == run_lib._request_key(b)  # pylint: disable=protected-access
+  a, b = (caches.config_dict(_samples_config(p)) for p in (path, other))
+  assert caches.request_key(a) == caches.request_key(b)
 
 
 def test_the_trained_models_evaluation_is_versioned(tmp_path, monkeypatch):
   cfg = small_config(method="fedavg", **{"mia.enabled": False})
   wd = str(tmp_path)
   directory = pretrain_cache.pretrain(cfg, wd)
-  task = run_lib.build_task(cfg)
-  trained, _ = run_lib.pretrained(task, wd, "fedavg")
+  task = task_lib.build_task(cfg)
+  trained, _ = caches.pretrained(task, wd, "fedavg")
   calls = []
-  evaluate = run_lib.evaluate
-  monkeypatch.setattr(run_lib, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
-  first = run_lib.original_evaluation(task, trained.params, directory)
-  assert run_lib.original_evaluation(task, trained.params, directory) == first
+  evaluate = eval_lib.evaluate
+  monkeypatch.setattr(eval_lib, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
+  first = caches.original_evaluation(task, trained.params, directory)
+  assert caches.original_evaluation(task, trained.params, directory) == first
   assert len(calls) == 1  # the same version: read back
-  monkeypatch.setattr(run_lib, "EVAL_VERSION", run_lib.EVAL_VERSION + 1)
-  run_lib.original_evaluation(task, trained.params, directory)
+  monkeypatch.setattr(caches, "EVAL_VERSION", caches.EVAL_VERSION + 1)
+  caches.original_evaluation(task, trained.params, directory)
   assert len(calls) == 2  # another version: evaluated again, in a file of its own
   assert len([f for f in os.listdir(directory) if f.startswith("eval-")]) == 2
 
@@ -84,14 +87,14 @@ def test_a_new_key_of_a_trainers_section_enters_its_cache_key(trainer):
   from experiments.configs import digits  # pylint: disable=import-outside-toplevel
   from fu_jax import methods  # pylint: disable=import-outside-toplevel
 
-  base = run_lib.training_config(digits.get_config(), trainer)
+  base = caches.training_config(digits.get_config(), trainer)
   c = digits.get_config()
   c[trainer].a_key_added_later = 1  # declared nowhere: it may change training
-  assert run_lib.training_config(c, trainer) != base
+  assert caches.training_config(c, trainer) != base
   # The declared unlearning-only keys are keys of the section, and leave the key alone.
   unlearn_only = methods.trainer(trainer).unlearn_only
   assert unlearn_only and set(unlearn_only) < set(digits.get_config()[trainer])
   for k in unlearn_only:
     c = digits.get_config()
     c[trainer][k] = _changed(c[trainer][k])
-    assert run_lib.training_config(c, trainer) == base, k
+    assert caches.training_config(c, trainer) == base, k

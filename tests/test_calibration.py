@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import frontier
-from experiments import run as run_lib
+from experiments import caches, frontier, validation
+from experiments import task as task_lib
 from experiments.configs import digits
 from fu_jax import calibration, data, fl, models
 from fu_jax import methods as methods_lib
@@ -243,7 +243,7 @@ def test_calibration_split_lies_outside_the_training_data():
 def test_calibration_size_enters_the_cache_key_only_when_carved():
   c = digits.get_config()
   c.data.train_size = 600
-  key = lambda cfg: run_lib._hash(run_lib.training_config(cfg, "fedavg"))  # pylint: disable=protected-access
+  key = lambda cfg: caches.config_hash(caches.training_config(cfg, "fedavg"))
   a = key(c)
   c.unlearn.calibration_size = 100
   assert key(c) == a  # drawn outside the subsample: the trained model is the same
@@ -309,7 +309,7 @@ def test_sga_calibrated_end_to_end(tmp_path):
   # Without a calibration split it is refused with the reason (and --method=all skips it).
   c.unlearn.calibration_size = 0
   with pytest.raises(base.Unservable, match="unlearn.calibration_size > 0"):
-    methods_lib.get("sga_calibrated").check(run_lib.build_task(c))
+    methods_lib.get("sga_calibrated").check(task_lib.build_task(c))
 
 
 def test_calibration_size_is_validated_against_the_pool():
@@ -318,9 +318,9 @@ def test_calibration_size_is_validated_against_the_pool():
   c.data.train_size = 600
   c.unlearn.calibration_size = 800  # digits: 1,347 training images, 747 outside the subsample
   with pytest.raises(ValueError, match=r"calibration_size=800: allowed 0..747"):
-    run_lib.validate(c, "sga", 10, num_train=1347)
+    validation.validate(c, "sga", 10, num_train=1347)
   c.unlearn.calibration_size = 747
-  run_lib.validate(c, "sga", 10, num_train=1347)
+  validation.validate(c, "sga", 10, num_train=1347)
   c.unlearn.calibration_size = -1
   with pytest.raises(ValueError, match="calibration_size=-1"):
-    run_lib.validate(c, "sga", 10, num_train=1347)
+    validation.validate(c, "sga", 10, num_train=1347)

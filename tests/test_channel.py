@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import run as run_lib
+from experiments import caches, validation
+from experiments import task as task_lib
 from experiments.configs import digits
 from fu_jax import checkpoint, fl, masking
 from fu_jax import tree as tu
@@ -45,8 +46,8 @@ def _run(workdir, method, **overrides):
 def _restore(workdir, cfg, phase, template):
   """The final state the method's phase checkpointed (= what run() evaluated)."""
   ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, cfg.method, "ckpt", phase), run_lib._to_dict(cfg)
-  )  # pylint: disable=protected-access
+    os.path.join(workdir, cfg.method, "ckpt", phase), caches.config_dict(cfg)
+  )
   state, step, _ = ckpt.restore_or(template)
   ckpt.close()
   assert step > 0
@@ -54,8 +55,8 @@ def _restore(workdir, cfg, phase, template):
 
 
 def _trained(workdir, cfg):
-  task = run_lib.build_task(cfg)
-  return task, run_lib.pretrained(task, workdir, "fedavg")[0].params
+  task = task_lib.build_task(cfg)
+  return task, caches.pretrained(task, workdir, "fedavg")[0].params
 
 
 def _selection(res, params):
@@ -169,8 +170,8 @@ def test_cdp_end_to_end(workdir):
 @pytest.mark.parametrize("method", ["channel_de", "channel_ce", "channel_de_random", "cdp"])
 @pytest.mark.parametrize("kind", ["client_class", "client"])
 def test_refuses_non_class_requests(method, kind):
-  with pytest.raises(run_lib.ConfigError, match=f"cannot serve unlearn.kind='{kind}'"):
-    run_lib.validate(small_config(method, **{"unlearn.kind": kind}), method)
+  with pytest.raises(validation.ConfigError, match=f"cannot serve unlearn.kind='{kind}'"):
+    validation.validate(small_config(method, **{"unlearn.kind": kind}), method)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import pytest
 
+from experiments import caches, validation
 from experiments import run as run_lib
 from experiments.configs import digits
 
@@ -12,7 +13,7 @@ PINNED = {"fedavg": "774174bdd909", "quickdrop": "a00c25041a18", "federaser": "3
 
 
 def _key(config, trainer):
-  return run_lib._hash(run_lib.training_config(config, trainer))  # pylint: disable=protected-access
+  return caches.config_hash(caches.training_config(config, trainer))
 
 
 def _with(key, value, backdoor=False):
@@ -157,15 +158,15 @@ def test_command_line_overrides_of_linked_keys(monkeypatch):
 def test_the_runner_checks_the_method_section_before_anything_runs(method, key, value, expect):
   c = _with(key, value)
   with pytest.raises(ValueError) as e:
-    run_lib.validate(c, method)
+    validation.validate(c, method)
   assert expect in str(e.value) and len(str(e.value).splitlines()) == 1
-  run_lib.validate(digits.get_config(), method)  # the defaults pass
+  validation.validate(digits.get_config(), method)  # the defaults pass
 
 
 def test_a_config_json_from_before_the_linked_defaults_still_matches():
   # Written when these keys defaulted to 0 ("use fl.<key>"): the same run, so a workdir
   # from then is resumed (and a finished run recognised) rather than refused.
-  new = run_lib._to_dict(digits.get_config())  # pylint: disable=protected-access
+  new = caches.config_dict(digits.get_config())
   old = {s: dict(v) if isinstance(v, dict) else v for s, v in new.items()}
   for path in run_lib.FORMER_PLACEHOLDERS:
     section, key = path.split(".")
@@ -176,6 +177,6 @@ def test_a_config_json_from_before_the_linked_defaults_still_matches():
   # A real difference is still reported: the value set differs from the fl value.
   c = digits.get_config()
   c.sga.batch_size = 8
-  assert run_lib.config_changes(old, run_lib._to_dict(c)) == ["sga.batch_size"]  # pylint: disable=protected-access
+  assert run_lib.config_changes(old, caches.config_dict(c)) == ["sga.batch_size"]
   old["sga"]["lr"] = 0.5
   assert "sga.lr" in run_lib.config_changes(old, new)

@@ -12,7 +12,12 @@ import time
 import numpy as np
 import pytest
 
+from experiments import clock as clock_lib
+from experiments import env as env_lib
+from experiments import evaluation as eval_lib
 from experiments import run as run_lib
+from experiments import task as task_lib
+from experiments import validation
 from fu_jax import fl
 from fu_jax import tree as tu
 from fu_jax.methods import fedaf
@@ -48,7 +53,7 @@ def backdoor_runs(tmp_path_factory):
 def test_mia_under_a_backdoor_compares_like_with_like(backdoor_runs):
   wd, runs = backdoor_runs
   retrain, trained = runs["retrain"], runs["fedavg"]
-  task = run_lib.build_task(small_config("retrain", **BACKDOOR))
+  task = task_lib.build_task(small_config("retrain", **BACKDOOR))
   assert 50 <= int(np.asarray(task.forget).sum()) <= 90
   del wd
   # Retrain never saw the forgotten records: the attacker is at chance. (Members triggered
@@ -83,9 +88,9 @@ def test_evaluate_names_metrics_per_kind():
   cfgs = {
     k: small_config("fedavg", **{"unlearn.kind": k}) for k in ("class", "client_class", "client")
   }
-  tasks = {k: run_lib.build_task(c) for k, c in cfgs.items()}
+  tasks = {k: task_lib.build_task(c) for k, c in cfgs.items()}
   params = base.init_params(tasks["class"])
-  ev = {k: run_lib.evaluate(t, params) for k, t in tasks.items()}
+  ev = {k: eval_lib.evaluate(t, params) for k, t in tasks.items()}
   y = tasks["class"].dataset.y_test
   per_class = np.asarray(ev["class"]["per_class_acc"])
   n = np.bincount(y, minlength=10)
@@ -96,14 +101,14 @@ def test_evaluate_names_metrics_per_kind():
     assert ev[k]["retain_acc"] == ev[k]["test_acc"]
     assert math.isnan(ev[k]["forget_acc"])
   # A class forgotten earlier in a sequence is not retained.
-  seq = run_lib.evaluate(tasks["class"], params, forgotten_classes=(0, 3))
+  seq = eval_lib.evaluate(tasks["class"], params, forgotten_classes=(0, 3))
   keep = [c for c in range(10) if c not in (0, 3)]
   assert seq["retain_acc"] == pytest.approx(np.sum(per_class[keep] * n[keep]) / n[keep].sum())
   assert seq["forget_acc"] == pytest.approx(
     (per_class[0] * n[0] + per_class[3] * n[3]) / (n[0] + n[3])
   )
-  with pytest.raises(run_lib.ConfigError, match="unlearn.kind='nosuch'"):
-    run_lib.metric_names("nosuch")
+  with pytest.raises(validation.ConfigError, match="unlearn.kind='nosuch'"):
+    eval_lib.metric_names("nosuch")
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,7 +120,7 @@ def test_build_task_masks(kind):
   cfg = small_config(
     "fedavg", **{"unlearn.kind": kind, "unlearn.forget_class": 3, "unlearn.forget_client": 2}
   )
-  task = run_lib.build_task(cfg)
+  task = task_lib.build_task(cfg)
   c = task.clients
   valid = np.asarray(c.valid)
   y = np.asarray(task.y_true)
@@ -168,7 +173,7 @@ def shards_runs(tmp_path_factory):
   for m in ("retrain", "finetune", "sga"):
     cfg = small_config(m, **kw)
     out[m] = pretrain_cache.run(cfg, wd)
-  task = run_lib.build_task(cfg)
+  task = task_lib.build_task(cfg)
   return task, out
 
 
@@ -222,7 +227,7 @@ def test_client_clock_times_each_loop_client():
 
 
 class _VirtualTime:
-  """run.py's `time` module with a clock that tests can advance without sleeping."""
+  """The runner's `time` module with a clock that tests can advance without sleeping."""
 
   def __init__(self):
     self.offset = 0.0
@@ -232,6 +237,14 @@ class _VirtualTime:
 
   def advance(self, seconds):
     self.offset += seconds
+
+
+def _virtual_time(monkeypatch) -> _VirtualTime:
+  """A _VirtualTime installed as the `time` of every module that reads a run's clocks."""
+  clock = _VirtualTime()
+  for module in (clock_lib, env_lib, run_lib):
+    monkeypatch.setattr(module, "time", clock)
+  return clock
 
 
 def _delayed(fn, clock, seconds):
@@ -244,12 +257,11 @@ def _delayed(fn, clock, seconds):
 
 def test_timers_hold_unlearning_and_not_evaluation(backdoor_runs, monkeypatch):
   wd, _ = backdoor_runs
-  clock = _VirtualTime()
-  monkeypatch.setattr(run_lib, "time", clock)
+  clock = _virtual_time(monkeypatch)
   # Evaluation (also inside rounds) and MIA: never in unlearn_*.
-  monkeypatch.setattr(run_lib, "evaluate", _delayed(run_lib.evaluate, clock, 1000.0))
+  monkeypatch.setattr(eval_lib, "evaluate", _delayed(eval_lib.evaluate, clock, 1000.0))
   monkeypatch.setattr(
-    run_lib, "membership_scores", _delayed(run_lib.membership_scores, clock, 1000.0)
+    eval_lib, "membership_scores", _delayed(eval_lib.membership_scores, clock, 1000.0)
   )
   # FedAF's teacher labels and Fisher (one target client): on both unlearning clocks.
   monkeypatch.setattr(fedaf, "new_labels", _delayed(fedaf.new_labels, clock, 100.0))
@@ -274,9 +286,8 @@ def test_server_work_and_recovery_are_unlearning_time(tmp_path, monkeypatch):
   # phases (rounds) count on both clocks; evaluation never does.
   from fu_jax.methods import channel, quickdrop_runner
 
-  clock = _VirtualTime()
-  monkeypatch.setattr(run_lib, "time", clock)
-  monkeypatch.setattr(run_lib, "evaluate", _delayed(run_lib.evaluate, clock, 1000.0))
+  clock = _virtual_time(monkeypatch)
+  monkeypatch.setattr(eval_lib, "evaluate", _delayed(eval_lib.evaluate, clock, 1000.0))
   monkeypatch.setattr(
     channel, "effects_and_selection", _delayed(channel.effects_and_selection, clock, 100.0)
   )
@@ -334,7 +345,7 @@ def client_runs(tmp_path_factory):
   # client's backdoor on this MLP; the forgetting rule (fedaf.max_steps) continues to ~8
   # epochs (BUILD.md, unlearning budget).
   kw = {"unlearn.kind": "client", "backdoor.enabled": True, "fl.rounds": 5}
-  names = run_lib.methods_for("all", "client")
+  names = validation.methods_for("all", "client")
   assert set(names) == {n for n, m in methods.REGISTRY.items() if "client" in m.kinds}
   return {m: pretrain_cache.run(small_config(m, **kw), wd) for m in names}
 
@@ -372,7 +383,7 @@ def test_every_client_method_forgets_a_whole_client(client_runs):
   # The forgotten client never communicates after the request: 3 of 4 clients a round.
   from fu_jax.methods import base
 
-  task = run_lib.build_task(small_config("retrain", **{"unlearn.kind": "client"}))
+  task = task_lib.build_task(small_config("retrain", **{"unlearn.kind": "client"}))
   model = tu.tree_num_bytes(base.init_params(task))
   for name in ("retrain", "finetune"):
     res = client_runs[name]

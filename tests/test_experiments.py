@@ -14,7 +14,10 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import caches, validation
+from experiments import evaluation as eval_lib
 from experiments import run as run_lib
+from experiments import task as task_lib
 from experiments.configs import digits
 from tests import pretrain_cache, tb_events
 
@@ -102,14 +105,14 @@ def test_retrain_and_finetune_share_the_trained_model(tmp_path, monkeypatch):
   # The second method neither evaluates nor scores the trained model again: both are
   # cached beside it.
   trained, scored = [], []
-  pretrained = run_lib.pretrained
+  pretrained = caches.pretrained
   monkeypatch.setattr(
-    run_lib, "pretrained", lambda *a: trained.append(pretrained(*a)) or trained[-1]
+    caches, "pretrained", lambda *a: trained.append(pretrained(*a)) or trained[-1]
   )
   for name in ("evaluate", "membership_scores"):
-    fn = getattr(run_lib, name)
+    fn = getattr(eval_lib, name)
     monkeypatch.setattr(
-      run_lib, name, lambda task, p, *a, fn=fn: scored.append(p) or fn(task, p, *a)
+      eval_lib, name, lambda task, p, *a, fn=fn: scored.append(p) or fn(task, p, *a)
     )
   res_ft = run_lib.run(cfg, wd)
   assert len(trained) == 1 and len(scored) >= 2  # per-round and final evaluations ran
@@ -253,14 +256,14 @@ def test_unknown_method_lists_allowed(tmp_path):
 
 
 def test_train_size_subsamples_before_partitioning_and_is_validated():
-  task = run_lib.build_task(small_config(**{"data.train_size": 200}))
+  task = task_lib.build_task(small_config(**{"data.train_size": 200}))
   assert int(task.clients.count.sum()) == 200
   assert int(task.clients.valid.sum()) == 200
   # 0..n_train allowed; anything else is one clear ConfigError (types: ml_collections).
-  n = len(run_lib.build_task(small_config()).dataset.y_train)
+  n = len(task_lib.build_task(small_config()).dataset.y_train)
   for bad in (-1, n + 1):
-    with pytest.raises(run_lib.ConfigError, match=r"data.train_size="):
-      run_lib.build_task(small_config(**{"data.train_size": bad}))
+    with pytest.raises(validation.ConfigError, match=r"data.train_size="):
+      task_lib.build_task(small_config(**{"data.train_size": bad}))
 
 
 def test_build_task_holds_one_copy_and_index_blocks():
@@ -278,7 +281,7 @@ def test_build_task_holds_one_copy_and_index_blocks():
       "data.min_size": 1,
     }
   )
-  task = run_lib.build_task(cfg)
+  task = task_lib.build_task(cfg)
   x = task.clients.x
   assert isinstance(x, images.ClientImages) and x.table.codes.dtype == np.uint8
   assert x.index is task.clients.index  # the index block is stored once
@@ -294,5 +297,5 @@ def test_build_task_holds_one_copy_and_index_blocks():
   old = data_lib.stack_clients(task.dataset.x_train, task.dataset.y_train, parts)
   np.testing.assert_array_equal(np.asarray(x).view(np.uint32), old.x.view(np.uint32))
   np.testing.assert_array_equal(np.asarray(task.clients.y), old.y)
-  with pytest.raises(run_lib.ConfigError, match=r"data.size_sigma=-1.0"):
-    run_lib.validate(small_config(**{"data.size_sigma": -1.0}), "retrain")
+  with pytest.raises(validation.ConfigError, match=r"data.size_sigma=-1.0"):
+    validation.validate(small_config(**{"data.size_sigma": -1.0}), "retrain")

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from experiments import caches, validation
+from experiments import env as env_lib
 from experiments import run as run_lib
+from experiments import task as task_lib
 from fu_jax import tree as tu
 from fu_jax.methods import federaser
 from tests import pretrain_cache
@@ -38,9 +41,9 @@ def _flat(tree):
 
 def test_trainer_equals_fedavg_and_stores_its_rounds(tmp_path):
   cfg = small_config("federaser", **{"federaser.interval": 1})
-  task = run_lib.build_task(cfg)
-  plain, _ = run_lib.pretrained(task, str(tmp_path), "fedavg")
-  got, _ = run_lib.pretrained(task, str(tmp_path), "federaser")
+  task = task_lib.build_task(cfg)
+  plain, _ = caches.pretrained(task, str(tmp_path), "fedavg")
+  got, _ = caches.pretrained(task, str(tmp_path), "federaser")
   np.testing.assert_array_equal(_flat(got.params), _flat(plain.params))  # bit-identical
   store = got.extra
   np.testing.assert_array_equal(np.asarray(store.rounds), [0, 1, 2, 3])
@@ -60,7 +63,7 @@ def test_trainer_equals_fedavg_and_stores_its_rounds(tmp_path):
     )
     np.testing.assert_allclose(_flat(g) + step, _flat(nxt[t]), rtol=1e-5, atol=1e-6)
   # A second call restores the cached store from the checkpoint.
-  again, _ = run_lib.pretrained(task, str(tmp_path), "federaser")
+  again, _ = caches.pretrained(task, str(tmp_path), "federaser")
   for a, b in zip(jax.tree.leaves(again.extra), jax.tree.leaves(store)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert federaser.store_bytes(store)["stored_update_bytes"] == 4 * 5 * tu.tree_num_bytes(
@@ -70,8 +73,8 @@ def test_trainer_equals_fedavg_and_stores_its_rounds(tmp_path):
 
 def test_interval_stores_every_kth_round(tmp_path):
   cfg = small_config("federaser", **{"federaser.interval": 3})
-  task = run_lib.build_task(cfg)
-  got, _ = run_lib.pretrained(task, str(tmp_path), "federaser")
+  task = task_lib.build_task(cfg)
+  got, _ = caches.pretrained(task, str(tmp_path), "federaser")
   np.testing.assert_array_equal(np.asarray(got.extra.rounds), [0, 3])
 
 
@@ -123,8 +126,8 @@ def test_bad_settings_name_the_key():
 
 def test_refusals_are_one_line(tmp_path):
   # client_class: refused through the method's kinds.
-  with pytest.raises(run_lib.ConfigError, match="cannot serve unlearn.kind='client_class'"):
-    run_lib.validate(small_config("federaser", **{"unlearn.kind": "client_class"}), "federaser")
+  with pytest.raises(validation.ConfigError, match="cannot serve unlearn.kind='client_class'"):
+    validation.validate(small_config("federaser", **{"unlearn.kind": "client_class"}), "federaser")
   # class: IID clients all hold class 0, so no single client can be removed for it.
   with pytest.raises(
     ValueError,
@@ -180,9 +183,9 @@ def test_unlearning_replays_calibrated_updates(tmp_path, combine):
   cfg = small_config("federaser", **{"federaser.combine": combine})
   wd = str(tmp_path)
   pretrain_cache.pretrain(cfg, wd)
-  task = run_lib.build_task(cfg)
-  trained, _ = run_lib.pretrained(task, wd, "federaser")  # the cached model and store
-  env = run_lib.RunEnv(task, str(tmp_path / "unlearn"), {"combine": combine})
+  task = task_lib.build_task(cfg)
+  trained, _ = caches.pretrained(task, wd, "federaser")  # the cached model and store
+  env = env_lib.RunEnv(task, str(tmp_path / "unlearn"), {"combine": combine})
   calls = []
   make_runner = env.runner
   env.runner = lambda *a, **kw: _RecordingRunner(make_runner(*a, **kw), calls)

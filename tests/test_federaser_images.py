@@ -4,7 +4,9 @@ the training set (fu_jax/images.py), never the padded block of every client."""
 import jax
 import numpy as np
 
-from experiments import run as run_lib
+from experiments import caches
+from experiments import env as env_lib
+from experiments import task as task_lib
 from fu_jax import images
 from fu_jax.methods import federaser
 from tests import pretrain_cache
@@ -18,8 +20,8 @@ def test_calibration_gathers_per_client_and_equals_the_padded_block(tmp_path, mo
   )
   wd = str(tmp_path)
   pretrain_cache.pretrain(cfg, wd)
-  task = run_lib.build_task(cfg)
-  trained, _ = run_lib.pretrained(task, wd, "federaser")
+  task = task_lib.build_task(cfg)
+  trained, _ = caches.pretrained(task, wd, "federaser")
   assert isinstance(task.clients.x, images.ClientImages)
 
   def whole_block(self, dtype=None, copy=None):
@@ -28,12 +30,12 @@ def test_calibration_gathers_per_client_and_equals_the_padded_block(tmp_path, mo
   with monkeypatch.context() as m:
     m.setattr(images.ClientImages, "__array__", whole_block)
     got = federaser.METHODS["federaser"].unlearn(
-      task, run_lib.RunEnv(task, str(tmp_path / "gathered"), {}), trained
+      task, env_lib.RunEnv(task, str(tmp_path / "gathered"), {}), trained
     )
   # The same calibration from the padded float block (the layout before index blocks).
   padded = task._replace(clients=task.clients._replace(x=np.asarray(task.clients.x)))
   want = federaser.METHODS["federaser"].unlearn(
-    padded, run_lib.RunEnv(padded, str(tmp_path / "padded"), {}), trained
+    padded, env_lib.RunEnv(padded, str(tmp_path / "padded"), {}), trained
   )
   assert got.results == want.results
   for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params), strict=True):

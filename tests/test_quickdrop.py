@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import run as run_lib
+from experiments import caches
+from experiments import task as task_lib
 from fu_jax import distill, fl, losses, models
 from fu_jax.methods import quickdrop as qd
 from fu_jax.methods import quickdrop_runner as qr
@@ -325,8 +326,8 @@ def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
   npz = sorted(glob.glob(os.path.join(pre, "synthetic", "client_*.npz")))
   png = sorted(glob.glob(os.path.join(pre, "synthetic", "client_*.png")))
   assert len(npz) == len(png) == 5
-  task = run_lib.build_task(cfg)
-  trained, _ = run_lib.pretrained(task, wd, "quickdrop")  # restored from the checkpoint
+  task = task_lib.build_task(cfg)
+  trained, _ = caches.pretrained(task, wd, "quickdrop")  # restored from the checkpoint
   for k, path in enumerate(npz):
     with np.load(os.path.join(pre, "synthetic", f"client_{k}.npz")) as f:
       one = jax.tree.map(lambda a, k=k: np.asarray(a[k]), trained.extra)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from experiments import caches
 from experiments import run as run_lib
+from experiments import task as task_lib
 from fu_jax.methods import quickdrop as qd
 from tests import pretrain_cache
 from tests.test_quickdrop import _digits
@@ -24,11 +26,11 @@ def test_real_mode_model_does_not_depend_on_the_image_steps(tmp_path):
   # plain FedAvg on the same config: the same model up to float rounding, while the sets
   # did move away from their initialisation.
   cfg = _digits(**{"quickdrop.distill_every": 1, "quickdrop.artifacts": False})
-  task = run_lib.build_task(cfg)
+  task = task_lib.build_task(cfg)
   wd = str(tmp_path)
   pretrain_cache.pretrain(cfg, wd, "fedavg")  # the same FedAvg model as test_quickdrop's
-  distilled, _ = run_lib.pretrained(task, wd, "quickdrop")
-  plain, _ = run_lib.pretrained(task, wd, "fedavg")
+  distilled, _ = caches.pretrained(task, wd, "quickdrop")
+  plain, _ = caches.pretrained(task, wd, "fedavg")
   a, b = _flat(distilled.params), _flat(plain.params)
   assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, np.max(np.abs(b)))
   init = qd.init_sets(task, qd.settings(cfg))
@@ -61,7 +63,7 @@ def test_nodistill_runs_the_pipeline_on_the_initial_sets(tmp_path, monkeypatch):
   q = pretrain_cache.run(_digits(method="quickdrop"), wd)
   # The pipeline (qd._unlearn: SGA, recovery) is the one quickdrop runs; record its sets.
   seen = []
-  pipeline = qd._unlearn  # pylint: disable=protected-access
+  pipeline = qd._unlearn
 
   def spy(task, env, trained):
     seen.append(trained.extra)
@@ -72,7 +74,7 @@ def test_nodistill_runs_the_pipeline_on_the_initial_sets(tmp_path, monkeypatch):
   assert q["synthetic"] == "distilled" and n["synthetic"] == "real_init"
   assert len(seen) == 1
   # The sets it ran on: the trainer's initialisation, rebuilt from the seed, bit for bit ...
-  task = run_lib.build_task(cfg)
+  task = task_lib.build_task(cfg)
   s = qd.settings(cfg)
   for a, b in zip(seen[0], qd.init_sets(task, s)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -80,7 +82,7 @@ def test_nodistill_runs_the_pipeline_on_the_initial_sets(tmp_path, monkeypatch):
   assert not s["images_per_class"]
   _assert_real_subset(task, seen[0], s["scale"])
   # ... and not the distilled sets the trainer kept (same layout, other pixels).
-  distilled = run_lib.pretrained(task, wd, "quickdrop")[0].extra
+  distilled = caches.pretrained(task, wd, "quickdrop")[0].extra
   np.testing.assert_array_equal(np.asarray(seen[0].valid), np.asarray(distilled.valid))
   assert np.abs(np.asarray(seen[0].x) - np.asarray(distilled.x)).max() > 1e-2
   # One trained model for both (the trainer's cache), the same set sizes and phases.

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import caches, validation
+from experiments import evaluation as eval_lib
 from experiments import run as run_lib
+from experiments import task as task_lib
 from fu_jax import models
 from fu_jax.metrics import accuracy as acc_lib
 from fu_jax.metrics import relearn
@@ -229,7 +232,7 @@ def _suppressed(task, params, classes):
   """A shallow unlearner: the trained model with the output biases of `classes` lowered just
   enough that no forgotten sample is predicted as its label; every weight that recognises
   the classes is kept."""
-  x, y, _ = run_lib.forgotten_records(task)
+  x, y, _ = eval_lib.forgotten_records(task)
   logits = np.asarray(acc_lib.predict_logits(task.apply_fn, params, x))
   others = logits.copy()
   others[:, list(classes)] = -np.inf
@@ -247,11 +250,11 @@ def test_retrain_relearns_slower_than_a_shallow_unlearner(tmp_path):
   # told apart again: on the forgotten samples alone one step teaches any model their label.
   cfg = _config("retrain", **{"eval.relearn_retained": 9.0})
   ref = pretrain_cache.run(cfg, str(tmp_path))
-  task = run_lib.build_task(cfg)
-  trained, _ = run_lib.pretrained(task, str(tmp_path), "fedavg")  # the cached model
+  task = task_lib.build_task(cfg)
+  trained, _ = caches.pretrained(task, str(tmp_path), "fedavg")  # the cached model
   original = ref["original"]["forget_train_acc"]
   assert original >= 0.9
-  shallow = run_lib.relearn_fields(task, original, _suppressed(task, trained.params, (0,)))
+  shallow = eval_lib.relearn_fields(task, original, _suppressed(task, trained.params, (0,)))
   for r in (ref, shallow):
     assert r["relearn_start_acc"] == 0.0 and not r["relearn_capped"]
     assert r["relearn_target_acc"] == pytest.approx(0.5 * original)
@@ -261,8 +264,8 @@ def test_retrain_relearns_slower_than_a_shallow_unlearner(tmp_path):
 def test_bad_budget_is_one_line():
   c = _config("fedavg")
   c.eval.relearn_steps = -2
-  with pytest.raises(run_lib.ConfigError, match=r"eval.relearn_steps=-2: must be an int >= 0"):
-    run_lib.validate(c, "fedavg")
+  with pytest.raises(validation.ConfigError, match=r"eval.relearn_steps=-2: must be an int >= 0"):
+    validation.validate(c, "fedavg")
 
 
 def test_retained_mix_on_a_class_request(tmp_path):
@@ -281,5 +284,5 @@ def test_retained_mix_on_a_class_request(tmp_path):
 
 def test_bad_retained_ratio_is_one_line():
   c = _config("fedavg", **{"eval.relearn_retained": -1.0})
-  with pytest.raises(run_lib.ConfigError, match=r"eval.relearn_retained=-1.0: must be a number"):
-    run_lib.validate(c, "fedavg")
+  with pytest.raises(validation.ConfigError, match=r"eval.relearn_retained=-1.0: must be a number"):
+    validation.validate(c, "fedavg")

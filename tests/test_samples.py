@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from experiments import run as run_lib
+from experiments import task as task_lib
+from experiments import validation
 from experiments.configs import digits
 from fu_jax import data as data_lib
 from tests import pretrain_cache
@@ -25,9 +26,9 @@ def config(**overrides):
 
 
 def owners(cfg):
-  ds = data_lib.load_dataset("digits", seed=run_lib.data_seed(cfg))
+  ds = data_lib.load_dataset("digits", seed=task_lib.data_seed(cfg))
   parts = data_lib.partition(
-    ds.y_train, cfg.data.num_clients, kind="iid", seed=run_lib.data_seed(cfg)
+    ds.y_train, cfg.data.num_clients, kind="iid", seed=task_lib.data_seed(cfg)
   )
   owner = np.full(len(ds.y_train), -1)
   for k, p in enumerate(parts):
@@ -38,12 +39,12 @@ def owners(cfg):
 def test_fraction_gives_the_exact_count_from_the_clients_rows():
   cfg = config()
   owner = owners(cfg)
-  rows = run_lib.forget_samples(cfg, owner)
+  rows = task_lib.forget_samples(cfg, owner)
   n1 = int(np.sum(owner == 1))
   assert rows.sum() == max(1, math.floor(0.05 * n1 + 0.5))
   assert np.all(owner[rows] == 1)
   cfg_all = config(**{"unlearn.forget_client": -1, "unlearn.forget_fraction": 0.1})
-  rows = run_lib.forget_samples(cfg_all, owner)
+  rows = task_lib.forget_samples(cfg_all, owner)
   for k in range(4):
     nk = int(np.sum(owner == k))
     assert np.sum(rows & (owner == k)) == math.floor(0.1 * nk + 0.5)
@@ -52,12 +53,12 @@ def test_fraction_gives_the_exact_count_from_the_clients_rows():
 def test_selection_is_seeded_and_independent_of_the_training_seed():
   cfg = config()
   owner = owners(cfg)
-  a = run_lib.forget_samples(cfg, owner)
-  assert np.array_equal(a, run_lib.forget_samples(config(), owner))
-  other = run_lib.forget_samples(config(seed=1), owner)
+  a = task_lib.forget_samples(cfg, owner)
+  assert np.array_equal(a, task_lib.forget_samples(config(), owner))
+  other = task_lib.forget_samples(config(seed=1), owner)
   assert not np.array_equal(a, other)  # a new seed draws other samples
   # A bank model: training seed 7, data seed 0 -> the same samples as seed 0.
-  bank = run_lib.forget_samples(config(**{"seed": 7, "data.seed": 0}), owner)
+  bank = task_lib.forget_samples(config(**{"seed": 7, "data.seed": 0}), owner)
   assert np.array_equal(a, bank)
 
 
@@ -65,7 +66,7 @@ def test_indices_file(tmp_path):
   path = str(tmp_path / "f.npy")
   np.save(path, np.array([3, 5, 5, 1000]))
   cfg = config(**{"unlearn.forget_fraction": 0.0, "unlearn.forget_indices": path})
-  task = run_lib.build_task(cfg)
+  task = task_lib.build_task(cfg)
   idx = np.where(np.asarray(task.clients.index) >= 0, np.asarray(task.clients.index), -1)
   got = np.sort(idx[np.asarray(task.forget)])
   assert got.tolist() == [3, 5, 1000]
@@ -86,8 +87,8 @@ def test_bad_indices_are_refused_in_one_line(tmp_path, content, expect):
   if content is not None:
     np.save(path, content)
   cfg = config(**{"unlearn.forget_fraction": 0.0, "unlearn.forget_indices": path})
-  with pytest.raises(run_lib.ConfigError, match=expect) as e:
-    run_lib.build_task(cfg)
+  with pytest.raises(validation.ConfigError, match=expect) as e:
+    task_lib.build_task(cfg)
   assert "\n" not in str(e.value)
 
 
@@ -101,8 +102,8 @@ def test_bad_indices_are_refused_in_one_line(tmp_path, content, expect):
   ],
 )
 def test_bad_fraction_and_client(overrides, expect):
-  with pytest.raises(run_lib.ConfigError, match=expect):
-    run_lib.validate(config(**overrides), "retrain")
+  with pytest.raises(validation.ConfigError, match=expect):
+    validation.validate(config(**overrides), "retrain")
 
 
 @pytest.mark.parametrize(
@@ -115,8 +116,8 @@ def test_bad_fraction_and_client(overrides, expect):
   ],
 )
 def test_class_level_methods_refuse_samples_saying_why(method, why):
-  with pytest.raises(run_lib.ConfigError, match=why) as e:
-    run_lib.validate(config(), method)
+  with pytest.raises(validation.ConfigError, match=why) as e:
+    validation.validate(config(), method)
   assert "cannot serve unlearn.kind='samples'" in str(e.value)
   assert "\n" not in str(e.value)
 
@@ -165,5 +166,5 @@ def test_samples_end_to_end(tmp_path, method, retrained):
   if method in ("sga", "fedaf"):  # one target client: the client the samples came from
     assert res[f"{method}_target_clients"] == [1]
   if method == "fedaf":
-    n1 = int(np.sum(np.asarray(run_lib.build_task(cfg).forget)))
+    n1 = int(np.sum(np.asarray(task_lib.build_task(cfg).forget)))
     assert res["fedaf_target_examples"] == n1

@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from experiments import run as run_lib
+from experiments import task as task_lib
 from fu_jax import fl
 from fu_jax.methods import base, fedaf
 from fu_jax.methods import sga as sga_lib
@@ -85,7 +85,7 @@ def test_fedaf_end_to_end_uses_the_step_budget(tmp_path):
   cfg = small_config("fedaf", **{"unlearn.kind": "class"})
   assert cfg.fedaf.epochs == 1 and cfg.fedaf.min_steps == 10
   res = pretrain_cache.run(cfg, str(tmp_path))
-  task = run_lib.build_task(cfg)
+  task = task_lib.build_task(cfg)
   counts = np.asarray(task.forget).sum(axis=1)
   s_min = math.ceil(int(counts[counts > 0].min()) / cfg.fl.batch_size)
   assert res["fedaf_min_epochs"] == math.ceil(10 / s_min) > 1

@@ -20,7 +20,7 @@ forgotten rows only) means the class has to be told apart again rather than pred
 everywhere: the count then depends on what the model still knows (Golatkar et al., CVPR 2020,
 relearn on the whole training set).
 
-Not for samples requests (unlearn.kind=samples: experiments.run refuses eval.relearn_steps > 0
+Not for samples requests (unlearn.kind=samples: experiments.validation refuses eval.relearn_steps > 0
 with one line before any training). Relearn time measures how fast knowledge that retraining
 would not have comes back. A random subset of a class-balanced training set carries no such
 knowledge: retrained models generalise to it (on the audit's digits setting they classify
