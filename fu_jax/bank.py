@@ -1,10 +1,11 @@
 """A bank of K independent FedAvg simulations as one vmapped program (a model axis).
 
 `fedavg_bank` runs the same FedAvg rounds as `fl.fedavg_round` with a `ClientRunner(kind=
-'vmap')` and `optax.sgd(server_lr)` on the server, for K training seeds at once: model k
-samples its clients and draws its batch orders from seeds[k] exactly as a run with
-config.seed = seeds[k] does, so bank model k equals that run's model (to float tolerance:
-the batched matmuls round differently; tests/test_bank.py checks it). Each local step is one
+'vmap')` and `fl.server_optimizer(server_lr)` on the server, through the same round loop
+(`fl.fedavg_rounds`), for K training seeds at once: model k samples its clients and draws
+its batch orders from seeds[k] exactly as a run with config.seed = seeds[k] does, so bank
+model k equals that run's model (to float tolerance: the batched matmuls round
+differently; tests/test_bank.py checks it). Each local step is one
 jitted call vmapped over models and clients, so K models cost one compilation and, on
 XLA:CPU for dense models, about the time of a few (benchmarks/audit_bank.py).
 
@@ -21,7 +22,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fu_jax import fl, images
 
@@ -56,11 +56,6 @@ def _sample(seeds, round_idx, weights, num_sampled, stream):
     seeds, idx
   )
   return idx, active, keys
-
-
-@functools.lru_cache(maxsize=8)
-def _server_opt(lr: float) -> optax.GradientTransformation:
-  return optax.sgd(lr)  # one object per lr: a static argument of _server_update
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -99,11 +94,12 @@ def fedavg_bank(
     # one padded block for the run (audits use small data sets).
     x = jnp.asarray(np.asarray(x))
   valid = jnp.asarray(valid)
-  server_opt = _server_opt(float(server_lr))
-  server = jax.vmap(lambda p: fl.server_init(p, server_opt))(params)
+  server_opt = fl.server_optimizer(float(server_lr))
   bs = runner.batch_size
-  for r in range(num_rounds):
-    idx, active, keys = _sample(seeds, round_offset + r, weights, num_sampled, stream)
+
+  def play(server, round_idx) -> fl.RoundResult:
+    """FedAvg round round_idx of every model: fl.fedavg_round with a model axis."""
+    idx, active, keys = _sample(seeds, round_idx, weights, num_sampled, stream)
     d = (jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0))
     v = jnp.take(valid, idx, axis=0)
     counts = np.asarray(jnp.sum(v, axis=-1))
@@ -118,4 +114,8 @@ def fedavg_bank(
         state, _, _ = runner.step(state, d, v, order, s, eks)
     w = jnp.asarray(counts, jnp.float32) * jnp.take(weights, idx) * active
     server = _server_update(server, runner.finish(state), w, server_opt)
+    return fl.RoundResult(server, idx, {}, None)
+
+  server = jax.vmap(lambda p: fl.server_init(p, server_opt))(params)
+  server = fl.fedavg_rounds(play, server, num_rounds, round_offset=round_offset)
   return server.params

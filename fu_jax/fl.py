@@ -30,7 +30,14 @@ a client is padded); a batch with no valid example leaves the state bit-identica
 FedAvg (McMahan et al. 2017): the server averages client deltas weighted by example count
 times an aggregation weight (0 for a forgotten client: a weight change, not a new shape,
 so nothing recompiles) and applies them through a server optax optimizer (sgd(1) = plain
-FedAvg).
+FedAvg; `server_optimizer`, one object per learning rate).
+
+The round loop (`fedavg_rounds`) is the one every FedAvg phase, trainer and the audit's
+bank run, as fedjax keeps its algorithms apart from the loop that drives them: a `play`
+runs one round (`fedavg_play`: fedavg_round with the phase's data and settings bound),
+`on_round` carries what a caller keeps besides the server (stored updates, synthetic
+sets), and `rounds` drives the rounds (the experiment's checkpointed env.rounds, or
+`run_rounds`).
 """
 
 from __future__ import annotations
@@ -635,6 +642,17 @@ def round_cost(
   }
 
 
+@functools.lru_cache(maxsize=32)
+def server_optimizer(lr: float) -> optax.GradientTransformation:
+  """optax.sgd(lr), one object per lr (sgd(1) = plain FedAvg).
+
+  The server optimizer is a static argument of the jitted server updates, and jit compares
+  static arguments by equality, which for an optax transform (a tuple of closures) is
+  identity: a fresh optax.sgd per phase would compile each update again.
+  """
+  return optax.sgd(lr)
+
+
 @functools.partial(jax.jit, static_argnums=(3,))
 def _aggregate_apply(server, client_params, weights, server_opt):
   return server_apply(server, aggregate(server.params, client_params, weights), server_opt)
@@ -653,11 +671,15 @@ def fedavg_round(
   num_sampled: int,
   server_opt: optax.GradientTransformation,
   stream: int = STREAM_CLIENT,
+  server_update: Callable | None = None,
 ) -> RoundResult:
   """One FedAvg round: sample, run local programs, aggregate weighted by examples.
 
   data (x, y), valid, extra carry a leading axis over ALL clients; client_weights [N]
   scales each client's example count in the average (0 removes a client).
+  server_update(server, client_params [k, ...], weights [k]) -> ServerState replaces the
+  default aggregate + server_apply through server_opt (e.g. an exchange of packed
+  channels, methods/channel.py); sampling, keys, weights and metrics stay the same.
   """
   idx, active = sample_clients(seed, round_idx, client_weights, num_sampled)
   take = lambda a: jnp.take(a, idx, axis=0)
@@ -666,9 +688,130 @@ def fedavg_round(
   res = runner.run(server.params, d, v, e, keys)
   counts = jnp.sum(v, axis=1).astype(jnp.float32)
   w = counts * jnp.take(jnp.asarray(client_weights, jnp.float32), idx) * active
-  server = _aggregate_apply(server, res.params, w, server_opt)
+  if server_update is None:
+    server = _aggregate_apply(server, res.params, w, server_opt)
+  else:
+    server = server_update(server, res.params, w)
   wn = np.asarray(w)
   metrics = {
     k: float(np.sum(np.asarray(m) * wn) / max(wn.sum(), 1e-12)) for k, m in res.metrics.items()
   }
   return RoundResult(server, np.asarray(idx), metrics, res, np.asarray(counts), wn)
+
+
+# ---------------------------------------------------------------------------------------
+# The round loop: every FedAvg phase, trainer and the audit's bank run their rounds here.
+
+
+def run_rounds(phase: str, init_state, num_rounds: int, round_fn, params_fn=None):
+  """state after round_fn(state, r) -> (state, metrics) for r in [0, num_rounds).
+
+  The signature of the experiment loop's `env.rounds` (methods/base.py), which adds
+  checkpoints, logs, evaluation and cost; this one keeps nothing, for callers outside an
+  experiment (the audit's bank, benchmarks). phase and params_fn are unused.
+  """
+  del phase, params_fn
+  state = init_state
+  for r in range(num_rounds):
+    state, _ = round_fn(state, r)
+  return state
+
+
+def fedavg_play(
+  runner,
+  data,
+  valid,
+  extra=None,
+  *,
+  seed: int,
+  client_weights,
+  num_sampled: int,
+  server_opt: optax.GradientTransformation,
+  stream: int = STREAM_CLIENT,
+  server_update: Callable | None = None,
+  server_of: Callable | None = None,
+  extra_of: Callable | None = None,
+) -> Callable:
+  """play(state, round_idx) -> RoundResult: `fedavg_round` with everything fixed for a
+  phase but the round. The round state may hold more than the server (e.g. stored
+  updates, synthetic sets): server_of(state) is its ServerState (default: the state
+  itself), extra_of(state) the clients' `extra` of the round (default: `extra`).
+  """
+  server_of = server_of or (lambda state: state)
+  extra_of = extra_of or (lambda state: extra)
+
+  def play(state, round_idx):
+    return fedavg_round(
+      server_of(state),
+      runner,
+      data,
+      valid,
+      extra_of(state),
+      seed=seed,
+      round_idx=round_idx,
+      client_weights=client_weights,
+      num_sampled=num_sampled,
+      server_opt=server_opt,
+      stream=stream,
+      server_update=server_update,
+    )
+
+  return play
+
+
+def fedavg_round_fn(
+  play: Callable,
+  *,
+  round_offset: int = 0,
+  on_round: Callable | None = None,
+  model_bytes: int | None = None,
+  epochs: int = 1,
+) -> Callable:
+  """round_fn(state, r) -> (state, metrics) of the rounds loop, for round r of a phase.
+
+  play(state, round_idx) -> RoundResult runs FedAvg round round_idx = round_offset + r
+  (rounds are numbered so that phases never reuse sampling or client keys);
+  on_round(state, r, res) -> state turns the old state and the round's result into the
+  next state (default: res.server, for a state that is the ServerState): where a caller
+  keeps what else happens each round (FedEraser's stored updates, QuickDrop's synthetic
+  sets). metrics: the round's client metrics, then, with model_bytes given, its
+  `round_cost` (each active client with rows downloads and uploads model_bytes; examples
+  = rows * epochs).
+  """
+  on_round = on_round or (lambda state, r, res: res.server)
+
+  def round_fn(state, r):
+    res = play(state, round_offset + r)
+    metrics = dict(res.metrics)
+    if model_bytes is not None:
+      metrics.update(round_cost(res.counts, res.weights, model_bytes=model_bytes, epochs=epochs))
+    return on_round(state, r, res), metrics
+
+  return round_fn
+
+
+def fedavg_rounds(
+  play: Callable,
+  init_state,
+  num_rounds: int,
+  *,
+  rounds: Callable = run_rounds,
+  phase: str = "",
+  params_fn: Callable | None = None,
+  round_offset: int = 0,
+  on_round: Callable | None = None,
+  model_bytes: int | None = None,
+  epochs: int = 1,
+):
+  """num_rounds FedAvg rounds from init_state; returns the final round state.
+
+  rounds(phase, init_state, num_rounds, round_fn, params_fn) drives them: `run_rounds`
+  (default), or an experiment's env.rounds, which checkpoints, logs and evaluates
+  params_fn(state) (default: state.params). play, round_offset, on_round, model_bytes and
+  epochs as in `fedavg_round_fn`.
+  """
+  round_fn = fedavg_round_fn(
+    play, round_offset=round_offset, on_round=on_round, model_bytes=model_bytes, epochs=epochs
+  )
+  params_fn = params_fn or (lambda state: state.params)
+  return rounds(phase, init_state, num_rounds, round_fn, params_fn)

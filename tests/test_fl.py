@@ -223,3 +223,72 @@ def test_auto_runner_per_backend():
     assert fl.choose_runner(name, "cpu") == ("vmap" if name == "mlp" else "loop")
   assert all(r in fl.RUNNERS[1:] for b in fl.AUTO_RUNNER.values() for r in b.values())
   assert fl.choose_runner("cnn") == fl.choose_runner("cnn", jax.default_backend())
+
+
+def test_round_loop_calls_on_round_once_per_round_and_equals_fedavg_rounds():
+  # fedavg_rounds over a state that wraps the server: play sees round_offset + r, on_round
+  # sees r once, in order, and the parameters equal fedavg_round called round by round.
+  model, params, x, y, valid = _setup()
+  runner = _runner(model, "vmap")
+  server_opt = fl.server_optimizer(1.0)
+  kw = dict(seed=0, client_weights=np.ones(4), num_sampled=2, server_opt=server_opt)
+  play = fl.fedavg_play(runner, (x, y), valid, server_of=lambda st: st[0], **kw)
+  seen = []
+
+  def on_round(state, r, res):
+    seen.append((r, state[1]))
+    return (res.server, state[1] + 1)
+
+  server, count = fl.fedavg_rounds(
+    play, (fl.server_init(params, server_opt), 0), 3, round_offset=5, on_round=on_round
+  )
+  assert seen == [(0, 0), (1, 1), (2, 2)] and count == 3
+  ref = fl.server_init(params, server_opt)
+  for r in range(3):
+    ref = fl.fedavg_round(ref, runner, (x, y), valid, None, round_idx=5 + r, **kw).server
+  chex.assert_trees_all_equal(server.params, ref.params)
+
+
+def test_round_fn_adds_the_round_cost_to_the_metrics():
+  model, params, x, y, valid = _setup()
+  server_opt = fl.server_optimizer(1.0)
+  play = fl.fedavg_play(
+    _runner(model, "vmap"),
+    (x, y),
+    valid,
+    seed=0,
+    client_weights=np.ones(4),
+    num_sampled=2,
+    server_opt=server_opt,
+  )
+  round_fn = fl.fedavg_round_fn(play, model_bytes=100, epochs=2)
+  _, m = round_fn(fl.server_init(params, server_opt), 0)
+  res = play(fl.server_init(params, server_opt), 0)
+  assert m == dict(res.metrics, bytes_up=200, bytes_down=200, examples=2 * int(res.counts.sum()))
+
+
+def test_server_optimizer_is_one_cached_object():
+  # One object per lr: the jitted server update takes it as a static argument, compared by
+  # identity, so a second phase with the same lr compiles nothing new.
+  assert fl.server_optimizer(0.5) is fl.server_optimizer(0.5)
+  assert fl.server_optimizer(0.5) is not fl.server_optimizer(0.25)
+  model, params, x, y, valid = _setup()
+  runner = _runner(model, "vmap")
+
+  def phase():
+    server_opt = fl.server_optimizer(0.5)
+    play = fl.fedavg_play(
+      runner,
+      (x, y),
+      valid,
+      seed=0,
+      client_weights=np.ones(4),
+      num_sampled=2,
+      server_opt=server_opt,
+    )
+    return fl.fedavg_rounds(play, fl.server_init(params, server_opt), 1)
+
+  phase()
+  compiled = fl._aggregate_apply._cache_size()  # pylint: disable=protected-access
+  phase()
+  assert fl._aggregate_apply._cache_size() == compiled  # pylint: disable=protected-access

@@ -249,13 +249,6 @@ def client_program(task: Task) -> fl.LocalProgram:
   return _sgd_program(task.apply_fn, float(cfg.fl.client_lr), float(cfg.fl.client_momentum or 0.0))
 
 
-@functools.lru_cache(maxsize=32)
-def server_optimizer(lr: float) -> optax.GradientTransformation:
-  """optax.sgd(lr), one object per lr: it is a static argument of the jitted server update,
-  compared by identity."""
-  return optax.sgd(lr)
-
-
 def num_sampled(config) -> int:
   return fl.num_sampled_clients(config.fl.clients_per_round, config.data.num_clients)
 
@@ -290,32 +283,30 @@ def fedavg_phase(
   weights = np.ones(c.count.shape[0]) if client_weights is None else client_weights
   if program is None:
     program = client_program(task)
-  runner = env.runner(program, epochs or cfg.fl.local_epochs, cfg.fl.batch_size)
-  server_opt = server_optimizer(float(cfg.fl.server_lr))
-  model_bytes = tu.tree_num_bytes(params)
-  k = num_sampled(cfg)
-
-  def round_fn(server, r):
-    res = fl.fedavg_round(
-      server,
-      runner,
-      (c.x, y),
-      valid,
-      extra,
-      seed=cfg.seed,
-      round_idx=round_offset + r,
-      client_weights=weights,
-      num_sampled=k,
-      server_opt=server_opt,
-      stream=stream,
-    )
-    cost = fl.round_cost(
-      res.counts, res.weights, model_bytes=model_bytes, epochs=epochs or cfg.fl.local_epochs
-    )
-    return res.server, dict(res.metrics, **cost)
-
-  server = fl.server_init(params, server_opt)
-  server = env.rounds(phase, server, num_rounds, round_fn, lambda s: s.params)
+  epochs = epochs or cfg.fl.local_epochs
+  runner = env.runner(program, epochs, cfg.fl.batch_size)
+  server_opt = fl.server_optimizer(float(cfg.fl.server_lr))
+  play = fl.fedavg_play(
+    runner,
+    (c.x, y),
+    valid,
+    extra,
+    seed=cfg.seed,
+    client_weights=weights,
+    num_sampled=num_sampled(cfg),
+    server_opt=server_opt,
+    stream=stream,
+  )
+  server = fl.fedavg_rounds(
+    play,
+    fl.server_init(params, server_opt),
+    num_rounds,
+    rounds=env.rounds,
+    phase=phase,
+    round_offset=round_offset,
+    model_bytes=tu.tree_num_bytes(params),
+    epochs=epochs,
+  )
   return server.params
 
 

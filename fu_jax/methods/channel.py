@@ -327,37 +327,34 @@ def packed_fedavg_phase(
   """
   cfg = task.config
   c = task.clients
-  n_clients = c.count.shape[0]
-  weights = jnp.asarray(task.client_weights, jnp.float32)
   pmask = param_mask(channel_masks, params)
-  program = masked_program(task, lr, momentum)
-  runner = env.runner(program, local_epochs, batch_size)
-  extra = per_client(pmask, n_clients)
-  server_opt = optax.sgd(cfg.fl.server_lr)
-  k = base.num_sampled(cfg)
+  runner = env.runner(masked_program(task, lr, momentum), local_epochs, batch_size)
+  server_opt = fl.server_optimizer(float(cfg.fl.server_lr))
   upload, aggregate, sel_bytes = packed_exchange(channel_masks, params, server_opt)
-
-  def round_fn(server, r):
-    ridx = round_offset + r
-    idx, active = fl.sample_clients(cfg.seed, ridx, weights, k)
-    take = lambda a: jnp.take(a, idx, axis=0)
-    d, v, e = jax.tree.map(take, ((c.x, y), valid, extra))
-    keys = jax.vmap(lambda i: fl.stream_key(cfg.seed, fl.STREAM_CLIENT, ridx, i))(idx)
-    res = runner.run(server.params, d, v, e, keys)
-    cnt = jnp.sum(v, axis=1).astype(jnp.float32)
-    w = cnt * jnp.take(weights, idx) * active
-    packed = upload(res.params, server.params)
-    server = aggregate(server, packed, w)
-    wn = np.asarray(w)
-    metrics = {
-      m: float(np.sum(np.asarray(val) * wn) / max(wn.sum(), 1e-12))
-      for m, val in res.metrics.items()
-    }
-    metrics.update(fl.round_cost(cnt, wn, model_bytes=sel_bytes, epochs=local_epochs))
-    return server, metrics
-
-  server = fl.server_init(params, server_opt)
-  server = env.rounds(phase, server, num_rounds, round_fn, lambda st: st.params)
+  play = fl.fedavg_play(
+    runner,
+    (c.x, y),
+    valid,
+    per_client(pmask, c.count.shape[0]),
+    seed=cfg.seed,
+    client_weights=task.client_weights,
+    num_sampled=base.num_sampled(cfg),
+    server_opt=server_opt,
+    # Clients upload their packed deltas; the server unpacks their mean.
+    server_update=lambda server, client_params, w: aggregate(
+      server, upload(client_params, server.params), w
+    ),
+  )
+  server = fl.fedavg_rounds(
+    play,
+    fl.server_init(params, server_opt),
+    num_rounds,
+    rounds=env.rounds,
+    phase=phase,
+    round_offset=round_offset,
+    model_bytes=sel_bytes,
+    epochs=local_epochs,
+  )
   return server.params, sel_bytes
 
 

@@ -165,35 +165,29 @@ def store_bytes(store: Store) -> dict:
 
 
 def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
-  """FedAvg (the same calls as base.train_fedavg, so the same model bit for bit) that
+  """FedAvg (the same rounds as base.train_fedavg, so the same model bit for bit) that
   also stores rounds 0, interval, 2 interval, ...; Trained.extra is the Store."""
   cfg = task.config
   s = cfg.federaser
   c = task.clients
-  program = fl.sgd_program(task.apply_fn, base.client_optimizer(cfg))
-  runner = env.runner(program, cfg.fl.local_epochs, cfg.fl.batch_size)
-  server_opt = optax.sgd(cfg.fl.server_lr)
+  runner = env.runner(base.client_program(task), cfg.fl.local_epochs, cfg.fl.batch_size)
+  server_opt = fl.server_optimizer(float(cfg.fl.server_lr))
   weights = np.ones(c.count.shape[0])
   k = base.num_sampled(cfg)
   params = base.init_params(task)
-  model_bytes = tu.tree_num_bytes(params)
-  epochs = cfg.fl.local_epochs
+  play = fl.fedavg_play(
+    runner,
+    (c.x, c.y),
+    c.valid,
+    seed=cfg.seed,
+    client_weights=weights,
+    num_sampled=k,
+    server_opt=server_opt,
+    server_of=lambda st: st.server,
+  )
 
-  def round_fn(state: TrainState, r):
-    res = fl.fedavg_round(
-      state.server,
-      runner,
-      (c.x, c.y),
-      c.valid,
-      None,
-      seed=cfg.seed,
-      round_idx=r,
-      client_weights=weights,
-      num_sampled=k,
-      server_opt=server_opt,
-      stream=fl.STREAM_CLIENT,
-    )
-    active_mask = weights[res.sampled] > 0
+  def store_round(state: TrainState, r, res: fl.RoundResult) -> TrainState:
+    """Keeps round r's broadcast model and client updates when r is a stored round."""
     store = state.store
     if r % s.interval == 0:
       store = _put(
@@ -202,19 +196,26 @@ def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
         r,
         state.server.params,
         jnp.asarray(res.sampled, jnp.int32),
-        jnp.asarray(active_mask),
+        jnp.asarray(weights[res.sampled] > 0),
         res.client.params,
       )
-    m = dict(
-      res.metrics, **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes, epochs=epochs)
-    )
-    return TrainState(res.server, store), m
+    return TrainState(res.server, store)
 
   init = TrainState(
     fl.server_init(params, server_opt),
     empty_store(params, num_stored(cfg.fl.rounds, s.interval), k),
   )
-  state = env.rounds("train", init, cfg.fl.rounds, round_fn, lambda st: st.server.params)
+  state = fl.fedavg_rounds(
+    play,
+    init,
+    cfg.fl.rounds,
+    rounds=env.rounds,
+    phase="train",
+    params_fn=lambda st: st.server.params,
+    on_round=store_round,
+    model_bytes=tu.tree_num_bytes(params),
+    epochs=cfg.fl.local_epochs,
+  )
   return base.Trained(state.server.params, extra=state.store)
 
 

@@ -343,38 +343,38 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
   runner = env.runner(program, cfg.fl.local_epochs, cfg.fl.batch_size)
   if getattr(runner, "kind", None) == "loop":
     runner = qr.UsedChunksRunner(runner)
-  server_opt = optax.sgd(cfg.fl.server_lr)
+  server_opt = fl.server_optimizer(float(cfg.fl.server_lr))
   weights = np.ones(c.count.shape[0], np.float32)
-  k = base.num_sampled(cfg)
   params = base.init_params(task)
-  model_bytes = tu.tree_num_bytes(params)
+  play = fl.fedavg_play(
+    runner,
+    (c.x, c.y),
+    c.valid,
+    seed=cfg.seed,
+    client_weights=weights,
+    num_sampled=base.num_sampled(cfg),
+    server_opt=server_opt,
+    server_of=lambda st: st.server,
+    extra_of=lambda st: (st.syn, st.syn_opt),
+  )
 
-  def round_fn(state: TrainState, r):
-    res = fl.fedavg_round(
-      state.server,
-      runner,
-      (c.x, c.y),
-      c.valid,
-      (state.syn, state.syn_opt),
-      seed=cfg.seed,
-      round_idx=r,
-      client_weights=weights,
-      num_sampled=k,
-      server_opt=server_opt,
-    )
-    active = weights[res.sampled] > 0
+  def keep_sets(state: TrainState, r, res: fl.RoundResult) -> TrainState:
+    """Writes the sampled clients' updated sets (and image optimizer states) back."""
+    del r
     syn, syn_opt = qr.scatter_sets(
       (state.syn, state.syn_opt),
       jnp.asarray(res.sampled),
-      jnp.asarray(active),
+      jnp.asarray(weights[res.sampled] > 0),
       (res.client.state.syn, res.client.state.syn_opt),
     )
-    m = dict(
-      res.metrics,
-      **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes, epochs=cfg.fl.local_epochs),
-    )
-    return TrainState(res.server, syn, syn_opt), m
+    return TrainState(res.server, syn, syn_opt)
 
+  round_fn = fl.fedavg_round_fn(
+    play,
+    on_round=keep_sets,
+    model_bytes=tu.tree_num_bytes(params),
+    epochs=cfg.fl.local_epochs,
+  )
   syn = init_sets(task, s)
   init = TrainState(fl.server_init(params, server_opt), syn, jax.vmap(image_opt.init)(syn.x))
   return init, round_fn

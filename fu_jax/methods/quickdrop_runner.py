@@ -19,7 +19,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fu_jax import distill, fl
 from fu_jax import tree as tu
@@ -140,7 +139,7 @@ class SetPhases:
     self.task, self.env = task, env
     self._programs = dict(programs)
     self._runners = {}
-    self.server_opt = optax.sgd(task.config.fl.server_lr)
+    self.server_opt = fl.server_optimizer(float(task.config.fl.server_lr))
 
   def program(self, name: str) -> fl.LocalProgram:
     return self._programs[name][0]
@@ -168,33 +167,28 @@ class SetPhases:
     """num_rounds rounds of `program` over (data, valid) [N, n, ...]; rounds are numbered
     round_offset + r for sampling and keys. Returns the final parameters."""
     cfg = self.task.config
-    model_bytes = tu.tree_num_bytes(params)
     counts = np.asarray(jnp.sum(valid, axis=1))
     runner = self.runner(program, int(counts.max(initial=0)))
-    epochs = runner.epochs
-
-    def round_fn(server, r):
-      res = fl.fedavg_round(
-        server,
-        runner,
-        data,
-        valid,
-        None,
-        seed=cfg.seed,
-        round_idx=round_offset + r,
-        client_weights=weights,
-        num_sampled=num_sampled,
-        server_opt=self.server_opt,
-        stream=fl.STREAM_UNLEARN,
-      )
-      m = dict(
-        res.metrics,
-        **fl.round_cost(res.counts, res.weights, model_bytes=model_bytes, epochs=epochs),
-      )
-      return res.server, m
-
-    server = fl.server_init(params, self.server_opt)
-    server = self.env.rounds(phase, server, num_rounds, round_fn, lambda st: st.params)
+    play = fl.fedavg_play(
+      runner,
+      data,
+      valid,
+      seed=cfg.seed,
+      client_weights=weights,
+      num_sampled=num_sampled,
+      server_opt=self.server_opt,
+      stream=fl.STREAM_UNLEARN,
+    )
+    server = fl.fedavg_rounds(
+      play,
+      fl.server_init(params, self.server_opt),
+      num_rounds,
+      rounds=self.env.rounds,
+      phase=phase,
+      round_offset=round_offset,
+      model_bytes=tu.tree_num_bytes(params),
+      epochs=runner.epochs,
+    )
     return server.params
 
 
