@@ -5,14 +5,29 @@ costs class-0 accuracy (Xu et al.), zero the top 20% per layer and fine-tune onl
 the other classes (masked_update), with an EWC penalty (diagonal Fisher of the retained
 data at the trained model) keeping what the rest of the data taught.
 
-  python3 examples/reuse_transforms.py      # needs scikit-learn for the data
+  python3 examples/reuse_transforms.py
+
+The data come from scikit-learn, which a plain `pip install .` does not install: without it
+the example stops at once with one line naming the extra that brings it,
+`pip install "fu_jax[experiments]"`.
 """
+
+import sys
+
+# What a plain `pip install .` lacks (scikit-learn) and the extra that brings it.
+MISSING_SKLEARN = 'this example reads scikit-learn\'s digits: pip install "fu_jax[experiments]"'
+
+try:  # first: without the data nothing below is worth importing
+  from sklearn.datasets import load_digits
+except ModuleNotFoundError as e:
+  if (e.name or "").partition(".")[0] != "sklearn":
+    raise
+  sys.exit(MISSING_SKLEARN)
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from sklearn.datasets import load_digits
 
 from fu_jax import ewc, losses, masking, models
 

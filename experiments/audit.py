@@ -87,17 +87,14 @@ def model_config(config, method: str, seed: int):
   return c
 
 
-def _section(method: str) -> str:
-  return method.split("_")[0]  # fedaf_c reads the fedaf section, channel_de channel, ...
-
-
 def stats_key(config, method: base.Method) -> dict:
   """What determines one model's audit statistics (and its checkpoints)."""
   d = caches.config_dict(config)
   key = caches.training_config(config, method.trainer)
   key.update(method=method.name, unlearn=d["unlearn"])
-  if _section(method.name) in d:
-    key[_section(method.name)] = d[_section(method.name)]
+  s = method.section  # fedaf_c reads the fedaf section, channel_de channel, ...
+  if s is not None and s.name in d:
+    key[s.name] = d[s.name]
   return key
 
 

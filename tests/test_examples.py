@@ -3,6 +3,8 @@
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -39,3 +41,14 @@ def test_reuse_transforms_forgets_the_class_and_moves_only_the_selected_channels
   assert report["trained"]["forget_acc"] > 0.95 and report["trained"]["retain_acc"] > 0.95
   assert report["unlearned"]["forget_acc"] < 0.1  # the class is forgotten ...
   assert report["unlearned"]["retain_acc"] > 0.95  # ... and the rest kept
+
+
+def test_reuse_transforms_without_scikit_learn_stops_with_one_line_naming_the_extra():
+  # A plain `pip install .` has no scikit-learn: None in sys.modules makes importing it fail.
+  hide = "import sys, runpy; sys.modules['sklearn'] = None; runpy.run_path(sys.argv[1])"
+  path = os.path.join(ROOT, "examples", "reuse_transforms.py")
+  p = subprocess.run([sys.executable, "-c", hide, path], capture_output=True, text=True)
+  assert p.returncode == 1 and p.stdout == ""
+  assert p.stderr.splitlines() == [
+    'this example reads scikit-learn\'s digits: pip install "fu_jax[experiments]"'
+  ]

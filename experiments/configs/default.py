@@ -1,7 +1,7 @@
 """Every key a run reads, with defaults; dataset configs import this and override.
 
 The runner's sections (data, fl, model, unlearn, backdoor, mia, eval) are here; each
-method's section comes from its module's `config_section` (fu_jax/methods/).
+registered method's section (its `base.Section`: fu_jax/methods/) is added after them.
 
 Not meant to be run directly: use digits.py, fashion_mnist.py, mnist.py, cifar10.py,
 svhn.py or celeba.py.
@@ -9,7 +9,7 @@ svhn.py or celeba.py.
 
 import ml_collections
 
-from fu_jax.methods import baselines, cdp, channel, fedaf, federaser, frr, quickdrop, sga
+from fu_jax import methods
 
 
 def get_config():
@@ -60,8 +60,6 @@ def get_config():
   # left). 0 = none.
   c.unlearn.calibration_size = 0
 
-  c.finetune = baselines.config_section(c.fl)
-
   c.backdoor = ml_collections.ConfigDict()
   c.backdoor.enabled = False  # plant a trigger in the data to forget, labels shifted
   c.backdoor.size = 2  # trigger patch side in pixels
@@ -73,20 +71,17 @@ def get_config():
   c.mia.shadow_epochs = 20  # epochs each shadow model trains on its half of the pool
   c.mia.shadow_pool = 2000  # test rows (even positions) the shadow models draw from
 
-  # Each method's own section (defaults and what each key means) lives in its module;
-  # defaults written as fl.<key> follow that key unless set themselves.
-  c.channel = channel.config_section(c.fl)  # channel_de, channel_ce, channel_de_random
-  c.cdp = cdp.config_section(c.fl)
-  c.quickdrop = quickdrop.config_section(c.fl)  # quickdrop, quickdrop_nodistill
-  c.fedaf = fedaf.config_section(c.fl)  # fedaf, fedaf_c
-  c.sga = sga.config_section(c.fl)
-  c.federaser = federaser.config_section(c.fl)
-  c.frr = frr.config_section(c.fl)
-
   # Evaluation extras (after the final evaluation; not counted in unlearn_seconds).
   c.eval = ml_collections.ConfigDict()
   c.eval.relearn_steps = 0  # budget of central fine-tuning steps on the forgotten data
   #                                for relearn_steps_to_recover (0 = off)
   c.eval.relearn_retained = 0.0  # retained samples mixed in per forgotten sample (scored on
   #                                the forgotten ones; class requests need it, BUILD.md)
+
+  # Each registered method's own section (defaults and what each key means live in its
+  # module); defaults written as fl.<key> follow that key unless set themselves.
+  for section in methods.SECTIONS.values():
+    if section.name in c:
+      raise ValueError(f"method section {section.name!r} would replace the config's own key")
+    c[section.name] = section.defaults(c.fl)
   return c

@@ -1,7 +1,8 @@
 """What every unlearning method sees, and the helpers they share: FedAvg phases (and the
 FedAvg trainer), the unlearning round over the target clients, config sections and checks.
 
-A method is a `Method(name, kinds, trainer, unlearn, why, check=None, validate=None)`:
+A method is a `Method(name, kinds, trainer, unlearn, why, check, section, unlearns,
+streams)`, everything about it in one place (`fu_jax.methods.register` adds it):
   kinds     request kinds it serves (class | client_class | client | samples); others are
             refused, with `why` (one sentence: what it can serve and why) in the message;
   trainer   the `Trainer` whose model it starts from: `FEDAVG`, or one of its own such as
@@ -9,17 +10,25 @@ A method is a `Method(name, kinds, trainer, unlearn, why, check=None, validate=N
   unlearn(task, env, trained: Trained) -> Outcome;
   check     optional check(task) raising Unservable when this data does not allow the
             request (run before training);
-  validate  optional validate(config) raising ConfigError on a bad value of the method's
-            config section (run before anything is loaded or trained).
+  section   its config section, a `Section(name, defaults, validate)`: config.<name>'s keys
+            with their defaults and meaning, and validate(config) raising ConfigError on a
+            bad value (run before anything is loaded or trained). Methods of one algorithm
+            share one Section object (fedaf and fedaf_c read config.fedaf); None = no keys;
+  unlearns  False for a reference that returns the trained model as it is (fedavg): it
+            gets no speed-up over retrain;
+  streams   the fold_in ids under fl.STREAM_UNLEARN its own randomness is drawn from
+            (fedaf 11, sga 21, federaser 31, channel's `stream_tag`s), so two algorithms
+            never share randomness: the registry refuses an id two sections declare.
 A `Trainer(name, train, unlearn_only)` is train(task, env) -> Trained, run once per workdir
 and training config; every key of config.<name> but those listed in `unlearn_only` enters
 the trained-model cache key, so a key added to the section retrains until it is declared
 unlearning-only (a forgotten declaration costs a retraining, never a stale model).
 
 Configuration: each method module owns its config section (`config_section(fl_cfg)`: defaults
-and what each key means; experiments/configs/default.py assembles them) and reads it
-directly (`task.config.<section>.<key>`). A default that follows an `fl.*` value is a
-`linked` field reference, and `check_section` validates a section against its `Rule`s.
+and what each key means), declares it with its methods, and reads it directly
+(`task.config.<section>.<key>`); experiments/configs/default.py assembles the sections of
+the registered methods. A default that follows an `fl.*` value is a `linked` field
+reference, and `check_section` validates a section against its `Rule`s.
 
 `Task` is the data of one experiment (immutable). `Env` is supplied by the experiment loop:
 it runs checkpointed, logged, timed rounds (`env.rounds`), builds client runners with the
@@ -153,14 +162,33 @@ class Trainer(NamedTuple):
   unlearn_only: tuple = ()
 
 
+class Section(NamedTuple):
+  """A method's config section, config.<name>: defaults(fl_cfg) -> ConfigDict of every key
+  with its default and meaning (fl_cfg: the config's fl section, for `linked` defaults);
+  validate(config) raises ConfigError on a bad value of it (None = nothing to check)."""
+
+  name: str
+  defaults: Callable
+  validate: Callable | None = None
+
+
 class Method(NamedTuple):
+  """One unlearning method, all it declares (the module docstring says what each field is)."""
+
   name: str
   kinds: tuple
   trainer: Trainer
   unlearn: Callable
   why: str = ""  # why the kinds not listed are refused (shown when one is requested)
   check: Callable | None = None  # check(task) raises Unservable; None = always served
-  validate: Callable | None = None  # validate(config) raises ConfigError; None = nothing
+  section: Section | None = None  # its config section; None = it has no keys
+  unlearns: bool = True  # False: the trained model as it is (no speed-up over retrain)
+  streams: tuple = ()  # its fold_in ids under fl.STREAM_UNLEARN
+
+  @property
+  def validate(self) -> Callable | None:
+    """validate(config) raising ConfigError on a bad value of its section; None = nothing."""
+    return None if self.section is None else self.section.validate
 
 
 # ---------------------------------------------------------------------------------------

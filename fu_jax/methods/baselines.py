@@ -57,10 +57,10 @@ def _finetune(task, env, trained):
   return base.Outcome(params, {})
 
 
+SECTION = base.Section("finetune", config_section, validate)
+
 METHODS = {
-  "fedavg": base.Method("fedavg", base.REQUEST_KINDS, base.FEDAVG, _fedavg),
+  "fedavg": base.Method("fedavg", base.REQUEST_KINDS, base.FEDAVG, _fedavg, unlearns=False),
   "retrain": base.Method("retrain", base.REQUEST_KINDS, base.FEDAVG, _retrain),
-  "finetune": base.Method(
-    "finetune", base.REQUEST_KINDS, base.FEDAVG, _finetune, validate=validate
-  ),
+  "finetune": base.Method("finetune", base.REQUEST_KINDS, base.FEDAVG, _finetune, section=SECTION),
 }

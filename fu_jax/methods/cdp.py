@@ -166,6 +166,9 @@ def _cdp(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   return base.Outcome(out, results)
 
 
+SECTION = base.Section("cdp", config_section, validate)
+STREAMS = (channel.stream_tag("cdp/stats"),)  # its fold_in id under fl.STREAM_UNLEARN
+
 METHODS = {
   "cdp": base.Method(
     "cdp",
@@ -174,6 +177,7 @@ METHODS = {
     _cdp,
     "class-discriminative pruning removes the channels that "
     "discriminate a class: it addresses classes only",
-    validate=validate,
+    section=SECTION,
+    streams=STREAMS,
   )
 }

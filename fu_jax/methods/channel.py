@@ -484,6 +484,13 @@ CLASS_ONLY = (
   "accuracy: it addresses classes, not individual samples or clients"
 )
 
+SECTION = base.Section("channel", config_section, validate)  # channel_de, channel_ce, ..._random
+# Its fold_in ids under fl.STREAM_UNLEARN, one per use (stream_tag).
+STREAMS = tuple(
+  stream_tag(f"channel/{use}")
+  for use in ("effect_batch", "random", "perturb", "server_sample", "ce_epoch")
+)
+
 METHODS = {
   "channel_de": base.Method(
     "channel_de",
@@ -491,10 +498,17 @@ METHODS = {
     base.FEDAVG,
     functools.partial(_decentralized, random=False),
     CLASS_ONLY,
-    validate=validate,
+    section=SECTION,
+    streams=STREAMS,
   ),
   "channel_ce": base.Method(
-    "channel_ce", ("class",), base.FEDAVG, _centralized, CLASS_ONLY, validate=validate
+    "channel_ce",
+    ("class",),
+    base.FEDAVG,
+    _centralized,
+    CLASS_ONLY,
+    section=SECTION,
+    streams=STREAMS,
   ),
   "channel_de_random": base.Method(
     "channel_de_random",
@@ -502,6 +516,7 @@ METHODS = {
     base.FEDAVG,
     functools.partial(_decentralized, random=True),
     CLASS_ONLY,
-    validate=validate,
+    section=SECTION,
+    streams=STREAMS,
   ),
 }

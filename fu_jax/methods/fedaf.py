@@ -615,19 +615,23 @@ def _unlearn(
   return base.Outcome(params, results)
 
 
+SECTION = base.Section("fedaf", config_section, validate)  # fedaf, fedaf_c
+
 METHODS = {
   "fedaf": base.Method(
     "fedaf",
     base.REQUEST_KINDS,
     base.FEDAVG,
     lambda t, e, tr: _unlearn(t, e, tr, use_ewc=True),
-    validate=validate,
+    section=SECTION,
+    streams=(FEDAF_ID,),
   ),
   "fedaf_c": base.Method(
     "fedaf_c",
     base.REQUEST_KINDS,
     base.FEDAVG,
     lambda t, e, tr: _unlearn(t, e, tr, use_ewc=False),
-    validate=validate,
+    section=SECTION,
+    streams=(FEDAF_ID,),
   ),
 }

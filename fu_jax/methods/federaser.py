@@ -371,8 +371,15 @@ def _check(task: base.Task):
 
 
 TRAINER = base.Trainer("federaser", train_federaser, UNLEARN_ONLY_KEYS)
+SECTION = base.Section("federaser", config_section, validate)
 METHODS = {
   "federaser": base.Method(
-    "federaser", ("class", "client"), TRAINER, _unlearn, check=_check, validate=validate
+    "federaser",
+    ("class", "client"),
+    TRAINER,
+    _unlearn,
+    check=_check,
+    section=SECTION,
+    streams=(FEDERASER_ID,),
   )
 }

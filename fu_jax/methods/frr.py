@@ -195,4 +195,5 @@ def kinds() -> tuple:
   return tuple(k for k in base.REQUEST_KINDS if k in FRR_KINDS)
 
 
-METHODS = {"frr": base.Method("frr", kinds(), base.FEDAVG, _unlearn, validate=validate)}
+SECTION = base.Section("frr", config_section, validate)
+METHODS = {"frr": base.Method("frr", kinds(), base.FEDAVG, _unlearn, section=SECTION)}

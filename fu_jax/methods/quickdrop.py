@@ -657,9 +657,11 @@ WHY_CLASS_ONLY = (
   "individual sample or client to remove"
 )
 
+SECTION = base.Section("quickdrop", config_section, validate)  # quickdrop, quickdrop_nodistill
+
 METHODS = {
   "quickdrop": base.Method(
-    "quickdrop", ("class", "client_class"), TRAINER, _unlearn, why=WHY_CLASS_ONLY, validate=validate
+    "quickdrop", ("class", "client_class"), TRAINER, _unlearn, why=WHY_CLASS_ONLY, section=SECTION
   ),
   # Ablation: the same pipeline on the undistilled sets (their real-image initialisation).
   "quickdrop_nodistill": base.Method(
@@ -668,6 +670,6 @@ METHODS = {
     TRAINER,
     _unlearn_nodistill,
     why=WHY_CLASS_ONLY,
-    validate=validate,
+    section=SECTION,
   ),
 }

@@ -339,8 +339,12 @@ def _unlearn_calibrated(task: base.Task, env: base.Env, trained: base.Trained):
   return _unlearn(task, env, trained, stop="calibrated")
 
 
+SECTION = base.Section("sga", config_section, validate)  # sga, sga_calibrated
+
 METHODS = {
-  "sga": base.Method("sga", base.REQUEST_KINDS, base.FEDAVG, _unlearn, validate=validate),
+  "sga": base.Method(
+    "sga", base.REQUEST_KINDS, base.FEDAVG, _unlearn, section=SECTION, streams=(SGA_ID,)
+  ),
   # sga with sga.stop=calibrated, under its own name so that tables, audits and the
   # frontier show it beside the loss rule from one workdir.
   "sga_calibrated": base.Method(
@@ -349,6 +353,7 @@ METHODS = {
     base.FEDAVG,
     _unlearn_calibrated,
     check=_check_calibration,
-    validate=validate,
+    section=SECTION,
+    streams=(SGA_ID,),
   ),
 }
