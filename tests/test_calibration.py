@@ -308,6 +308,7 @@ def test_sga_calibrated_end_to_end(tmp_path):
     assert named[k] == res[k], k
   # Without a calibration split it is refused with the reason (and --method=all skips it).
   c.unlearn.calibration_size = 0
+  c.sga.stop = "loss"  # sga's own setting: the method itself takes the calibrated rule
   with pytest.raises(base.Unservable, match="unlearn.calibration_size > 0"):
     methods_lib.get("sga_calibrated").check(task_lib.build_task(c))
 

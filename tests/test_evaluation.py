@@ -347,7 +347,8 @@ def client_runs(tmp_path_factory):
   kw = {"unlearn.kind": "client", "backdoor.enabled": True, "fl.rounds": 5}
   names = validation.methods_for("all", "client")
   assert set(names) == {n for n, m in methods.REGISTRY.items() if "client" in m.kinds}
-  return {m: pretrain_cache.run(small_config(m, **kw), wd) for m in names}
+  # sga_calibrated needs a calibration split, which this config lacks (test_calibration).
+  return {m: pretrain_cache.run(small_config(m, **kw), wd) for m in names if m != "sga_calibrated"}
 
 
 # How far above retrain's forget_train_acc each method may stay (measured on this setup,
