@@ -85,6 +85,18 @@ class SgaState(NamedTuple):
   stopped: Any  # bool: a batch loss exceeded max_loss; no further step
 
 
+def _ball_init(project: bool):
+  """A LocalProgram init: theta* as the ball's centre; the radius is the client's `extra`
+  with `project`, else +inf (no projection)."""
+
+  def init(server_params, extra, key):
+    del key
+    radius = jnp.asarray(extra if project else jnp.inf, jnp.float32)
+    return SgaState(server_params, server_params, radius, jnp.zeros((), jnp.bool_))
+
+  return init
+
+
 @functools.lru_cache(maxsize=32)
 def sga_program(
   apply_fn: Callable, lr: float, *, project: bool = False, max_loss: float | None = None
@@ -103,11 +115,6 @@ def sga_program(
   def loss_fn(p, batch):
     return losses.masked_ce(apply_fn(p, batch.x), batch.y, batch.mask)
 
-  def init(server_params, extra, key):
-    del key
-    radius = jnp.asarray(extra if project else jnp.inf, jnp.float32)
-    return SgaState(server_params, server_params, radius, jnp.zeros((), jnp.bool_))
-
   def step(state, batch, key):
     del key
     loss, g = jax.value_and_grad(loss_fn)(state.params, batch)
@@ -123,7 +130,7 @@ def sga_program(
       "stopped": stopped.astype(jnp.float32),
     }
 
-  return fl.LocalProgram(init, step, lambda s: s.params)
+  return fl.LocalProgram(_ball_init(project), step, lambda s: s.params)
 
 
 @functools.lru_cache(maxsize=32)
@@ -146,11 +153,6 @@ def calibrated_program(
     labels, targets = batch.y
     return calibration.hinge_excess(apply_fn(p, batch.x), labels, targets, batch.mask, band)
 
-  def init(server_params, extra, key):
-    del key
-    radius = jnp.asarray(extra if project else jnp.inf, jnp.float32)
-    return SgaState(server_params, server_params, radius, jnp.zeros((), jnp.bool_))
-
   def step(state, batch, key):
     del key
     (loss, active), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
@@ -166,7 +168,7 @@ def calibrated_program(
       "moved": moved.astype(jnp.float32),
     }
 
-  return fl.LocalProgram(init, step, lambda s: s.params)
+  return fl.LocalProgram(_ball_init(project), step, lambda s: s.params)
 
 
 def calibrated_targets(task: base.Task, params, y) -> np.ndarray:
