@@ -32,7 +32,7 @@ def runner_kind(config) -> str:
   return "shard" if multihost.process_count() > 1 else fl.choose_runner(config.model.name)
 
 
-class RunEnv:
+class RunEnv(base.Env):
   """Implements base.Env for one method directory (or the shared pretraining directory).
 
   Time is kept two ways: seconds['wall'] - seconds['compile'] is the compute the rounds took

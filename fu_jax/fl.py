@@ -220,7 +220,7 @@ class ClientClock:
   the clients in parallel.
 
   now() -> seconds is the clock read around each client; a caller may pass one that
-  excludes compilation time (experiments.run does).
+  excludes compilation time (experiments.clock.compiled_now does).
   """
 
   def __init__(self, now: Callable[[], float] = time.perf_counter):
@@ -514,7 +514,7 @@ class ClientRunner:
 # per-client steps (BUILD.md), while dense-only models gain from vmap. On accelerators the
 # sampled clients go into one vmapped kernel launch per step, split over every device
 # (`shard`: on one device the same program as vmap). A backend not listed is treated as an
-# accelerator. With several processes experiments.run picks `shard` on every backend: it
+# accelerator. With several processes experiments.env picks `shard` on every backend: it
 # is the one runner whose client axis spans processes.
 AUTO_RUNNER = {
   "cpu": {"conv": "loop", "dense": "vmap"},

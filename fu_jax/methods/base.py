@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -112,28 +112,35 @@ class Outcome(NamedTuple):
   results: dict
 
 
-class Env(NamedTuple):
-  """Services of the experiment loop.
+class Env(Protocol):
+  """Services of the experiment loop (experiments.env.RunEnv implements them; a benchmark or
+  test may implement the part the code it calls uses)."""
 
-  rounds(phase, init_state, num_rounds, round_fn, params_fn) -> state
-      runs round_fn(state, r) -> (state, metrics) for r in [0, num_rounds), resuming from
-      the phase's latest checkpoint; metrics may carry 'bytes_up', 'bytes_down' and
-      'examples', which are summed into the run's cost. Logs, evaluates, checks for NaN.
-  round_metrics(phase) -> [metrics of each round of `phase`], cost keys removed, in round
-      order, as they read back from JSON. They are saved with the phase's checkpoints, so
-      rounds a resumed run restored have theirs too: a per-round statistic a method
-      reports in its results must come from here (returned by round_fn as a metric), never
-      from a variable round_fn fills, which restored rounds leave empty.
-  runner(program, epochs, batch_size) -> fl.ClientRunner with the configured kind.
-  evaluate(params) -> dict of test metrics.
-  add_cost(**amounts) adds cost outside rounds (e.g. a one-shot unlearning step).
-  """
+  def rounds(self, phase: str, init_state, num_rounds: int, round_fn, params_fn):
+    """Runs round_fn(state, r) -> (state, metrics) for r in [0, num_rounds), resuming from
+    the phase's latest checkpoint, and returns the last state; metrics may carry
+    'bytes_up', 'bytes_down' and 'examples', which are summed into the run's cost. Logs,
+    evaluates params_fn(state), checks for NaN."""
 
-  rounds: Callable
-  round_metrics: Callable
-  runner: Callable
-  evaluate: Callable
-  add_cost: Callable
+  def round_metrics(self, phase: str) -> list[dict]:
+    """The metrics each round of `phase` reported, cost keys removed, in round order, as
+    they read back from JSON. They are saved with the phase's checkpoints, so rounds a
+    resumed run restored have theirs too: a per-round statistic a method reports in its
+    results must come from here (returned by round_fn as a metric), never from a variable
+    round_fn fills, which restored rounds leave empty."""
+
+  def runner(self, program: fl.LocalProgram, epochs: int, batch_size: int) -> fl.ClientRunner:
+    """A client runner of the configured kind."""
+
+  def evaluate(self, params) -> dict:
+    """Test metrics of a model."""
+
+  def add_cost(self, **amounts) -> None:
+    """Adds cost outside rounds (e.g. a one-shot unlearning step)."""
+
+  def artifact_dir(self, name: str) -> str | None:
+    """A directory, created, where a trainer or method writes its files; None where this
+    process writes none (every process but the first of a multi-process run)."""
 
 
 def last_round_metrics(env: Env, phase: str) -> dict:
@@ -153,7 +160,7 @@ class Trainer(NamedTuple):
 
   unlearn_only: the keys of config.<name> (the trainer's own section, when the config has
   one) that do NOT change the trained model. Every other key of the section, with seed,
-  data, fl, model and backdoor, forms its cache key (experiments.run.training_config): the
+  data, fl, model and backdoor, forms its cache key (experiments.caches.training_config): the
   list names what may be left out, so an omission is safe.
   """
 
@@ -412,7 +419,8 @@ class TargetResult(NamedTuple):
 
 
 @jax.jit
-def _apply_mean_delta(params, client_params, weights):
+def apply_mean_delta(params, client_params, weights):
+  """params + sum_k w_k (client_params_k - params) / sum_k w_k (client axis 0)."""
   return optax.tree.add(params, fl.aggregate(params, client_params, weights))
 
 
@@ -444,7 +452,7 @@ def run_on_targets(
   x = task.clients.x[idx]  # only the targets' images (clients.x may be an index block)
   res = runner.run(params, (x, jax.tree.map(take, y)), valid, extra, keys)
   counts = valid.sum(1).astype(np.float32)
-  new = _apply_mean_delta(params, res.params, counts)
+  new = apply_mean_delta(params, res.params, counts)
   w = counts / max(float(counts.sum()), 1.0)
   metrics = {k: float(np.sum(np.asarray(m) * w)) for k, m in res.metrics.items()}
   cost = fl.round_cost(counts, counts, model_bytes=tu.tree_num_bytes(params), epochs=epochs)

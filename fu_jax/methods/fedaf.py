@@ -483,11 +483,6 @@ def forgets_labels(task: base.Task) -> bool:
   return task.request.kind == "class" or bool(task.config.backdoor.enabled)
 
 
-@jax.jit
-def _apply_mean_delta(params, client_params, weights):
-  return optax.tree.add(params, fl.aggregate(params, client_params, weights))
-
-
 def run_until_forgotten(
   task: base.Task,
   env: base.Env,
@@ -523,7 +518,7 @@ def run_until_forgotten(
       break
   w = counts / max(float(counts.sum()), 1.0)
   metrics = {name: float(np.sum(m / call * w)) for name, m in sums.items()}
-  return _apply_mean_delta(params, res.params, counts), metrics, done
+  return base.apply_mean_delta(params, res.params, counts), metrics, done
 
 
 def _unlearn(

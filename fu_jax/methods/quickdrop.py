@@ -385,13 +385,13 @@ def train_quickdrop(task: base.Task, env: base.Env) -> base.Trained:
 
   The round state (server, sets, image optimizer states) is checkpointed by env.rounds, so
   a resumed run continues with the sets as they were. With quickdrop.artifacts the final
-  sets are written to <pretrain dir>/synthetic/ (needs env.artifact_dir).
+  sets are written to <pretrain dir>/synthetic/.
   """
   s = settings(task.config)
   init, round_fn = training_rounds(task, env, s)
   state = env.rounds("train", init, task.config.fl.rounds, round_fn, lambda st: st.server.params)
   if s["artifacts"]:
-    directory = qr.artifact_dir(env, "synthetic")
+    directory = env.artifact_dir("synthetic")
     if directory is not None:
       qr.write_synthetic(directory, state.syn, task.num_classes)
   return base.Trained(state.server.params, extra=state.syn)

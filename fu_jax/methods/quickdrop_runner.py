@@ -211,12 +211,6 @@ def record(task: base.Task, params, step: int, classes, forgotten) -> dict:
 # Artifacts.
 
 
-def artifact_dir(env, name: str):
-  """env.artifact_dir(name) when the Env offers it (experiments.run.RunEnv does), else None."""
-  fn = getattr(env, "artifact_dir", None)
-  return fn(name) if fn is not None else None
-
-
 def _mosaic(images: list):
   """[x_c [n_c, H, W, Ch] per class] -> one [K*(H+1)-1, m*(W+1)-1, Ch] grid in [0, 1]; rows =
   classes, m = max n_c.
