@@ -318,20 +318,24 @@ def table(item: int, args) -> str:
     head = ["method", "seeds"]
     head += {
       2: ["forget", "retain", "test"],
-      3: ["backdoor before", "backdoor after", "test", "retain"],
-      4: ["forget", "retain", "test", "backdoor after"],
+      3: ["backdoor before", "backdoor after", "test", "forgotten records"],
+      4: ["forgotten records", "retain", "test", "backdoor after"],
     }[item]
     head += ["unlearn s", "speed-up", "parallel speed-up", "bytes up+down", "storage"]
-    head += ["per seed (" + ("backdoor" if item == 3 else "forget") + " / retain)"]
+    head += [
+      "per seed (" + {2: "forget", 3: "backdoor", 4: "forgotten records"}[item] + " ; retain)"
+    ]
     for label, res in runs.items():
       metrics = {
         2: [cell(_get(res, k)) for k in ("forget_acc", "retain_acc", "test_acc")],
-        3: [cell(_get(res, k)) for k in ("bd_acc_before", "bd_acc", "test_acc", "retain_acc")],
-        4: [cell(_get(res, k)) for k in ("forget_acc", "retain_acc", "test_acc", "bd_acc")],
+        3: [
+          cell(_get(res, k)) for k in ("bd_acc_before", "bd_acc", "test_acc", "forget_train_acc")
+        ],
+        4: [cell(_get(res, k)) for k in ("forget_train_acc", "retain_acc", "test_acc", "bd_acc")],
       }[item]
       none = label in ("retrain", "fedavg")
       store = _mb(res, "stored_update_bytes", "stored_model_bytes")
-      key = "bd_acc" if item == 3 else "forget_acc"
+      key = {2: "forget_acc", 3: "bd_acc", 4: "forget_train_acc"}[item]
       rows.append(
         [label, str(sum(r is not None for r in res))]
         + metrics
@@ -340,7 +344,7 @@ def table(item: int, args) -> str:
           "—" if none else _speedups(res, ref),
           "—" if none else _speedups(res, ref, "unlearn_parallel_seconds"),
           _mb(res, "bytes_up", "bytes_down"),
-          "0" if store.startswith("0.0 ") or store == "—" else store,
+          "0" if store.startswith("0.0 ") else store,
           per_seed(_get(res, key)) + " ; " + per_seed(_get(res, "retain_acc")),
         ]
       )
@@ -353,8 +357,8 @@ def table(item: int, args) -> str:
         ["trained model (before)", str(sum(t is not None for t in trained))]
         + {
           2: [o("forget_acc"), o("retain_acc"), o("test_acc")],
-          3: [o("bd_acc"), "", o("test_acc"), o("retain_acc")],
-          4: [o("forget_acc"), o("retain_acc"), o("test_acc"), o("bd_acc")],
+          3: [o("bd_acc"), "", o("test_acc"), o("forget_train_acc")],
+          4: [o("forget_train_acc"), o("retain_acc"), o("test_acc"), o("bd_acc")],
         }[item]
         + [""] * 6,
       )
