@@ -3,6 +3,7 @@ the training set (fu_jax/images.py), never the padded block of every client."""
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import caches
 from experiments import env as env_lib
@@ -13,6 +14,7 @@ from tests import pretrain_cache
 from tests.test_experiments import small_config
 
 
+@pytest.mark.slow
 def test_calibration_gathers_per_client_and_equals_the_padded_block(tmp_path, monkeypatch):
   cfg = small_config(
     method="federaser",
