@@ -41,20 +41,6 @@ if not os.environ.get(pretrain_cache.ENV_VAR):
   atexit.register(shutil.rmtree, _models_dir, ignore_errors=True)
 
 
-# The slow tier (setup.cfg's `slow` marker: end-to-end runs, subprocesses, long checks) and
-# fu_jax's doctests (some run seconds of op-by-op JAX) run first. pytest-xdist deals the first
-# quarter of the tests out to the workers in turn and the rest one by one as workers free up;
-# with the long tests dealt first, the many short ones fill the gaps at the end instead of
-# one worker finishing a long test alone. The sort is stable, so a module's tests stay
-# together with the module fixtures they share.
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  first = lambda item: item.get_closest_marker("slow") or isinstance(item, pytest.DoctestItem)
-  items.sort(key=lambda item: not first(item))
-
-
 # --cpu-durations: the tests that used the most CPU. On a shared machine wall seconds
 # (--durations) grow with the load; a test's CPU seconds (its process and the subprocesses
 # it waited for, setup and teardown included) hardly do, and add up to the suite's cost.
