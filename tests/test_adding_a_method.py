@@ -79,6 +79,7 @@ def _main(workdir, *extra):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
 
 
+@pytest.mark.slow
 def test_a_registered_method_runs_end_to_end_through_main(tmp_path):
   wd = str(tmp_path)
   pretrain_cache.pretrain(small_config(), wd, "fedavg")  # the model every FedAvg method uses

@@ -105,6 +105,7 @@ def _manual(params, x, y, key, lr, ref=None, radius=None, max_loss=None):
   return params
 
 
+@pytest.mark.slow
 def test_sga_epoch_matches_manual_loop_and_increases_loss():
   params, x, y, mask = _setup()
   key = jax.random.PRNGKey(1)
@@ -119,6 +120,7 @@ def test_sga_epoch_matches_manual_loop_and_increases_loss():
   np.testing.assert_allclose(_flat(unpadded), _flat(got), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sga_epoch_projection_stays_in_ball():
   params, x, y, mask = _setup()
   key = jax.random.PRNGKey(2)
@@ -134,6 +136,7 @@ def test_sga_epoch_projection_stays_in_ball():
   np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sga_epoch_max_loss_stops_the_ascent():
   params, x, y, mask = _setup()
   key = jax.random.PRNGKey(1)

@@ -32,6 +32,7 @@ def test_bank_seeds_are_independent_and_stable():
   assert a == [audit_exp.bank_seed(0, s, k) for s in (0, 1) for k in range(4)]
 
 
+@pytest.mark.slow
 def test_sequential_and_vmapped_banks_agree(tmp_path):
   seq = audit_exp.audit(tiny(), str(tmp_path / "seq"), "finetune", 3, "sequential")
   vm = audit_exp.audit(tiny(), str(tmp_path / "vm"), "finetune", 3, "vmap")
@@ -83,6 +84,7 @@ def test_sequential_and_vmapped_banks_agree(tmp_path):
   assert "TPR@" not in table  # 30 negatives support none
 
 
+@pytest.mark.slow
 def test_relearn_is_refused_for_samples_requests(tmp_path):
   # Retrained models still classify the forgotten samples: no target tells methods apart.
   c = tiny(**{"eval.relearn_steps": 50})
@@ -123,12 +125,14 @@ def test_bad_requests(tmp_path, overrides, models, expect):
     audit_exp.audit(tiny(**overrides), str(tmp_path), "finetune", models)
 
 
+@pytest.mark.slow
 def test_bank_refuses_a_method_with_its_own_trainer(tmp_path):
   c = tiny(**{"unlearn.kind": "class"})
   with pytest.raises(validation.ConfigError, match="use --bank=sequential"):
     audit_exp.audit(c, str(tmp_path), "quickdrop", 3, "vmap")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sga", "fedaf"])
 def test_per_model_unlearning_compiles_once(tmp_path, method):
   # The audit runs these methods' unlearning once per bank model, each from its own trained

@@ -81,6 +81,7 @@ def test_constant_identical_statistics_give_the_maximum():
   assert out["forget_score"] == 1.0
 
 
+@pytest.mark.slow
 def test_identical_vs_separated_distributions():
   rng = np.random.default_rng(0)
   k, n = 16, 40

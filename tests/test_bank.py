@@ -10,6 +10,7 @@ from fu_jax import bank, fl, models
 from fu_jax import data as data_lib
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_sampled,weights", [(2, [1, 1, 1, 1]), (4, [1, 0, 1, 1])])
 def test_bank_equals_separate_runs(num_sampled, weights):
   ds = data_lib.load_dataset("digits", seed=0)

@@ -28,6 +28,7 @@ def _samples_config(path, method="fedavg", **overrides):
   )
 
 
+@pytest.mark.slow
 def test_an_index_file_rewritten_in_place_is_not_served_stale_results(tmp_path):
   path = str(tmp_path / "forget.npy")
   np.save(path, np.arange(0, 40))
@@ -53,6 +54,7 @@ def test_an_index_file_rewritten_in_place_is_not_served_stale_results(tmp_path):
   assert caches.request_key(a) == caches.request_key(b)
 
 
+@pytest.mark.slow
 def test_the_trained_models_evaluation_is_versioned(tmp_path, monkeypatch):
   cfg = small_config(method="fedavg", **{"mia.enabled": False})
   wd = str(tmp_path)

@@ -127,6 +127,7 @@ def test_quantile_transfer_by_hand():
     calibration.quantile_transfer(x, x, np.zeros(0))
 
 
+@pytest.mark.slow
 def test_margin_and_hinge():
   z = np.random.RandomState(1).randn(5, K).astype(np.float32) * 3
   y = np.array([0, 1, 2, 0, 1])
@@ -138,6 +139,7 @@ def test_margin_and_hinge():
   np.testing.assert_allclose(g_ce, (1 - p_y)[:, None] * g_phi, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "drop, band, lr, epochs",
   [(0.5, None, 0.5, 40), (2.0, None, 0.5, 40), (30.0, None, 0.5, 40), (2.0, 0.3, 0.1, 200)],
@@ -285,6 +287,7 @@ def test_frontier_writes_a_png(tmp_path):
     frontier.write_frontier([dict(rows[1], speedup=0.0)], path)
 
 
+@pytest.mark.slow
 def test_sga_calibrated_end_to_end(tmp_path):
   c = digits.get_config()
   c.fl.rounds, c.data.num_clients, c.checkpoint_every, c.eval_every = 4, 3, 100, 100

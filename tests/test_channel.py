@@ -87,6 +87,7 @@ def _assert_only_selected_changed(trained, out, pmask):
   assert moved > 0
 
 
+@pytest.mark.slow
 def test_channel_de_end_to_end(workdir):
   cfg, res = _run(workdir, "channel_de")
   _assert_forgot(res)
@@ -115,6 +116,7 @@ def test_channel_de_end_to_end(workdir):
   _assert_only_selected_changed(trained, server.params, channel.param_mask(cmasks, trained))
 
 
+@pytest.mark.slow
 def test_channel_ce_end_to_end(workdir):
   cfg, res = _run(workdir, "channel_ce", **{"channel.server_samples": 400})
   _assert_forgot(res)
@@ -128,6 +130,7 @@ def test_channel_ce_end_to_end(workdir):
   _assert_only_selected_changed(trained, out, channel.param_mask(cmasks, trained))
 
 
+@pytest.mark.slow
 def test_channel_de_random_same_counts(workdir):
   cfg, res = _run(workdir, "channel_de_random")
   _, trained = _trained(workdir, cfg)
@@ -139,6 +142,7 @@ def test_channel_de_random_same_counts(workdir):
   assert res["bytes_up"] > 0
 
 
+@pytest.mark.slow
 def test_cdp_end_to_end(workdir):
   # A step budget above one epoch's steps (~17 at 258 retained images, batch 16): 2 epochs.
   cfg, res = _run(workdir, "cdp", **{"cdp.min_steps": 30})
@@ -215,6 +219,7 @@ def test_perturbation_labels():
   assert counts[3] == 0 and counts[[0, 1, 2, 4, 5, 6, 7, 8, 9]].min() > 800
 
 
+@pytest.mark.slow
 def test_packed_exchange_matches_fedavg():
   rng = np.random.default_rng(0)
   f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)

@@ -224,6 +224,7 @@ def test_frontier_of_an_audited_workdir(tmp_path):
   assert "audit/frontier.png" in open(os.path.join(wd, "comparison.md")).read()
 
 
+@pytest.mark.slow
 def test_no_retrain_is_a_clear_error(tmp_path):
   _write(str(tmp_path), "finetune", test_acc=0.8)
   out = subprocess.run(
@@ -250,6 +251,7 @@ def _changed(cfg, base, prefix=""):
       yield f"{prefix}{k}", v
 
 
+@pytest.mark.slow
 def test_method_all_runs_every_method_and_compares(tmp_path):
   wd = str(tmp_path)
   cfg = small_config(**METHOD_ALL)

@@ -459,6 +459,7 @@ def test_idx_missing_directory(tmp_path):
     data.load_dataset(f"idx:{missing}")
 
 
+@pytest.mark.slow
 def test_idx_real_fashion_mnist():
   # Debian's dataset-fashion-mnist, installed by the README's test command (.ci/run).
   ds = data.load_dataset(f"idx:{FASHION_DIR}")

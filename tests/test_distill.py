@@ -145,6 +145,7 @@ def test_match_loss_bad_input():
     distill.match_loss(g, {"a": g["conv"]})
 
 
+@pytest.mark.slow
 def test_match_loss_gradient_finite_at_zero():
   g_real = _random_grads(0)
   zeros = jax.tree.map(jnp.zeros_like, g_real)
@@ -172,6 +173,7 @@ def cnn():
   return _cnn_setup()
 
 
+@pytest.mark.slow
 def test_per_class_grads_equals_loop_and_combines_to_batch_gradient(cnn):
   apply_fn, params, x, y, mask = cnn
 
@@ -293,6 +295,7 @@ def test_synthetic_layout_picks_the_cheapest_chunk_size():
     distill.synthetic_layout(skewed, chunk_size=0)
 
 
+@pytest.mark.slow
 def test_init_synthetic_images_per_class_and_vmap_over_clients():
   clients = [_client((7, 0, 3)), _client((1, 5, 4))]
   counts = np.stack([np.bincount(y[v], minlength=3) for _, y, v in clients])
@@ -352,6 +355,7 @@ def update(cnn):
   return apply_fn, params, g_real, counts, syn, opt, step
 
 
+@pytest.mark.slow
 def test_class_match_losses_vmap_equals_unroll_and_loop(update):
   apply_fn, params, g_real, counts, syn, opt, step = update
 
@@ -412,6 +416,7 @@ def _one_image_chunks(syn):
   return distill.SyntheticSet(jnp.stack(xs)[:, None], jnp.asarray(ys)[:, None], valid[:, None]), idx
 
 
+@pytest.mark.slow
 def test_chunked_layout_matches_one_chunk_per_class(update):
   # Class 0 and 2 span two chunks each: the per-class synthetic gradient, the match losses
   # and the image step must be those of the one-chunk-per-class layout.
@@ -485,6 +490,7 @@ def _digits():
   return x[tr], y[tr], x[te], y[te]
 
 
+@pytest.mark.slow
 def test_distilled_digits_beat_random_real_subset():
   """DC sanity check (Zhao et al. 2021, Table 1 in miniature): 10 images/class distilled by
   gradient matching over 10 random MLP inits (100 image steps) train a fresh model better

@@ -50,6 +50,7 @@ def backdoor_runs(tmp_path_factory):
   return wd, {m: pretrain_cache.run(small_config(m, **BACKDOOR), wd) for m in ("retrain", "fedavg")}
 
 
+@pytest.mark.slow
 def test_mia_under_a_backdoor_compares_like_with_like(backdoor_runs):
   wd, runs = backdoor_runs
   retrain, trained = runs["retrain"], runs["fedavg"]
@@ -67,6 +68,7 @@ def test_mia_under_a_backdoor_compares_like_with_like(backdoor_runs):
   assert trained["bd_acc"] >= 0.8 and retrain["bd_acc"] <= 0.2
 
 
+@pytest.mark.slow
 def test_metric_names_for_a_client_class_request(backdoor_runs):
   _, runs = backdoor_runs
   for res in runs.values():
@@ -81,6 +83,7 @@ def test_metric_names_for_a_client_class_request(backdoor_runs):
     assert res["class_acc"] >= 0.8
 
 
+@pytest.mark.slow
 def test_evaluate_names_metrics_per_kind():
   # The same model evaluated under each request kind: only the names' scopes change.
   from fu_jax.methods import base
@@ -177,6 +180,7 @@ def shards_runs(tmp_path_factory):
   return task, out
 
 
+@pytest.mark.slow
 def test_bytes_skip_a_client_with_nothing_to_train(shards_runs):
   task, runs = shards_runs
   holder = [k for k in range(10) if np.asarray(task.forget)[k].any()]
@@ -198,6 +202,7 @@ def test_bytes_skip_a_client_with_nothing_to_train(shards_runs):
 # Seconds: what each timer holds.
 
 
+@pytest.mark.slow
 def test_client_clock_times_each_loop_client():
   import jax
   import jax.numpy as jnp
@@ -255,6 +260,7 @@ def _delayed(fn, clock, seconds):
   return wrapped
 
 
+@pytest.mark.slow
 def test_timers_hold_unlearning_and_not_evaluation(backdoor_runs, monkeypatch):
   wd, _ = backdoor_runs
   clock = _virtual_time(monkeypatch)
@@ -281,6 +287,7 @@ def test_timers_hold_unlearning_and_not_evaluation(backdoor_runs, monkeypatch):
   assert res["train_overhead_vs_fedavg"] == 1.0
 
 
+@pytest.mark.slow
 def test_server_work_and_recovery_are_unlearning_time(tmp_path, monkeypatch):
   # Channel CE's effects (server work outside rounds) and QuickDrop's SGA and recovery
   # phases (rounds) count on both clocks; evaluation never does.
@@ -307,6 +314,7 @@ def test_server_work_and_recovery_are_unlearning_time(tmp_path, monkeypatch):
     assert res["eval_seconds"] >= 2000.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_round, strictly_less", [(0.5, False), (1.0, True)])
 def test_parallel_clock_is_the_slowest_client(tmp_path, per_round, strictly_less):
   res = pretrain_cache.run(
@@ -365,6 +373,7 @@ CLIENT_FORGET_MARGIN = {
 }
 
 
+@pytest.mark.slow
 def test_every_client_method_forgets_a_whole_client(client_runs):
   retrain, trained = client_runs["retrain"], client_runs["fedavg"]
   assert trained["forget_train_acc"] >= 0.5

@@ -91,6 +91,7 @@ def _explicit_s(key, width):
   return s
 
 
+@pytest.mark.slow
 def test_count_sketch_equals_explicit_s_times_j():
   params, x, y, mask, jac = _setup()
   key = jax.random.PRNGKey(7)
@@ -178,6 +179,7 @@ def test_never_materialises_per_example_jacobian(fn):
   assert size(None) >= n * biggest_leaf  # the check does see a full per-example Jacobian
 
 
+@pytest.mark.slow
 def test_penalties_match_numpy():
   params, x, y, mask, jac = _setup()
   anchor = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
@@ -200,6 +202,7 @@ def _states():
   return params, ewc.ewc_state_diag(anchor, f), ewc.ewc_state_sketch(anchor, sk, N_VALID)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["diag", "sketch"])
 def test_transform_adds_gradient_of_penalty(kind):
   params, diag_state, sketch_state = _states()

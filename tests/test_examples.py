@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from fu_jax import masking
 
@@ -21,6 +22,7 @@ def _load(name):
   return module
 
 
+@pytest.mark.slow
 def test_reuse_transforms_forgets_the_class_and_moves_only_the_selected_channels():
   example = _load("reuse_transforms")
   trained, unlearned, mask, report = example.main(seed=0, delta=0.2)
@@ -43,6 +45,7 @@ def test_reuse_transforms_forgets_the_class_and_moves_only_the_selected_channels
   assert report["unlearned"]["retain_acc"] > 0.95  # ... and the rest kept
 
 
+@pytest.mark.slow
 def test_reuse_transforms_without_scikit_learn_stops_with_one_line_naming_the_extra():
   # A plain `pip install .` has no scikit-learn: None in sys.modules makes importing it fail.
   hide = "import sys, runpy; sys.modules['sklearn'] = None; runpy.run_path(sys.argv[1])"

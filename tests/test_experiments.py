@@ -73,6 +73,7 @@ def _same_params(a, b):
   )
 
 
+@pytest.mark.slow
 def test_retrain_and_finetune_share_the_trained_model(tmp_path, monkeypatch):
   wd = str(tmp_path)
   cfg = small_config(method="retrain")
@@ -158,6 +159,7 @@ def _signal_after_checkpoint(proc, workdir, step, sig):
   return proc.communicate()
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bit_identical(tmp_path, finished):
   ref_dir, kill_dir = finished[0], str(tmp_path)
   ref = json.load(open(os.path.join(ref_dir, "retrain", "results.json")))
@@ -190,6 +192,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, finished):
   assert scalars["trial/test_acc"] == [(5, pytest.approx(ref["test_acc"]))]
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_recomputed(finished):
   wd = finished[0]
   files = sorted(glob.glob(os.path.join(wd, "**", "*"), recursive=True))
@@ -202,6 +205,7 @@ def test_finished_run_is_not_recomputed(finished):
   assert {f: (os.path.getmtime(f), os.path.getsize(f)) for f in files} == stamps
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_config_is_refused(finished):
   wd = finished[0]
   before = open(os.path.join(wd, "retrain", "results.json")).read()
@@ -211,6 +215,7 @@ def test_resume_with_a_different_config_is_refused(finished):
   assert open(os.path.join(wd, "retrain", "results.json")).read() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "flag, expect",
   [
@@ -229,6 +234,7 @@ def test_bad_flag_is_one_line(tmp_path, flag, expect):
   assert not os.listdir(str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "flag, expect",
   [
@@ -249,6 +255,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, flag, expect):
   assert not glob.glob(os.path.join(str(tmp_path), "*", "results.json"))
 
 
+@pytest.mark.slow
 def test_unknown_method_lists_allowed(tmp_path):
   out = _main(str(tmp_path), "nosuch", check=False)
   assert out.returncode != 0

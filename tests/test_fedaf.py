@@ -58,6 +58,7 @@ def _flat(tree):
   return np.asarray(ravel_pytree(tree)[0], np.float64)
 
 
+@pytest.mark.slow
 def test_fisher_program_diag_equals_fisher_diagonal():
   params, x, y, valid, keys = _clients()
   runner = fl.ClientRunner(
@@ -71,6 +72,7 @@ def test_fisher_program_diag_equals_fisher_diagonal():
     np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_fisher_program_sketch_is_a_count_sketch_of_all_examples():
   # S J with S a t x n matrix having exactly one +-1 per valid example's column: recover S
   # from the rows of S J and the per-example gradients J (full row rank: n=7 < d=21).
@@ -92,13 +94,14 @@ def test_fisher_program_sketch_is_a_count_sketch_of_all_examples():
   assert float(n[0]) == 7.0
 
 
+@pytest.mark.slow
 def test_model_labels_follow_the_softmax_and_ignore_padding():
   params, x, _, _, _ = _clients()
   xs = x[0, :4]
   p = np.asarray(jax.nn.softmax(MODULE.apply({"params": params}, xs)), np.float64)
-  draws = np.stack(
-    [np.asarray(ewc.model_labels(APPLY, params, xs, jax.random.key(k))) for k in range(2000)]
-  )  # [M, 4]
+  # 2000 draws, one key each, in one program (op by op they took ~20 s).
+  draw = jax.jit(jax.vmap(lambda k: ewc.model_labels(APPLY, params, xs, jax.random.key(k))))
+  draws = np.asarray(draw(jnp.arange(2000)))  # [M, 4]
   freq = np.stack([(draws == c).mean(0) for c in range(K)], 1)  # [4, K]
   # Binomial std <= sqrt(0.25 / 2000) = 0.011: 0.05 is > 4 sigma.
   np.testing.assert_allclose(freq, p, atol=0.05)
@@ -110,6 +113,7 @@ def test_model_labels_follow_the_softmax_and_ignore_padding():
   )
 
 
+@pytest.mark.slow
 def test_fisher_program_model_labels_estimate_the_true_fisher():
   # 'model' labels: the diagonal is a Monte-Carlo estimate of the true Fisher
   # mean_i sum_y p(y | x_i) (d/dtheta log p(y | x_i))^2, computed here by a loop over y.
@@ -141,6 +145,7 @@ def test_fisher_program_model_labels_estimate_the_true_fisher():
   assert rel(got["model"], true) < 0.05  # ... and the sampled labels estimate the true one
 
 
+@pytest.mark.slow
 def test_fisher_program_sketch_uses_the_label_fn():
   # Plumbing for the CountSketch: with label_fn the sketch is the one of its labels.
   params, x, y, valid, keys = _clients()
@@ -159,6 +164,7 @@ def test_fisher_program_sketch_uses_the_label_fn():
   assert not np.allclose(_flat(held), _flat(out["fn"]))
 
 
+@pytest.mark.slow
 def test_unlearn_program_equals_hand_written_ewc_sgd():
   # Full-batch epochs, plain SGD: theta_{k+1} = theta_k - lr (grad L(theta_k) + lam F Delta_k)
   # with L = CE(y_new) - CE(y_old) (Eq. 13).
@@ -232,6 +238,7 @@ def test_fisher_mask_subsamples_local_or_retained_rows():
   np.testing.assert_array_equal(m_ret[0], np.asarray(valid)[0] & ~forget[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["debias", "uniform", "random"])
 def test_new_labels_only_on_target_rows(variant):
   _, x, y, valid, _ = _clients()
@@ -298,6 +305,7 @@ def backdoor_runs(tmp_path_factory):
   return runs
 
 
+@pytest.mark.slow
 def test_fedaf_removes_the_backdoor_of_one_class_of_one_client(backdoor_runs):
   res = backdoor_runs["fedaf"]
   # The backdoor was learned (trigger -> flipped label on class 0 test images) ...
@@ -314,6 +322,7 @@ def test_fedaf_removes_the_backdoor_of_one_class_of_one_client(backdoor_runs):
   assert res["bytes_up"] > 0 and res["bytes_down"] >= 0
 
 
+@pytest.mark.slow
 def test_the_knowledge_preserver_preserves(backdoor_runs):
   f, c = backdoor_runs["fedaf_preserver"], backdoor_runs["fedaf_c_preserver"]
   assert f["original"] == c["original"] == backdoor_runs["fedaf"]["original"]
@@ -328,6 +337,7 @@ def test_the_knowledge_preserver_preserves(backdoor_runs):
   assert f["fedaf_fisher_labels"] == "model" and "fedaf_c_fisher" not in c
 
 
+@pytest.mark.slow
 def test_fedaf_class_wide_with_sketch(tmp_path):
   # Every client holds class 0: all five run the unlearning loop; their models are averaged.
   res = pretrain_cache.run(

@@ -39,6 +39,7 @@ def _flat(tree):
   return np.asarray(ravel_pytree(tree)[0])
 
 
+@pytest.mark.slow
 def test_trainer_equals_fedavg_and_stores_its_rounds(tmp_path):
   cfg = small_config("federaser", **{"federaser.interval": 1})
   task = task_lib.build_task(cfg)
@@ -71,6 +72,7 @@ def test_trainer_equals_fedavg_and_stores_its_rounds(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_interval_stores_every_kth_round(tmp_path):
   cfg = small_config("federaser", **{"federaser.interval": 3})
   task = task_lib.build_task(cfg)
@@ -137,6 +139,7 @@ def test_refusals_are_one_line(tmp_path):
     run_lib.run(small_config("federaser", **{"unlearn.kind": "class"}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_class_in_one_class_per_client_setting(tmp_path):
   runs = {
     m: pretrain_cache.run(one_class_per_client(m), str(tmp_path))
@@ -170,6 +173,7 @@ class _RecordingRunner:
     return res
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("combine", ["client", "mean"])
 def test_unlearning_replays_calibrated_updates(tmp_path, combine):
   # The unlearning loop against a numpy replay of the docstring's formula, from the stored

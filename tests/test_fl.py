@@ -40,6 +40,7 @@ def _keys(n):
   return jax.vmap(lambda c: fl.stream_key(0, fl.STREAM_CLIENT, 0, c))(jnp.arange(n))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vmap", "shard"])
 def test_runners_agree_with_loop(kind):
   if kind == "shard":
@@ -51,6 +52,7 @@ def test_runners_agree_with_loop(kind):
   np.testing.assert_allclose(out.metrics["loss"], ref.metrics["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_loop_over_devices_equals_one_client_at_a_time():
   # 5 clients over 2 devices: groups (0, 1), (2, 3), (4,) with unequal step counts.
   assert jax.device_count() == 2  # conftest simulates two CPU devices
@@ -75,6 +77,7 @@ def test_devices_are_for_the_loop_runner():
     _runner(model, "loop", devices=[])
 
 
+@pytest.mark.slow
 def test_padding_never_changes_a_result():
   model, params, x, y, valid = _setup()
   pad = lambda a: jnp.concatenate([a, jnp.zeros((a.shape[0], 9) + a.shape[2:], a.dtype)], 1)
@@ -84,6 +87,7 @@ def test_padding_never_changes_a_result():
     chex.assert_trees_all_equal(a.params, b.params)
 
 
+@pytest.mark.slow
 def test_one_client_fedavg_equals_centralized_sgd():
   """One client, full participation, server sgd(1): the round equals plain SGD."""
   model, params, x, y, valid = _setup(num_clients=1)
@@ -128,6 +132,7 @@ def test_weighted_aggregation_matches_numpy():
   np.testing.assert_array_equal(zero["w"], 0.0)
 
 
+@pytest.mark.slow
 def test_sampling_is_deterministic_and_respects_weights():
   w = np.ones(10)
   a, _ = fl.sample_clients(3, 7, w, 4)
@@ -148,6 +153,7 @@ def test_sampling_is_deterministic_and_respects_weights():
     fl.num_sampled_clients(11, 10)
 
 
+@pytest.mark.slow
 def test_removing_a_client_does_not_retrace():
   model, params, x, y, valid = _setup()
   program = fl.sgd_program(models.logits_fn(model), optax.sgd(0.1))
@@ -174,6 +180,7 @@ def test_removing_a_client_does_not_retrace():
   assert 1 not in np.asarray(res.sampled)
 
 
+@pytest.mark.slow
 def test_same_seed_identical_different_seed_different():
   model, params, x, y, valid = _setup()
 
@@ -225,6 +232,7 @@ def test_auto_runner_per_backend():
   assert fl.choose_runner("cnn") == fl.choose_runner("cnn", jax.default_backend())
 
 
+@pytest.mark.slow
 def test_round_loop_calls_on_round_once_per_round_and_equals_fedavg_rounds():
   # fedavg_rounds over a state that wraps the server: play sees round_offset + r, on_round
   # sees r once, in order, and the parameters equal fedavg_round called round by round.

@@ -82,6 +82,7 @@ def test_local_steps_match_numpy(b1, b2):
   assert int(state.t) == 3 and np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.slow
 def test_conv_impl_model_equals_im2col_steps():
   # frr.conv_impl='model' (XLA's convolution) and the default im2col take the same steps on
   # a conv net: only the implementation of the per-example gradients differs.
@@ -149,6 +150,7 @@ def test_defaults_are_the_papers_protocol():
   assert c.frr.rounds == 5
 
 
+@pytest.mark.slow
 def test_class_forgets_like_retrain_and_keeps_utility(tmp_path):
   runs = {
     m: pretrain_cache.run(small_config(m), str(tmp_path)) for m in ("retrain", "fedavg", "frr")
@@ -169,6 +171,7 @@ def test_class_forgets_like_retrain_and_keeps_utility(tmp_path):
   assert fr["bytes_up"] == fr["bytes_down"] == cfg.frr.rounds * 5 * model_bytes
 
 
+@pytest.mark.slow
 def test_the_trained_start_variant_still_runs(tmp_path):
   cfg = small_config("frr", **{"frr.init": "trained", "frr.conv_impl": "im2col"})
   res = pretrain_cache.run(cfg, str(tmp_path))

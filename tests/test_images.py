@@ -28,6 +28,7 @@ def _npz_dataset(tmp_path, channels=3, seed=0):
   return data.load_dataset("npz:" + path)
 
 
+@pytest.mark.slow
 def test_lookup_table_reproduces_the_float_images_bit_for_bit(tmp_path):
   for ds in (data.load_dataset("digits"), _npz_dataset(tmp_path)):
     assert ds.train_codes.dtype == np.uint8 and ds.train_lut.shape == (256, ds.x_train.shape[-1])
@@ -62,6 +63,7 @@ def test_float_sources_keep_a_float_table(tmp_path):
   np.testing.assert_array_equal(np.asarray(table.gather(jnp.arange(20))), ds.x_train)
 
 
+@pytest.mark.slow
 def test_client_images_index_like_the_padded_block():
   ds = data.load_dataset("digits")
   parts = data.partition(
@@ -102,6 +104,7 @@ def test_detach_attach_round_trip_and_shared_tables():
   np.testing.assert_array_equal(np.asarray(back["b"][0]), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_map_client_blocks_equals_one_call_on_the_padded_block():
   from fu_jax import distill  # pylint: disable=g-import-not-at-top
 
@@ -146,6 +149,7 @@ class TinyCNN(nn.Module):
     return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["loop", "vmap", "shard"])
 def test_fedavg_rounds_bit_identical_to_the_padded_layout(kind):
   ds = data.load_dataset("digits")
@@ -185,6 +189,7 @@ def test_fedavg_rounds_bit_identical_to_the_padded_layout(kind):
   assert out[0][1] == out[1][1]
 
 
+@pytest.mark.slow
 def test_runner_passes_the_table_as_an_argument_not_a_constant():
   """A ClientImages closed over by jit would embed the training set in the program."""
   codes = np.random.default_rng(0).integers(0, 256, (20000, 8, 8, 1), dtype=np.uint8)

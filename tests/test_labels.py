@@ -161,6 +161,7 @@ def test_debias_replaces_target_weight_with_average_weight():
   np.testing.assert_allclose(q[:, 0] / q[:, 1], p[:, 0] / p[:, 1], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_debias_per_example_targets_and_batch_scope():
   module, tp = _biased_teachers(1)
   x = _data(6)

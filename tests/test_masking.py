@@ -150,6 +150,7 @@ def test_zero_channel(setup):
 # ----------------------------------------------------------------------------- effects
 
 
+@pytest.mark.slow
 def test_effects_match_one_at_a_time(setup, effects):
   params, x, y = setup
   eff = effects
@@ -285,6 +286,7 @@ def test_effects_custom_flax_layer_opt_in():
     assert max(float(v.max()) for v in out.values()) > 0
 
 
+@pytest.mark.slow
 def test_effects_ignore_padding(setup):
   params, x, y = setup
   n = 20
@@ -312,6 +314,7 @@ def test_num_selected():
     masking.num_selected(1.5, 4)
 
 
+@pytest.mark.slow
 def test_top_delta_count_choice_and_ties(setup, effects):
   params, _, _ = setup
   eff = effects
@@ -335,6 +338,7 @@ def test_top_delta_count_choice_and_ties(setup, effects):
     masking.top_delta_channels(masking.ChannelEffects(acc, loss), 0.3, tie_break=loss)
 
 
+@pytest.mark.slow
 def test_param_mask_layout(setup, effects):
   params, _, _ = setup
   cm = TOP(effects, 0.5)
@@ -357,6 +361,7 @@ def test_param_mask_layout(setup, effects):
     masking.channel_mask_to_param_mask({CONV0: cm[CONV1]}, params)
 
 
+@pytest.mark.slow
 def test_random_mask():
   params = {
     "a": {"kernel": np.zeros((3, 40)), "bias": np.zeros((40,))},
@@ -378,6 +383,7 @@ def test_random_mask():
 # ----------------------------------------------------------------------------- masked update
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["sgd_momentum", "adamw"])
 def test_masked_update_bit_identical(setup, effects, base):
   params, x, y = setup
@@ -408,6 +414,7 @@ def test_masked_update_bit_identical(setup, effects, base):
   assert _bits(new["Conv_0"]["kernel"][0, 0, 0, frozen_ch]) == _bits(np.float32(-0.0))
 
 
+@pytest.mark.slow
 def test_masked_update_per_client_under_vmap(setup):
   params, x, y = setup
   layers = masking.channel_layers(params)
@@ -438,6 +445,7 @@ def test_masked_update_per_client_under_vmap(setup):
 # ----------------------------------------------------------------------------- packing
 
 
+@pytest.mark.slow
 def test_pack_unpack_roundtrip_and_bytes(setup, effects):
   params, _, _ = setup
   cm = TOP(effects.acc, 0.5)
@@ -526,6 +534,7 @@ def _tfidf_reference(a, coe=0.0):
   return out
 
 
+@pytest.mark.slow
 def test_cdp_scores_and_prune_mask(setup):
   params, x, y = setup
   n = 28

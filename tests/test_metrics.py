@@ -110,6 +110,7 @@ class TinyCNN(nn.Module):
     return nn.Dense(5)(x.reshape(x.shape[0], -1))
 
 
+@pytest.mark.slow
 def test_batch_padding_invariance():
   model = TinyCNN()
   rng = np.random.default_rng(0)
@@ -261,6 +262,7 @@ def mlp_train_fn(key, x, y, mask):
   return params
 
 
+@pytest.mark.slow
 def test_shadow_attack_detects_memorised_members():
   # Random labels: the only way to fit them is to memorise, so members stand out.
   rng = np.random.default_rng(0)

@@ -244,6 +244,7 @@ def test_canonical_second_order_matches_xla():
   np.testing.assert_allclose(im2col, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmap_over_clients_with_separate_kernels():
   # The runners vmap client updates: per-client kernels and data, gradients w.r.t. both.
   rng = np.random.default_rng(4)
@@ -262,6 +263,7 @@ def test_vmap_over_clients_with_separate_kernels():
       np.testing.assert_allclose(out[impl][1][c], ref[1], rtol=1e-4, atol=1e-5, err_msg=impl)
 
 
+@pytest.mark.slow
 def test_cnn_impls_same_outputs_and_gradients():
   shape = (28, 28, 1)
   rng = np.random.default_rng(3)

@@ -111,6 +111,7 @@ def _checkpoint_arrays(step_dir: str) -> list:
   return jax.tree.leaves(ckpt.restore(path, restore_args=args))
 
 
+@pytest.mark.slow
 def test_two_processes_resume_and_equal_one_process_with_as_many_devices(tmp_path, reference):
   ref_dir, ref = reference
   wd = str(tmp_path)
@@ -144,6 +145,7 @@ def test_two_processes_resume_and_equal_one_process_with_as_many_devices(tmp_pat
   assert "[finetune] round 1/1" in outs[0] and "[finetune] round" not in outs[1]
 
 
+@pytest.mark.slow
 def test_bad_process_flags_are_one_line(tmp_path):
   cmd = [
     sys.executable,

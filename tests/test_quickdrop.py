@@ -51,6 +51,7 @@ def _program(**kw):
   return model, params, prog, state
 
 
+@pytest.mark.slow
 def test_real_mode_takes_the_plain_fedavg_step_and_moves_only_batch_classes():
   model, params, prog, state = _program(model_update="real", distill_every=1)
   batch = _batch()
@@ -78,6 +79,7 @@ def _local_steps(prog, state, n):
   return states, matches
 
 
+@pytest.mark.slow
 def test_distill_every_skips_image_steps_but_not_model_steps():
   _, _, prog, state = _program(distill_every=2)
   (s0, s1, s2, s3), matches = _local_steps(prog, state, 3)
@@ -96,6 +98,7 @@ def test_distill_every_zero_distills_on_the_first_step_only():
   assert matches[0] > 0 and matches[1:] == [0.0, 0.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["loop", "vmap"])
 def test_runner_takes_the_scheduled_distilling_step_on_each_client_s_first_step(kind):
   # Through the runner: 2 clients x 3 batches, one local epoch; distill_every=0 moves the
@@ -128,6 +131,7 @@ def test_runner_takes_the_scheduled_distilling_step_on_each_client_s_first_step(
     np.testing.assert_allclose(res.state.syn.x[c], by_hand.syn.x, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_used_chunks_runner_equals_the_uncut_run():
   # 3 clients whose sets use 1, 3 and all 6 of C = 6 one-image chunks (bucket width 2): the
   # grouped, cut run must give the uncut run's models, sets, momenta and metrics.
@@ -167,6 +171,7 @@ def test_used_chunks_runner_equals_the_uncut_run():
   assert moved[2].any() and not moved[0, 1:].any() and not moved[1, 3:].any()
 
 
+@pytest.mark.slow
 def test_synthetic_mode_steps_on_the_synthetic_set():
   model, params, prog, state = _program(model_update="synthetic")
   new, _ = jax.jit(prog.step)(state, _batch(), jax.random.key(0))
@@ -195,6 +200,7 @@ def test_synthetic_masks_select_classes_and_client():
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_normalized_sga_moves_by_exactly_lr_and_ascends():
   model, params = _tiny()
   batch = _batch()
@@ -218,6 +224,7 @@ def test_normalized_sga_moves_by_exactly_lr_and_ascends():
     assert step == pytest.approx(lr if normalize else lr * gnorm, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_synthetic_phases_clamp_the_batch_without_changing_the_step():
   """A phase over tiny synthetic sets runs with the batch clamped to the largest client's
   count (multiple of 8); each client still takes one step over all its images, so the
@@ -298,6 +305,7 @@ def _digits(**overrides):
   return c
 
 
+@pytest.mark.slow
 def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
   wd = str(tmp_path)
   ref = pretrain_cache.run(_digits(method="retrain"), wd)
@@ -367,6 +375,7 @@ def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
   assert res3["rounds"] == 2 * (1 + 1)
 
 
+@pytest.mark.slow
 def test_quickdrop_synthetic_model_update_runs(tmp_path):
   cfg = _digits(
     **{

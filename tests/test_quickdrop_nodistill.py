@@ -21,6 +21,7 @@ def _flat(tree):
   return np.asarray(ravel_pytree(tree)[0], np.float64)
 
 
+@pytest.mark.slow
 def test_real_mode_model_does_not_depend_on_the_image_steps(tmp_path):
   # The quickdrop trainer (an image step every local step, the most it can take) against
   # plain FedAvg on the same config: the same model up to float rounding, while the sets
@@ -57,6 +58,7 @@ def _assert_real_subset(task, syn, scale):
       assert len(set(match.argmax(1).tolist())) == len(mine), (k, c)  # ... a distinct one
 
 
+@pytest.mark.slow
 def test_nodistill_runs_the_pipeline_on_the_initial_sets(tmp_path, monkeypatch):
   wd = str(tmp_path)
   cfg = _digits(method="quickdrop_nodistill")
@@ -94,6 +96,7 @@ def test_nodistill_runs_the_pipeline_on_the_initial_sets(tmp_path, monkeypatch):
   assert n["retain_acc"] > n["original"]["retain_acc"] - 0.15
 
 
+@pytest.mark.slow
 def test_nodistill_refuses_the_synthetic_model_update(tmp_path):
   cfg = _digits(
     **{

@@ -96,6 +96,7 @@ def _relearn(target, budget):
   )
 
 
+@pytest.mark.slow
 def test_step_count_matches_numpy_loop():
   x, y, params = _problem()
   want, accs = _numpy_steps(x, y, params, 1.0, 100)
@@ -243,6 +244,7 @@ def _suppressed(task, params, classes):
   return out
 
 
+@pytest.mark.slow
 def test_retrain_relearns_slower_than_a_shallow_unlearner(tmp_path):
   # Both models start at 0 accuracy on the forgotten class; the one that only hides it behind
   # its output bias must get it back in fewer steps than retrain, which never learned it
@@ -268,6 +270,7 @@ def test_bad_budget_is_one_line():
     validation.validate(c, "fedavg")
 
 
+@pytest.mark.slow
 def test_retained_mix_on_a_class_request(tmp_path):
   # Forgotten samples alone (one label): retrain relearns in very few steps. With 9 retained
   # samples per forgotten one it must tell the class apart again: more steps. The

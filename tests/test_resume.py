@@ -35,6 +35,7 @@ def _kill_after_first_unlearning_checkpoint(monkeypatch, method: str):
   monkeypatch.setattr(checkpoint.Checkpointer, "maybe_save", save_then_kill)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ROUND_STATISTICS)
 def test_a_resumed_run_reports_what_an_uninterrupted_one_does(tmp_path, monkeypatch, method):
   cfg = small_config(method=method, **{"mia.enabled": False})

@@ -142,6 +142,7 @@ def retrained(tmp_path_factory):
   return pretrain_cache.run(config(method="retrain", **E2E), str(tmp_path_factory.mktemp("ref")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["retrain", "finetune", "sga", "fedaf", "fedavg"])
 def test_samples_end_to_end(tmp_path, method, retrained):
   cfg = config(method=method, **E2E)

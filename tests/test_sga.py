@@ -45,6 +45,7 @@ def _flat(tree):
   return np.asarray(ravel_pytree(tree)[0], np.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("radius, max_loss", [(None, None), (0.3, 1.3)])
 def test_program_equals_ascent_sga_epoch_full_batch(radius, max_loss):
   # With one batch per epoch the batch order does not matter: 4 epochs of the runner-driven
@@ -80,6 +81,7 @@ def test_program_equals_ascent_sga_epoch_full_batch(radius, max_loss):
       assert dist <= radius + 1e-5
 
 
+@pytest.mark.slow
 def test_program_ascends_the_loss():
   params, x, y, valid, keys = _setup()
   got = (
@@ -117,6 +119,7 @@ def small_config(method, **overrides):
   return c
 
 
+@pytest.mark.slow
 def test_sga_client_class_with_backdoor(tmp_path):
   res = pretrain_cache.run(
     small_config("sga", **{"unlearn.kind": "client_class", "backdoor.enabled": True}), str(tmp_path)
@@ -132,6 +135,7 @@ def test_sga_client_class_with_backdoor(tmp_path):
   assert res["sga_max_loss"] == pytest.approx(math.log(10))
 
 
+@pytest.mark.slow
 def test_sga_class_wide_lowers_forget_accuracy(tmp_path):
   res = pretrain_cache.run(small_config("sga", **{"unlearn.kind": "class"}), str(tmp_path))
   assert res["sga_target_clients"] == [0, 1, 2, 3, 4]

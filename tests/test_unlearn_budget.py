@@ -36,6 +36,7 @@ def _fake_task(counts, max_n):
   return types.SimpleNamespace(forget=forget)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["loop", "vmap"])
 @pytest.mark.parametrize(
   "counts,batch,epochs,min_steps,want_epochs",
@@ -79,6 +80,7 @@ def test_min_steps_rejects_negative_values():
     sga_lib.validate(c)
 
 
+@pytest.mark.slow
 def test_fedaf_end_to_end_uses_the_step_budget(tmp_path):
   # digits, 5 clients, class-wide: ~27 images of class 0 per client at batch 16 -> 2 steps
   # an epoch; the default min_steps (10) needs 5 epochs (at lr 0.005 on this MLP).
@@ -119,6 +121,7 @@ def _rule_reference(params, x, y_new, y_old, lr, min_epochs, acc, epochs):
   return p, epochs, False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("min_epochs,acc", [(1, 0.5), (2, 0.3), (1, 0.0)])
 def test_stop_rule_stops_after_the_first_forgotten_epoch(min_epochs, acc):
   params, x, y, valid, keys = _clients()
@@ -144,6 +147,7 @@ def test_stop_rule_stops_after_the_first_forgotten_epoch(min_epochs, acc):
     assert min(stopped_at) < epochs
 
 
+@pytest.mark.slow
 def test_run_until_forgotten_resumes_and_ends_when_every_client_stopped():
   params, x, y, valid, keys = _clients()
   y_new = jax.nn.softmax(jnp.asarray(np.random.RandomState(4).randn(2, 9, K), jnp.float32))
