@@ -34,7 +34,7 @@ Every variant starts from the
 same trained model (one pretraining per dataset and seed, shared through a symlink).
 Finished runs are reused when rerun.
 
-Printed per dataset: for each variant, mean +- std over seeds of test accuracy, backdoor
+Printed per dataset: for each variant, mean +- sample std (ddof 1) over seeds of test accuracy, backdoor
 accuracy after unlearning (bd_acc_before is the trained model's), unlearning seconds
 (compiled; compilation excluded) and the speed-up over retrain, each with retrain's value
 or the gap to it. Then the EWC penalty cost: seconds per call of the penalty gradient alone
@@ -206,7 +206,7 @@ def _ms(values, scale=1.0, fmt="{:.1f}"):
   if v.size == 0:
     return "n/a"
   s = fmt.format(v.mean())
-  return s + ("+-" + fmt.format(v.std()) if v.size > 1 else "")
+  return s + ("+-" + fmt.format(v.std(ddof=1)) if v.size > 1 else "")
 
 
 def table(dataset: str, runs: dict) -> str:

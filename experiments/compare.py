@@ -4,9 +4,9 @@ r"""Turns a workdir of runs into a comparison against retrain: a table and a fig
 
 Reads DIR/<method>/results.json and, for multi-seed runs, DIR/seed_<s>/<method>/results.json;
 writes DIR/comparison.md, DIR/comparison.csv and DIR/comparison.png. Every metric is shown
-as mean (± std over seeds) with its gap to retrain. Which metric measures forgetting and
-which utility depends on the request kind (results' forgetting_metric / utility_metric,
-the README's metric table). Two speed-ups over retrain, both from the results' seconds:
+as mean (± sample std over seeds, ddof 1) with its gap to retrain. Which metric measures
+forgetting and which utility depends on the request kind (results' forgetting_metric /
+utility_metric, the README's metric table). Two speed-ups over retrain, both from the results' seconds:
 total compute (unlearn_seconds: clients one after another) and parallel
 (unlearn_parallel_seconds: the critical path had the sampled clients run in parallel).
 """
@@ -99,7 +99,7 @@ def summarize(runs: dict) -> list[dict]:
     for key, _, _ in METRICS:
       v, rv = _values(rs, key), _values(ref, key)
       row[key] = float(v.mean()) if v.size else None
-      row[key + "_std"] = float(v.std()) if v.size > 1 else None
+      row[key + "_std"] = float(v.std(ddof=1)) if v.size > 1 else None
       row[key + "_gap"] = float(v.mean() - rv.mean()) if v.size and rv.size else None
     for key, speedup in (
       ("unlearn_seconds", "speedup"),
@@ -204,7 +204,7 @@ def to_markdown(rows: list[dict]) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   return (
     f"Forgetting: {_title(forgetting)} (with backdoor acc and MIA where present); "
-    f"utility: {_title(utility)}. Accuracies in %, mean ± std over seeds, (gap to "
+    f"utility: {_title(utility)}. Accuracies in %, mean ± sample std over seeds, (gap to "
     "retrain in points). Speed-up = retrain's unlearning seconds / the method's "
     "(compiled; compilation reported apart); parallel = the same with the sampled "
     "clients of a round running at once (the slowest client counts). Relearn steps: "

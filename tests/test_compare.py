@@ -140,7 +140,7 @@ def test_seeds_give_mean_and_spread(tmp_path):
   rows = compare.compare(wd)
   assert rows[0]["seeds"] == 2
   assert rows[0]["test_acc"] == pytest.approx(0.85)
-  assert rows[0]["test_acc_std"] == pytest.approx(0.05)
+  assert rows[0]["test_acc_std"] == pytest.approx(0.05 * 2**0.5)  # the sample std (ddof 1)
 
 
 def _write_audit(workdir, method, **values):
