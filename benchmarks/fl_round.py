@@ -1,6 +1,11 @@
 """Local-training throughput of one FedAvg round, per client runner, next to PyTorch.
 
   python benchmarks/fl_round.py [--clients 10] [--per_client 640] [--reps 3] [--budget 5]
+      [--runners loop,vmap,shard] [--impls xla,canonical,im2col] [--no-default_flags]
+      [--no-two_cores]
+
+`--runners loop --impls xla --no-default_flags` times just what `auto` runs on CPU (and the
+PyTorch loop, the plain jitted step and the two-core rows) in a minute or two.
 
 The CNN (2 conv 5x5 + dense) on 28x28x1 inputs (Fashion-MNIST when Debian's package is
 installed, otherwise seeded noise of the same shape), 10 clients, batch 64, 1 local epoch,
@@ -177,11 +182,11 @@ def two_core_timers(clients, batch_size, budget_s):
   ]
 
 
-def jax_rows(clients, batch_size, budget_s, reps, kinds=("loop", "vmap", "shard")):
+def jax_rows(clients, batch_size, budget_s, reps, kinds=("loop", "vmap", "shard"), impls=None):
   """[(name, median images/s, steps timed per client)] for every runner x conv impl."""
   timers = [("jit step, no runner",) + plain_step_timer(clients, batch_size)]
   for kind in kinds:
-    for impl in ("xla", "canonical", "im2col"):
+    for impl in impls or models.CONV_IMPLS:
       timers.append((f"{kind} / {impl}",) + runner_timer(kind, impl, clients, batch_size, budget_s))
   rates = {name: [] for name, _, _ in timers}
   for _ in range(reps):  # interleaved: each row sees the same load
@@ -268,6 +273,17 @@ def main():
     default="loop,vmap,shard",
     help="runner rows to time (the default prints all three, e.g. for GPU/TPU)",
   )
+  p.add_argument(
+    "--impls",
+    default=",".join(models.CONV_IMPLS),
+    help="conv implementations to time for each runner",
+  )
+  p.add_argument(
+    "--default_flags",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="also time every row with XLA's default flags (the left column)",
+  )
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--two_core_child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -275,9 +291,13 @@ def main():
   bad = [k for k in kinds if k not in fl.RUNNERS[1:]]
   if bad:
     raise SystemExit(f"--runners: {bad[0]!r} is not one of {', '.join(fl.RUNNERS[1:])}")
+  impls = tuple(i for i in args.impls.split(",") if i)
+  bad = [i for i in impls if i not in models.CONV_IMPLS]
+  if bad:
+    raise SystemExit(f"--impls: {bad[0]!r} is not one of {', '.join(models.CONV_IMPLS)}")
   clients, src = load(args.clients, args.per_client)
   if args.child:  # fu_jax's flags are in XLA_FLAGS: print this process's rows only
-    print(json.dumps(jax_rows(clients, args.batch_size, args.budget, args.reps, kinds)))
+    print(json.dumps(jax_rows(clients, args.batch_size, args.budget, args.reps, kinds, impls)))
     return
   if args.two_core_child:
     timers = two_core_timers(clients, args.batch_size, args.budget)
@@ -319,7 +339,10 @@ def main():
   torch_ips = None
   if torch_timed is not None:
     torch_ips = statistics.median(i / s for i, s in (torch_timed() for _ in range(args.reps)))
-  xla_rows = jax_rows(clients, args.batch_size, args.budget, args.reps, kinds)
+  if args.default_flags:
+    xla_rows = jax_rows(clients, args.batch_size, args.budget, args.reps, kinds, impls)
+  else:
+    xla_rows = [(name, None, steps) for name, _, steps in fu_rows]
   full_steps = -(-args.per_client // args.batch_size)
 
   def cols(ips):

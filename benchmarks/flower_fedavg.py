@@ -24,6 +24,9 @@ they see the same machine and their memory is measured apart: peak memory is the
 sum of resident set sizes over the child's process tree (Ray's raylet, GCS and worker
 processes included), sampled every 0.1 s. Round seconds exclude the central evaluation;
 round 1 (Ray's actor start-up, XLA compilation) is printed apart from the mean of the rest.
+A fu_jax round is also split into its client steps (the runner's `fl.ClientClock`: each
+client's init, steps and finish, waited for) and everything else (sampling, gathering the
+sampled clients' rows, aggregation, the server update, the metrics).
 """
 
 import argparse
@@ -224,12 +227,14 @@ def run_fu_jax(args, data_path, per_core=False):
   params = models.init_params(model, jax.random.key(args.seed), x_test.shape[1:])
   kind = fl.choose_runner("cnn")
   devices = jax.local_devices() if per_core else None
+  clock = fl.ClientClock()  # the loop runner's per-client seconds: the round's client steps
   runner = fl.ClientRunner(
     fl.sgd_program(apply_fn, optax.sgd(args.lr, momentum=args.momentum)),
     kind=kind,
     epochs=1,
     batch_size=args.batch_size,
     devices=devices,
+    clock=clock,
   )
   server_opt = optax.sgd(1.0)
   server = fl.server_init(params, server_opt)
@@ -248,9 +253,9 @@ def run_fu_jax(args, data_path, per_core=False):
     )
     return hits / len(y_test)
 
-  rounds, log = [], []
+  rounds, client_seconds, log = [], [], []
   for r in range(args.rounds):
-    t = time.perf_counter()
+    t, before = time.perf_counter(), clock.serial
     res = fl.fedavg_round(
       server,
       runner,
@@ -265,9 +270,11 @@ def run_fu_jax(args, data_path, per_core=False):
     )
     server = jax.block_until_ready(res.server)
     rounds.append(time.perf_counter() - t)
+    client_seconds.append(clock.serial - before)
     log.append(accuracy(server.params))
   return {
     "round_seconds": rounds,
+    "client_seconds": client_seconds,
     "accuracy": log,
     "total_seconds": time.perf_counter() - t_total,
     "setup": f"fu_jax, runner {kind}"
@@ -324,6 +331,21 @@ def run_child(framework, args, data_path):
   res = json.loads(out.strip().splitlines()[-1])
   res["peak_rss_mb"] = peak[0] / 2**20
   return res
+
+
+def round_split(res):
+  """'client steps X s, everything else Y s (Z%)' of a fu_jax round (rounds after the first,
+  or the first if it is the only one): the runner's ClientClock times each client (init,
+  steps, finish; waited for), the rest of the round is sampling, gathering the sampled
+  clients' rows, aggregation, the server update and the metrics."""
+  rounds, clients = res["round_seconds"], res["client_seconds"]
+  if len(rounds) > 1:
+    rounds, clients = rounds[1:], clients[1:]
+  total, steps = sum(rounds) / len(rounds), sum(clients) / len(clients)
+  return (
+    f"per round: client steps {steps:.2f} s, everything else {total - steps:.2f} s "
+    f"({(total - steps) / total:.1%} of the round)"
+  )
 
 
 def main():
@@ -391,6 +413,8 @@ def main():
       f"{r['load'][0]:.1f}-{r['load'][1]:.1f}"
     )
     print(f"{'':44s} accuracy per round: " + ", ".join(f"{a:.2%}" for a in r["accuracy"]))
+    if "client_seconds" in r:
+      print(f"{'':44s} {round_split(r)}")
   per = lambda r: (
     sum(r["round_seconds"][1:] or r["round_seconds"])
     / len(r["round_seconds"][1:] or r["round_seconds"])
