@@ -21,6 +21,13 @@ Choices the papers leave open, and ours:
   * budget: `sga.epochs` is a cap (the loss threshold usually ends the ascent first);
     `sga.min_steps` raises the epochs so that each target client takes at least that many
     steps (see `budget_epochs`: an epoch is 1 step for 40 images at batch 64, 24 for 1,500).
+  * `sga.normalize` (off): steps of L2 length lr along the batch gradient. The CE gradient
+    of a confident model is tiny (dCE/dz = p - e_y ~ 0 at p_y ~ 1) and grows without bound
+    once the ascent starts, so lr * g crawls, then jumps (Fashion-MNIST, 12,000 images,
+    class 1: one lr-0.1 step took a client's forget loss from 0.35 to 16.7, the next to
+    1,635) and the forgetting the loss rule delivers hangs on that overshoot: with steps of
+    0.05 the ascent stops within a step of log K, and the recovery round after it brings
+    the class back (class 1: 86-95% forget accuracy; BUILD.md, the data-size section).
   * the labels ascended are the ones the client trained on (`old_labels='trained'`, with
     the backdoor flips when a trigger was planted: that is the data it holds and whose
     influence must go); 'original' uses the clean labels.
