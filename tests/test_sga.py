@@ -143,3 +143,24 @@ def test_sga_class_wide_lowers_forget_accuracy(tmp_path):
   assert res["forget_train_acc"] <= 0.2
   assert res["forget_acc"] <= 0.2
   assert res["retain_acc"] >= res["original"]["retain_acc"] - 0.1
+
+
+def test_normalized_program_takes_steps_of_length_lr():
+  # normalize: theta + lr g / ||g|| with g the batch gradient; one full-batch epoch is one
+  # step, so each client's model moves by exactly lr (L2) along its own gradient.
+  params, x, y, valid, keys = _setup()
+  lr = 0.05
+  prog = sga.sga_program(APPLY, lr, normalize=True)
+  got = fl.ClientRunner(prog, kind="loop", epochs=1, batch_size=8).run(
+    params, (x, y), valid, None, keys
+  )
+  for c in range(2):
+
+    def loss(p, c=c):
+      logp = jax.nn.log_softmax(MODULE.apply({"params": p}, x[c]))
+      return -jnp.mean(jnp.take_along_axis(logp, y[c][:, None], 1)[valid[c]])
+
+    g = _flat(jax.grad(loss)(params))
+    moved = _flat(jax.tree.map(lambda a: a[c], got.params)) - _flat(params)
+    np.testing.assert_allclose(np.linalg.norm(moved), lr, rtol=1e-5)
+    np.testing.assert_allclose(moved, lr * g / np.linalg.norm(g), rtol=1e-4, atol=1e-7)

@@ -21,6 +21,13 @@ Choices the papers leave open, and ours:
   * budget: `sga.epochs` is a cap (the loss threshold usually ends the ascent first);
     `sga.min_steps` raises the epochs so that each target client takes at least that many
     steps (see `budget_epochs`: an epoch is 1 step for 40 images at batch 64, 24 for 1,500).
+  * `sga.normalize` (off): steps of L2 length lr along the batch gradient. The CE gradient
+    of a confident model is tiny (dCE/dz = p - e_y ~ 0 at p_y ~ 1) and grows without bound
+    once the ascent starts, so lr * g crawls, then jumps (Fashion-MNIST, 12,000 images,
+    class 1: one lr-0.1 step took a client's forget loss from 0.35 to 16.7, the next to
+    1,635) and the forgetting the loss rule delivers hangs on that overshoot: with steps of
+    0.05 the ascent stops within a step of log K, and the recovery round after it brings
+    the class back (class 1: 86-95% forget accuracy; BUILD.md, the data-size section).
   * the labels ascended are the ones the client trained on (`old_labels='trained'`, with
     the backdoor flips when a trigger was planted: that is the data it holds and whose
     influence must go); 'original' uses the clean labels.
@@ -99,12 +106,18 @@ def _ball_init(project: bool):
 
 @functools.lru_cache(maxsize=32)
 def sga_program(
-  apply_fn: Callable, lr: float, *, project: bool = False, max_loss: float | None = None
+  apply_fn: Callable,
+  lr: float,
+  *,
+  project: bool = False,
+  max_loss: float | None = None,
+  normalize: bool = False,
 ) -> fl.LocalProgram:
-  """Bounded ascent as a LocalProgram (same steps as `ascent.sga_epoch`).
+  """Bounded ascent as a LocalProgram (same steps as `ascent.sga_epoch` without `normalize`).
 
-  step: L_b = masked CE; stopped |= L_b > max_loss; theta' = theta + lr grad L_b,
-  projected on the ball ||theta' - theta*|| <= radius when `project`; kept unless stopped.
+  step: L_b = masked CE; stopped |= L_b > max_loss; theta' = theta + lr grad L_b (with
+  `normalize`: theta + lr grad L_b / ||grad L_b||, a step of L2 length lr), projected on
+  the ball ||theta' - theta*|| <= radius when `project`; kept unless stopped.
   With `project`, each client's `extra` is its radius (a scalar): a runtime value, so one
   compiled program serves every radius (an audit's K models each have their own, from
   their own theta*). Equal arguments return the same program object, whose runners share
@@ -121,6 +134,8 @@ def sga_program(
     stopped = state.stopped
     if max_loss is not None:
       stopped = stopped | (loss > max_loss)
+    if normalize:  # a zero gradient (no valid sample) stays zero
+      g = optax.tree.scale(1.0 / jnp.maximum(optax.tree.norm(g), 1e-12), g)
     new = ascent.sga_step(state.params, g, lr)
     if project:
       new = ascent.project_l2_ball(new, state.anchor, state.radius)
@@ -202,7 +217,8 @@ def calibrated_targets(task: base.Task, params, y) -> np.ndarray:
 def config_section(fl_cfg):
   """The `sga` section (`fl_cfg`: the config's fl section, which batch_size follows)."""
   s = base.new_section()
-  s.lr = 0.1  # ascent step size
+  s.lr = 0.1  # ascent step size (with normalize: each step's L2 length)
+  s.normalize = False  # steps of L2 length lr along the gradient
   s.epochs = 5  # ascent epochs (max_loss usually ends the ascent earlier)
   s.min_steps = 0  # epochs raised so each target client has >= this many steps
   s.batch_size = base.linked(fl_cfg, "batch_size")  # ascent batch size
@@ -275,7 +291,13 @@ def _unlearn(
     max_loss = math.log(task.num_classes)
   else:
     max_loss = None if s.max_loss < 0 else float(s.max_loss)
-  program = sga_program(task.apply_fn, s.lr, project=radius is not None, max_loss=max_loss)
+  program = sga_program(
+    task.apply_fn,
+    s.lr,
+    project=radius is not None,
+    max_loss=max_loss,
+    normalize=bool(s.normalize),
+  )
   targets = base.target_clients(task)
   extra = None if radius is None else jnp.full((len(targets),), radius, jnp.float32)
   y = base.old_labels(task, s.old_labels)
