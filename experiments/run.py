@@ -115,6 +115,13 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
   return results
 
 
+def finished_line(name: str, results_path: str) -> str:
+  """What rerunning a finished run prints."""
+  return (
+    f"[{name}] finished already, not recomputed (--rerun to recompute); results: {results_path}"
+  )
+
+
 def _finished_results(name: str, out_dir: str, cfg_dict: dict, rerun: bool) -> dict | None:
   """The results of a finished run of this config in out_dir when rerun is False, else
   None; ConfigMismatchError when out_dir holds a run of another config."""
@@ -131,10 +138,7 @@ def _finished_results(name: str, out_dir: str, cfg_dict: dict, rerun: bool) -> d
     )
   if rerun or not os.path.exists(results_path):
     return None
-  print(
-    f"[{name}] finished already, not recomputed (--rerun to recompute); results: {results_path}",
-    flush=True,
-  )
+  print(finished_line(name, results_path), flush=True)
   with open(results_path) as f:
     return json.load(f)
 
