@@ -11,6 +11,8 @@ Layout of a workdir:
                                its evaluation and membership scores per request
                                (eval-<hash>.json, mia-<hash>.json) and timing.json (its train_seconds)
   <method>/                    config.json, results.json, TensorBoard events, ckpt/<phase>/
+  .finished/<key>.json         one per command line that finished here: lets its rerun
+                               answer before importing JAX (experiments/finished.py)
 
 Every random choice derives from config.seed through fl.stream_key, so a killed run
 resumed from its checkpoints ends bit-identical to an uninterrupted one (timings aside).
