@@ -23,10 +23,20 @@ import os
 import signal
 import sys
 
-from absl import app, flags, logging
+if __name__ == "__main__":
+  # A command that finished already is answered from its marker before anything heavy
+  # (JAX, Flax, TFDS) is imported: experiments/finished.py.
+  from experiments import finished as _finished
+
+  _lines = _finished.answer(sys.argv[1:])
+  if _lines is not None:
+    print("\n".join(_lines), flush=True)
+    sys.exit(0)
+
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
-from fu_jax import compilation_cache, multihost, xla_flags
+from fu_jax import compilation_cache, multihost, xla_flags  # noqa: E402
 
 xla_flags.use_defaults()  # before any JAX computation: XLA reads its flags once
 
@@ -105,6 +115,9 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=experiments/configs/digits.py")
+  # What a rerun of this command prints once it has finished, and the files that rests on
+  # (experiments/finished.py).
+  lines, files = [], []
   try:
     names = validation.methods_for(FLAGS.method, config.unlearn.kind)
     seeds = [int(s) for s in FLAGS.seeds] or [None]
@@ -120,21 +133,36 @@ def main(argv):
         except base.Unservable as e:
           if FLAGS.method != "all":
             raise
-          print(f"--method=all: {name} skipped: {e}", flush=True)
+          lines.append(f"--method=all: {name} skipped: {e}")
+          print(lines[-1], flush=True)
+          continue
+        out_dir = os.path.join(workdir, methods.get(name).name)
+        files += [os.path.join(out_dir, f) for f in ("config.json", "results.json")]
+        lines.append(run_lib.finished_line(methods.get(name).name, files[-1]))
     if (len(names) > 1 or len(seeds) > 1) and multihost.is_primary():
       from experiments import compare
 
       compare.compare(FLAGS.workdir)
-      print(open(os.path.join(FLAGS.workdir, "comparison.md")).read())
-    if cache_dir is not None:
-      parts = ", ".join(
-        f"{e.rsplit('/', 1)[1].replace('_duration', '')} {v:.1f}" for e, v in clock.by_event.items()
-      )
-      print(
-        f"compilation: {clock.seconds:.1f} s in this process ({parts}); cache "
-        f"{cache_dir}: {cache_stats.hits} programs loaded, {cache_stats.misses} compiled",
-        flush=True,
-      )
+      files.append(os.path.join(FLAGS.workdir, "comparison.md"))
+      lines.append(open(files[-1]).read())
+      print(lines[-1])
+    if multihost.is_primary() and multihost.process_count() == 1:
+      from experiments import finished
+
+      finished.write(sys.argv[1:], lines, files)
+    parts = ", ".join(
+      f"{e.rsplit('/', 1)[1].replace('_duration', '')} {v:.1f}" for e, v in clock.by_event.items()
+    )
+    cache = (
+      f"cache {cache_dir}: {cache_stats.hits} programs loaded, {cache_stats.misses} compiled"
+      if cache_dir is not None
+      else "no cache"
+    )
+    print(
+      f"compilation: {clock.seconds:.1f} s in this process ({parts}); "
+      f"{cache_stats.lowered} programs lowered; {cache}",
+      flush=True,
+    )
   except (ValueError, OSError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

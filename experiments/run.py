@@ -11,6 +11,8 @@ Layout of a workdir:
                                its evaluation and membership scores per request
                                (eval-<hash>.json, mia-<hash>.json) and timing.json (its train_seconds)
   <method>/                    config.json, results.json, TensorBoard events, ckpt/<phase>/
+  .finished/<key>.json         one per command line that finished here: lets its rerun
+                               answer before importing JAX (experiments/finished.py)
 
 Every random choice derives from config.seed through fl.stream_key, so a killed run
 resumed from its checkpoints ends bit-identical to an uninterrupted one (timings aside).
@@ -115,6 +117,13 @@ def run(config, workdir: str, *, rerun: bool = True) -> dict:
   return results
 
 
+def finished_line(name: str, results_path: str) -> str:
+  """What rerunning a finished run prints."""
+  return (
+    f"[{name}] finished already, not recomputed (--rerun to recompute); results: {results_path}"
+  )
+
+
 def _finished_results(name: str, out_dir: str, cfg_dict: dict, rerun: bool) -> dict | None:
   """The results of a finished run of this config in out_dir when rerun is False, else
   None; ConfigMismatchError when out_dir holds a run of another config."""
@@ -131,10 +140,7 @@ def _finished_results(name: str, out_dir: str, cfg_dict: dict, rerun: bool) -> d
     )
   if rerun or not os.path.exists(results_path):
     return None
-  print(
-    f"[{name}] finished already, not recomputed (--rerun to recompute); results: {results_path}",
-    flush=True,
-  )
+  print(finished_line(name, results_path), flush=True)
   with open(results_path) as f:
     return json.load(f)
 

@@ -8,7 +8,6 @@ import hashlib
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import validation
@@ -160,7 +159,7 @@ def build_task(config) -> base.Task:
     flush=True,
   )
   model = models.create(config.model.name, ds.num_classes, **_model_overrides(config))
-  dev = lambda a: jnp.asarray(a)
+  dev = jax.device_put  # a transfer, where jnp.asarray runs a program per shape
   index = dev(clients.index)
   clients = type(clients)(
     x=images_lib.ClientImages(index, table),

@@ -89,18 +89,31 @@ def enable(directory: str | None, *, min_compile_secs: float = 0.0) -> str | Non
 
 
 class Stats:
-  """Counts persistent-cache hits and misses reported through jax.monitoring.
+  """Counts persistent-cache hits and misses, and programs lowered, reported through
+  jax.monitoring.
+
+  `lowered` counts every program JAX lowers to MLIR in the process, cache or no cache:
+  each pays tracing, lowering and a cache lookup in every process (the persistent cache
+  is keyed by the lowered module), so it is the number that sets a run's fixed cost. A
+  jax.numpy operation run outside jit is a program of its own (one per shape).
 
   One per process (`stats()`): jax.monitoring has no way to unregister a listener.
   """
 
   HIT, MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
+  LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
   def __init__(self):
     import jax  # pylint: disable=import-outside-toplevel
 
-    self.hits = self.misses = 0
+    self.hits = self.misses = self.lowered = 0
     jax.monitoring.register_event_listener(self._listen)
+    jax.monitoring.register_event_duration_secs_listener(self._listen_duration)
+
+  def _listen_duration(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event == self.LOWER:
+      self.lowered += 1
 
   def _listen(self, event, **kwargs):
     del kwargs

@@ -65,11 +65,34 @@ STREAM_BANK = 6  # the training seeds of an audit's model bank (experiments/audi
 
 
 def stream_key(seed: int, stream: int, *ids: int):
-  """PRNG key for (seed, stream, *ids), derived only by fold_in (nothing to checkpoint)."""
+  """PRNG key for (seed, stream, *ids), derived only by fold_in (nothing to checkpoint).
+
+  Called with host integers it is one jitted program per number of ids (the same bits:
+  outside jit `key(seed)` and `fold_in` convert a Python int to an int32 / uint32 array
+  too), instead of a program per primitive run eagerly in every process.
+  """
+  ids = (stream, *ids)
+  if _fits(seed, np.int32) and all(_fits(i, np.uint32) for i in ids):
+    return _stream_key_jit(np.int32(seed), np.asarray(ids, np.uint32))
+  return _stream_key(seed, *ids)
+
+
+def _fits(v, dtype) -> bool:
+  """Whether v is a host integer within dtype's range."""
+  info = np.iinfo(dtype)
+  return isinstance(v, (int, np.integer)) and info.min <= int(v) <= info.max
+
+
+def _stream_key(seed, stream, *ids):
   key = jax.random.fold_in(jax.random.key(seed), stream)
   for i in ids:
     key = jax.random.fold_in(key, i)
   return key
+
+
+@jax.jit
+def _stream_key_jit(seed, ids):
+  return _stream_key(seed, *(ids[i] for i in range(ids.shape[0])))
 
 
 class Batch(NamedTuple):
@@ -185,6 +208,12 @@ def _guarded_step(step_fn, batch_size, state, data, valid, order, step, key):
   return state, jax.tree.map(lambda m: m * n, metrics), n
 
 
+def epoch_start(key, epoch, valid):
+  """(the epoch's key fold_in(key, epoch), its example order epoch_order(that key, valid))."""
+  ek = jax.random.fold_in(key, epoch)
+  return ek, epoch_order(ek, valid)
+
+
 def steps_per_epoch(max_n: int, batch_size: int) -> int:
   return max(1, math.ceil(max_n / batch_size))
 
@@ -197,6 +226,31 @@ class ClientResult(NamedTuple):
   params: Any  # stacked [clients, ...]
   state: Any  # stacked final local states (methods read e.g. synthetic sets here)
   metrics: dict  # per-client means over all their examples and epochs, [clients]
+
+
+# Host-side helpers of the runners, each one jitted program (per shape) where the same
+# work run eagerly was a program per primitive and leaf shape, traced and lowered again in
+# every process.
+@jax.jit
+def _select_client(tree, c):
+  """Client c's slice of every leaf (data, valid, extra, keys) of a block."""
+  return jax.tree.map(lambda a: a[c], tree)
+
+
+@jax.jit
+def _stack_clients(params, states):
+  """The per-client results stacked along a new leading client axis."""
+  stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
+  return stack(params), stack(states)
+
+
+def _host_sum(zeros, step_metrics):
+  """zeros + each step's metric sums, in order, in float32 on the host (the same additions
+  as on the device, without a program per metric shape)."""
+  sums = zeros
+  for m in jax.device_get(step_metrics):
+    sums = jax.tree.map(np.add, sums, m)
+  return sums
 
 
 def _mean_metrics(sums, counts):
@@ -248,7 +302,7 @@ def parallel_seconds(
 
 @functools.lru_cache(maxsize=16)
 def _compiled_program(program: LocalProgram, kind: str, batch_size: int):
-  """The jitted (step, scheduled_step, init, order, finish) of a program, shared by every
+  """The jitted (step, scheduled_step, init, epoch_start, finish) of a program, shared by every
   runner of an equal program (its functions compare by identity: a factory that returns the
   same LocalProgram for the same settings, e.g. one under functools.lru_cache, gets them
   compiled once per process; an audit builds K runners per method). Bounded: the entries
@@ -271,14 +325,14 @@ def _compiled_program(program: LocalProgram, kind: str, batch_size: int):
       compile_step(program.step),
       scheduled,
       jax.jit(program.init),
-      jax.jit(epoch_order),
+      jax.jit(epoch_start),
       jax.jit(program.finish),
     )
   return (
     compile_step(program.step),
     scheduled,
     jax.jit(jax.vmap(program.init, in_axes=(None, 0, 0))),
-    jax.jit(jax.vmap(epoch_order)),
+    jax.jit(jax.vmap(epoch_start, in_axes=(0, None, 0))),
     jax.jit(jax.vmap(program.finish)),
   )
 
@@ -329,7 +383,7 @@ class ClientRunner:
     self.program, self.kind, self.epochs, self.batch_size = program, kind, epochs, batch_size
     self.chunk_size = chunk_size
     self.clock = clock
-    (self._step, self._scheduled, self._init, self._order, self._finish) = _compiled_program(
+    (self._step, self._scheduled, self._init, self._epoch, self._finish) = _compiled_program(
       program, kind, batch_size
     )
     self.mesh = mesh
@@ -356,7 +410,9 @@ class ClientRunner:
       order = jax.ShapeDtypeStruct(valid.shape, jnp.int32)
       _, m, _ = jax.eval_shape(self._step, state, data, valid, order, 0, keys, tables)
       return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), m)
-    one = jax.tree.map(lambda a: a[0], (data, valid, extra, keys))
+    one = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), (data, valid, extra, keys)
+    )
     state = jax.eval_shape(self._init, server_params, one[2], one[3])
     order = jax.ShapeDtypeStruct(valid.shape[1:], jnp.int32)
     _, m, _ = jax.eval_shape(self._step, state, one[0], one[1], order, 0, one[3], tables)
@@ -364,7 +420,7 @@ class ClientRunner:
 
   # -- loop over devices: a group of clients at once, one per device.
   def _run_loop_devices(self, server_params, data, valid, extra, keys, tables):
-    counts = np.asarray(jnp.sum(valid, axis=1))
+    counts = np.asarray(valid).sum(axis=1)
     max_n = valid.shape[1]
     zeros = self._metric_zeros(server_params, data, valid, extra, keys, tables)
     devs = self.devices
@@ -376,17 +432,16 @@ class ClientRunner:
     for c0 in range(0, num, len(devs)):
       t0 = self.clock.now() if self.clock is not None else 0.0
       group = list(range(c0, min(c0 + len(devs), num)))
-      run = []  # per client: [device index, state, sums, (d, v, k) on device, n_steps]
+      run = []  # per client: [device index, state, step metrics, (d, v, k) on device, n_steps]
       for i, c in enumerate(group):
-        local = jax.device_put(jax.tree.map(lambda a: a[c], (data, valid, extra, keys)), devs[i])
+        local = jax.device_put(_select_client((data, valid, extra, keys), c), devs[i])
         d_c, v_c, e_c, k_c = local
         n_steps = min(
           steps_per_epoch(max_n, self.batch_size), math.ceil(int(counts[c]) / self.batch_size)
         )
-        run.append([i, self._init(per_dev[i][0], e_c, k_c), zeros, local, n_steps])
+        run.append([i, self._init(per_dev[i][0], e_c, k_c), [], local, n_steps])
       for epoch in range(self.epochs):
-        eks = [jax.random.fold_in(r[3][3], epoch) for r in run]
-        orders = [self._order(ek, r[3][1]) for r, ek in zip(run, eks)]
+        eks, orders = zip(*(self._epoch(r[3][3], epoch, r[3][1]) for r in run))
         for s in range(max(r[4] for r in run)):
           for r, order, ek in zip(run, orders, eks):  # alternate: each device gets a step
             if s < r[4]:
@@ -394,55 +449,52 @@ class ClientRunner:
               r[1], m, _ = self._step_fn(epoch * r[4] + s)(
                 r[1], d_c, v_c, order, s, ek, per_dev[i][1]
               )
-              r[2] = jax.tree.map(jnp.add, r[2], m)
+              r[2].append(m)
       for c, r in zip(group, run):
         params_out[c] = jax.device_put(self._finish(r[1]), home)
         states_out[c] = jax.device_put(r[1], home)
-        sums_out[c] = jax.tree.map(np.asarray, r[2])
+        sums_out[c] = _host_sum(zeros, r[2])
       if self.clock is not None:
         jax.block_until_ready((params_out[c0 : c0 + len(group)], states_out[c0 : c0 + len(group)]))
         seconds.append(self.clock.now() - t0)
     if self.clock is not None:
       self.clock.record(seconds)
-    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
     metrics = _mean_metrics(jax.tree.map(lambda *a: np.stack(a), *sums_out), counts * self.epochs)
-    return ClientResult(stack(params_out), stack(states_out), metrics)
+    return ClientResult(*_stack_clients(params_out, states_out), metrics)
 
   # -- loop: one client at a time, only its non-empty batches.
   def _run_loop(self, server_params, data, valid, extra, keys, tables):
-    counts = np.asarray(jnp.sum(valid, axis=1))
+    counts = np.asarray(valid).sum(axis=1)
     max_n = valid.shape[1]
     zeros = self._metric_zeros(server_params, data, valid, extra, keys, tables)
     params_out, states_out, sums_out, seconds = [], [], [], []
     for c in range(valid.shape[0]):
       t0 = self.clock.now() if self.clock is not None else 0.0
-      d_c, v_c, e_c, k_c = jax.tree.map(lambda a: a[c], (data, valid, extra, keys))
+      d_c, v_c, e_c, k_c = _select_client((data, valid, extra, keys), c)
       state = self._init(server_params, e_c, k_c)
-      sums = zeros
+      step_metrics = []
       n_steps = min(
         steps_per_epoch(max_n, self.batch_size), math.ceil(int(counts[c]) / self.batch_size)
       )
       for epoch in range(self.epochs):
-        ek = jax.random.fold_in(k_c, epoch)
-        order = self._order(ek, v_c)
+        ek, order = self._epoch(k_c, epoch, v_c)
         for s in range(n_steps):
           state, m, _ = self._step_fn(epoch * n_steps + s)(state, d_c, v_c, order, s, ek, tables)
-          sums = jax.tree.map(jnp.add, sums, m)
+          step_metrics.append(m)
       params_out.append(self._finish(state))
       states_out.append(state)
-      sums_out.append(jax.tree.map(np.asarray, sums))
+      sums_out.append(_host_sum(zeros, step_metrics))
       if self.clock is not None:
         jax.block_until_ready((params_out[-1], state))
         seconds.append(self.clock.now() - t0)
     if self.clock is not None:
       self.clock.record(seconds)
-    stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
     metrics = _mean_metrics(jax.tree.map(lambda *a: np.stack(a), *sums_out), counts * self.epochs)
-    return ClientResult(stack(params_out), stack(states_out), metrics)
+    return ClientResult(*_stack_clients(params_out, states_out), metrics)
 
   # -- vmap / shard: a block of clients per call.
   def _run_block(self, server_params, data, valid, extra, keys, tables):
-    counts = np.asarray(jnp.sum(valid, axis=1))
+    counts = np.asarray(valid).sum(axis=1)
     if self.kind == "shard":
       # Each process places only its own devices' clients; what every client reads (the
       # server model, the image tables) is replicated over the mesh.
@@ -457,8 +509,7 @@ class ClientRunner:
     )
     sums = self._metric_zeros(server_params, data, valid, extra, keys, tables)
     for epoch in range(self.epochs):
-      eks = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch)
-      order = self._order(eks, valid)
+      eks, order = self._epoch(keys, epoch, valid)
       for s in range(n_steps):
         state, m, _ = self._step_fn(epoch * n_steps + s)(state, data, valid, order, s, eks, tables)
         sums = jax.tree.map(jnp.add, sums, m)
@@ -543,6 +594,19 @@ def sample_clients(seed: int, round_idx: int, weights, num_sampled: int):
   (indices [num_sampled] sorted, active [num_sampled] bool): when fewer clients have
   weight > 0 than are asked for, the extra slots are inactive.
   """
+  if (
+    _fits(seed, np.int32)
+    and _fits(round_idx, np.uint32)
+    and not isinstance(weights, jax.core.Tracer)
+  ):
+    # One jitted program per (number of clients, num_sampled), not one per primitive.
+    return _sample_clients_jit(
+      np.int32(seed), np.uint32(round_idx), np.asarray(weights, np.float32), num_sampled
+    )
+  return _sample_clients(seed, round_idx, weights, num_sampled)
+
+
+def _sample_clients(seed, round_idx, weights, num_sampled):
   weights = jnp.asarray(weights, jnp.float32)
   key = stream_key(seed, STREAM_SAMPLE, round_idx)
   g = jax.random.gumbel(key, weights.shape)
@@ -551,6 +615,9 @@ def sample_clients(seed: int, round_idx: int, weights, num_sampled: int):
   active = jnp.take(weights, idx) > 0
   order = jnp.argsort(idx)
   return idx[order], active[order]
+
+
+_sample_clients_jit = jax.jit(_sample_clients, static_argnums=3)
 
 
 def num_sampled_clients(clients_per_round, num_clients: int) -> int:
@@ -592,8 +659,11 @@ class DivergenceError(FloatingPointError):
   """Raised when a loss or parameter becomes NaN/inf: nothing is written as a result."""
 
 
+_all_finite = jax.jit(tu.tree_all_finite)  # one program per model, not two per leaf shape
+
+
 def check_finite(params, what: str):
-  if not bool(tu.tree_all_finite(params)):
+  if not bool(_all_finite(params)):
     raise DivergenceError(
       f"{what}: parameters became NaN or inf (diverged); lower the "
       "learning rate. No results were written."
@@ -658,6 +728,22 @@ def _aggregate_apply(server, client_params, weights, server_opt):
   return server_apply(server, aggregate(server.params, client_params, weights), server_opt)
 
 
+def _round_inputs(seed, round_idx, client_weights, data, valid, extra, num_sampled, stream):
+  """A round's sampled clients: (idx, their data, valid, extra, client keys, example counts,
+  aggregation weights = counts * client weight * active)."""
+  idx, active = _sample_clients(seed, round_idx, client_weights, num_sampled)
+  take = lambda a: jnp.take(a, idx, axis=0)
+  d, v, e = jax.tree.map(take, (data, valid, extra))
+  keys = jax.vmap(lambda c: _stream_key(seed, stream, round_idx, c))(idx)
+  counts = jnp.sum(v, axis=1).astype(jnp.float32)
+  w = counts * jnp.take(jnp.asarray(client_weights, jnp.float32), idx) * active
+  return idx, d, v, e, keys, counts, w
+
+
+# One program per phase's shapes: sampling, selection and keys were ~25 eager programs.
+_round_inputs_jit = jax.jit(_round_inputs, static_argnums=(6, 7))
+
+
 def fedavg_round(
   server: ServerState,
   runner: ClientRunner,
@@ -681,13 +767,14 @@ def fedavg_round(
   default aggregate + server_apply through server_opt (e.g. an exchange of packed
   channels, methods/channel.py); sampling, keys, weights and metrics stay the same.
   """
-  idx, active = sample_clients(seed, round_idx, client_weights, num_sampled)
-  take = lambda a: jnp.take(a, idx, axis=0)
-  d, v, e = jax.tree.map(take, (data, valid, extra))
-  keys = jax.vmap(lambda c: stream_key(seed, stream, round_idx, c))(idx)
+  args = (seed, round_idx, client_weights, data, valid, extra, num_sampled, stream)
+  if _fits(seed, np.int32) and _fits(round_idx, np.uint32):
+    weights = np.asarray(client_weights, np.float32)
+    args = (np.int32(seed), np.uint32(round_idx), weights, *args[3:])
+    idx, d, v, e, keys, counts, w = _round_inputs_jit(*args)
+  else:
+    idx, d, v, e, keys, counts, w = _round_inputs(*args)
   res = runner.run(server.params, d, v, e, keys)
-  counts = jnp.sum(v, axis=1).astype(jnp.float32)
-  w = counts * jnp.take(jnp.asarray(client_weights, jnp.float32), idx) * active
   if server_update is None:
     server = _aggregate_apply(server, res.params, w, server_opt)
   else:

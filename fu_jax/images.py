@@ -57,13 +57,13 @@ class ImageTable:
   """
 
   def __init__(self, codes, lut=None):
-    codes = jnp.asarray(codes)
+    codes = _to_device(codes)
     if codes.ndim != 4:
       raise ValueError(f"codes must be [n, H, W, C], got shape {codes.shape}")
     if lut is None and codes.dtype != jnp.float32:
       raise ValueError(f"codes of dtype {codes.dtype} need a lookup table (lut)")
     if lut is not None:
-      lut = jnp.asarray(lut, jnp.float32)
+      lut = _to_device(lut, np.float32)
       if codes.dtype != jnp.uint8 or lut.shape != (256, codes.shape[-1]):
         raise ValueError(
           f"a lookup table needs uint8 codes and shape (256, C={codes.shape[-1]}),"
@@ -80,16 +80,38 @@ class ImageTable:
     return int(self.codes.nbytes) + (0 if self.lut is None else int(self.lut.nbytes))
 
   def gather(self, index):
-    index = jnp.asarray(index)
-    rows = jnp.take(self.codes, jnp.maximum(index, 0), axis=0, mode="clip")
-    if self.lut is not None:
-      rows = self.lut[rows.astype(jnp.int32), jnp.arange(rows.shape[-1])]
-    real = (index >= 0).reshape(index.shape + (1,) * len(self.image_shape))
-    return jnp.where(real, rows, jnp.zeros((), jnp.float32))
+    if _tracing(self.codes, self.lut, index):  # inside a jitted step: inline
+      return _gather(self.codes, self.lut, index)
+    return _gather_jit(self.codes, self.lut, np.asarray(index))
 
   def __repr__(self):
     kind = "uint8 + lookup table" if self.lut is not None else "float32"
     return f"ImageTable({self.codes.shape[0]} images {self.image_shape}, {kind})"
+
+
+def _gather(codes, lut, index):
+  """The images at `index` of a table (codes, lut): zeros where index < 0."""
+  index = jnp.asarray(index)
+  rows = jnp.take(codes, jnp.maximum(index, 0), axis=0, mode="clip")
+  if lut is not None:
+    rows = lut[rows.astype(jnp.int32), jnp.arange(rows.shape[-1])]
+  real = (index >= 0).reshape(index.shape + (1,) * (codes.ndim - 1))
+  return jnp.where(real, rows, jnp.zeros((), jnp.float32))
+
+
+# Host-side gathers (evaluation, membership inference) as one program per index shape.
+_gather_jit = jax.jit(_gather)
+
+
+def _to_device(a, dtype=None):
+  """`a` as a device array (a transfer; jnp.asarray would run a program per shape)."""
+  if isinstance(a, jax.Array) and (dtype is None or a.dtype == dtype):
+    return a
+  return jax.device_put(np.asarray(a, dtype))
+
+
+def _tracing(*xs) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -129,7 +151,10 @@ class ClientImages:
     return self.table.gather(self.index)
 
   def __getitem__(self, key):
-    return self.table.gather(self.index[key])
+    if _tracing(self.index, key):
+      return self.table.gather(self.index[key])
+    # On the host (e.g. the forgotten rows for evaluation) the rows are chosen in numpy.
+    return self.table.gather(np.asarray(self.index)[key])
 
   def __array__(self, dtype=None, copy=None):
     del copy  # always a new array

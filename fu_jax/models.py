@@ -58,6 +58,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 MODEL_NAMES = ("mlp", "cnn", "lenet5", "convnet", "resnet10", "resnet18", "resnet20", "vgg11")
@@ -482,7 +483,7 @@ def init_params(module: nn.Module, key, input_shape: tuple[int, int, int]):
   """
   if len(input_shape) != 3 or min(input_shape) < 1:
     raise ValueError(f"input_shape must be (H, W, C) with positive sizes, got {input_shape}")
-  variables = _init(module, key, jnp.zeros((1,) + tuple(input_shape), jnp.float32))
+  variables = _init(module, key, np.zeros((1,) + tuple(input_shape), np.float32))
   extra = set(variables) - {"params"}
   if extra:
     raise ValueError(
