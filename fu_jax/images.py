@@ -225,7 +225,7 @@ def materialize(tree: Any):
 
 
 def dataset_table(ds) -> ImageTable:
-  """The training images of a `types.Dataset` as one table: its uint8 codes and lookup
+  """The training images of a `containers.Dataset` as one table: its uint8 codes and lookup
   table when the source had them, else its normalised float32 images."""
   if getattr(ds, "train_codes", None) is not None:
     return ImageTable(ds.train_codes, ds.train_lut)

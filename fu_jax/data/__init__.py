@@ -2,7 +2,7 @@
 
 Three steps (docs/design.md §3.1):
 
-1. `load_dataset(source)` -> `types.Dataset`: float32 NHWC images standardised per channel
+1. `load_dataset(source)` -> `containers.Dataset`: float32 NHWC images standardised per channel
    with TRAIN statistics, int32 labels in [0, num_classes). Sources:
 
      digits        scikit-learn's bundled 8x8 digits (offline), seeded stratified 75/25 split.
@@ -23,7 +23,7 @@ Three steps (docs/design.md §3.1):
    fails at thousands of clients and small alpha); `client_dirichlet` gives each client its
    own mixture and a log-normal size (cross-device scale).
 
-3. `index_clients(y, parts)` -> `types.ClientData` of [clients, max_n] index blocks into the
+3. `index_clients(y, parts)` -> `containers.ClientData` of [clients, max_n] index blocks into the
    training set (index=-1, valid=False on padding; fedjax-style, padding never changes a
    result); the images stay in one copy (`fu_jax.images`). `stack_clients(x, y, parts)`
    builds the padded image blocks [clients, max_n, H, W, C] instead (small tests, the

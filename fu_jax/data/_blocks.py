@@ -6,14 +6,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fu_jax import types
+from fu_jax import containers
 from fu_jax.data._normalise import check_int
 
 # --------------------------------------------------------------------------------------------
 # Padded client blocks
 
 
-def index_clients(y, parts: Sequence[np.ndarray], *, pad_to: int | None = None) -> types.ClientData:
+def index_clients(
+  y, parts: Sequence[np.ndarray], *, pad_to: int | None = None
+) -> containers.ClientData:
   """Clients as [clients, max_n] index blocks into the training set, without images.
 
   max_n = pad_to or the largest client. index[i, j] = parts[i][j] (order kept), -1 past
@@ -45,12 +47,12 @@ def index_clients(y, parts: Sequence[np.ndarray], *, pad_to: int | None = None) 
   index[rows, cols] = np.concatenate(parts) if rows.size else []
   valid = index >= 0
   ys = np.where(valid, y[np.where(valid, index, 0)], 0).astype(np.int32)
-  return types.ClientData(x=None, y=ys, valid=valid, count=count, index=index)
+  return containers.ClientData(x=None, y=ys, valid=valid, count=count, index=index)
 
 
 def stack_clients(
   x, y, parts: Sequence[np.ndarray], *, pad_to: int | None = None
-) -> types.ClientData:
+) -> containers.ClientData:
   """Gathers each client's examples into [clients, max_n, ...] numpy blocks.
 
   max_n = pad_to or the largest client. Row j of client i is x[parts[i][j]] (order kept);

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from fu_jax import types
+from fu_jax import containers
 from fu_jax.data._normalise import finish_dataset
 
 # --------------------------------------------------------------------------------------------
 # digits
 
 
-def load_digits(seed: int, test_fraction: float = 0.25, **caps) -> types.Dataset:
+def load_digits(seed: int, test_fraction: float = 0.25, **caps) -> containers.Dataset:
   """sklearn's 8x8 digits (values 0..16) with a seeded split stratified by class."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
 

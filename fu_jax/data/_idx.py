@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 
-from fu_jax import types
+from fu_jax import containers
 from fu_jax.data._errors import DataError, DataNotFoundError
 from fu_jax.data._normalise import check_labels, finish_dataset
 
@@ -86,7 +86,7 @@ def _find_idx(directory: str, stem: str) -> str:
   )
 
 
-def load_idx(directory: str, **kwargs) -> types.Dataset:
+def load_idx(directory: str, **kwargs) -> containers.Dataset:
   """The four MNIST-format IDX files of `directory` as a Dataset (see IDX_FILES)."""
   if not os.path.isdir(directory):
     raise DataNotFoundError(f"{directory}: no such directory (source idx:<dir>)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fu_jax import types
+from fu_jax import containers
 from fu_jax.data._errors import DataError
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def finish_dataset(
   max_test=None,
   scaled=False,
   top=None,
-) -> types.Dataset:
+) -> containers.Dataset:
   """Validate, optionally subsample, scale, standardise and pack a Dataset.
 
   uint8 training images are also kept as codes with the lookup table that normalises them
@@ -161,7 +161,7 @@ def finish_dataset(
   _standardise_inplace(x_train, x_test, *(() if lut is None else (lut,)))
   if lut is not None:
     lut = lut.reshape(256, -1)
-  return types.Dataset(
+  return containers.Dataset(
     x_train, y_train, x_test, y_test, int(num_classes), name, train_codes=codes, train_lut=lut
   )
 

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from fu_jax import types
+from fu_jax import containers
 from fu_jax.data._errors import DataError, DataNotFoundError
 from fu_jax.data._normalise import finish_dataset
 
@@ -14,7 +14,7 @@ from fu_jax.data._normalise import finish_dataset
 # npz
 
 
-def load_npz(path: str, **kwargs) -> types.Dataset:
+def load_npz(path: str, **kwargs) -> containers.Dataset:
   """The arrays x, y, x_test, y_test of the .npz at `path` as a Dataset."""
   keys = ("x", "y", "x_test", "y_test")
   if not os.path.isfile(path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fu_jax import types
+from fu_jax import containers
 from fu_jax.data._digits import load_digits
 from fu_jax.data._errors import DataError
 from fu_jax.data._idx import load_idx
@@ -18,7 +18,7 @@ SOURCES = ("digits", "idx:<dir>", "tfds:<name>", "npz:<file>")
 
 def load_dataset(
   source: str, *, seed: int = 0, data_dir: str | None = None, max_test: int | None = None
-) -> types.Dataset:
+) -> containers.Dataset:
   """Loads, validates and normalises a data set.
 
   Args:
@@ -30,7 +30,7 @@ def load_dataset(
       subsample is `subsample_train`: class-stratified, statistics of the full set.)
 
   Returns:
-    `types.Dataset` with float32 [n, H, W, C] images standardised with train statistics,
+    `containers.Dataset` with float32 [n, H, W, C] images standardised with train statistics,
     int32 labels and num_classes (known for digits/tfds, max label + 1 for idx/npz).
 
   Raises:

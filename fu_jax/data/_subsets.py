@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fu_jax import types
+from fu_jax import containers
 from fu_jax.data._normalise import check_int
 
 # --------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def stratified_subset(
   return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
-def subsample_train(ds: types.Dataset, size: int, seed: int) -> types.Dataset:
+def subsample_train(ds: containers.Dataset, size: int, seed: int) -> containers.Dataset:
   """`ds` with its training split cut to a seeded class-stratified subset (`stratified_subset`,
   kept in file order); size 0 keeps everything. The test split and the normalisation
   (statistics of the full training split) are unchanged, so a kept image has exactly the
@@ -63,8 +63,8 @@ def subsample_train(ds: types.Dataset, size: int, seed: int) -> types.Dataset:
 
 
 def split_calibration(
-  ds: types.Dataset, train_size: int, calibration_size: int, seed: int
-) -> tuple[types.Dataset, tuple[np.ndarray, np.ndarray] | None]:
+  ds: containers.Dataset, train_size: int, calibration_size: int, seed: int
+) -> tuple[containers.Dataset, tuple[np.ndarray, np.ndarray] | None]:
   """(training data, calibration split (x, y) or None): `subsample_train`, plus a
   class-stratified split of `calibration_size` training images that no client trains on
   (held by the server, e.g. to estimate the confidence of a model on data it never saw:

@@ -6,9 +6,9 @@ The public surface of a private tree, one concept per module (as optax): _layers
 layers by path), _effects (channel effects), _selection (top-delta / random channels and
 their masks), _update (the masked optax transform), _packing (packed channel updates) and
 _outputs (layer outputs). Import this package, not its modules; Path, layer_at and
-top_k_mask, outside __all__, are shared with fu_jax.cdp's channel scores.
+top_k_mask, outside __all__, are shared with fu_jax.class_pruning's channel scores.
 
-The TF-IDF channel scores of the CDP baseline (Wang et al.) are in `fu_jax.cdp`.
+The TF-IDF channel scores of the CDP baseline (Wang et al.) are in `fu_jax.class_pruning`.
 
 Conventions (Flax): a *layer* is any dict in the params tree holding a 'kernel' leaf; its
 output channels are the LAST axis of the kernel and the only axis of its 'bias'. A layer is
