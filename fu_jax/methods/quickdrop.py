@@ -166,7 +166,7 @@ class DistillState(NamedTuple):
   syn_opt: Any
 
 
-class TrainState(NamedTuple):
+class ServerWithSets(NamedTuple):
   """The trainer's round state: the server plus every client's set, leading axis N."""
 
   server: fl.ServerState
@@ -323,7 +323,7 @@ def pixel_range(task: base.Task):
 
 
 def training_rounds(task: base.Task, env: base.Env, s: dict):
-  """(init_state, round_fn) of the distilling FedAvg: round_fn(TrainState, r) -> (state,
+  """(init_state, round_fn) of the distilling FedAvg: round_fn(ServerWithSets, r) -> (state,
   metrics) samples clients, runs distill_program with their sets as `extra`, writes the
   updated sets back and aggregates (fl.fedavg_round). Also used by the benchmark."""
   cfg = task.config
@@ -358,7 +358,7 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
     extra_of=lambda st: (st.syn, st.syn_opt),
   )
 
-  def keep_sets(state: TrainState, r, res: fl.RoundResult) -> TrainState:
+  def keep_sets(state: ServerWithSets, r, res: fl.RoundResult) -> ServerWithSets:
     """Writes the sampled clients' updated sets (and image optimizer states) back."""
     del r
     syn, syn_opt = qsets.scatter_sets(
@@ -367,7 +367,7 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
       jnp.asarray(weights[res.sampled] > 0),
       (res.client.state.syn, res.client.state.syn_opt),
     )
-    return TrainState(res.server, syn, syn_opt)
+    return ServerWithSets(res.server, syn, syn_opt)
 
   round_fn = fl.fedavg_round_fn(
     play,
@@ -376,7 +376,7 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
     epochs=cfg.fl.local_epochs,
   )
   syn = init_sets(task, s)
-  init = TrainState(fl.server_init(params, server_opt), syn, jax.vmap(image_opt.init)(syn.x))
+  init = ServerWithSets(fl.server_init(params, server_opt), syn, jax.vmap(image_opt.init)(syn.x))
   return init, round_fn
 
 
