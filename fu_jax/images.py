@@ -11,7 +11,7 @@ inside the jitted step (`fl.take_batch`).
 Storage: `ImageTable(codes, lut)`. For a uint8 source (IDX files, digits, uint8 npz, TFDS
 except CelebA) `codes` are the source bytes [n, H, W, C] uint8 (4x smaller than float32)
 and `lut` [256, C] float32 maps a byte value of channel c to its normalised value. The
-lookup table is computed by `data.py` with the very numpy operations that normalise the
+lookup table is computed by `fu_jax.data` with the very numpy operations that normalise the
 float copy (`x * 1/255` or `x / 16`, then `- mean_c`, then `/ std_c`), so
 `lut[codes[..., c], c]` equals `Dataset.x_train[..., c]` bit for bit: normalising per batch
 is a table lookup, not new arithmetic, and results are bit-identical to the padded layout.
