@@ -9,9 +9,6 @@ import numpy as np
 from fu_jax import containers
 from fu_jax.data._normalise import check_int
 
-# --------------------------------------------------------------------------------------------
-# Padded client blocks
-
 
 def index_clients(
   y, parts: Sequence[np.ndarray], *, pad_to: int | None = None

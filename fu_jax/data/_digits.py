@@ -7,9 +7,6 @@ import numpy as np
 from fu_jax import containers
 from fu_jax.data._normalise import finish_dataset
 
-# --------------------------------------------------------------------------------------------
-# digits
-
 
 def load_digits(seed: int, test_fraction: float = 0.25, **caps) -> containers.Dataset:
   """sklearn's 8x8 digits (values 0..16) with a seeded split stratified by class."""

@@ -12,9 +12,6 @@ from fu_jax import containers
 from fu_jax.data._errors import DataError, DataNotFoundError
 from fu_jax.data._normalise import check_labels, finish_dataset
 
-# --------------------------------------------------------------------------------------------
-# IDX (MNIST format)
-
 # IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/).
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IDX_FILES = {

@@ -7,9 +7,6 @@ import numpy as np
 from fu_jax import containers
 from fu_jax.data._errors import DataError
 
-# --------------------------------------------------------------------------------------------
-# Normalisation and validation shared by all sources
-
 
 def _as_nhwc(x: np.ndarray, what: str) -> np.ndarray:
   x = np.asarray(x)

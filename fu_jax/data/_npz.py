@@ -10,9 +10,6 @@ from fu_jax import containers
 from fu_jax.data._errors import DataError, DataNotFoundError
 from fu_jax.data._normalise import finish_dataset
 
-# --------------------------------------------------------------------------------------------
-# npz
-
 
 def load_npz(path: str, **kwargs) -> containers.Dataset:
   """The arrays x, y, x_test, y_test of the .npz at `path` as a Dataset."""

@@ -8,9 +8,6 @@ import numpy as np
 
 from fu_jax.data._normalise import check_int
 
-# --------------------------------------------------------------------------------------------
-# Partitioning
-
 
 def _check_partition_labels(labels, num_clients) -> tuple[np.ndarray, int]:
   labels = np.asarray(labels)

@@ -12,10 +12,6 @@ from fu_jax.data._tfds import load_tfds
 SOURCES = ("digits", "idx:<dir>", "tfds:<name>", "npz:<file>")
 
 
-# --------------------------------------------------------------------------------------------
-# Entry point
-
-
 def load_dataset(
   source: str, *, seed: int = 0, data_dir: str | None = None, max_test: int | None = None
 ) -> containers.Dataset:

@@ -7,9 +7,6 @@ import numpy as np
 from fu_jax import containers
 from fu_jax.data._normalise import check_int
 
-# --------------------------------------------------------------------------------------------
-# Training-set subsample
-
 # Independent numpy stream for the subsample (SeedSequence spawn key), so changing
 # data.train_size never shifts any other draw made from the seed.
 STREAM_TRAIN_SIZE = 1

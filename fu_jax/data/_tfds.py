@@ -7,9 +7,6 @@ import numpy as np
 from fu_jax.data._errors import DataError
 from fu_jax.data._normalise import capped_subset, finish_dataset
 
-# --------------------------------------------------------------------------------------------
-# TFDS (array_record data sources, no TensorFlow)
-
 CELEB_A_SIZE = 32
 CELEB_A_ATTRIBUTES = ("Male", "Mouth_Slightly_Open")  # label = 2 * Male + Mouth_Slightly_Open
 

@@ -14,9 +14,6 @@ from fu_jax.masking._layers import Path, layer_at, resolve_layers, scale_channel
 _METRICS = ("acc", "loss", "both")
 
 
-# ----------------------------------------------------------------------------- effects
-
-
 class ChannelEffects(NamedTuple):
   """Both effects of every channel: acc = accuracy drop, loss = CE increase (dicts path->[C])."""
 

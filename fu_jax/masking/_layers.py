@@ -6,9 +6,6 @@ import jax.numpy as jnp
 Path = tuple  # tuple of dict keys
 
 
-# ----------------------------------------------------------------------------- layers
-
-
 def _natural_key(path):
   """Sort key: 'Conv_2' before 'Conv_10'."""
   out = []

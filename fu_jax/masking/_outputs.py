@@ -4,8 +4,6 @@ from collections.abc import Sequence
 
 from fu_jax.masking._layers import Path, resolve_layers
 
-# ----------------------------------------------------------------------------- layer outputs
-
 
 def _intermediate_layers(inter, prefix, out):
   """(path, output) for every submodule __call__ in insertion (= call) order, depth first."""

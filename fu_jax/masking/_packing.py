@@ -9,8 +9,6 @@ import numpy as np
 from fu_jax import tree as tu
 from fu_jax.masking._layers import keypath, layer_at
 
-# ----------------------------------------------------------------------------- packing
-
 
 class PackedLayer(NamedTuple):
   """The selected channels of one layer, as sent: indices and values."""

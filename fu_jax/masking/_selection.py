@@ -11,8 +11,6 @@ import numpy as np
 from fu_jax.masking._effects import ChannelEffects
 from fu_jax.masking._layers import Path, channel_layers, keypath, resolve_layers
 
-# ----------------------------------------------------------------------------- selection
-
 
 def num_selected(delta: float, c: int) -> int:
   """ceil(delta * C), robust to float noise (0.1 * 30 is 3.0000000000000004, not 4 channels)."""

@@ -6,8 +6,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# ----------------------------------------------------------------------------- masked update
-
 
 class MaskedUpdateState(NamedTuple):
   """State of masked_update: bool pytree like params (True = may change)."""
