@@ -13,7 +13,7 @@ import jax
 from experiments import clock as clock_lib
 from experiments import evaluation as eval_lib
 from fu_jax import checkpoint, fl, multihost
-from fu_jax import logging as log_lib
+from fu_jax import run_log as log_lib
 from fu_jax.methods import base
 
 # Set by experiments.main's SIGINT handler. Python prints and drops an exception raised

@@ -5,7 +5,7 @@ Reusable transforms (each imports only jax, optax, chex and flax):
   fu_jax.ewc      diagonal / CountSketch Fisher and the EWC penalty (FedAF)
   fu_jax.labels   teacher labels for active forgetting (FedAF)
   fu_jax.masking  channel effects, channel masks, masked updates (Xu et al.)
-  fu_jax.cdp      TF-IDF channel scores and class-discriminative pruning (Wang et al.)
+  fu_jax.class_pruning  TF-IDF channel scores, class-discriminative pruning (Wang et al.)
   fu_jax.ascent   bounded stochastic gradient ascent (Wu et al. 2022)
   fu_jax.losses   masked cross-entropy; fu_jax.tree: the pytree helpers optax lacks
 Simulation: fu_jax.data, fu_jax.models, fu_jax.fl, fu_jax.methods, fu_jax.metrics (the
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
   "ascent",
-  "cdp",
+  "class_pruning",
   "distill",
   "ewc",
   "labels",
@@ -38,11 +38,11 @@ _SUBMODULES = (
   "checkpoint",
   "data",
   "fl",
-  "logging",
+  "run_log",
   "methods",
   "metrics",
   "models",
-  "types",
+  "containers",
   "xla_flags",
 )
 
@@ -77,9 +77,9 @@ _EXPORTS = {
   "top_delta_channels": "masking",
   "masked_update": "masking",
   "set_mask": "masking",
-  # fu_jax.cdp
-  "class_channel_scores": "cdp",
-  "cdp_prune_mask": "cdp",
+  # fu_jax.class_pruning
+  "class_channel_scores": "class_pruning",
+  "cdp_prune_mask": "class_pruning",
   # fu_jax.models
   "logits_fn": "models",
 }

@@ -39,7 +39,7 @@ class BankRunner:
       raise ValueError("fedavg_bank runs plain local programs (no scheduled step)")
     self.program, self.batch_size = program, batch_size
     # The runners' own guarded step: an empty batch leaves the state bit-identical.
-    guarded = fl._guarded_step  # pylint: disable=protected-access
+    guarded = fl.guarded_step
     step = functools.partial(guarded, program.step, batch_size)
     self.step = jax.jit(_vmap2(step, (0, 0, 0, 0, None, 0)), donate_argnums=(0,))
     self.init = jax.jit(

@@ -11,7 +11,7 @@ inside the jitted step (`fl.take_batch`).
 Storage: `ImageTable(codes, lut)`. For a uint8 source (IDX files, digits, uint8 npz, TFDS
 except CelebA) `codes` are the source bytes [n, H, W, C] uint8 (4x smaller than float32)
 and `lut` [256, C] float32 maps a byte value of channel c to its normalised value. The
-lookup table is computed by `data.py` with the very numpy operations that normalise the
+lookup table is computed by `fu_jax.data` with the very numpy operations that normalise the
 float copy (`x * 1/255` or `x / 16`, then `- mean_c`, then `/ std_c`), so
 `lut[codes[..., c], c]` equals `Dataset.x_train[..., c]` bit for bit: normalising per batch
 is a table lookup, not new arithmetic, and results are bit-identical to the padded layout.
@@ -225,7 +225,7 @@ def materialize(tree: Any):
 
 
 def dataset_table(ds) -> ImageTable:
-  """The training images of a `types.Dataset` as one table: its uint8 codes and lookup
+  """The training images of a `containers.Dataset` as one table: its uint8 codes and lookup
   table when the source had them, else its normalised float32 images."""
   if getattr(ds, "train_codes", None) is not None:
     return ImageTable(ds.train_codes, ds.train_lut)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fu_jax import data, types
+from fu_jax import containers, data
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -294,7 +294,7 @@ def test_stack_clients_padding_valid_count_index():
   parts = [np.array([5, 1, 17]), np.array([], np.int64), np.array([0, 2, 4, 6, 8])]
   for pad_to in (None, 8):
     cd = data.stack_clients(x, y, parts, pad_to=pad_to)
-    assert isinstance(cd, types.ClientData)
+    assert isinstance(cd, containers.ClientData)
     max_n = 5 if pad_to is None else 8
     assert cd.x.shape == (3, max_n, 3, 2, 1) and cd.x.dtype == np.float32
     assert cd.y.shape == (3, max_n) and cd.y.dtype == np.int32

@@ -291,7 +291,7 @@ def test_timers_hold_unlearning_and_not_evaluation(backdoor_runs, monkeypatch):
 def test_server_work_and_recovery_are_unlearning_time(tmp_path, monkeypatch):
   # Channel CE's effects (server work outside rounds) and QuickDrop's SGA and recovery
   # phases (rounds) count on both clocks; evaluation never does.
-  from fu_jax.methods import channel, quickdrop_runner
+  from fu_jax.methods import channel, quickdrop_sets
 
   clock = _virtual_time(monkeypatch)
   monkeypatch.setattr(eval_lib, "evaluate", _delayed(eval_lib.evaluate, clock, 1000.0))
@@ -299,7 +299,7 @@ def test_server_work_and_recovery_are_unlearning_time(tmp_path, monkeypatch):
     channel, "effects_and_selection", _delayed(channel.effects_and_selection, clock, 100.0)
   )
   monkeypatch.setattr(
-    quickdrop_runner.SetPhases, "run", _delayed(quickdrop_runner.SetPhases.run, clock, 100.0)
+    quickdrop_sets.SetPhases, "run", _delayed(quickdrop_sets.SetPhases.run, clock, 100.0)
   )
   kw = {
     "data.num_clients": 2,

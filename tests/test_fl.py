@@ -297,6 +297,6 @@ def test_server_optimizer_is_one_cached_object():
     return fl.fedavg_rounds(play, fl.server_init(params, server_opt), 1)
 
   phase()
-  compiled = fl._aggregate_apply._cache_size()  # pylint: disable=protected-access
+  compiled = fl.aggregate_apply._cache_size()
   phase()
-  assert fl._aggregate_apply._cache_size() == compiled  # pylint: disable=protected-access
+  assert fl.aggregate_apply._cache_size() == compiled

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from fu_jax import cdp, losses, masking
+from fu_jax import class_pruning, losses, masking
 
 K = 5  # classes
 N = 32  # batch
@@ -513,7 +513,7 @@ def test_layer_outputs_match_manual_forward(setup):
 
   for path, ref in zip((CONV0, CONV1, DENSE), manual(params, x)):
     np.testing.assert_allclose(outs[path], ref, rtol=1e-5, atol=1e-5)
-  acts = jax.jit(functools.partial(cdp.channel_activations, MODEL))(params, x)
+  acts = jax.jit(functools.partial(class_pruning.channel_activations, MODEL))(params, x)
   assert list(acts) == [CONV0, CONV1]  # conv layers only, classifier excluded
   np.testing.assert_allclose(
     acts[CONV1], np.maximum(np.asarray(outs[CONV1]), 0).mean((1, 2)), rtol=1e-5, atol=1e-6
@@ -543,8 +543,8 @@ def test_cdp_scores_and_prune_mask(setup):
   @jax.jit
   def scores_and_acts(params, x, y, valid):
     return (
-      cdp.class_channel_scores(MODEL, params, x, y, valid, K),
-      cdp.channel_activations(MODEL, params, x),
+      class_pruning.class_channel_scores(MODEL, params, x, y, valid, K),
+      class_pruning.channel_activations(MODEL, params, x),
     )
 
   scores, acts = scores_and_acts(params, x, y, valid)
@@ -557,32 +557,32 @@ def test_cdp_scores_and_prune_mask(setup):
     )
     np.testing.assert_allclose(scores[path], _tfidf_reference(means), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(
-      cdp.tfidf_scores({path: means}, coe=2.0)[path],
+      class_pruning.tfidf_scores({path: means}, coe=2.0)[path],
       _tfidf_reference(means, coe=2.0),
       rtol=1e-4,
       atol=1e-6,
     )
   target = int(yy[0])
-  prune = cdp.cdp_prune_channels(scores, target, 0.5)
+  prune = class_pruning.cdp_prune_channels(scores, target, 0.5)
   for path, m in prune.items():
     m = np.asarray(m)
     assert int(np.sum(m)) == math.ceil(0.5 * scores[path].shape[1])
     s = np.asarray(scores[path][target])
     assert np.min(s[m]) >= np.max(s[~m])
-  pm = cdp.cdp_prune_mask(scores, target, 0.5, params)
+  pm = class_pruning.cdp_prune_mask(scores, target, 0.5, params)
   assert not np.any(pm["Dense_0"]["kernel"]) and not np.any(pm["Dense_0"]["bias"])
   pruned = masking.zero_masked(params, pm)
   for path, m in prune.items():
     m, kern = np.asarray(m), np.asarray(_layer(pruned, path)["kernel"])
     assert np.all(kern[..., m] == 0) and np.all(kern[..., ~m] != 0)
   with pytest.raises(ValueError, match="target_class"):
-    cdp.cdp_prune_channels(scores, K, 0.5)
+    class_pruning.cdp_prune_channels(scores, K, 0.5)
 
 
 def test_class_activation_sums_aggregate(setup):
   """Summing two clients' class sums equals one pooled computation (federated CDP)."""
   params, x, y = setup
-  sums = jax.jit(lambda p, x, y: cdp.class_activation_sums(MODEL, p, x, y, None, K))
+  sums = jax.jit(lambda p, x, y: class_pruning.class_activation_sums(MODEL, p, x, y, None, K))
   a, b, full = sums(params, x[:16], y[:16]), sums(params, x[16:], y[16:]), sums(params, x, y)
   np.testing.assert_allclose(a.counts + b.counts, full.counts)
   assert float(full.counts.sum()) == N

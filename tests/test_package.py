@@ -10,7 +10,7 @@ import pytest
 import fu_jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRANSFORMS = ("ascent", "cdp", "distill", "ewc", "labels", "losses", "masking", "tree")
+TRANSFORMS = ("ascent", "class_pruning", "distill", "ewc", "labels", "losses", "masking", "tree")
 # What the experiment runner needs and a library user should not pay for.
 HEAVY = (
   "orbax",

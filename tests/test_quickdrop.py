@@ -16,7 +16,7 @@ from experiments import caches
 from experiments import task as task_lib
 from fu_jax import distill, fl, losses, models
 from fu_jax.methods import quickdrop as qd
-from fu_jax.methods import quickdrop_runner as qr
+from fu_jax.methods import quickdrop_sets as qsets
 from tests import pretrain_cache
 from tests.test_experiments import small_config
 
@@ -158,8 +158,8 @@ def test_used_chunks_runner_equals_the_uncut_run():
       seen.append(extra[0].x.shape[:2])
       return inner.run(server_params, data, valid, extra, keys)
 
-  cut = qr.UsedChunksRunner(Spy())
-  np.testing.assert_array_equal(qr.chunks_in_use(syn), used)
+  cut = qsets.UsedChunksRunner(Spy())
+  np.testing.assert_array_equal(qsets.chunks_in_use(syn), used)
   np.testing.assert_array_equal(cut.widths(syn), [2, 4, 6])
   want = inner.run(params, (x, y), valid, extra, keys)
   got = cut.run(params, (x, y), valid, extra, keys)

@@ -50,7 +50,7 @@ import optax
 
 from fu_jax import fl
 from fu_jax import tree as tu
-from fu_jax.types import ClientData, Dataset
+from fu_jax.containers import ClientData, Dataset
 
 REQUEST_KINDS = ("class", "client_class", "client", "samples")
 

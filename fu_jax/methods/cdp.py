@@ -3,13 +3,13 @@ pruning baseline of Xu et al. ("Update Selective Parameters", Sec. 6.1.3, ref. [
 
   1. Each client runs the trained model on (up to cdp.stat_samples of) its local data and
      uploads per-class sums of its channel activations (ReLU of each conv layer's output,
-     averaged over space; fu_jax.cdp.class_activation_sums): K x C floats per conv layer plus K
+     averaged over space; fu_jax.class_pruning.class_activation_sums): K x C floats per conv layer plus K
      counts, never data or gradients.
   2. The server sums them, takes per-class means and scores every channel's
-     class-discrimination by TF-IDF (fu_jax.cdp.tfidf_scores).
+     class-discrimination by TF-IDF (fu_jax.class_pruning.tfidf_scores).
   3. For each forgotten class it prunes (zeroes kernel slice and bias of) the
      ceil(cdp.sparsity * C) channels with the highest TF-IDF in every conv layer (the
-     classifier is never pruned; fu_jax.cdp.cdp_prune_mask).
+     classifier is never pruned; fu_jax.class_pruning.cdp_prune_mask).
   4. FedAvg fine-tuning of the pruned model on the retained data for cdp.finetune_rounds
      rounds; pruned channels stay exactly zero (masked optimizer), as a pruned network has
      no such channels to train.
@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fu_jax import cdp as cdp_lib
-from fu_jax import fl, masking
+from fu_jax import class_pruning, fl, masking
 from fu_jax import tree as tu
 from fu_jax.methods import base, channel
 
@@ -70,7 +69,7 @@ def validate(config):
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
 def _client_sums(module, params, x, y, mask, num_classes, layers):
-  return cdp_lib.class_activation_sums(module, params, x, y, mask, num_classes, layers=layers)
+  return class_pruning.class_activation_sums(module, params, x, y, mask, num_classes, layers=layers)
 
 
 @jax.jit
@@ -117,16 +116,16 @@ def _cdp(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   cfg = task.config
   s = cfg.cdp
   params = trained.params
-  layers = tuple(cdp_lib.cdp_layers(task.model, params, task.clients.x[0, :1]))
+  layers = tuple(class_pruning.cdp_layers(task.model, params, task.clients.x[0, :1]))
   stats, up, used = class_statistics(task, params, layers, s.stat_samples)
   cost = fl.round_cost(
     used, task.client_weights, model_bytes=tu.tree_num_bytes(params), epochs=1, upload_bytes=up
   )
   env.add_cost(**cost)
-  scores = cdp_lib.tfidf_scores(cdp_lib.class_means(stats), coe=s.coe)
+  scores = class_pruning.tfidf_scores(class_pruning.class_means(stats), coe=s.coe)
   prune = None
   for cls in task.request.classes:
-    pm = cdp_lib.cdp_prune_channels(scores, cls, s.sparsity)
+    pm = class_pruning.cdp_prune_channels(scores, cls, s.sparsity)
     prune = pm if prune is None else {p: prune[p] | pm[p] for p in pm}
   prune = {p: np.asarray(v) for p, v in prune.items()}
   pruned, keep = _prune(prune, params)

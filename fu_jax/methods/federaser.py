@@ -126,7 +126,9 @@ class Store(NamedTuple):
   updates: Any  # params pytree [T, k, ...]: U_k^{t_j} = theta_k - M^{t_j}
 
 
-class TrainState(NamedTuple):
+class ServerWithStore(NamedTuple):
+  """The trainer's round state: the server plus the stored client updates."""
+
   server: fl.ServerState
   store: Store
 
@@ -186,7 +188,7 @@ def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
     server_of=lambda st: st.server,
   )
 
-  def store_round(state: TrainState, r, res: fl.RoundResult) -> TrainState:
+  def store_round(state: ServerWithStore, r, res: fl.RoundResult) -> ServerWithStore:
     """Keeps round r's broadcast model and client updates when r is a stored round."""
     store = state.store
     if r % s.interval == 0:
@@ -199,9 +201,9 @@ def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
         jnp.asarray(weights[res.sampled] > 0),
         res.client.params,
       )
-    return TrainState(res.server, store)
+    return ServerWithStore(res.server, store)
 
-  init = TrainState(
+  init = ServerWithStore(
     fl.server_init(params, server_opt),
     empty_store(params, num_stored(cfg.fl.rounds, s.interval), k),
   )

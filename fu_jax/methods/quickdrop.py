@@ -69,7 +69,7 @@ Choices the paper and its official code leave open, and ours:
   flipped class's set; SGA on class c cannot target them.
 
 Layout and runner plumbing (chunked sets, the loop runner cut to the chunks in use, set write-
-back, the SGA / recovery phase runners, artifacts) live in `quickdrop_runner`.
+back, the SGA / recovery phase runners, artifacts) live in `quickdrop_sets`.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ import optax
 from fu_jax import ascent, distill, fl, images, losses, models
 from fu_jax import tree as tu
 from fu_jax.methods import base
-from fu_jax.methods import quickdrop_runner as qr
+from fu_jax.methods import quickdrop_sets as qsets
 
 MODEL_UPDATES = ("real", "synthetic")
 GRAD_METHODS = ("per_example", "vmap", "unroll")
@@ -166,7 +166,7 @@ class DistillState(NamedTuple):
   syn_opt: Any
 
 
-class TrainState(NamedTuple):
+class ServerWithSets(NamedTuple):
   """The trainer's round state: the server plus every client's set, leading axis N."""
 
   server: fl.ServerState
@@ -323,7 +323,7 @@ def pixel_range(task: base.Task):
 
 
 def training_rounds(task: base.Task, env: base.Env, s: dict):
-  """(init_state, round_fn) of the distilling FedAvg: round_fn(TrainState, r) -> (state,
+  """(init_state, round_fn) of the distilling FedAvg: round_fn(ServerWithSets, r) -> (state,
   metrics) samples clients, runs distill_program with their sets as `extra`, writes the
   updated sets back and aggregates (fl.fedavg_round). Also used by the benchmark."""
   cfg = task.config
@@ -342,7 +342,7 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
   )
   runner = env.runner(program, cfg.fl.local_epochs, cfg.fl.batch_size)
   if getattr(runner, "kind", None) == "loop":
-    runner = qr.UsedChunksRunner(runner)
+    runner = qsets.UsedChunksRunner(runner)
   server_opt = fl.server_optimizer(float(cfg.fl.server_lr))
   weights = np.ones(c.count.shape[0], np.float32)
   params = base.init_params(task)
@@ -358,16 +358,16 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
     extra_of=lambda st: (st.syn, st.syn_opt),
   )
 
-  def keep_sets(state: TrainState, r, res: fl.RoundResult) -> TrainState:
+  def keep_sets(state: ServerWithSets, r, res: fl.RoundResult) -> ServerWithSets:
     """Writes the sampled clients' updated sets (and image optimizer states) back."""
     del r
-    syn, syn_opt = qr.scatter_sets(
+    syn, syn_opt = qsets.scatter_sets(
       (state.syn, state.syn_opt),
       jnp.asarray(res.sampled),
       jnp.asarray(weights[res.sampled] > 0),
       (res.client.state.syn, res.client.state.syn_opt),
     )
-    return TrainState(res.server, syn, syn_opt)
+    return ServerWithSets(res.server, syn, syn_opt)
 
   round_fn = fl.fedavg_round_fn(
     play,
@@ -376,7 +376,7 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
     epochs=cfg.fl.local_epochs,
   )
   syn = init_sets(task, s)
-  init = TrainState(fl.server_init(params, server_opt), syn, jax.vmap(image_opt.init)(syn.x))
+  init = ServerWithSets(fl.server_init(params, server_opt), syn, jax.vmap(image_opt.init)(syn.x))
   return init, round_fn
 
 
@@ -393,7 +393,7 @@ def train_quickdrop(task: base.Task, env: base.Env) -> base.Trained:
   if s["artifacts"]:
     directory = env.artifact_dir("synthetic")
     if directory is not None:
-      qr.write_synthetic(directory, state.syn, task.num_classes)
+      qsets.write_synthetic(directory, state.syn, task.num_classes)
   return base.Trained(state.server.params, extra=state.syn)
 
 
@@ -430,10 +430,10 @@ def recovery_optimizer(s: dict, momentum: float) -> optax.GradientTransformation
   return optax.chain(*clip, optax.sgd(s["recovery_lr"], momentum=momentum or None))
 
 
-def unlearning_phases(task: base.Task, env: base.Env, s: dict) -> qr.SetPhases:
+def unlearning_phases(task: base.Task, env: base.Env, s: dict) -> qsets.SetPhases:
   """The two local programs of unlearning, 'sga' and 'recovery', ready to run in rounds."""
   cfg = task.config
-  return qr.SetPhases(
+  return qsets.SetPhases(
     task,
     env,
     {
@@ -506,7 +506,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
   params = trained.params
   offset = cfg.fl.rounds
   forgotten = ()
-  records = [qr.record(task, params, 0, (), ())] if s["sequence"] else []
+  records = [qsets.record(task, params, 0, (), ())] if s["sequence"] else []
   totals = {"forget_synthetic": 0, "retain_synthetic": 0}
   for i, classes in enumerate(steps):
     tag = f"_{i + 1}" if s["sequence"] else ""
@@ -561,7 +561,7 @@ def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outc
     totals["forget_synthetic"] += int(jnp.sum(forget_mask))
     totals["retain_synthetic"] = int(jnp.sum(keep))
     if s["sequence"]:
-      records.append(qr.record(task, params, i + 1, classes, forgotten))
+      records.append(qsets.record(task, params, i + 1, classes, forgotten))
   results = {
     "synthetic_images": int(jnp.sum(syn.valid)),
     "synthetic_bytes": int(np.asarray(syn.valid).sum() * np.prod(syn.x.shape[3:]) * 4),

@@ -1,4 +1,5 @@
-"""QuickDrop's plumbing: running clients over chunked synthetic sets, and writing the sets out.
+"""QuickDrop's synthetic sets on this simulator: clients over chunked sets, the set phases,
+scattering, per-step records and the sets written out.
 
 The algorithm is in `fu_jax.methods.quickdrop`; this module holds what it needs to run on
 this simulator and nothing a reader of the paper has to know:

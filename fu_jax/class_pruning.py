@@ -35,11 +35,11 @@ import jax.numpy as jnp
 
 from fu_jax.masking import (
   Path,
-  _get,
-  _top_k_mask,
   channel_mask_to_param_mask,
+  layer_at,
   layer_outputs,
   num_selected,
+  top_k_mask,
 )
 
 __all__ = [
@@ -57,7 +57,7 @@ __all__ = [
 
 def _cdp_select(outs, params):
   order = list(outs)  # call order
-  return [p for p in order[:-1] if _get(params, p)["kernel"].ndim >= 3]
+  return [p for p in order[:-1] if layer_at(params, p)["kernel"].ndim >= 3]
 
 
 def cdp_layers(module, params, x) -> list:
@@ -164,7 +164,7 @@ def cdp_prune_channels(scores: dict, target_class: int, sparsity: float) -> dict
     s = jnp.asarray(s)
     if not 0 <= int(target_class) < s.shape[0]:
       raise ValueError(f"target_class={target_class}; must be in [0, {s.shape[0]})")
-    out[p] = _top_k_mask(s[int(target_class)], None, num_selected(sparsity, s.shape[1]))
+    out[p] = top_k_mask(s[int(target_class)], None, num_selected(sparsity, s.shape[1]))
   return out
 
 

@@ -1,10 +1,10 @@
-"""fu_jax.logging.RunLogger: tag names, the summary group, no duplicated steps on resume."""
+"""fu_jax.run_log.RunLogger: tag names, the summary group, no duplicated steps on resume."""
 
 import glob
 import os
 import time
 
-from fu_jax import logging as log_lib
+from fu_jax import run_log as log_lib
 from tests import tb_events
 
 
