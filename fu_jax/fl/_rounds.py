@@ -26,20 +26,23 @@ class RoundResult(NamedTuple):
   weights: np.ndarray = None  # [num_sampled] its aggregation weight (0: not aggregated)
 
 
-def _round_inputs(seed, round_idx, client_weights, data, valid, extra, num_sampled, stream):
-  """A round's sampled clients: (idx, their data, valid, extra, client keys, example counts,
-  aggregation weights = counts * client weight * active)."""
+def _round_inputs(seed, round_idx, client_weights, leaves, valid, num_sampled, stream):
+  """A round's sampled clients: (idx, the leaves of their data and extra, valid, client keys,
+  example counts, aggregation weights = counts * client weight * active)."""
   idx, active = sample_clients_traced(seed, round_idx, client_weights, num_sampled)
   take = lambda a: jnp.take(a, idx, axis=0)
-  d, v, e = jax.tree.map(take, (data, valid, extra))
+  taken, v = [take(a) for a in leaves], take(valid)
   keys = jax.vmap(lambda c: fold_key(seed, stream, round_idx, c))(idx)
   counts = jnp.sum(v, axis=1).astype(jnp.float32)
   w = counts * jnp.take(jnp.asarray(client_weights, jnp.float32), idx) * active
-  return idx, d, v, e, keys, counts, w
+  return idx, taken, v, keys, counts, w
 
 
-# One program per phase's shapes: sampling, selection and keys were ~25 eager programs.
-_round_inputs_jit = jax.jit(_round_inputs, static_argnums=(6, 7))
+# One program per phase's shapes: sampling, selection and keys were ~25 eager programs. It
+# takes the data's leaves, not its pytree: a node's metadata (e.g. the image table of
+# ClientImages, one object per task) is part of jit's cache key, and an audit's K tasks
+# would lower it K times.
+_round_inputs_jit = jax.jit(_round_inputs, static_argnums=(5, 6))
 
 
 def fedavg_round(
@@ -65,13 +68,15 @@ def fedavg_round(
   default aggregate + server_apply through server_opt (e.g. an exchange of packed
   channels, methods/channel.py); sampling, keys, weights and metrics stay the same.
   """
-  args = (seed, round_idx, client_weights, data, valid, extra, num_sampled, stream)
+  leaves, treedef = jax.tree.flatten((data, extra))
+  args = (seed, round_idx, client_weights, leaves, valid, num_sampled, stream)
   if fits(seed, np.int32) and fits(round_idx, np.uint32):
     weights = np.asarray(client_weights, np.float32)
     args = (np.int32(seed), np.uint32(round_idx), weights, *args[3:])
-    idx, d, v, e, keys, counts, w = _round_inputs_jit(*args)
+    idx, taken, v, keys, counts, w = _round_inputs_jit(*args)
   else:
-    idx, d, v, e, keys, counts, w = _round_inputs(*args)
+    idx, taken, v, keys, counts, w = _round_inputs(*args)
+  d, e = jax.tree.unflatten(treedef, taken)
   res = runner.run(server.params, d, v, e, keys)
   if server_update is None:
     server = aggregate_apply(server, res.params, w, server_opt)
