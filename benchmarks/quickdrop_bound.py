@@ -112,7 +112,7 @@ def trained_model(task: base.Task, args, pretrain_dir: str | None) -> base.Train
     raise SystemExit(
       f"{ckpt_dir}: latest checkpoint after round {step}, need {task.config.fl.rounds}"
     )
-  return base.Trained(state.server.params, extra=state.syn)
+  return base.Trained(state.server.params, kept=state.syn)
 
 
 def with_recovery(task: base.Task, rounds: int) -> base.Task:
@@ -175,7 +175,7 @@ def probe(args, seed: int, pretrain_dir: str | None) -> dict:
   forgotten = tuple(task.request.classes)
   env = _Env(task)
   real = qd.init_sets(task, qd.settings(task.config))
-  if not np.array_equal(np.asarray(real.valid), np.asarray(trained.extra.valid)):
+  if not np.array_equal(np.asarray(real.valid), np.asarray(trained.kept.valid)):
     raise SystemExit(
       "the trained sets do not have the layout init_sets builds here: "
       "a different data or training config"

@@ -46,7 +46,7 @@ def test_trainer_equals_fedavg_and_stores_its_rounds(tmp_path):
   plain, _ = caches.pretrained(task, str(tmp_path), "fedavg")
   got, _ = caches.pretrained(task, str(tmp_path), "federaser")
   np.testing.assert_array_equal(_flat(got.params), _flat(plain.params))  # bit-identical
-  store = got.extra
+  store = got.kept
   np.testing.assert_array_equal(np.asarray(store.rounds), [0, 1, 2, 3])
   assert np.asarray(store.active).all()
   np.testing.assert_array_equal(np.asarray(store.clients), np.tile(np.arange(5), (4, 1)))
@@ -65,7 +65,7 @@ def test_trainer_equals_fedavg_and_stores_its_rounds(tmp_path):
     np.testing.assert_allclose(_flat(g) + step, _flat(nxt[t]), rtol=1e-5, atol=1e-6)
   # A second call restores the cached store from the checkpoint.
   again, _ = caches.pretrained(task, str(tmp_path), "federaser")
-  for a, b in zip(jax.tree.leaves(again.extra), jax.tree.leaves(store)):
+  for a, b in zip(jax.tree.leaves(again.kept), jax.tree.leaves(store)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert federaser.store_bytes(store)["stored_update_bytes"] == 4 * 5 * tu.tree_num_bytes(
     got.params
@@ -77,7 +77,7 @@ def test_interval_stores_every_kth_round(tmp_path):
   cfg = small_config("federaser", **{"federaser.interval": 3})
   task = task_lib.build_task(cfg)
   got, _ = caches.pretrained(task, str(tmp_path), "federaser")
-  np.testing.assert_array_equal(np.asarray(got.extra.rounds), [0, 3])
+  np.testing.assert_array_equal(np.asarray(got.kept.rounds), [0, 3])
 
 
 def test_calibrated_updates_against_numpy():
@@ -196,7 +196,7 @@ def test_unlearning_replays_calibrated_updates(tmp_path, combine):
   out = federaser.METHODS["federaser"].unlearn(task, env, trained)
   env.logger.close()
 
-  store = trained.extra
+  store = trained.kept
   gone = cfg.unlearn.forget_client
   counts = np.asarray(task.clients.count, np.float64)
   lr = float(cfg.fl.server_lr)

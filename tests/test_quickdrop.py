@@ -338,14 +338,14 @@ def test_quickdrop_end_to_end_real_mode_artifacts_resume_and_parallel(tmp_path):
   trained, _ = caches.pretrained(task, wd, "quickdrop")  # restored from the checkpoint
   for k, path in enumerate(npz):
     with np.load(os.path.join(pre, "synthetic", f"client_{k}.npz")) as f:
-      one = jax.tree.map(lambda a, k=k: np.asarray(a[k]), trained.extra)
+      one = jax.tree.map(lambda a, k=k: np.asarray(a[k]), trained.kept)
       np.testing.assert_array_equal(f["x"], one.x[one.valid])  # chunks are in class order
       np.testing.assert_array_equal(f["y"], one.y[one.valid])
       np.testing.assert_array_equal(f["sizes"], np.ones(10))
   # The sets were trained: no longer the real images they started from.
   init = qd.init_sets(task, qd.settings(cfg))
-  assert not np.allclose(np.asarray(init.x), np.asarray(trained.extra.x))
-  np.testing.assert_array_equal(np.asarray(init.valid), np.asarray(trained.extra.valid))
+  assert not np.allclose(np.asarray(init.x), np.asarray(trained.kept.x))
+  np.testing.assert_array_equal(np.asarray(init.valid), np.asarray(trained.kept.valid))
 
   # Parallel request (classes 0 and 1 at once) reuses the cached model: unlearning keys
   # are not part of the training key.

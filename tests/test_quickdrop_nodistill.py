@@ -35,10 +35,10 @@ def test_real_mode_model_does_not_depend_on_the_image_steps(tmp_path):
   a, b = _flat(distilled.params), _flat(plain.params)
   assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, np.max(np.abs(b)))
   init = qd.init_sets(task, qd.settings(cfg))
-  moved = np.abs(np.asarray(init.x) - np.asarray(distilled.extra.x))
+  moved = np.abs(np.asarray(init.x) - np.asarray(distilled.kept.x))
   assert moved.max() > 1e-2  # the image steps did change the images
-  np.testing.assert_array_equal(np.asarray(init.valid), np.asarray(distilled.extra.valid))
-  np.testing.assert_array_equal(np.asarray(init.y), np.asarray(distilled.extra.y))
+  np.testing.assert_array_equal(np.asarray(init.valid), np.asarray(distilled.kept.valid))
+  np.testing.assert_array_equal(np.asarray(init.y), np.asarray(distilled.kept.y))
 
 
 def _assert_real_subset(task, syn, scale):
@@ -68,7 +68,7 @@ def test_nodistill_runs_the_pipeline_on_the_initial_sets(tmp_path, monkeypatch):
   pipeline = qd._unlearn
 
   def spy(task, env, trained):
-    seen.append(trained.extra)
+    seen.append(trained.kept)
     return pipeline(task, env, trained)
 
   monkeypatch.setattr(qd, "_unlearn", spy)
@@ -84,7 +84,7 @@ def test_nodistill_runs_the_pipeline_on_the_initial_sets(tmp_path, monkeypatch):
   assert not s["images_per_class"]
   _assert_real_subset(task, seen[0], s["scale"])
   # ... and not the distilled sets the trainer kept (same layout, other pixels).
-  distilled = caches.pretrained(task, wd, "quickdrop")[0].extra
+  distilled = caches.pretrained(task, wd, "quickdrop")[0].kept
   np.testing.assert_array_equal(np.asarray(seen[0].valid), np.asarray(distilled.valid))
   assert np.abs(np.asarray(seen[0].x) - np.asarray(distilled.x)).max() > 1e-2
   # One trained model for both (the trainer's cache), the same set sizes and phases.

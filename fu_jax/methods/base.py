@@ -98,11 +98,12 @@ class Task(NamedTuple):
 
 
 class Trained(NamedTuple):
-  """The model before unlearning: parameters plus what its trainer kept (e.g. QuickDrop's
-  synthetic sets; None for plain FedAvg)."""
+  """The model before unlearning: parameters plus what its trainer kept (QuickDrop's
+  synthetic sets, FedEraser's store of updates; None for plain FedAvg). Not to be confused
+  with a LocalProgram's `extra`, the per-client input of its init (masks, radii...)."""
 
   params: Any
-  extra: Any = None
+  kept: Any = None
 
 
 class Outcome(NamedTuple):

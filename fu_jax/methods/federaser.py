@@ -168,7 +168,7 @@ def store_bytes(store: Store) -> dict:
 
 def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
   """FedAvg (the same rounds as base.train_fedavg, so the same model bit for bit) that
-  also stores rounds 0, interval, 2 interval, ...; Trained.extra is the Store."""
+  also stores rounds 0, interval, 2 interval, ...; Trained.kept is the Store."""
   cfg = task.config
   s = cfg.federaser
   c = task.clients
@@ -218,7 +218,7 @@ def train_federaser(task: base.Task, env: base.Env) -> base.Trained:
     model_bytes=tu.tree_num_bytes(params),
     epochs=cfg.fl.local_epochs,
   )
-  return base.Trained(state.server.params, extra=state.store)
+  return base.Trained(state.server.params, kept=state.store)
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def subset_mask(task: base.Task, clients, fraction: float, j: int) -> np.ndarray
 def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   cfg = task.config
   s = cfg.federaser
-  store = trained.extra
+  store = trained.kept
   if not isinstance(store, Store):
     raise ValueError(
       "federaser needs the updates stored by its own trainer ('federaser'); "

@@ -381,7 +381,7 @@ def training_rounds(task: base.Task, env: base.Env, s: dict):
 
 
 def train_quickdrop(task: base.Task, env: base.Env) -> base.Trained:
-  """FedAvg with integrated distillation; Trained.extra = the clients' SyntheticSet [N, ...].
+  """FedAvg with integrated distillation; Trained.kept = the clients' SyntheticSet [N, ...].
 
   The round state (server, sets, image optimizer states) is checkpointed by env.rounds, so
   a resumed run continues with the sets as they were. With quickdrop.artifacts the final
@@ -394,7 +394,7 @@ def train_quickdrop(task: base.Task, env: base.Env) -> base.Trained:
     directory = env.artifact_dir("synthetic")
     if directory is not None:
       qsets.write_synthetic(directory, state.syn, task.num_classes)
-  return base.Trained(state.server.params, extra=state.syn)
+  return base.Trained(state.server.params, kept=state.syn)
 
 
 # ---------------------------------------------------------------------------------------
@@ -488,11 +488,11 @@ def _steps(task: base.Task, s: dict) -> list:
 def _unlearn(task: base.Task, env: base.Env, trained: base.Trained) -> base.Outcome:
   cfg = task.config
   s = settings(cfg)
-  syn = trained.extra
+  syn = trained.kept
   if not isinstance(syn, distill.SyntheticSet):
     raise ValueError(
       "quickdrop needs the synthetic sets of its own trainer "
-      f"(Trained.extra), got {type(syn).__name__}; use pretrain='quickdrop'"
+      f"(Trained.kept), got {type(syn).__name__}; use pretrain='quickdrop'"
     )
   req = task.request
   if req.kind not in ("class", "client_class"):
@@ -594,11 +594,11 @@ def _unlearn_nodistill(task: base.Task, env: base.Env, trained: base.Trained) ->
       f"{s['model_update']!r}): only then is the trained model independent "
       "of the image steps"
     )
-  syn = trained.extra
+  syn = trained.kept
   if not isinstance(syn, distill.SyntheticSet):
     raise ValueError(
       "quickdrop_nodistill needs the synthetic sets of the quickdrop trainer "
-      f"(Trained.extra), got {type(syn).__name__}"
+      f"(Trained.kept), got {type(syn).__name__}"
     )
   init = init_sets(task, s)
   if (
