@@ -188,7 +188,7 @@ def probe(args, seed: int, pretrain_dir: str | None) -> dict:
   sga_real = qd._unlearn(
     with_recovery(task, 0),
     env,
-    trained._replace(extra=real),
+    trained._replace(kept=real),
   ).params
   out["after SGA (distilled)"] = evaluate(
     task,
@@ -201,7 +201,7 @@ def probe(args, seed: int, pretrain_dir: str | None) -> dict:
     out[f"distilled@{rec}"] = evaluate(task, qd._unlearn(t, env, trained).params, forgotten)
     out[f"real subset@{rec}"] = evaluate(
       task,
-      qd._unlearn(t, env, trained._replace(extra=real)).params,
+      qd._unlearn(t, env, trained._replace(kept=real)).params,
       forgotten,
     )
     out[f"oracle@{rec}"] = oracle(task, env, sga_real, rec, forgotten)[0]

@@ -610,7 +610,7 @@ def _unlearn_nodistill(task: base.Task, env: base.Env, trained: base.Trained) ->
       "quickdrop_nodistill: the trainer's sets do not have the layout "
       "init_sets rebuilds from this config"
     )
-  out = _unlearn(task, env, trained._replace(extra=init))
+  out = _unlearn(task, env, trained._replace(kept=init))
   return out._replace(results=dict(out.results, synthetic="real_init"))
 
 
