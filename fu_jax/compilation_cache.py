@@ -18,7 +18,12 @@ many small programs (per-round steps, evaluation, aggregation) whose sum is what
 would pay again. When the `filelock` package is installed the directory is bounded
 (`MAX_BYTES`, least recently used entries evicted by JAX, which needs filelock for it);
 without it the directory grows until removed (`rm -r` is always safe: it only costs
-recompilation).
+recompilation). JAX stores each entry as `<key>-cache` plus, when the
+directory is bounded, `<key>-atime`; an entry without its atime (written by an unbounded
+process, e.g. one without filelock or plain JAX, or by one killed between the two writes)
+makes JAX's eviction fail every later write to the directory (each compile warns "Error
+writing persistent compilation cache entry" and nothing more is cached). `enable` gives such
+entries their file's modification time as atime first.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from collections.abc import Mapping
 
 ENV_VAR = "JAX_COMPILATION_CACHE_DIR"
 MAX_BYTES = 2 * 1024**3
+# JAX's file names for an entry's executable and its last-access time (jax._src.lru_cache).
+ENTRY_SUFFIX, ATIME_SUFFIX = "-cache", "-atime"
 
 
 def default_dir(environ: Mapping[str, str] | None = None) -> str:
@@ -80,12 +87,36 @@ def enable(directory: str | None, *, min_compile_secs: float = 0.0) -> str | Non
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   try:
-    import filelock  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    import filelock  # pylint: disable=import-outside-toplevel
   except ImportError:  # JAX fails every cache read when a bound is set without filelock
+    return directory
+  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  # JAX's own lock file: no bounded process evicts or writes while the entries are adopted.
+  try:
+    with filelock.FileLock(os.path.join(directory, ".lockfile"), timeout=10):
+      adopt_entries_without_atime(directory)
+  except filelock.Timeout:  # another process holds the directory: adopt them next time
     pass
   return directory
+
+
+def adopt_entries_without_atime(directory: str) -> list[str]:
+  """Writes `<key>-atime` (the entry's modification time, in JAX's format: nanoseconds,
+  8 bytes little-endian) for every `<key>-cache` in `directory` that has none, so JAX's
+  eviction can order it (see the module doc). Returns the keys adopted."""
+  names = set(os.listdir(directory))
+  adopted = []
+  for name in sorted(names):
+    key = name.removesuffix(ENTRY_SUFFIX)
+    if name.endswith(ENTRY_SUFFIX) and key + ATIME_SUFFIX not in names:
+      try:
+        mtime = os.stat(os.path.join(directory, name)).st_mtime_ns
+      except FileNotFoundError:  # evicted meanwhile: nothing to adopt
+        continue
+      with open(os.path.join(directory, key + ATIME_SUFFIX), "wb") as f:
+        f.write(mtime.to_bytes(8, "little"))
+      adopted.append(key)
+  return adopted
 
 
 class Stats:

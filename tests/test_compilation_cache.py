@@ -60,3 +60,28 @@ def test_an_unusable_directory_turns_the_cache_off(tmp_path, capsys):
     assert not jax.config.jax_enable_compilation_cache
   finally:
     jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def test_entries_without_atime_are_adopted_and_writes_work_again(tmp_path):
+  # An unbounded writer (no filelock, plain JAX) or a process killed between JAX's two
+  # writes leaves `<key>-cache` without `<key>-atime`; JAX's eviction (on under fu_jax's
+  # bound) then fails every later write. JAX's own cache class shows the failure, and that
+  # adopting the entry (its mtime as atime) mends it without losing it.
+  from jax._src import lru_cache  # pylint: disable=import-outside-toplevel
+
+  (tmp_path / "unbounded-cache").write_bytes(b"x" * 8)
+  os.utime(tmp_path / "unbounded-cache", ns=(5, 7))
+  (tmp_path / "whole-cache").write_bytes(b"y" * 8)
+  (tmp_path / "whole-atime").write_bytes((1).to_bytes(8, "little"))
+  cache = lru_cache.LRUCache(str(tmp_path), max_size=cc.MAX_BYTES)
+  try:
+    cache.put("new", b"z")
+    raise AssertionError("JAX wrote an entry beside one without atime: the workaround may go")
+  except FileNotFoundError:
+    pass
+  assert cc.adopt_entries_without_atime(str(tmp_path)) == ["unbounded"]
+  assert (tmp_path / "unbounded-atime").read_bytes() == (7).to_bytes(8, "little")
+  assert (tmp_path / "whole-atime").read_bytes() == (1).to_bytes(8, "little")
+  cache.put("newer", b"z")
+  assert cache.get("newer") == b"z" and cache.get("unbounded") == b"x" * 8
+  assert cc.adopt_entries_without_atime(str(tmp_path)) == []
