@@ -21,7 +21,8 @@ Items (the settings are benchmarks/baselines_table.py's and quickdrop_table.py -
      points, retain within 3 points of retrain's, on the means over seeds).
   2  one class per client (`:shards`, class 0 = client 0's data): federaser, channel_de,
      channel_ce vs retrain: forget, retain, both speed-ups, bytes, storage.
-  3  a client's backdoor (every sample of client 0 carries the trigger, `unlearn.kind=client`):
+  3  a client's backdoor (every sample of client 0 carries the trigger and the label
+     BACKDOOR_TARGET, `unlearn.kind=client`):
      backdoor accuracy before and after, test accuracy, speed-ups for retrain, federaser, frr
      (the paper's protocol: `frr.init=scratch`, the shipped default), fedaf, sga.
   4  FedAF's Table 2 setting (`:fedaf`: 4 clients, 5 rounds, class 0 of client 0 with a
@@ -55,6 +56,9 @@ CONFIG = "experiments/configs/fashion_mnist.py"
 RUNS_LOG = "runs.jsonl"
 # Item 1's bar (the issue): forget <= retrain + FORGET_TOL points, |retain - retrain| <= RETAIN_TOL.
 FORGET_TOL, RETAIN_TOL = 2.0, 3.0
+# Item 3's planted label (all-to-one). The per-class shift (all-to-all) planted on one client
+# in ten did not take at 12,000 images (3.0% backdoor accuracy before unlearning).
+BACKDOOR_TARGET = 0
 CLASS_METHODS = (
   "retrain",
   "fedavg",
@@ -179,13 +183,14 @@ def settings(args) -> dict:
       },
     ),
     "shards": ("shards", {**base, "fl.rounds": args.rounds or 20, "eval.relearn_steps": 100}),
-    "backdoor": (
+    "backdoor_target": (
       "iid",
       {
         **base,
         "fl.rounds": args.rounds or 20,
         "unlearn.kind": "client",
         "backdoor.enabled": True,
+        "backdoor.target": BACKDOOR_TARGET,
         "eval.relearn_steps": 200,
       },
     ),
@@ -197,7 +202,7 @@ def settings(args) -> dict:
   }
 
 
-ITEM_SETTING = {1: "class", 2: "shards", 3: "backdoor", 4: "fedaf", 5: "class", 6: "quickdrop"}
+ITEM_SETTING = {1: "class", 2: "shards", 3: "backdoor_target", 4: "fedaf", 5: "class", 6: "quickdrop"}
 
 
 def item_runs(item: int, seed: int, args) -> list[Run]:

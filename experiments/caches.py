@@ -54,7 +54,9 @@ def training_config(config, trainer: base.Trainer | str) -> dict:
     "fl": {k: v for k, v in d["fl"].items() if k not in ("runner", "chunk_size")},
     "model": d["model"],
     "trainer": t.name,
-    "backdoor": d["backdoor"],
+    # backdoor.target at its default (-1, the shift) stays out, so models cached before
+    # the key existed keep their names
+    "backdoor": {k: v for k, v in d["backdoor"].items() if (k, v) != ("target", -1)},
   }
   if d["backdoor"]["enabled"]:  # the trigger sits in the data to be forgotten
     key["unlearn"] = {k: v for k, v in request_key(d).items() if k != "calibration_size"}

@@ -194,5 +194,9 @@ def backdoor_trigger(config, ds):
 
 
 def backdoor_flip(config):
-  """The backdoor's label flip: class c -> c + backdoor.shift (mod the class count)."""
+  """The backdoor's label flip: every class -> backdoor.target when it is >= 0, else class
+  c -> c + backdoor.shift (mod the class count)."""
+  target = int(config.backdoor.get("target", -1))
+  if target >= 0:
+    return bd_lib.Flip("target", target)
   return bd_lib.Flip("shift", int(config.backdoor.shift))

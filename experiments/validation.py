@@ -89,6 +89,27 @@ def validate(
   if num_classes is not None and u.kind not in ("client", "samples"):
     for c in request_classes(config):
       _require(0 <= c < num_classes, f"unlearn.forget_class={c}: allowed 0..{num_classes - 1}")
+  bd = config.backdoor
+  if bd.enabled:
+    _require(
+      isinstance(bd.size, int) and bd.size >= 1,
+      f"backdoor.size={bd.size!r}: must be an int >= 1 (the trigger's side in pixels)",
+    )
+    target = bd.get("target", -1)
+    _require(
+      isinstance(target, int) and target >= -1,
+      f"backdoor.target={target!r}: allowed -1 (shift labels by backdoor.shift) or a class",
+    )
+    if num_classes is not None:
+      _require(
+        target < num_classes,
+        f"backdoor.target={target}: allowed -1 or 0..{num_classes - 1}",
+      )
+      _require(
+        target >= 0 or bd.shift % num_classes != 0,
+        f"backdoor.shift={bd.shift}: must not be a multiple of {num_classes} (labels would "
+        "not change)",
+      )
   r = config.eval.relearn_steps
   _require(
     isinstance(r, int) and r >= 0, f"eval.relearn_steps={r!r}: must be an int >= 0 (0 = off)"

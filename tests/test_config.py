@@ -77,6 +77,9 @@ def test_a_planted_backdoor_puts_the_request_in_the_cache_key():
   a = _key(_with("unlearn.forget_class", 0, backdoor=True), "fedavg")
   b = _key(_with("unlearn.forget_class", 3, backdoor=True), "fedavg")
   assert a != b and PINNED["fedavg"] not in (a, b)
+  target = _with("unlearn.forget_class", 0, backdoor=True)
+  target.backdoor.target = 2  # a fixed target label plants other data than the shift
+  assert _key(target, "fedavg") != a
 
 
 # Defaults that follow an fl.* key (base.linked): section key -> the fl key it follows.

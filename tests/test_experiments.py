@@ -306,3 +306,24 @@ def test_build_task_holds_one_copy_and_index_blocks():
   np.testing.assert_array_equal(np.asarray(task.clients.y), old.y)
   with pytest.raises(validation.ConfigError, match=r"data.size_sigma=-1.0"):
     validation.validate(small_config(**{"data.size_sigma": -1.0}), "retrain")
+
+
+def test_a_fixed_backdoor_target_plants_one_label_and_is_validated():
+  # all-to-one: every planted label is the target; the client's other data is untouched
+  cfg = small_config(
+    **{"backdoor.enabled": True, "backdoor.target": 3, "unlearn.kind": "client"}
+  )
+  task = task_lib.build_task(cfg)
+  clean = task_lib.build_task(small_config(**{"unlearn.kind": "client"}))
+  forget = np.asarray(task.forget)
+  assert forget.any()
+  assert (np.asarray(task.clients.y)[forget] == 3).all()
+  assert (np.asarray(clean.clients.y)[forget] != 3).any()
+  np.testing.assert_array_equal(
+    np.asarray(task.clients.y)[~forget], np.asarray(clean.clients.y)[~forget]
+  )
+  for value, expect in [(10, r"backdoor.target=10: allowed -1 or 0..9"), (-2, "target=-2")]:
+    with pytest.raises(validation.ConfigError, match=expect):
+      validation.validate(
+        small_config(**{"backdoor.enabled": True, "backdoor.target": value}), "retrain", 10
+      )

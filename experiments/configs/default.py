@@ -61,9 +61,12 @@ def get_config():
   c.unlearn.calibration_size = 0
 
   c.backdoor = ml_collections.ConfigDict()
-  c.backdoor.enabled = False  # plant a trigger in the data to forget, labels shifted
+  c.backdoor.enabled = False  # plant a trigger in the data to forget, labels flipped
   c.backdoor.size = 2  # trigger patch side in pixels
-  c.backdoor.shift = 1  # planted label = (y + shift) % num_classes
+  c.backdoor.shift = 1  # planted label = (y + shift) % num_classes (when target < 0)
+  # >= 0: every planted label is this class (BadNets' all-to-one attack; FedAF flips to one
+  # class), instead of the per-class shift (all-to-all), which is harder to learn
+  c.backdoor.target = -1
 
   c.mia = ml_collections.ConfigDict()
   c.mia.enabled = True  # membership inference on the forgotten samples
