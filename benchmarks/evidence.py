@@ -202,7 +202,14 @@ def settings(args) -> dict:
   }
 
 
-ITEM_SETTING = {1: "class", 2: "shards", 3: "backdoor_target", 4: "fedaf", 5: "class", 6: "quickdrop"}
+ITEM_SETTING = {
+  1: "class",
+  2: "shards",
+  3: "backdoor_target",
+  4: "fedaf",
+  5: "class",
+  6: "quickdrop",
+}
 
 
 def item_runs(item: int, seed: int, args) -> list[Run]:

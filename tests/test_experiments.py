@@ -310,9 +310,7 @@ def test_build_task_holds_one_copy_and_index_blocks():
 
 def test_a_fixed_backdoor_target_plants_one_label_and_is_validated():
   # all-to-one: every planted label is the target; the client's other data is untouched
-  cfg = small_config(
-    **{"backdoor.enabled": True, "backdoor.target": 3, "unlearn.kind": "client"}
-  )
+  cfg = small_config(**{"backdoor.enabled": True, "backdoor.target": 3, "unlearn.kind": "client"})
   task = task_lib.build_task(cfg)
   clean = task_lib.build_task(small_config(**{"unlearn.kind": "client"}))
   forget = np.asarray(task.forget)
