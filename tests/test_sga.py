@@ -131,6 +131,7 @@ def test_sga_client_class_with_backdoor(tmp_path):
   assert res["bd_acc"] <= 0.1 < 0.8 <= res["bd_acc_before"]
   assert abs(res["test_acc"] - res["original"]["test_acc"]) <= 0.05
   assert res["rounds"] == 1 + small_config("sga").sga.recovery_rounds
+  assert res["sga_stop"] == "loss"  # stop='auto' keeps the loss rule but for a class request
   assert res["sga_target_clients"] == [0]
   assert res["sga_max_loss"] == pytest.approx(math.log(10))
 
@@ -138,6 +139,7 @@ def test_sga_client_class_with_backdoor(tmp_path):
 @pytest.mark.slow
 def test_sga_class_wide_lowers_forget_accuracy(tmp_path):
   res = pretrain_cache.run(small_config("sga", **{"unlearn.kind": "class"}), str(tmp_path))
+  assert res["sga_stop"] == "normalized" and res["sga_max_loss"] == 5.0
   assert res["sga_target_clients"] == [0, 1, 2, 3, 4]
   assert res["original"]["forget_train_acc"] >= 0.9
   assert res["forget_train_acc"] <= 0.2

@@ -101,10 +101,12 @@ def test_fedaf_end_to_end_uses_the_step_budget(tmp_path):
 # fedaf's forgetting rule (fedaf.max_steps, fedaf.stop_acc).
 
 
-def _rule_reference(params, x, y_new, y_old, lr, min_epochs, acc, epochs):
+def _rule_reference(params, x, y_new, y_old, lr, min_epochs, acc, epochs, counted=None):
   """Full-batch epochs of Eq. 13 without EWC, written out: per epoch, count the rows whose
-  argmax is the old label (before the step), step, and stop after the first epoch >=
-  min_epochs whose count is <= acc * n. Returns (params, epochs stepped, whether it stopped)."""
+  argmax is the old label (before the step; only the `counted` rows when given), step, and
+  stop after the first epoch >= min_epochs whose count is <= acc * n. Returns (params,
+  epochs stepped, whether it stopped)."""
+  counted = np.ones(x.shape[0], bool) if counted is None else np.asarray(counted)
 
   def loss(p):
     logp = jax.nn.log_softmax(MODULE.apply({"params": p}, x))
@@ -114,7 +116,8 @@ def _rule_reference(params, x, y_new, y_old, lr, min_epochs, acc, epochs):
 
   p = params
   for e in range(1, epochs + 1):
-    kept = int(np.sum(np.argmax(MODULE.apply({"params": p}, x), -1) == np.asarray(y_old)))
+    hit = np.argmax(MODULE.apply({"params": p}, x), -1) == np.asarray(y_old)
+    kept = int(np.sum(hit & counted))
     p = jax.tree.map(lambda a, g: a - lr * g, p, jax.grad(loss)(p))
     if e >= min_epochs and kept <= acc * x.shape[0]:
       return p, e, True
@@ -145,6 +148,33 @@ def test_stop_rule_stops_after_the_first_forgotten_epoch(min_epochs, acc):
     stopped_at.append(e)
   if acc == 0.5:  # the setting is informative: the rule fires before the last epoch
     assert min(stopped_at) < epochs
+
+
+@pytest.mark.slow
+def test_stop_rule_counts_only_the_counted_samples():
+  # (y_new, y_old, counted): an all-to-one backdoor's records of the target class keep
+  # their label under retraining, so the rule leaves them out of its count.
+  params, x, y, valid, keys = _clients()
+  y_new = jax.nn.softmax(jnp.asarray(np.random.RandomState(4).randn(2, 9, K), jnp.float32))
+  # client 0 counts nothing (its rule fires at the floor), client 1 two rows in three
+  counted = np.stack([np.zeros(9, bool), np.arange(9) % 3 != 0])
+  lr, epochs, acc = 2.0, 12, 0.0
+  prog = fedaf.unlearn_program(
+    APPLY, optax.sgd(lr), ewc_kind=None, lam=0.0, width=1, stop=fedaf.StopRule(1, acc)
+  )
+  counts = jnp.sum(valid, axis=1).astype(jnp.float32)
+  runner = fl.ClientRunner(prog, kind="loop", epochs=epochs, batch_size=9)
+  res = runner.run(params, (x, (y_new, y, jnp.asarray(counted))), valid, (None, counts, None), keys)
+  differs = False
+  for c in range(2):
+    n = int(counts[c])
+    args = (params, x[c, :n], y_new[c, :n], y[c, :n], lr, 1, acc, epochs)
+    want, e, fired = _rule_reference(*args, counted=counted[c, :n])
+    got = jax.tree.map(lambda a: a[c], res.params)
+    np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(want)[0], rtol=1e-5, atol=1e-6)
+    assert bool(res.state.stopped[c]) == fired
+    differs |= e != _rule_reference(*args)[1]
+  assert differs  # informative: counting every row would stop at another epoch
 
 
 @pytest.mark.slow

@@ -67,11 +67,15 @@ What the paper fixes, and what we chose where it does not:
     leaves backdoors in place. "Old labels gone" is what retraining gives only when the
     forgotten labels appear nowhere else -- a class-wide request or backdoor labels
     (`forgets_labels`); for a clean client or random samples a retrained model still
-    predicts most of them, so there the floor alone is the budget. Epochs run in chunks of
-    the floor's epoch count, each runner call resuming the clients' states, and the loop
-    ends once every client has stopped (`run_until_forgotten`). The count lags: it is taken
-    before each step, so the epoch that forgets still counts its early batches and a client
-    forgotten at the floor takes one more chunk.
+    predicts most of them, so there the floor alone is the budget. Under an all-to-one
+    backdoor the records whose class is the target keep that label after retraining too,
+    so the rule counts only the records whose planted label differs from their class (with
+    them counted it is met only once the model stops predicting the target class at all).
+    Epochs run in chunks of the floor's epoch count, each runner call resuming the
+    clients' states, and the loop ends once every client has stopped
+    (`run_until_forgotten`). The count lags: it is taken before each step, so the epoch
+    that forgets still counts its early batches and a client forgotten at the floor takes
+    one more chunk.
   * Several target clients (class-wide request): each runs the loop on its own target
     samples in one runner call (vmapped or looped, as configured); their models are
     averaged weighted by target-sample counts.
@@ -370,7 +374,9 @@ def unlearn_program(
   stop: StopRule | None = None,
 ) -> fl.LocalProgram:
   """Local steps on L = CE(f(x), y_new) - true_weight CE(f(x), y_old) (Eq. 13), plus the EWC
-  penalty's gradient when ewc_kind is 'diag' or 'sketch'. batch.y = (y_new [B, K], y_old [B]).
+  penalty's gradient when ewc_kind is 'diag' or 'sketch'. batch.y = (y_new [B, K], y_old [B])
+  or (y_new, y_old, counted [B] bool): then only the counted samples enter `stop`'s count of
+  old labels kept (the training steps use every sample).
   The client's `extra` is (curvature, n_k, resume): the diagonal Fisher or (S J, n) (None
   without EWC), its number of target samples (read by `stop`), and None or an UnlearnState
   to continue from (a later runner call of the same unlearning; see `run_until_forgotten`).
@@ -382,10 +388,13 @@ def unlearn_program(
   """
 
   def loss_fn(params, batch):
-    y_new, y_old = batch.y
+    y_new, y_old, *counted = batch.y
     logits = apply_fn(params, batch.x)
     old = losses.masked_ce(logits, y_old, batch.mask)
-    kept = jnp.sum((jnp.argmax(logits, -1) == y_old) & batch.mask).astype(jnp.float32)
+    hit = (jnp.argmax(logits, -1) == y_old) & batch.mask
+    if counted:
+      hit = hit & counted[0]
+    kept = jnp.sum(hit).astype(jnp.float32)
     return losses.masked_ce(logits, y_new, batch.mask) - true_weight * old, (old, kept)
 
   if ewc_kind is None:
@@ -483,6 +492,17 @@ def forgets_labels(task: base.Task) -> bool:
   return task.request.kind == "class" or bool(task.config.backdoor.enabled)
 
 
+def planted_labels(task: base.Task, y_old) -> np.ndarray | None:
+  """bool [N, max_n]: the forget samples whose old label differs from their class, when a
+  backdoor planted some forget samples' own class (an all-to-one target); else None (every
+  old label is one retraining would not predict)."""
+  if not task.config.backdoor.enabled:
+    return None
+  differs = np.asarray(y_old) != np.asarray(task.y_true)
+  forget = np.asarray(task.forget)
+  return differs if np.any(forget & ~differs) else None
+
+
 def run_until_forgotten(
   task: base.Task,
   env: base.Env,
@@ -558,6 +578,7 @@ def _unlearn(
     stop,
   )
   counts = np.asarray(task.forget)[np.asarray(targets)].sum(axis=1).astype(np.float32)
+  counted = planted_labels(task, y_old) if stop is not None else None
 
   def round_fn(params, r):
     del r
@@ -570,7 +591,7 @@ def _unlearn(
       env,
       program,
       params,
-      y=(y_new, y_old),
+      y=(y_new, y_old) if counted is None else (y_new, y_old, counted),
       targets=targets,
       counts=counts,
       curv=curv,
