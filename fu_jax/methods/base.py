@@ -387,6 +387,14 @@ def client_keys(seed: int, method_id: int, part: int, clients) -> jax.Array:
   )
 
 
+def loss_bound(setting: float, num_classes: int) -> float | None:
+  """A loss-threshold setting as the bound: 0 = log K (a uniform prediction's loss, past which
+  ascending only anti-predicts), < 0 = none, else the value itself."""
+  if setting == 0:
+    return math.log(num_classes)
+  return None if setting < 0 else float(setting)
+
+
 def budget_epochs(task: Task, clients, epochs: int, min_steps: int, batch_size: int) -> int:
   """Local epochs of an unlearning round that give every target client at least
   `min_steps` optimizer steps: max(epochs, ceil(min_steps / s_min)), where s_min =

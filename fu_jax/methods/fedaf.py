@@ -555,10 +555,7 @@ def _unlearn(
   targets = base.target_clients(task)
   y_old = base.old_labels(task, s["old_labels"])
   ewc_kind = s["fisher"] if use_ewc else None
-  if s["max_old_loss"] == 0:
-    max_old_loss = math.log(task.num_classes)
-  else:
-    max_old_loss = None if s["max_old_loss"] < 0 else s["max_old_loss"]
+  max_old_loss = base.loss_bound(s["max_old_loss"], task.num_classes)
   keys = base.client_keys(cfg.seed, FEDAF_ID, _PART_UNLEARN, targets)
   floor = base.budget_epochs(task, targets, s["epochs"], s["min_steps"], s["batch_size"])
   epochs = floor  # the cap, in whole chunks of `floor` epochs (run_until_forgotten)

@@ -72,7 +72,6 @@ rule 0.723).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -301,13 +300,6 @@ def resolve_stop(task: base.Task, stop: str) -> str:
   return "normalized" if task.request.kind == "class" else "loss"
 
 
-def _loss_bound(max_loss: float, num_classes: int) -> float | None:
-  """A threshold setting as the bound: 0 = log K (a uniform prediction's loss), < 0 = none."""
-  if max_loss == 0:
-    return math.log(num_classes)
-  return None if max_loss < 0 else float(max_loss)
-
-
 def _unlearn(
   task: base.Task, env: base.Env, trained: base.Trained, stop: str | None = None
 ) -> base.Outcome:
@@ -318,7 +310,7 @@ def _unlearn(
   params = trained.params
   radius = ball_radius(task, params, s.radius_frac)
   normalized = stop == "normalized"
-  max_loss = _loss_bound(s.normalized_max_loss if normalized else s.max_loss, task.num_classes)
+  max_loss = base.loss_bound(s.normalized_max_loss if normalized else s.max_loss, task.num_classes)
   program = sga_program(
     task.apply_fn,
     s.normalized_lr if normalized else s.lr,
